@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit integration bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip uv
+	$(BIN)/uv pip install --python $(BIN)/python -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/kairos demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit tests/property -q
+
+test: $(STAMP) lint typecheck
+	RAY_AUTH_MODE=disabled $(BIN)/pytest -q
+
+bench: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python loadtests/bench_throughput.py --shards 1 2 4
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache kairos-data

@@ -1,0 +1,1 @@
+"""Ray actors: shard, router, trigger sink and supervisor. Every ray.* call lives here."""

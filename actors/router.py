@@ -1,0 +1,192 @@
+"""Router: ingest raw batches, cut them into per-shard micro-batches, call shards, collect.
+
+Runs in the caller's process (driver, job or gateway). Each shard gets at most one call per
+micro-batch; a micro-batch closes when it reaches ``micro_batch_max_events`` or when it has
+been open ``micro_batch_deadline_ms``. At most ``max_in_flight_per_shard`` calls are in flight
+per shard: a router that gets ahead of a shard waits for it (backpressure), so memory stays
+bounded. Trigger tables go from the shard straight to the sink as object refs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from engine.clock import Clock, SystemClock
+from engine.events.deadletter import DeadLetter
+from engine.ingest import Ingestor
+
+
+@dataclass
+class _Open:
+    parts: list[pa.RecordBatch] = field(default_factory=list)
+    rows: int = 0
+    opened: float = 0.0
+
+
+@dataclass
+class _InFlight:
+    stats_ref: ray.ObjectRef
+    triggers_ref: ray.ObjectRef
+    opened: float
+
+
+@dataclass
+class RouterStats:
+    """Counters and micro-batch latencies (router in -> triggers out), in ms."""
+
+    ingested: int = 0
+    rejected: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    triggers: int = 0
+    micro_batches: int = 0
+    triggers_by_rule: Counter[str] = field(default_factory=Counter)
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ingested": self.ingested,
+            "rejected": self.rejected,
+            "applied": self.applied,
+            "duplicates": self.duplicates,
+            "triggers": self.triggers,
+            "micro_batches": self.micro_batches,
+            "triggers_by_rule": dict(self.triggers_by_rule),
+            "p50_ms": self.percentile(50),
+            "p99_ms": self.percentile(99),
+        }
+
+
+class Router:
+    """Feeds shard actors with micro-batches and the sink with their triggers."""
+
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        shards: list[Any],
+        sink: Any | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.ingestor = ingestor
+        self.settings = ingestor.settings
+        self.shards = shards
+        self.sink = sink
+        self.clock = clock or SystemClock()
+        self._open = [_Open() for _ in shards]
+        self._in_flight: list[deque[_InFlight]] = [deque() for _ in shards]
+        self.stats = RouterStats()
+        self.dead_letters: list[DeadLetter] = []
+        self._keep_dead_letters = 10_000
+
+    # -- input --------------------------------------------------------------------------------
+    def submit(
+        self, batch: pa.RecordBatch | pa.Table, positions: np.ndarray | list[int] | None = None
+    ) -> list[DeadLetter]:
+        """Ingest one raw batch; sends every micro-batch that fills up. Returns dead letters."""
+        result = self.ingestor.ingest(batch, positions)
+        self._record_rejects(result.dead_letters)
+        self.stats.ingested += result.accepted
+        now = self.clock.monotonic()
+        limit = self.settings.micro_batch_max_events
+        for shard, part in self.ingestor.split(result).items():
+            start = 0
+            while start < part.num_rows:
+                buf = self._open[shard]
+                if not buf.parts:
+                    buf.opened = now
+                take = min(limit - buf.rows, part.num_rows - start)
+                buf.parts.append(part.slice(start, take))
+                buf.rows += take
+                start += take
+                if buf.rows >= limit:
+                    self._send(shard)
+        self._harvest(block=False)
+        return result.dead_letters
+
+    def _record_rejects(self, letters: list[DeadLetter]) -> None:
+        self.stats.rejected += len(letters)
+        for letter in letters:
+            self.stats.rejected_by_reason[letter.reason.split(":")[0].split(" ")[0]] += 1
+        room = self._keep_dead_letters - len(self.dead_letters)
+        if room > 0:
+            self.dead_letters.extend(letters[:room])
+
+    def poll(self) -> None:
+        """Send micro-batches whose deadline has passed; collect finished calls."""
+        deadline = self.settings.micro_batch_deadline_ms / 1000
+        now = self.clock.monotonic()
+        for shard, buf in enumerate(self._open):
+            if buf.parts and now - buf.opened >= deadline:
+                self._send(shard)
+        self._harvest(block=False)
+
+    # -- shard calls --------------------------------------------------------------------------
+    def _send(self, shard: int, final: bool = False) -> None:
+        """Close shard's open micro-batch and call the shard (or flush it, at the end)."""
+        buf = self._open[shard]
+        queue = self._in_flight[shard]
+        while len(queue) >= self.settings.max_in_flight_per_shard:
+            self._finish(shard, queue.popleft())  # backpressure: wait for the oldest call
+        batch: pa.RecordBatch | None = None
+        if buf.parts:
+            batch = (
+                buf.parts[0]
+                if len(buf.parts) == 1
+                else (pa.Table.from_batches(buf.parts).combine_chunks().to_batches()[0])
+            )
+        opened = buf.opened if buf.parts else self.clock.monotonic()
+        self._open[shard] = _Open()
+        if final:  # end of stream: release everything still waiting for the watermark
+            triggers_ref, stats_ref = self.shards[shard].flush.remote()
+        else:
+            triggers_ref, stats_ref = self.shards[shard].apply.remote(
+                batch, self.ingestor.watermark_ms
+            )
+        queue.append(_InFlight(stats_ref, triggers_ref, opened))
+
+    def _finish(self, shard: int, call: _InFlight) -> None:
+        stats = ray.get(call.stats_ref)
+        self.stats.latencies_ms.append((self.clock.monotonic() - call.opened) * 1000)
+        self.stats.micro_batches += 1
+        self.stats.applied += stats["applied"]
+        self.stats.duplicates += stats["duplicates"]
+        self.stats.triggers += stats["triggers"]
+        self.stats.triggers_by_rule.update(stats["triggers_by_rule"])
+        if stats["triggers"] and self.sink is not None:
+            self.sink.write.remote(call.triggers_ref)
+
+    def _harvest(self, block: bool) -> None:
+        for shard, queue in enumerate(self._in_flight):
+            while queue:
+                ready, _ = ray.wait([queue[0].stats_ref], timeout=None if block else 0)
+                if not ready:
+                    break
+                self._finish(shard, queue.popleft())
+
+    # -- end of stream ------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Send every open micro-batch and wait for all calls."""
+        for shard, buf in enumerate(self._open):
+            if buf.parts:
+                self._send(shard)
+        self._harvest(block=True)
+
+    def flush(self) -> dict[str, Any]:
+        """End of stream: shards release everything pending; the sink writes its files."""
+        self.drain()
+        for shard in range(len(self.shards)):
+            self._send(shard, final=True)
+        self._harvest(block=True)
+        if self.sink is not None:
+            return dict(ray.get(self.sink.flush.remote()))
+        return {}

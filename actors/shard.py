@@ -1,0 +1,85 @@
+"""ShardActor: a thin Ray wrapper around engine.shard.ShardLogic."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from engine.config import EngineSettings
+from engine.rules.spec import parse_rules
+from engine.shard import ApplyResult, ShardLogic
+from engine.state.snapshot import read_snapshot, write_snapshot
+
+
+def _stats(result: ApplyResult, started: float) -> dict[str, Any]:
+    return {
+        "received": result.received,
+        "applied": result.applied,
+        "duplicates": result.duplicates,
+        "pending": result.pending,
+        "triggers": result.triggers.num_rows,
+        "triggers_by_rule": result.triggers_by_rule,
+        "apply_ms": (time.perf_counter() - started) * 1000,
+    }
+
+
+@ray.remote
+class ShardActor:
+    """Owns key groups [start, stop): their golden records, event buffer and rule state."""
+
+    def __init__(
+        self,
+        shard_id: int,
+        settings: EngineSettings,
+        rules_document: dict[str, Any],
+        key_range: tuple[int, int],
+    ) -> None:
+        rules = parse_rules(rules_document, "rules")
+        self.logic = ShardLogic(shard_id, settings, rules, key_range)
+
+    @ray.method(num_returns=2)
+    def apply(
+        self, batch: pa.RecordBatch | None, watermark_ms: int
+    ) -> tuple[pa.Table, dict[str, Any]]:
+        """Apply one micro-batch; returns (triggers, stats) as two objects."""
+        started = time.perf_counter()
+        result = self.logic.apply(batch, watermark_ms)
+        return result.triggers, _stats(result, started)
+
+    @ray.method(num_returns=2)
+    def flush(self) -> tuple[pa.Table, dict[str, Any]]:
+        started = time.perf_counter()
+        result = self.logic.flush()
+        return result.triggers, _stats(result, started)
+
+    def set_rules(self, rules_document: dict[str, Any]) -> int:
+        """Replace the rules (already validated by the caller; validated again here)."""
+        self.logic.set_rules(parse_rules(rules_document, "rules"))
+        return len(self.logic.rules)
+
+    def customer(self, customer_key: int) -> dict[str, Any] | None:
+        return self.logic.customer(customer_key)
+
+    def stats(self) -> dict[str, Any]:
+        store = self.logic.store
+        return {
+            "shard": self.logic.shard_id,
+            "customers": store.size,
+            "state_bytes": store.nbytes(),
+            "state_bytes_per_customer": store.live_nbytes_per_customer(),
+            "pending": self.logic.buffer.pending_rows,
+            "watermark_ms": self.logic.watermark_ms,
+            **self.logic.counters,
+        }
+
+    def snapshot(self, uri: str) -> str:
+        return write_snapshot(self.logic, uri)
+
+    def restore(self, uri: str) -> int:
+        self.logic = read_snapshot(
+            uri, self.logic.settings, self.logic.rules, self.logic.shard_id, self.logic.key_range
+        )
+        return self.logic.customers

@@ -1,0 +1,94 @@
+"""Supervisor: creates the shard actors over key-group ranges, the sink and the router.
+
+Also the one place that broadcasts rule changes and coordinates snapshots across shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from actors.router import Router
+from actors.shard import ShardActor
+from actors.sink import TriggerSinkActor
+from engine.config import EngineSettings
+from engine.ingest import Ingestor
+from engine.rules.spec import RuleSet, parse_rules
+
+
+class Supervisor:
+    """Owns the actors of one running engine (call from a driver, job or gateway)."""
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        rules: RuleSet,
+        trigger_uri: str | None = None,
+        shard_cpus: float = 0.5,
+        namespace_prefix: str = "kairos",
+    ) -> None:
+        self.settings = settings
+        self.rules = rules
+        self.ingestor = Ingestor(settings)
+        document = dict(rules.document)
+        self.shards = [
+            ShardActor.options(
+                num_cpus=shard_cpus, name=f"{namespace_prefix}-shard-{i}", get_if_exists=False
+            ).remote(i, settings, document, self.ingestor.shard_map.range_of(i))
+            for i in range(settings.shards)
+        ]
+        self.sink = None
+        if trigger_uri is not None:
+            self.sink = TriggerSinkActor.options(
+                num_cpus=0.1, name=f"{namespace_prefix}-sink"
+            ).remote(trigger_uri)
+        self.router = Router(self.ingestor, self.shards, self.sink)
+
+    def set_rules(self, document: dict[str, Any], source: str = "rules") -> RuleSet:
+        """Validate then swap the rules on every shard between micro-batches; state is kept.
+
+        An invalid document raises RuleError before any shard sees it: the running set stays.
+        """
+        rules = parse_rules(document, source)
+        self.router.drain()
+        ray.get([s.set_rules.remote(dict(rules.document)) for s in self.shards])
+        self.rules = rules
+        return rules
+
+    def shard_stats(self) -> list[dict[str, Any]]:
+        return list(ray.get([s.stats.remote() for s in self.shards]))
+
+    def customer(self, customer_id: str) -> dict[str, Any] | None:
+        """The golden record of a customer, by external identifier, from its owning shard."""
+        import numpy as np
+
+        key = self.ingestor.pseudonymizer.key_of(customer_id)
+        owner = int(self.ingestor.shard_map.shard_of_keys(np.array([key], dtype=np.uint64))[0])
+        return ray.get(self.shards[owner].customer.remote(key))  # type: ignore[no-any-return]
+
+    def snapshot(self, uri: str) -> list[str]:
+        """Snapshot every shard after draining the router: a consistent cut of the stream."""
+        self.router.drain()
+        return list(
+            ray.get(
+                [
+                    s.snapshot.remote(f"{uri.rstrip('/')}/shard-{i}")
+                    for i, s in enumerate(self.shards)
+                ]
+            )
+        )
+
+    def restore(self, uri: str) -> int:
+        return sum(
+            ray.get(
+                [
+                    s.restore.remote(f"{uri.rstrip('/')}/shard-{i}")
+                    for i, s in enumerate(self.shards)
+                ]
+            )
+        )
+
+    def shutdown(self) -> None:
+        for actor in [*self.shards, *([self.sink] if self.sink else [])]:
+            ray.kill(actor)

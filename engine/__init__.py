@@ -1,0 +1,1 @@
+"""Kairos engine: the pure domain core (events, partitioning, state, rules, shard logic). No Ray."""

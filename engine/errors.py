@@ -1,0 +1,31 @@
+"""The engine's exception hierarchy: one root, one subclass per kind of failure."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Root of every error Kairos raises on purpose."""
+
+
+class ConfigError(EngineError):
+    """A setting or configuration file is invalid."""
+
+
+class EventError(EngineError):
+    """An event or a batch of events cannot be decoded or validated."""
+
+
+class RuleError(EngineError):
+    """A rule file, rule or expression is invalid.
+
+    ``problems`` holds every problem found, each already naming file, rule id and field,
+    so a user fixes them all in one pass.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        self.problems = problems or [message]
+        super().__init__(message if problems is None else "\n".join(self.problems))
+
+
+class StateError(EngineError):
+    """A snapshot cannot be written or restored."""

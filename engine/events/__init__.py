@@ -1,0 +1,1 @@
+"""Event kinds, the Arrow schema of event batches, the msgpack/JSON codec and validation."""

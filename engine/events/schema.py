@@ -1,0 +1,126 @@
+"""Event kinds and the two Arrow schemas: raw events (as sources give them) and routed events.
+
+A raw batch names customers by their external identifier (``customer_id``); ingest turns it
+into a routed batch keyed by a pseudonym (``customer_key``), with the owning key group and an
+arrival sequence number. Both are one wide schema: the columns a kind does not use are null.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import pyarrow as pa
+
+TS_TYPE = pa.timestamp("ms", tz="UTC")
+
+
+class EventKind(IntEnum):
+    """What happened. The code is the value stored in routed batches."""
+
+    USAGE = 0  # UsageRecorded: mobile data used, in MB
+    LOCATION = 1  # LocationPinged: the device was seen at (lat, lon)
+    PURCHASE = 2  # PurchaseMade
+    PAGE_VIEW = 3  # PageViewed
+    CART_ADD = 4  # CartItemAdded
+    CHECKOUT = 5  # CheckoutCompleted
+    OFFER_RESPONSE = 6  # OfferResponded: accepted or declined
+    PROFILE_UPDATE = 7  # ProfileUpdated: one or more profile fields changed
+    CONSENT = 8  # ConsentChanged: granted or withdrawn for a channel and purpose
+
+    @property
+    def wire_name(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def from_wire(cls, name: str) -> EventKind:
+        return cls[name.upper()]
+
+
+KIND_NAMES: tuple[str, ...] = tuple(k.wire_name for k in EventKind)
+
+PROFILE_FIELDS: dict[str, pa.DataType] = {
+    "plan_data_cap_mb": pa.float64(),
+    "cycle_day": pa.int8(),
+    "home_lat": pa.float64(),
+    "home_lon": pa.float64(),
+    "tz": pa.string(),
+    "device_model": pa.string(),
+    "tenure_months": pa.int32(),
+    "channels": pa.list_(pa.string()),
+}
+
+PAYLOAD_FIELDS: dict[str, pa.DataType] = {
+    "mb": pa.float64(),
+    "lat": pa.float64(),
+    "lon": pa.float64(),
+    "amount": pa.float64(),
+    "item": pa.string(),
+    "page": pa.string(),
+    "decision_id": pa.string(),
+    "offer_id": pa.string(),
+    "response": pa.string(),
+    "channel": pa.string(),
+    "purpose": pa.string(),
+    "granted": pa.bool_(),
+    **PROFILE_FIELDS,
+}
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """Which payload fields a kind must and may carry."""
+
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    #: at least one of these must be present (profile updates)
+    any_of: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        return frozenset(self.required + self.optional + self.any_of)
+
+
+KIND_SPECS: dict[EventKind, KindSpec] = {
+    EventKind.USAGE: KindSpec(required=("mb",)),
+    EventKind.LOCATION: KindSpec(required=("lat", "lon")),
+    EventKind.PURCHASE: KindSpec(required=("amount",), optional=("item",)),
+    EventKind.PAGE_VIEW: KindSpec(required=("page",)),
+    EventKind.CART_ADD: KindSpec(required=("item",), optional=("amount",)),
+    EventKind.CHECKOUT: KindSpec(required=(), optional=("amount",)),
+    EventKind.OFFER_RESPONSE: KindSpec(
+        required=("decision_id", "response"), optional=("offer_id",)
+    ),
+    EventKind.PROFILE_UPDATE: KindSpec(required=(), any_of=tuple(PROFILE_FIELDS)),
+    EventKind.CONSENT: KindSpec(required=("channel", "granted"), optional=("purpose",)),
+}
+
+RESPONSES = ("accepted", "declined")
+CHANNELS = ("sms", "email", "push", "app", "web", "call_center")
+CONSENT_CHANNELS = (*CHANNELS, "all")
+
+RAW_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.uint64(), nullable=False),
+        pa.field("customer_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("ts", TS_TYPE, nullable=False),
+        *(pa.field(name, typ) for name, typ in PAYLOAD_FIELDS.items()),
+    ]
+)
+
+ROUTED_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.uint64(), nullable=False),
+        pa.field("customer_key", pa.uint64(), nullable=False),
+        pa.field("key_group", pa.uint16(), nullable=False),
+        pa.field("seq", pa.uint64(), nullable=False),
+        pa.field("kind", pa.int8(), nullable=False),
+        pa.field("ts", TS_TYPE, nullable=False),
+        *(pa.field(name, typ) for name, typ in PAYLOAD_FIELDS.items()),
+    ]
+)
+
+
+def empty_batch(schema: pa.Schema = ROUTED_SCHEMA) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([], schema=schema)

@@ -1,0 +1,1 @@
+"""Governance: pseudonymization of identifiers (consent, retention and erasure come later)."""

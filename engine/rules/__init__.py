@@ -1,0 +1,1 @@
+"""Rules as data: the YAML rule spec, the safe expression language and vectorized evaluators."""

@@ -1,0 +1,321 @@
+"""The rule file: YAML -> validated specs -> compiled rules, with errors naming file, rule, field.
+
+A rule file holds ``rules:``, a list of rules of three types:
+
+* ``threshold``: fires the first time ``value >= threshold`` in a period (once per billing
+  cycle or local day) per customer;
+* ``condition``: fires when ``when`` holds, at most once per ``cooldown`` per customer;
+* ``location``: a condition rule spelled for the commonest case, a location event more than
+  ``min_distance_km`` from home.
+
+Each has ``on`` (event kinds), an optional ``when`` and ``emit`` (numbers the trigger carries).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from engine.errors import RuleError
+from engine.events.schema import KIND_NAMES, EventKind
+from engine.rules.expr import Expression, Type, compile_expression
+from engine.yamlfile import load_yaml
+
+#: what rule expressions can name; event fields are missing (NaN / empty) on other kinds
+EVENT_NAMES: dict[str, Type] = {
+    "mb": "num",
+    "lat": "num",
+    "lon": "num",
+    "amount": "num",
+    "item": "str",
+    "page": "str",
+    "offer_id": "str",
+    "response": "str",
+    "channel": "str",
+    "purpose": "str",
+}
+PROFILE_NAMES: dict[str, Type] = {
+    "plan_data_cap_mb": "num",
+    "cycle_day": "num",
+    "home_lat": "num",
+    "home_lon": "num",
+    "tz": "str",
+    "device_model": "str",
+    "tenure_months": "num",
+}
+AGGREGATE_NAMES: dict[str, Type] = {
+    "cycle_usage_mb": "num",
+    "overage_cycles": "num",
+    "purchase_count": "num",
+    "cart_items": "num",
+}
+VOCABULARY: dict[str, Type] = {**EVENT_NAMES, **PROFILE_NAMES, **AGGREGATE_NAMES}
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
+RULE_ID = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"
+
+
+def parse_duration_ms(value: str | float) -> int:
+    """'24h', '30m', '90s', '7d', '250ms' or a number of seconds, as milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 24h, 30m or 90s")
+    if isinstance(value, int | float):
+        return round(value * 1000)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"'{value}' is not a duration such as 24h, 30m, 90s or 7d")
+    return round(float(match.group(1)) * _UNIT_MS[match.group(2)])
+
+
+def _number_as_text(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value)
+    return value
+
+
+#: an expression; a bare number (threshold: 300) is an expression too
+ExprText = Annotated[str, BeforeValidator(_number_as_text)]
+
+
+class _RuleBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, Field(pattern=RULE_ID)]
+    description: str = ""
+    on: list[str]
+    when: ExprText | None = None
+    emit: dict[str, ExprText] = Field(default_factory=dict)
+    enabled: bool = True
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _kinds(cls, value: Any) -> Any:
+        kinds = [value] if isinstance(value, str) else value
+        if not isinstance(kinds, list) or not kinds:
+            raise ValueError("needs one or more event kinds")
+        unknown = [k for k in kinds if k not in KIND_NAMES]
+        if unknown:
+            raise ValueError(f"unknown event kind(s) {unknown}; known: {', '.join(KIND_NAMES)}")
+        return kinds
+
+
+class ThresholdSpec(_RuleBase):
+    type: Literal["threshold"]
+    value: ExprText
+    threshold: ExprText
+    once_per: Literal["billing_cycle", "day"] = "billing_cycle"
+
+
+class ConditionSpec(_RuleBase):
+    type: Literal["condition"]
+    cooldown: str | float = 0
+
+    @field_validator("cooldown")
+    @classmethod
+    def _cooldown(cls, value: str | float) -> str | float:
+        parse_duration_ms(value)
+        return value
+
+
+class LocationSpec(_RuleBase):
+    type: Literal["location"]
+    on: list[str] = Field(default_factory=lambda: ["location"])
+    min_distance_km: Annotated[float, Field(gt=0)]
+    cooldown: str | float = "24h"
+
+    @field_validator("cooldown")
+    @classmethod
+    def _cooldown(cls, value: str | float) -> str | float:
+        parse_duration_ms(value)
+        return value
+
+
+RuleSpec = Annotated[ThresholdSpec | ConditionSpec | LocationSpec, Field(discriminator="type")]
+
+
+_RULE_ADAPTER: TypeAdapter[ThresholdSpec | ConditionSpec | LocationSpec] = TypeAdapter(RuleSpec)
+
+
+DISTANCE_FROM_HOME = "distance_km(lat, lon, home_lat, home_lon)"
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    """A rule ready to evaluate: its spec, the kinds it listens to and compiled expressions."""
+
+    spec: ThresholdSpec | ConditionSpec | LocationSpec
+    kinds: tuple[EventKind, ...]
+    when: Expression | None
+    emit: dict[str, Expression]
+    value: Expression | None = None
+    threshold: Expression | None = None
+    cooldown_ms: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def type(self) -> str:
+        return self.spec.type
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every name the rule's expressions read."""
+        exprs = [e for e in (self.when, self.value, self.threshold) if e is not None]
+        exprs += list(self.emit.values())
+        return frozenset().union(*(e.names for e in exprs)) if exprs else frozenset()
+
+    @property
+    def state_key(self) -> str:
+        """Identifies the rule's per-customer state; a changed type starts it afresh."""
+        return f"{self.id}:{self.type}"
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """An ordered, validated collection of compiled rules, with the document it came from."""
+
+    rules: tuple[CompiledRule, ...]
+    source: str = "<rules>"
+    document: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset().union(*(r.names for r in self.rules)) if self.rules else frozenset()
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+
+def _compile(spec: ThresholdSpec | ConditionSpec | LocationSpec, where: str) -> CompiledRule:
+    problems: list[str] = []
+
+    def expr(fieldname: str, text: str | None, want: Type | None) -> Expression | None:
+        if text is None:
+            return None
+        try:
+            return compile_expression(text, VOCABULARY, want)
+        except RuleError as exc:
+            problems.append(f"{where}: rule '{spec.id}': field '{fieldname}': {exc}")
+            return None
+
+    when = expr("when", spec.when, "bool")
+    emit: dict[str, Expression] = {}
+    for name, text in spec.emit.items():
+        compiled = expr(f"emit.{name}", text, "num")
+        if compiled is not None:
+            emit[name] = compiled
+    kinds = tuple(EventKind.from_wire(k) for k in spec.on)
+    if isinstance(spec, ThresholdSpec):
+        value = expr("value", spec.value, "num")
+        threshold = expr("threshold", spec.threshold, "num")
+        if problems:
+            raise RuleError(problems[0], problems)
+        return CompiledRule(spec, kinds, when, emit, value, threshold)
+    if isinstance(spec, LocationSpec):
+        if any(k is not EventKind.LOCATION for k in kinds):
+            problems.append(
+                f"{where}: rule '{spec.id}': field 'on': "
+                "a location rule listens to location events only"
+            )
+        near = compile_expression(
+            f"{DISTANCE_FROM_HOME} > {spec.min_distance_km!r}", VOCABULARY, "bool"
+        )
+        when_all = (
+            near
+            if when is None
+            else compile_expression(f"({near.source}) and ({when.source})", VOCABULARY, "bool")
+        )
+        emit.setdefault("distance_km", compile_expression(DISTANCE_FROM_HOME, VOCABULARY, "num"))
+        if problems:
+            raise RuleError(problems[0], problems)
+        return CompiledRule(
+            spec, kinds, when_all, emit, cooldown_ms=parse_duration_ms(spec.cooldown)
+        )
+    if problems:
+        raise RuleError(problems[0], problems)
+    if when is None:
+        raise RuleError(
+            f"{where}: rule '{spec.id}': field 'when': a condition rule needs a condition"
+        )
+    return CompiledRule(spec, kinds, when, emit, cooldown_ms=parse_duration_ms(spec.cooldown))
+
+
+def _field_path(loc: tuple[Any, ...]) -> tuple[int | None, str]:
+    # pydantic locations look like ('rules', 3, 'threshold', 'once_per')
+    index = loc[1] if len(loc) > 1 and loc[0] == "rules" and isinstance(loc[1], int) else None
+    rest = [str(p) for p in loc[2:]]
+    if len(rest) > 1 and rest[0] in ("threshold", "condition", "location"):
+        rest = rest[1:]  # the discriminator tag pydantic puts in the path
+    return index, ".".join(rest) if rest else "type"
+
+
+def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
+    """Validate and compile a parsed YAML document; every problem is reported, then raised."""
+    if not isinstance(document, Mapping) or "rules" not in document:
+        raise RuleError(f"{source}: expected a mapping with a 'rules' list at the top")
+    raw_rules = document["rules"]
+    if not isinstance(raw_rules, list):
+        raise RuleError(f"{source}: 'rules' must be a list")
+    unknown = set(document) - {"rules"}
+    problems: list[str] = [f"{source}: unknown top-level key '{k}'" for k in sorted(unknown)]
+    specs: list[ThresholdSpec | ConditionSpec | LocationSpec] = []
+    for index, raw in enumerate(raw_rules):
+        rid = str(raw.get("id", f"#{index + 1}")) if isinstance(raw, Mapping) else f"#{index + 1}"
+        try:
+            specs.append(_RULE_ADAPTER.validate_python(raw))
+        except ValidationError as exc:
+            for err in exc.errors():
+                _, path = _field_path(("rules", index, *err["loc"]))
+                problems.append(f"{source}: rule '{rid}': field '{path}': {err['msg']}")
+    seen: set[str] = set()
+    compiled: list[CompiledRule] = []
+    for spec in specs:
+        if spec.id in seen:
+            problems.append(f"{source}: rule '{spec.id}': field 'id': duplicate rule id")
+            continue
+        seen.add(spec.id)
+        try:
+            rule = _compile(spec, source)
+        except RuleError as exc:
+            problems.extend(exc.problems)
+            continue
+        if spec.enabled:
+            compiled.append(rule)
+    if problems:
+        raise RuleError(problems[0], problems)
+    return RuleSet(tuple(compiled), source, dict(document))
+
+
+def parse_rules_text(text: str, source: str = "<rules>") -> RuleSet:
+    try:
+        document = load_yaml(text)
+    except yaml.YAMLError as exc:
+        raise RuleError(f"{source}: not valid YAML: {exc}") from exc
+    return parse_rules(document, source)
+
+
+def load_rules(path: str | Path) -> RuleSet:
+    """Load and compile a rule file; RuleError lists every problem with file, rule id and field."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise RuleError(f"{p}: cannot read rule file: {exc.strerror}") from exc
+    return parse_rules_text(text, str(p))

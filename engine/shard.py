@@ -1,0 +1,196 @@
+"""ShardLogic: everything a shard does, without Ray. The ShardActor is a thin wrapper.
+
+``apply(batch, watermark)`` queues a routed micro-batch (dropping duplicate event ids),
+releases the events the watermark has passed in (customer, event time, arrival) order,
+evaluates the rules against each event's as-of state, updates the golden records, and
+returns the triggers. Rules can be replaced between micro-batches; rule state of rules that
+keep their id and type carries over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from engine.config import EngineSettings
+from engine.errors import EngineError
+from engine.events.schema import ROUTED_SCHEMA
+from engine.ingest import NO_WATERMARK
+from engine.rules.evaluate import candidates, cooldown, once_per_period, period_of
+from engine.rules.spec import RuleSet
+from engine.state.buffer import EventBuffer, Released
+from engine.state.store import COLUMNS, NEVER, CustomerStore
+from engine.state.view import BatchView
+from engine.trigger import empty_triggers, trigger_table
+
+#: release everything: used when a stream ends
+END_OF_STREAM = np.iinfo(np.int64).max // 2
+_TS_BITS = 41  # 70 years of milliseconds
+
+
+@dataclass
+class ApplyResult:
+    """What one micro-batch did."""
+
+    triggers: pa.Table
+    received: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    pending: int = 0
+    triggers_by_rule: dict[str, int] = field(default_factory=dict)
+
+
+def sort_order(slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Stable order by (slot, ts); rows arrive in sequence order, so ties keep it."""
+    if slots.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    span = int(ts.max() - ts.min())
+    if span < (1 << _TS_BITS) and int(slots.max()) < (1 << (63 - _TS_BITS)):
+        key = (slots.astype(np.int64) << _TS_BITS) | (ts - ts.min())
+        return np.argsort(key, kind="stable")
+    return np.lexsort((ts, slots))
+
+
+class ShardLogic:
+    """One shard's customers, event buffer and rules."""
+
+    def __init__(
+        self,
+        shard_id: int,
+        settings: EngineSettings,
+        rules: RuleSet,
+        key_range: tuple[int, int] | None = None,
+    ) -> None:
+        self.shard_id = shard_id
+        self.settings = settings
+        self.key_range = key_range or (0, settings.key_groups)
+        self.store = CustomerStore()
+        self.buffer = EventBuffer(settings.dedupe_window_ms)
+        self.watermark_ms = NO_WATERMARK
+        self.rules = rules
+        self.store.ensure_rules([r.state_key for r in rules.rules])
+        self.counters: dict[str, int] = {
+            "received": 0,
+            "applied": 0,
+            "duplicates": 0,
+            "triggers": 0,
+        }
+
+    def set_rules(self, rules: RuleSet) -> None:
+        """Swap the rule set; state of rules kept (same id and type) carries over."""
+        self.store.ensure_rules([r.state_key for r in rules.rules])
+        self.rules = rules
+
+    def _check_ownership(self, batch: pa.RecordBatch) -> None:
+        groups = batch.column("key_group").to_numpy()
+        start, stop = self.key_range
+        if groups.size and (groups.min() < start or groups.max() >= stop):
+            raise EngineError(
+                f"shard {self.shard_id} owns key groups [{start}, {stop}) but received "
+                f"[{groups.min()}, {groups.max()}]: the router's shard map is out of date"
+            )
+
+    def apply(self, batch: pa.RecordBatch | None, watermark_ms: int) -> ApplyResult:
+        """Queue ``batch``, advance the watermark, apply what it releases, return triggers."""
+        received = duplicates = 0
+        if batch is not None and batch.num_rows:
+            if not batch.schema.equals(ROUTED_SCHEMA):
+                batch = batch.cast(ROUTED_SCHEMA)
+            self._check_ownership(batch)
+            received = batch.num_rows
+            duplicates = self.buffer.add(batch)
+        self.watermark_ms = max(self.watermark_ms, watermark_ms)
+        released = self.buffer.release(self.watermark_ms)
+        result = self._process(released)
+        result.received = received
+        result.duplicates = duplicates
+        result.pending = self.buffer.pending_rows
+        self.counters["received"] += received
+        self.counters["duplicates"] += duplicates
+        self.counters["applied"] += result.applied
+        self.counters["triggers"] += result.triggers.num_rows
+        return result
+
+    def flush(self) -> ApplyResult:
+        """Release and apply every pending event (the stream has ended)."""
+        return self.apply(None, END_OF_STREAM)
+
+    def _process(self, released: Released) -> ApplyResult:
+        if released.num_rows == 0:
+            return ApplyResult(empty_triggers())
+        rows = released.rows
+        table = released.table
+        keys = np.asarray(table.column("customer_key").to_numpy())[rows]
+        slots = self.store.slots_for(keys)
+        ts = np.asarray(table.column("ts").cast(pa.int64()).to_numpy())[rows]
+        order = sort_order(slots, ts)
+        view = BatchView(table, rows[order], slots[order], self.store)
+        tables = []
+        counts: dict[str, int] = {}
+        for rule in self.rules.rules:
+            fired_rows = self._fire(rule, view)
+            counts[rule.id] = int(fired_rows.size)
+            if fired_rows.size == 0:
+                continue
+            values = {name: e.evaluate(view)[fired_rows] for name, e in rule.emit.items()}
+            tables.append(
+                trigger_table(
+                    rule.id,
+                    view.gather("customer_key")[fired_rows],
+                    view.gather("event_id")[fired_rows],
+                    view.gather("seq")[fired_rows],
+                    view.ts[fired_rows],
+                    values,
+                )
+            )
+        view.write_back()
+        triggers = pa.concat_tables(tables) if tables else empty_triggers()
+        return ApplyResult(triggers, applied=released.num_rows, triggers_by_rule=counts)
+
+    def _fire(self, rule: Any, view: BatchView) -> np.ndarray:
+        rows = np.flatnonzero(candidates(rule, view))
+        if rows.size == 0:
+            return rows
+        state = self.store.rule_state[rule.state_key]
+        if rule.type == "threshold":
+            period = period_of(rule, view)
+            fired = rows[once_per_period(rows, view.slot, period, state)]
+            mark = period[fired]
+        else:
+            fired = rows[cooldown(rows, view.slot, view.ts, state, rule.cooldown_ms)]
+            mark = view.ts[fired]
+        if fired.size:
+            # fired rows are sorted by customer then time: keep each customer's last
+            last = np.ones(fired.size, dtype=bool)
+            last[:-1] = view.slot[fired[1:]] != view.slot[fired[:-1]]
+            state[view.slot[fired[last]]] = mark[last]
+        return fired
+
+    # -- reading state ------------------------------------------------------------------------
+    def customer(self, customer_key: int) -> dict[str, Any] | None:
+        """One golden record as plain values, or None if the shard has never seen the customer."""
+        slot = int(self.store.lookup(np.array([customer_key], dtype=np.uint64))[0])
+        if slot < 0:
+            return None
+        record: dict[str, Any] = {"customer_key": customer_key}
+        for name, arr in self.store.cols.items():
+            value = arr[slot].item()
+            if name in ("tz", "device_model"):
+                value = self.store.strings.values[value]
+            elif (isinstance(value, float) and np.isnan(value)) or (
+                name == "last_event_ms" and value == COLUMNS[name].default
+            ):
+                value = None
+            record[name] = value
+        record["rules"] = {
+            key: (None if arr[slot] == NEVER else int(arr[slot]))
+            for key, arr in self.store.rule_state.items()
+        }
+        return record
+
+    @property
+    def customers(self) -> int:
+        return self.store.size

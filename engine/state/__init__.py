@@ -1,0 +1,1 @@
+"""The columnar customer store (golden records) and its Arrow snapshots."""

@@ -1,0 +1,215 @@
+"""The golden record store: one typed numpy column per attribute, one slot per customer.
+
+Customers are found by a sorted index over their 64-bit keys (``np.searchsorted``), so
+looking up a whole batch is one vector operation. Text attributes (time zone, device model)
+are stored as small integer ids into a string pool. Per-rule state lives in extra int64
+columns keyed by rule. The store snapshots to one Arrow table and restores from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from engine.errors import StateError
+
+NEVER = np.iinfo(np.int64).min // 4  # "no time yet" for event-time columns (ms)
+
+
+@dataclass(frozen=True)
+class Column:
+    dtype: np.dtype
+    default: float | int
+    doc: str
+
+
+COLUMNS: dict[str, Column] = {
+    # profile (from profile_update events)
+    "plan_data_cap_mb": Column(np.dtype(np.float64), np.nan, "monthly data cap in MB"),
+    "cycle_day": Column(np.dtype(np.int8), 1, "day of month the billing cycle starts"),
+    "home_lat": Column(np.dtype(np.float64), np.nan, "home latitude"),
+    "home_lon": Column(np.dtype(np.float64), np.nan, "home longitude"),
+    "tz": Column(np.dtype(np.int16), 0, "time zone, id into the string pool (0 = UTC)"),
+    "device_model": Column(np.dtype(np.int16), 1, "device model, id into the string pool"),
+    "tenure_months": Column(np.dtype(np.float32), np.nan, "months as a customer"),
+    "channels": Column(np.dtype(np.uint8), 0, "bitmask of reachable channels"),
+    # consent (marketing purpose), bitmasks over channels
+    "consent_granted": Column(np.dtype(np.uint8), 0, "channels with consent granted"),
+    "consent_withdrawn": Column(np.dtype(np.uint8), 0, "channels with consent withdrawn"),
+    # aggregates
+    "cycle_id": Column(
+        np.dtype(np.int32), -1, "billing cycle (months since 1970) of cycle_usage_mb"
+    ),
+    "cycle_usage_mb": Column(np.dtype(np.float64), 0.0, "data used in that billing cycle"),
+    "overage_cycles": Column(np.dtype(np.int16), 0, "past cycles whose usage exceeded the cap"),
+    "purchase_count": Column(np.dtype(np.int32), 0, "purchases made"),
+    "cart_items": Column(np.dtype(np.int16), 0, "items added to the cart since the last checkout"),
+    "last_lat": Column(np.dtype(np.float32), np.nan, "last known latitude"),
+    "last_lon": Column(np.dtype(np.float32), np.nan, "last known longitude"),
+    "last_event_ms": Column(np.dtype(np.int64), NEVER, "event time of the newest applied event"),
+    "event_count": Column(np.dtype(np.int32), 0, "events applied"),
+}
+
+PROFILE_COLUMNS = (
+    "plan_data_cap_mb",
+    "cycle_day",
+    "home_lat",
+    "home_lon",
+    "tz",
+    "device_model",
+    "tenure_months",
+    "channels",
+)
+STRING_COLUMNS = ("tz", "device_model")
+RULE_PREFIX = "rule:"
+
+
+class StringPool:
+    """Interned strings <-> small ids; id 0 is 'UTC' and id 1 is '' so defaults mean something."""
+
+    def __init__(self, values: list[str] | None = None) -> None:
+        self.values: list[str] = list(values) if values else ["UTC", ""]
+        self._ids = {v: i for i, v in enumerate(self.values)}
+
+    def ids_of(self, strings: list[str | None]) -> np.ndarray:
+        out = np.empty(len(strings), dtype=np.int16)
+        for i, s in enumerate(strings):
+            key = "" if s is None else s
+            found = self._ids.get(key)
+            if found is None:
+                if len(self.values) >= np.iinfo(np.int16).max:
+                    raise StateError("string pool is full (32767 distinct time zones / models)")
+                found = len(self.values)
+                self.values.append(key)
+                self._ids[key] = found
+            out[i] = found
+        return out
+
+    def strings_of(self, ids: np.ndarray) -> np.ndarray:
+        table = np.array(self.values, dtype=object)
+        return table[ids]
+
+
+class CustomerStore:
+    """Golden records of one shard's customers, column by column."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.size = 0
+        self.keys = np.zeros(capacity, dtype=np.uint64)
+        self.cols: dict[str, np.ndarray] = {
+            name: np.full(capacity, c.default, dtype=c.dtype) for name, c in COLUMNS.items()
+        }
+        self.rule_state: dict[str, np.ndarray] = {}
+        self.strings = StringPool()
+        self._sorted_keys = np.zeros(0, dtype=np.uint64)
+        self._sorted_slots = np.zeros(0, dtype=np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.keys)
+
+    def _grow(self, needed: int) -> None:
+        cap = self.capacity
+        if needed <= cap:
+            return
+        new = max(needed, cap * 2)
+        self.keys = np.resize(self.keys, new)
+        for name, arr in self.cols.items():
+            grown = np.full(new, COLUMNS[name].default, dtype=arr.dtype)
+            grown[:cap] = arr[:cap]
+            self.cols[name] = grown
+        for key, arr in self.rule_state.items():
+            grown = np.full(new, NEVER, dtype=np.int64)
+            grown[:cap] = arr[:cap]
+            self.rule_state[key] = grown
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Slot of each key, or -1 where the customer is unknown."""
+        if self._sorted_keys.size == 0:
+            return np.full(len(keys), -1, dtype=np.int64)
+        pos = np.searchsorted(self._sorted_keys, keys)
+        pos = np.minimum(pos, self._sorted_keys.size - 1)
+        found = self._sorted_keys[pos] == keys
+        return np.where(found, self._sorted_slots[pos], -1)
+
+    def slots_for(self, keys: np.ndarray) -> np.ndarray:
+        """Slot of each key, creating records for new customers."""
+        slots = self.lookup(keys)
+        missing = slots < 0
+        if missing.any():
+            new_keys = np.unique(keys[missing])
+            start = self.size
+            self._grow(start + new_keys.size)
+            new_slots = np.arange(start, start + new_keys.size, dtype=np.int64)
+            self.keys[start : start + new_keys.size] = new_keys
+            self.size += new_keys.size
+            merged_keys = np.concatenate([self._sorted_keys, new_keys])
+            merged_slots = np.concatenate([self._sorted_slots, new_slots])
+            order = np.argsort(merged_keys, kind="stable")
+            self._sorted_keys = merged_keys[order]
+            self._sorted_slots = merged_slots[order]
+            slots[missing] = self.lookup(keys[missing])
+        return slots
+
+    def ensure_rules(self, state_keys: list[str]) -> None:
+        """Keep state of rules still present, start new ones fresh, drop removed ones."""
+        kept = {k: v for k, v in self.rule_state.items() if k in state_keys}
+        for key in state_keys:
+            if key not in kept:
+                kept[key] = np.full(self.capacity, NEVER, dtype=np.int64)
+        self.rule_state = kept
+
+    def nbytes(self) -> int:
+        """Bytes of customer state, index included (allocated capacity, not just used)."""
+        total = self.keys.nbytes + self._sorted_keys.nbytes + self._sorted_slots.nbytes
+        total += sum(a.nbytes for a in self.cols.values())
+        total += sum(a.nbytes for a in self.rule_state.values())
+        return total
+
+    def live_nbytes_per_customer(self) -> float:
+        """Bytes per customer of the columns and index, independent of spare capacity."""
+        per = self.keys.itemsize + self._sorted_keys.itemsize + self._sorted_slots.itemsize
+        per += sum(a.itemsize for a in self.cols.values())
+        per += sum(a.itemsize for a in self.rule_state.values())
+        return float(per)
+
+    def to_arrow(self) -> pa.Table:
+        """All records as one table: key, the columns, rule state; the string pool in metadata."""
+        n = self.size
+        arrays = {"customer_key": pa.array(self.keys[:n])}
+        for name, arr in self.cols.items():
+            arrays[name] = pa.array(arr[:n])
+        for key, arr in self.rule_state.items():
+            arrays[RULE_PREFIX + key] = pa.array(arr[:n])
+        table = pa.table(arrays)
+        meta = {b"kairos.strings": "\x1f".join(self.strings.values).encode()}
+        return table.replace_schema_metadata(meta)
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> CustomerStore:
+        """Rebuild a store from ``to_arrow``'s table."""
+        store = cls(capacity=max(1024, table.num_rows))
+        meta = table.schema.metadata or {}
+        if b"kairos.strings" in meta:
+            store.strings = StringPool(meta[b"kairos.strings"].decode().split("\x1f"))
+        if "customer_key" not in table.column_names:
+            raise StateError("snapshot table has no customer_key column")
+        keys = table.column("customer_key").to_numpy()
+        n = keys.size
+        store.keys[:n] = keys
+        store.size = n
+        for name in COLUMNS:
+            if name not in table.column_names:
+                raise StateError(f"snapshot table has no column '{name}'")
+            store.cols[name][:n] = table.column(name).to_numpy()
+        for name in table.column_names:
+            if name.startswith(RULE_PREFIX):
+                arr = np.full(store.capacity, NEVER, dtype=np.int64)
+                arr[:n] = table.column(name).to_numpy()
+                store.rule_state[name[len(RULE_PREFIX) :]] = arr
+        order = np.argsort(keys, kind="stable")
+        store._sorted_keys = keys[order].copy()
+        store._sorted_slots = order.astype(np.int64)
+        return store

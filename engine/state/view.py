@@ -1,0 +1,275 @@
+"""One released micro-batch, sorted by (customer, event time, arrival), seen against the store.
+
+Rules need values *as of each event*: the profile after the profile updates before it, the
+data used in the billing cycle so far including it. They are computed for the whole batch at
+once: group-wise forward fill for profile fields, segmented cumulative sums for aggregates.
+Columns are computed on first use and cached; ``write_back`` stores each customer's last
+values in the store.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine.calendar import billing_cycle, days_left, local_day, local_hour, local_ms
+from engine.events.schema import CHANNELS, EventKind
+from engine.state.store import PROFILE_COLUMNS, STRING_COLUMNS, CustomerStore
+
+_STRING_EVENT_FIELDS = ("item", "page", "offer_id", "response", "channel", "purpose")
+_NUMERIC_EVENT_FIELDS = ("mb", "lat", "lon", "amount")
+CHANNEL_BITS = {name: 1 << i for i, name in enumerate(CHANNELS)}
+ALL_CHANNELS = (1 << len(CHANNELS)) - 1
+
+
+def segmented_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Running sum of ``values`` that restarts at every row where ``starts`` is true."""
+    total = np.cumsum(values)
+    first = np.maximum.accumulate(np.where(starts, np.arange(values.size), 0))
+    return total - (total[first] - values[first])
+
+
+class BatchView:
+    """A sorted batch with per-row slots; implements the expression Context."""
+
+    def __init__(
+        self, table: pa.Table, order: np.ndarray, slots: np.ndarray, store: CustomerStore
+    ) -> None:
+        """``order``: rows of ``table`` in (customer, time, arrival) order; ``slots`` match it."""
+        self.table = table
+        self.order = order
+        self.slot = slots
+        self.store = store
+        self.size = int(order.size)
+        n = self.size
+        self._cache: dict[str, np.ndarray] = {}
+        self.kind = self.gather("kind")
+        self.ts = self.gather("ts")
+        self.group_first = np.ones(n, dtype=bool)
+        if n > 1:
+            self.group_first[1:] = slots[1:] != slots[:-1]
+        self.group_last = np.ones(n, dtype=bool)
+        if n > 1:
+            self.group_last[:-1] = self.group_first[1:]
+        self.group_start = np.maximum.accumulate(np.where(self.group_first, np.arange(n), 0))
+        self.updated: set[str] = set()
+
+    def gather(self, name: str) -> np.ndarray:
+        """A table column as numpy, in the view's row order (cached)."""
+        key = f"@raw:{name}"
+        cached = self._cache.get(key)
+        if cached is None:
+            column = self.table.column(name)
+            if name == "ts":
+                column = column.cast(pa.int64())
+            cached = np.asarray(column.to_numpy())[self.order]
+            self._cache[key] = cached
+        return cached
+
+    def arrow(self, name: str, rows: np.ndarray) -> pa.Array | pa.ChunkedArray:
+        """A table column's values at view rows ``rows``, as Arrow."""
+        return self.table.column(name).take(pa.array(self.order[rows]))
+
+    # -- the expression Context -------------------------------------------------------------
+    def column(self, name: str) -> np.ndarray:
+        cached = self._cache.get(name)
+        if cached is None:
+            cached = self._compute(name)
+            self._cache[name] = cached
+        return cached
+
+    def _compute(self, name: str) -> np.ndarray:
+        if name in _NUMERIC_EVENT_FIELDS:
+            return self._numeric(name)
+        if name in _STRING_EVENT_FIELDS:
+            return self.gather(name).astype(object)
+        if name in STRING_COLUMNS:
+            return self.store.strings.strings_of(self.profile(name))
+        if name in PROFILE_COLUMNS:
+            return self.profile(name).astype(np.float64)
+        if name == "cycle_usage_mb":
+            return self._cycle_usage()
+        if name == "overage_cycles":
+            return self._overage()
+        if name == "purchase_count":
+            return self._count_running("purchase_count", self.kind == EventKind.PURCHASE)
+        if name == "cart_items":
+            return self._cart_items()
+        if name == "@days_left":
+            return days_left(self._local, self._cycle[1])
+        if name == "@local_hour":
+            return local_hour(self._local)
+        if name == "@local_day":
+            return local_day(self._local)
+        if name == "@cycle":
+            return self._cycle[0].astype(np.int64)
+        raise KeyError(f"unknown column '{name}'")
+
+    def _numeric(self, name: str) -> np.ndarray:
+        return self.gather(name).astype(np.float64)
+
+    # -- profile as of each event ---------------------------------------------------------------
+    def _updates(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(has_update, value) per row for one profile field."""
+        is_update = self.kind == EventKind.PROFILE_UPDATE
+        dtype = self.store.cols[name].dtype
+        values = np.zeros(self.size, dtype=dtype)
+        if not is_update.any():
+            return is_update, values
+        candidates = np.flatnonzero(is_update)
+        col = self.arrow(name, candidates)
+        present = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        has = np.zeros(self.size, dtype=bool)
+        rows = candidates[present]
+        has[rows] = True
+        if rows.size == 0:
+            return has, values
+        col = col.filter(pa.array(present))
+        if name in STRING_COLUMNS:
+            strings = col.to_pylist()
+            values[rows] = self.store.strings.ids_of(strings)
+        elif name == "channels":
+            sub = col
+            flat = pc.list_flatten(sub).to_pylist()
+            parent = pc.list_parent_indices(sub).to_numpy()
+            bits = np.array([CHANNEL_BITS.get(c, 0) for c in flat], dtype=np.uint8)
+            mask = np.zeros(rows.size, dtype=np.uint8)
+            np.bitwise_or.at(mask, parent, bits)
+            values[rows] = mask
+        else:
+            values[rows] = col.to_numpy(zero_copy_only=False).astype(dtype)
+        return has, values
+
+    def profile(self, name: str) -> np.ndarray:
+        """Profile field ``name`` as of each event, in the store's dtype."""
+        key = f"@profile:{name}"
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        base = self.store.cols[name][self.slot]
+        has, values = self._updates(name)
+        if has.any():
+            src = np.maximum.accumulate(np.where(has, np.arange(self.size), -1))
+            valid = src >= self.group_start
+            out = np.where(valid, values[np.maximum(src, 0)], base)
+            self.updated.add(name)
+        else:
+            out = base
+        self._cache[key] = out
+        return out
+
+    # -- time and billing cycles ------------------------------------------------------------------
+    @cached_property
+    def _local(self) -> np.ndarray:
+        return local_ms(self.ts, self.profile("tz"), self.store.strings.values)
+
+    @cached_property
+    def _cycle(self) -> tuple[np.ndarray, np.ndarray]:
+        return billing_cycle(self._local, self.profile("cycle_day"))
+
+    # -- aggregates as of each event --------------------------------------------------------------
+    @cached_property
+    def _cycle_segments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(segment starts, continues_stored_cycle) for the (customer, billing cycle) runs."""
+        cycle = self._cycle[0]
+        starts = self.group_first.copy()
+        if self.size > 1:
+            starts[1:] |= cycle[1:] != cycle[:-1]
+        stored = self.store.cols["cycle_id"][self.slot]
+        continues = self.group_first & (stored == cycle)
+        return starts, continues
+
+    def _cycle_usage(self) -> np.ndarray:
+        starts, continues = self._cycle_segments
+        used = np.where(self.kind == EventKind.USAGE, np.nan_to_num(self._numeric("mb")), 0.0)
+        carry = np.where(continues, self.store.cols["cycle_usage_mb"][self.slot], 0.0)
+        return segmented_cumsum(used + carry, starts)
+
+    def _overage(self) -> np.ndarray:
+        """Cycles ended with usage over the cap; a cycle ends at the first event of the next."""
+        starts, continues = self._cycle_segments
+        usage = self.column("cycle_usage_mb")
+        prev_usage = np.empty(self.size)
+        prev_usage[0:1] = 0.0
+        prev_usage[1:] = usage[:-1]
+        first = self.group_first
+        stored_cycle = self.store.cols["cycle_id"][self.slot]
+        prev_usage = np.where(first, self.store.cols["cycle_usage_mb"][self.slot], prev_usage)
+        rollover = starts & ~continues & ~(first & (stored_cycle < 0))
+        cap = self.profile("plan_data_cap_mb")
+        with np.errstate(invalid="ignore"):
+            over = rollover & (prev_usage > cap)
+        return self._count_running("overage_cycles", over)
+
+    def _count_running(self, column: str, increments: np.ndarray) -> np.ndarray:
+        base = self.store.cols[column][self.slot].astype(np.float64)
+        return segmented_cumsum(
+            increments.astype(np.float64) + np.where(self.group_first, base, 0.0), self.group_first
+        )
+
+    def _cart_items(self) -> np.ndarray:
+        checkout = self.kind == EventKind.CHECKOUT
+        added = (self.kind == EventKind.CART_ADD).astype(np.float64)
+        starts = self.group_first | checkout
+        carry = np.where(
+            self.group_first & ~checkout, self.store.cols["cart_items"][self.slot], 0.0
+        )
+        return segmented_cumsum(np.where(checkout, 0.0, added) + carry, starts)
+
+    # -- writing each customer's final values back ------------------------------------------------
+    def write_back(self) -> None:
+        """Store every customer's state after the last event of the batch.
+
+        Every as-of column is computed before the first write: they read the store lazily,
+        and must see it as it was before this batch.
+        """
+        last = np.flatnonzero(self.group_last)
+        slots = self.slot[last]
+        finals: dict[str, np.ndarray] = {}
+        if (self.kind == EventKind.PROFILE_UPDATE).any():
+            for name in PROFILE_COLUMNS:
+                values = self.profile(name)
+                if name in self.updated:
+                    finals[name] = values[last]
+        finals["cycle_id"] = self._cycle[0][last]
+        for name in ("cycle_usage_mb", "overage_cycles", "purchase_count", "cart_items"):
+            finals[name] = self.column(name)[last]
+        cols = self.store.cols
+        for name, values in finals.items():
+            cols[name][slots] = values
+        cols["last_event_ms"][slots] = np.maximum(cols["last_event_ms"][slots], self.ts[last])
+        sizes = np.diff(np.append(np.flatnonzero(self.group_first), self.size))
+        cols["event_count"][slots] += sizes.astype(np.int32)
+        self._write_locations()
+        self._write_consent()
+
+    def _write_locations(self) -> None:
+        is_loc = self.kind == EventKind.LOCATION
+        if not is_loc.any():
+            return
+        src = np.maximum.accumulate(np.where(is_loc, np.arange(self.size), -1))
+        last = np.flatnonzero(self.group_last & (src >= self.group_start))
+        rows = src[last]
+        self.store.cols["last_lat"][self.slot[last]] = self._numeric("lat")[rows]
+        self.store.cols["last_lon"][self.slot[last]] = self._numeric("lon")[rows]
+
+    def _write_consent(self) -> None:
+        rows = np.flatnonzero(self.kind == EventKind.CONSENT)
+        if rows.size == 0:
+            return
+        channels = self.arrow("channel", rows).to_pylist()
+        granted = self.arrow("granted", rows).to_pylist()
+        g = self.store.cols["consent_granted"]
+        w = self.store.cols["consent_withdrawn"]
+        for row, channel, ok in zip(rows, channels, granted, strict=True):  # rare path
+            slot = self.slot[row]
+            bits = ALL_CHANNELS if channel == "all" else CHANNEL_BITS[channel]
+            if ok:
+                g[slot] |= bits
+                w[slot] &= ~bits & 0xFF
+            else:
+                w[slot] |= bits
+                g[slot] &= ~bits & 0xFF

@@ -1,0 +1,1 @@
+"""Synthetic data: a seeded telco customer population and a month of its events."""

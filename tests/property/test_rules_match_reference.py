@@ -1,0 +1,186 @@
+"""The vectorized shards give exactly the triggers of the per-event reference."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.config import EngineSettings
+from engine.local import LocalEngine
+from engine.rules.spec import parse_rules_text
+from tests.property.reference import ReferenceEngine
+
+RULES = parse_rules_text("""
+rules:
+  - id: cap80
+    type: threshold
+    on: usage
+    value: cycle_usage_mb
+    threshold: 0.8 * plan_data_cap_mb
+    when: plan_data_cap_mb > 0
+    emit: {pct: 100 * cycle_usage_mb / plan_data_cap_mb, days_left: days_left()}
+  - id: away
+    type: location
+    min_distance_km: 100
+    cooldown: 6h
+  - id: daily_heavy
+    type: threshold
+    on: [usage, purchase]
+    value: cycle_usage_mb + 10 * purchase_count
+    threshold: 300
+    once_per: day
+    emit: {hour: local_hour()}
+  - id: cart_full
+    type: condition
+    on: [cart_add]
+    when: cart_items >= 2 and not (overage_cycles > 3)
+    cooldown: 1h
+    emit: {items: cart_items, overage: overage_cycles}
+  - id: every_checkout
+    type: condition
+    on: checkout
+    when: cart_items == 0
+""")
+
+ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe"]
+LATENESS_MS = 2 * 3_600_000
+T0 = 1_700_000_000_000  # 2023-11-14
+
+
+@st.composite
+def streams(draw: Any) -> list[dict[str, Any]]:
+    customers = [f"c{i}" for i in range(draw(st.integers(1, 5)))]
+    n = draw(st.integers(1, 120))
+    events: list[dict[str, Any]] = []
+    t = T0
+    for i in range(n):
+        # mostly on a half-hour grid, so gaps equal cooldowns exactly now and then
+        step = draw(st.sampled_from([0, 1, 2, 12, 48, 96]))
+        t += step * 1_800_000 if draw(st.integers(0, 3)) else draw(st.integers(0, 86_400_000))
+        who = draw(st.sampled_from(customers))
+        kind = draw(
+            st.sampled_from(
+                ["usage"] * 4
+                + ["location"] * 2
+                + ["profile_update", "purchase", "cart_add", "checkout"]
+            )
+        )
+        e: dict[str, Any] = {"event_id": i + 1, "customer_id": who, "kind": kind, "ts": t}
+        if kind == "usage":
+            # multiples of 50 MB hit 80 % of a cap and the cap itself exactly; quarters do not
+            e["mb"] = (
+                float(draw(st.integers(0, 12)) * 50)
+                if draw(st.booleans())
+                else draw(st.integers(0, 2400)) / 4
+            )
+        elif kind == "location":
+            e["lat"] = draw(st.sampled_from([52.5, 52.6, 48.1, 40.7, -33.9]))
+            e["lon"] = draw(st.sampled_from([13.4, 13.5, 11.6, -74.0, 151.2]))
+        elif kind == "profile_update":
+            fields = draw(
+                st.sets(
+                    st.sampled_from(["plan_data_cap_mb", "cycle_day", "home", "tz"]), min_size=1
+                )
+            )
+            if "plan_data_cap_mb" in fields:
+                e["plan_data_cap_mb"] = draw(st.sampled_from([500.0, 1000.0, 2000.0]))
+            if "cycle_day" in fields:
+                e["cycle_day"] = draw(st.integers(1, 31))
+            if "home" in fields:
+                e["home_lat"], e["home_lon"] = draw(st.sampled_from([(52.5, 13.4), (40.7, -74.0)]))
+            if "tz" in fields:
+                e["tz"] = draw(st.sampled_from(ZONES))
+        elif kind == "purchase":
+            e["amount"] = float(draw(st.integers(1, 100)))
+        elif kind == "cart_add":
+            e["item"] = "sku-1"
+        events.append(e)
+    # arrival order: each event delayed by up to 1.5x the allowed lateness, so some are late
+    delays = [
+        draw(st.integers(0, LATENESS_MS * 3 // 2)) if draw(st.integers(0, 4)) == 0 else 0
+        for _ in events
+    ]
+    arrival = [
+        e
+        for _, _, e in sorted(
+            zip(
+                [e["ts"] + d for e, d in zip(events, delays, strict=True)],
+                range(n),
+                events,
+                strict=True,
+            )
+        )
+    ]
+    # duplicates: some events are sent twice, the copy right after the original
+    out: list[dict[str, Any]] = []
+    for e in arrival:
+        out.append(e)
+        if draw(st.integers(0, 9)) == 0:
+            out.append(dict(e))
+    return out
+
+
+def engine_triggers(
+    events: list[dict[str, Any]], shards: int, chunks: list[int]
+) -> list[dict[str, Any]]:
+    settings = EngineSettings(
+        shards=shards, allowed_lateness_s=LATENESS_MS / 1000, dedupe_window_s=2 * LATENESS_MS / 1000
+    )
+    engine = LocalEngine(settings, RULES)
+    start = 0
+    for size in [*chunks, len(events)]:
+        part = events[start : start + size]
+        if part:
+            letters = engine.submit_rows(part)
+            assert all(d.reason.startswith("late") for d in letters), letters
+        start += size
+        if start >= len(events):
+            break
+    engine.flush()
+    keys = {engine.ingestor.pseudonymizer.key_of(c): c for c in {e["customer_id"] for e in events}}
+    rows = engine.trigger_table().to_pylist()
+    return [
+        {
+            "rule_id": r["rule_id"],
+            "customer_id": keys[r["customer_key"]],
+            "event_id": r["event_id"],
+            "values": dict(r["values"]),
+        }
+        for r in rows
+    ]
+
+
+def canonical(triggers: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return sorted((t["rule_id"], t["customer_id"], t["event_id"]) for t in triggers)
+
+
+def assert_same(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert canonical(got) == canonical(want)
+    by_key = {(t["rule_id"], t["event_id"]): t["values"] for t in want}
+    for t in got:
+        expected = by_key[(t["rule_id"], t["event_id"])]
+        assert set(t["values"]) == set(expected)
+        for name, value in t["values"].items():
+            assert math.isclose(value, expected[name], rel_tol=1e-9, abs_tol=1e-9), (t, expected)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=streams(),
+    shards=st.sampled_from([1, 2, 4]),
+    chunks=st.lists(st.integers(1, 40), max_size=6),
+)
+def test_vectorized_rules_equal_per_event_reference(events, shards, chunks) -> None:
+    want = ReferenceEngine(RULES, LATENESS_MS).run(events)
+    assert_same(engine_triggers(events, shards, chunks), want)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=streams(), chunks=st.lists(st.integers(1, 40), max_size=6))
+def test_one_shard_and_four_shards_give_the_same_triggers(events, chunks) -> None:
+    one = engine_triggers(events, 1, chunks)
+    four = engine_triggers(events, 4, [])
+    assert canonical(one) == canonical(four)

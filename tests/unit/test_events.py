@@ -1,0 +1,108 @@
+"""Codec and validation: bad events are dead-lettered with field and value, good ones kept."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from engine.errors import EventError
+from engine.events.codec import (
+    decode_json,
+    decode_msgpack,
+    encode_batch,
+    encode_event,
+    rows_to_batch,
+)
+from engine.events.validation import validate
+
+
+def _check(rows):
+    batch, positions, letters = rows_to_batch(rows)
+    checked = validate(batch, positions)
+    return checked.valid(), sorted(letters + checked.dead_letters, key=lambda d: d.index)
+
+
+def test_msgpack_round_trip_of_one_event_and_a_batch() -> None:
+    one = {
+        "event_id": 7,
+        "customer_id": "+4915100",
+        "kind": "usage",
+        "ts": 1_700_000_000_000,
+        "mb": 5.5,
+    }
+    assert decode_msgpack(encode_event(one)) == [one]
+    assert decode_msgpack(encode_batch([one, one])) == [one, one]
+
+
+def test_unreadable_bodies_raise_event_error() -> None:
+    with pytest.raises(EventError, match="not valid msgpack"):
+        decode_msgpack(b"\xc1\xc1")
+    with pytest.raises(EventError, match="not valid JSON"):
+        decode_json(b"{nope")
+    with pytest.raises(EventError, match="expected an event"):
+        decode_msgpack(msgpack.packb(42))
+
+
+def test_invalid_events_are_dead_lettered_naming_field_and_value_and_valid_ones_kept() -> None:
+    rows = [
+        {"event_id": 1, "customer_id": "a", "kind": "usage", "ts": 1000, "mb": 1.0},
+        {"event_id": 2, "customer_id": "a", "kind": "location", "ts": 1000, "lat": 123.0, "lon": 0},
+        {"event_id": 3, "customer_id": "a", "kind": "usage", "ts": "yesterday", "mb": 1.0},
+        {"event_id": 4, "customer_id": "a", "kind": "teleport", "ts": 1000},
+        {"event_id": 5, "customer_id": "a", "kind": "usage", "ts": 1000},
+        {"event_id": 6, "customer_id": "a", "kind": "usage", "ts": 1000, "mb": "lots"},
+        {"event_id": 7, "customer_id": "a", "kind": "usage", "ts": 1000, "mb": 1.0, "lat": 3.0},
+        {"customer_id": "a", "kind": "usage", "ts": 1000, "mb": 1.0},
+        {
+            "event_id": 9,
+            "customer_id": "a",
+            "kind": "profile_update",
+            "ts": 1000,
+            "tz": "Mars/Olympus",
+        },
+        {
+            "event_id": 10,
+            "customer_id": "a",
+            "kind": "usage",
+            "ts": "2026-01-01T00:00:00",
+            "mb": 1.0,
+        },
+        "not a map",
+        {
+            "event_id": "uuid-12",
+            "customer_id": "b",
+            "kind": "usage",
+            "ts": "2026-01-01T00:00:00Z",
+            "mb": 2.0,
+        },
+    ]
+    valid, letters = _check(rows)
+    assert valid.column("event_id").to_pylist()[0] == 1 and valid.num_rows == 2
+    by_index = {d.index: d for d in letters}
+    assert set(by_index) == {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
+    assert (
+        by_index[1].field == "lat"
+        and "123.0" in by_index[1].reason
+        and "range" in by_index[1].reason
+    )
+    assert by_index[2].field == "ts" and "ISO-8601" in by_index[2].reason
+    assert by_index[3].field == "kind" and "'teleport'" in by_index[3].reason
+    assert "required on a usage event" in by_index[4].reason
+    assert by_index[5].field == "mb" and "expected a number" in by_index[5].reason
+    assert "not allowed on a usage event" in by_index[6].reason
+    assert by_index[7].field == "event_id"
+    assert "IANA time zone" in by_index[8].reason and "Mars/Olympus" in by_index[8].reason
+    assert "no time zone" in by_index[9].reason
+    assert "expected a map" in by_index[10].reason
+
+
+def test_personal_identifiers_never_appear_in_dead_letters() -> None:
+    _, letters = _check([{"event_id": 1, "customer_id": ["+4915112345"], "kind": "usage", "ts": 1}])
+    assert letters and "+4915112345" not in str(letters[0]) and letters[0].value == "<withheld>"
+
+
+def test_text_event_ids_hash_to_the_same_id_everywhere() -> None:
+    rows = [{"event_id": "abc", "customer_id": "a", "kind": "checkout", "ts": 1}]
+    first, _ = _check(rows)
+    again, _ = _check(rows)
+    assert first.column("event_id").to_pylist() == again.column("event_id").to_pylist()

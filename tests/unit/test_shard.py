@@ -1,0 +1,178 @@
+"""Shard behaviour a user relies on, through the one-process engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.config import EngineSettings
+from engine.errors import StateError
+from engine.local import LocalEngine
+from engine.rules.spec import parse_rules_text
+from engine.state.snapshot import read_snapshot, write_snapshot
+from tests.conftest import ms
+
+PROFILE = {
+    "plan_data_cap_mb": 1000.0,
+    "cycle_day": 5,
+    "home_lat": 52.52,
+    "home_lon": 13.405,
+    "tz": "Europe/Berlin",
+}
+
+
+def run(settings, rules, rows):
+    engine = LocalEngine(settings, rules)
+    letters = engine.submit_rows(rows)
+    engine.flush()
+    return engine, engine.trigger_table().to_pylist(), letters
+
+
+def fired(triggers, rule):
+    return [t["event_id"] for t in triggers if t["rule_id"] == rule]
+
+
+def test_threshold_fires_once_per_cycle_and_again_after_the_cycle_day(
+    settings, rules, event
+) -> None:
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("usage", "c", ms(2026, 3, 2), mb=700.0),
+        event("usage", "c", ms(2026, 3, 3), mb=100.0),  # 80 %: fires
+        event("usage", "c", ms(2026, 3, 4), mb=300.0),  # 110 %: same cycle, silent
+        event("usage", "c", ms(2026, 3, 4, 22, 59), mb=1.0),  # 23:59 Berlin, 4 March: same cycle
+        event("usage", "c", ms(2026, 3, 4, 23, 30), mb=900.0),  # 00:30 Berlin, 5 March: new cycle
+    ]
+    _, triggers, _ = run(settings, rules, rows)
+    assert fired(triggers, "data_cap_nearing") == [3, 6]
+    first = dict(next(t for t in triggers if t["event_id"] == 3)["values"])
+    assert first["pct_of_cap"] == pytest.approx(80.0)
+    assert first["days_left"] == pytest.approx(1 + 23 / 24, abs=1e-6)  # 3 Mar 01:00 -> 5 Mar 00:00
+
+
+def test_location_rule_fires_beyond_100_km_at_most_once_per_24h(settings, rules, event) -> None:
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("location", "c", ms(2026, 3, 2, 8), lat=52.4, lon=13.1),  # Potsdam, near home
+        event("location", "c", ms(2026, 3, 2, 9), lat=48.137, lon=11.575),  # Munich: fires
+        event("location", "c", ms(2026, 3, 2, 20), lat=48.2, lon=11.6),  # within 24 h: silent
+        event("location", "c", ms(2026, 3, 3, 9), lat=48.2, lon=11.6),  # exactly 24 h: fires
+    ]
+    _, triggers, _ = run(settings, rules, rows)
+    assert fired(triggers, "away_from_home") == [3, 5]
+    assert dict(triggers[0]["values"])["distance_km"] == pytest.approx(504.4, abs=1.0)
+
+
+def test_duplicates_apply_once_and_late_events_are_dead_lettered(settings, rules, event) -> None:
+    usage = event("usage", "c", ms(2026, 3, 2), mb=500.0)
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        usage,
+        dict(usage),
+        event("usage", "c", ms(2026, 3, 3), mb=10.0),
+        event("usage", "c", ms(2026, 3, 2, 23), mb=5.0),
+    ]  # an hour older than the newest: late
+    engine, triggers, letters = run(settings, rules, rows)
+    assert [d.index for d in letters] == [4] and letters[0].reason.startswith("late")
+    key = engine.ingestor.pseudonymizer.key_of("c")
+    record = next(r for s in engine.shards if (r := s.customer(key)) is not None)
+    assert record["cycle_usage_mb"] == 510.0 and record["event_count"] == 3
+    assert sum(s.counters["duplicates"] for s in engine.shards) == 1
+    assert triggers == []
+
+
+def test_out_of_order_events_within_lateness_are_applied_in_event_time_order(
+    settings, event
+) -> None:
+    rules = parse_rules_text("""
+rules:
+  - {id: first_big, type: threshold, on: usage, value: cycle_usage_mb, threshold: 100,
+     emit: {mb: mb}}
+""")
+    rows = [
+        event("usage", "c", ms(2026, 3, 2, 12, 0, 30), mb=60.0),
+        event("usage", "c", ms(2026, 3, 2, 12, 0, 0), mb=50.0),
+    ]  # 30 s older: on time
+    _, triggers, letters = run(settings, rules, rows)
+    assert letters == []
+    assert [dict(t["values"])["mb"] for t in triggers] == [60.0]  # 50 first, then 60 crosses 100
+
+
+def test_overage_counts_only_cycles_strictly_over_the_cap(settings, event) -> None:
+    rules = parse_rules_text("""
+rules:
+  - {id: over, type: condition, on: checkout, when: "overage_cycles >= 0",
+     emit: {n: overage_cycles}}
+""")
+    rows = [
+        event("profile_update", "c", ms(2026, 1, 1), **PROFILE),
+        event("usage", "c", ms(2026, 1, 10), mb=1000.0),  # exactly the cap: not over
+        event("usage", "c", ms(2026, 2, 10), mb=1000.5),  # over
+        event("checkout", "c", ms(2026, 3, 10)),
+    ]
+    _, triggers, _ = run(settings, rules, rows)
+    assert dict(triggers[0]["values"])["n"] == 1.0
+
+
+def test_replacing_rules_keeps_state_of_kept_rules(settings, rules, event) -> None:
+    engine = LocalEngine(settings, rules)
+    engine.submit_rows(
+        [
+            event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+            event("usage", "c", ms(2026, 3, 2), mb=900.0),
+        ]
+    )
+    engine.flush()
+    assert len(engine.trigger_table()) == 1
+    only_cap = parse_rules_text(
+        "rules:\n  - {id: data_cap_nearing, type: threshold, on: usage, "
+        "value: cycle_usage_mb, threshold: 0.8 * plan_data_cap_mb}"
+    )
+    engine.set_rules(only_cap)
+    engine.submit_rows([event("usage", "c", ms(2026, 3, 3), mb=50.0)])
+    engine.flush()
+    assert len(engine.trigger_table()) == 1  # same cycle, already fired: state survived the swap
+
+
+def test_snapshot_round_trips_state_pending_events_and_seen_ids(tmp_path, rules, event) -> None:
+    settings = EngineSettings(shards=1, allowed_lateness_s=3600, dedupe_window_s=7200)
+    engine = LocalEngine(settings, rules)
+    first = event("usage", "c", ms(2026, 3, 2, 10), mb=700.0)
+    engine.submit_rows(
+        [
+            event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+            first,
+            event("usage", "c", ms(2026, 3, 2, 12), mb=50.0),
+        ]
+    )  # held: within lateness
+    shard = engine.shards[0]
+    assert shard.buffer.pending_rows > 0
+    write_snapshot(shard, str(tmp_path / "s0"))
+    restored = read_snapshot(str(tmp_path / "s0"), settings, rules, 0, shard.key_range)
+    before, after = shard.store.to_arrow(), restored.store.to_arrow()
+    assert before.schema.equals(after.schema, check_metadata=True)
+    for name in before.column_names:  # NaN-aware equality, column by column
+        np.testing.assert_array_equal(after.column(name).to_numpy(), before.column(name).to_numpy())
+    assert restored.buffer.pending_rows == shard.buffer.pending_rows
+    engine.shards[0] = restored
+    engine.submit_rows([dict(first), event("usage", "c", ms(2026, 3, 2, 13), mb=60.0)])
+    engine.flush()
+    key = engine.ingestor.pseudonymizer.key_of("c")
+    assert restored.customer(key)["cycle_usage_mb"] == 810.0  # the re-sent event was not doubled
+    assert fired(engine.trigger_table().to_pylist(), "data_cap_nearing") != []
+
+
+def test_restoring_a_snapshot_of_other_key_groups_is_refused(tmp_path, settings, rules) -> None:
+    engine = LocalEngine(settings, rules)
+    write_snapshot(engine.shards[0], str(tmp_path / "s"))
+    with pytest.raises(StateError, match="key groups"):
+        read_snapshot(str(tmp_path / "s"), settings, rules, 1, engine.shards[1].key_range)
+    with pytest.raises(StateError, match="manifest"):
+        read_snapshot(str(tmp_path / "nothing"), settings, rules, 0, engine.shards[0].key_range)
+
+
+def test_state_is_columnar_and_small(settings, rules) -> None:
+    engine = LocalEngine(settings, rules)
+    keys = np.arange(1, 5001, dtype=np.uint64)
+    engine.shards[0].store.slots_for(keys)
+    assert engine.shards[0].store.live_nbytes_per_customer() <= 300
