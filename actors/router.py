@@ -19,6 +19,7 @@ import ray
 
 from engine.clock import Clock, SystemClock
 from engine.events.deadletter import DeadLetter
+from engine.events.schema import compact
 from engine.ingest import Ingestor
 
 
@@ -138,12 +139,12 @@ class Router:
         while len(queue) >= self.settings.max_in_flight_per_shard:
             self._finish(shard, queue.popleft())  # backpressure: wait for the oldest call
         batch: pa.RecordBatch | None = None
-        if buf.parts:
-            batch = (
-                buf.parts[0]
-                if len(buf.parts) == 1
-                else (pa.Table.from_batches(buf.parts).combine_chunks().to_batches()[0])
-            )
+        if len(buf.parts) == 1:
+            batch = compact(buf.parts[0])
+        elif buf.parts:  # parts may carry different columns; absent ones become null
+            tables = [pa.Table.from_batches([p]) for p in buf.parts]
+            merged = pa.concat_tables(tables, promote_options="default").combine_chunks()
+            batch = merged.to_batches()[0]
         opened = buf.opened if buf.parts else self.clock.monotonic()
         self._open[shard] = _Open()
         if final:  # end of stream: release everything still waiting for the watermark

@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from actors.runtime import peak_rss_mb
 from engine.config import EngineSettings
 from engine.rules.spec import parse_rules
 from engine.shard import ApplyResult, ShardLogic
@@ -66,6 +67,7 @@ class ShardActor:
     def stats(self) -> dict[str, Any]:
         store = self.logic.store
         return {
+            "peak_rss_mb": peak_rss_mb(),
             "shard": self.logic.shard_id,
             "customers": store.size,
             "state_bytes": store.nbytes(),

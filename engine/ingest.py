@@ -15,7 +15,13 @@ import pyarrow as pa
 from engine.clock import ms_to_datetime
 from engine.config import EngineSettings
 from engine.events.deadletter import DeadLetter
-from engine.events.schema import PAYLOAD_FIELDS, ROUTED_SCHEMA, TS_TYPE, empty_batch
+from engine.events.schema import (
+    HEADER_NAMES,
+    PAYLOAD_FIELDS,
+    ROUTED_SCHEMA,
+    TS_TYPE,
+    empty_batch,
+)
 from engine.events.validation import conform, kind_codes, validate
 from engine.governance.pseudonym import Pseudonymizer
 from engine.partition import ShardMap, key_groups_of
@@ -96,8 +102,12 @@ class Ingestor:
             pa.array(kind_codes(raw.column("kind"))[take], type=pa.int8()),
             pa.array(ts[take], type=pa.int64()).cast(TS_TYPE),
         ]
-        payload = raw.select(list(PAYLOAD_FIELDS)).take(pa.array(take))
-        routed = pa.RecordBatch.from_arrays([*header, *payload.columns], schema=ROUTED_SCHEMA)
+        indices = pa.array(take)
+        # only columns with values travel: an all-null column would still cost its buffers
+        names = [name for name in PAYLOAD_FIELDS if raw.column(name).null_count < raw.num_rows]
+        payload = [raw.column(name).take(indices) for name in names]
+        schema = pa.schema([ROUTED_SCHEMA.field(n) for n in (*HEADER_NAMES, *names)])
+        routed = pa.RecordBatch.from_arrays([*header, *payload], schema=schema)
         counts = np.bincount(owner, minlength=self.shard_map.shards)
         return IngestResult(routed, letters, counts)
 

@@ -17,13 +17,13 @@ import pyarrow as pa
 
 from engine.config import EngineSettings
 from engine.errors import EngineError
-from engine.events.schema import ROUTED_SCHEMA
+from engine.events.schema import sparse_routed
 from engine.ingest import NO_WATERMARK
 from engine.rules.evaluate import candidates, cooldown, once_per_period, period_of
 from engine.rules.spec import RuleSet
 from engine.state.buffer import EventBuffer, Released
 from engine.state.store import COLUMNS, NEVER, CustomerStore
-from engine.state.view import BatchView
+from engine.state.view import BatchView, RowsView
 from engine.trigger import empty_triggers, trigger_table
 
 #: release everything: used when a stream ends
@@ -97,8 +97,10 @@ class ShardLogic:
         """Queue ``batch``, advance the watermark, apply what it releases, return triggers."""
         received = duplicates = 0
         if batch is not None and batch.num_rows:
-            if not batch.schema.equals(ROUTED_SCHEMA):
-                batch = batch.cast(ROUTED_SCHEMA)
+            try:
+                batch = sparse_routed(batch)
+            except (ValueError, pa.ArrowInvalid) as exc:
+                raise EngineError(f"shard {self.shard_id}: malformed routed batch: {exc}") from exc
             self._check_ownership(batch)
             received = batch.num_rows
             duplicates = self.buffer.add(batch)
@@ -135,7 +137,8 @@ class ShardLogic:
             counts[rule.id] = int(fired_rows.size)
             if fired_rows.size == 0:
                 continue
-            values = {name: e.evaluate(view)[fired_rows] for name, e in rule.emit.items()}
+            fired_ctx = RowsView(view, fired_rows)
+            values = {name: e.evaluate(fired_ctx) for name, e in rule.emit.items()}
             tables.append(
                 trigger_table(
                     rule.id,
@@ -151,7 +154,7 @@ class ShardLogic:
         return ApplyResult(triggers, applied=released.num_rows, triggers_by_rule=counts)
 
     def _fire(self, rule: Any, view: BatchView) -> np.ndarray:
-        rows = np.flatnonzero(candidates(rule, view))
+        rows = candidates(rule, view)
         if rows.size == 0:
             return rows
         state = self.store.rule_state[rule.state_key]

@@ -39,6 +39,11 @@ _RANGES: dict[str, tuple[float, float]] = {
     "tenure_months": (0, 2400),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {"response": RESPONSES, "channel": CONSENT_CHANNELS}
+#: _ALLOWED[field][kind code]: may a kind carry the field
+_ALLOWED: dict[str, np.ndarray] = {
+    field: np.array([field in KIND_SPECS[k].allowed for k in EventKind], dtype=bool)
+    for field in PAYLOAD_FIELDS
+}
 
 
 @lru_cache(maxsize=4096)
@@ -142,11 +147,21 @@ def validate(
     codes = np.where(np.isnan(codes.astype(float)), -1, codes).astype(np.int64)
     flag(codes < 0, "kind", f"field 'kind' = {{value}} is not one of {', '.join(KIND_NAMES)}")
 
-    present = {name: ~_np_bool(batch.column(name).is_null()) for name in PAYLOAD_FIELDS}
-    for kind, spec in KIND_SPECS.items():
-        of_kind = codes == int(kind)
-        if not of_kind.any():
-            continue
+    none_present = np.zeros(n, dtype=bool)
+    present = {
+        name: (
+            none_present
+            if batch.column(name).null_count == n
+            else ~_np_bool(batch.column(name).is_null())
+        )
+        for name in PAYLOAD_FIELDS
+    }
+    in_batch = [name for name in PAYLOAD_FIELDS if batch.column(name).null_count < n]
+    kinds_here = np.unique(codes[codes >= 0])
+    for code in kinds_here.tolist():
+        kind = EventKind(code)
+        spec = KIND_SPECS[kind]
+        of_kind = codes == code
         for field in spec.required:
             flag(
                 of_kind & ~present[field],
@@ -160,19 +175,28 @@ def validate(
                 None,
                 f"a {kind.wire_name} event needs at least one of {', '.join(spec.any_of)}",
             )
-        for field in sorted(set(PAYLOAD_FIELDS) - spec.allowed):
-            flag(
-                of_kind & present[field],
-                field,
-                f"field '{field}' = {{value}} is not allowed on a {kind.wire_name} event",
-            )
+    safe_codes = np.maximum(codes, 0)
+    for field in in_batch:  # a field present on a kind that does not carry it
+        wrong = present[field] & ~_ALLOWED[field][safe_codes] & (codes >= 0)
+        if wrong.any():
+            for code in np.unique(codes[wrong]).tolist():
+                flag(
+                    wrong & (codes == code),
+                    field,
+                    f"field '{field}' = {{value}} is not allowed on a "
+                    f"{EventKind(code).wire_name} event",
+                )
 
     for field, (lo, hi) in _RANGES.items():
+        if field not in in_batch:
+            continue
         values = batch.column(field).to_numpy(zero_copy_only=False).astype(np.float64)
         with np.errstate(invalid="ignore"):
             out = present[field] & ~((values >= lo) & (values <= hi))
         flag(out, field, f"field '{field}' = {{value}} is out of range [{lo:g}, {hi:g}]")
     for field, choices in _CHOICES.items():
+        if field not in in_batch:
+            continue
         ok = _np_bool(pc.is_in(batch.column(field), value_set=pa.array(choices)))
         flag(
             present[field] & ~ok,

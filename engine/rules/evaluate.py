@@ -15,20 +15,25 @@ from __future__ import annotations
 import numpy as np
 
 from engine.rules.spec import CompiledRule
-from engine.state.view import BatchView
+from engine.state.view import BatchView, RowsView
 
 
 def candidates(rule: CompiledRule, view: BatchView) -> np.ndarray:
-    """Rows where the rule's event kinds and condition hold (before once-per/cooldown)."""
-    mask = np.isin(view.kind, np.array([int(k) for k in rule.kinds], dtype=np.int8))
-    if not mask.any():
-        return mask
+    """Row numbers where the rule's event kinds and conditions hold (before once-per/cooldown).
+
+    Conditions are evaluated on the rows of the rule's kinds only.
+    """
+    rows = np.flatnonzero(np.isin(view.kind, np.array([int(k) for k in rule.kinds], dtype=np.int8)))
+    if rows.size == 0:
+        return rows
+    ctx = RowsView(view, rows)
+    keep = np.ones(rows.size, dtype=bool)
     if rule.when is not None:
-        mask &= np.asarray(rule.when.evaluate(view), dtype=bool)
+        keep &= np.asarray(rule.when.evaluate(ctx), dtype=bool)
     if rule.value is not None and rule.threshold is not None:
         with np.errstate(invalid="ignore"):
-            mask &= rule.value.evaluate(view) >= rule.threshold.evaluate(view)
-    return mask
+            keep &= rule.value.evaluate(ctx) >= rule.threshold.evaluate(ctx)
+    return rows[keep]
 
 
 def once_per_period(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from engine.events.schema import ROUTED_SCHEMA
+from engine.events.schema import ROUTED_SCHEMA, full_routed
 
 _MAX_CHUNKS = 16
 
@@ -87,7 +87,10 @@ class EventBuffer:
         """Pending events with event time <= watermark, in arrival order; they leave the buffer."""
         if not self._pending:
             return Released(ROUTED_SCHEMA.empty_table(), np.zeros(0, dtype=np.int64))
-        table = pa.Table.from_batches([b for b, _ in self._pending], schema=ROUTED_SCHEMA)
+        tables = [pa.Table.from_batches([b]) for b, _ in self._pending]
+        table = (
+            tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+        )
         alive = np.concatenate(
             [np.ones(b.num_rows, dtype=bool) if a is None else a for b, a in self._pending]
         )
@@ -110,8 +113,11 @@ class EventBuffer:
 
     def to_arrow(self) -> tuple[pa.Table, pa.Table]:
         """(pending events, seen ids) for a snapshot."""
-        batches = [b if a is None else b.filter(pa.array(a)) for b, a in self._pending]
-        pending = pa.Table.from_batches(batches, schema=ROUTED_SCHEMA)
+        tables = [
+            full_routed(pa.Table.from_batches([b if a is None else b.filter(pa.array(a))]))
+            for b, a in self._pending
+        ]
+        pending = pa.concat_tables(tables) if tables else ROUTED_SCHEMA.empty_table()
         ids = [c for c, _ in self._seen]
         newest = [np.full(c.size, t, dtype=np.int64) for c, t in self._seen]
         seen = pa.table(

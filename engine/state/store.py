@@ -74,9 +74,12 @@ class StringPool:
         self._ids = {v: i for i, v in enumerate(self.values)}
 
     def ids_of(self, strings: list[str | None]) -> np.ndarray:
-        out = np.empty(len(strings), dtype=np.int16)
-        for i, s in enumerate(strings):
-            key = "" if s is None else s
+        """Ids of ``strings`` (None counts as ''), interning new ones; one lookup per distinct."""
+        distinct, inverse = np.unique(
+            np.array(["" if s is None else s for s in strings], dtype=object), return_inverse=True
+        )
+        ids = np.empty(len(distinct), dtype=np.int16)
+        for i, key in enumerate(distinct.tolist()):
             found = self._ids.get(key)
             if found is None:
                 if len(self.values) >= np.iinfo(np.int16).max:
@@ -84,8 +87,8 @@ class StringPool:
                 found = len(self.values)
                 self.values.append(key)
                 self._ids[key] = found
-            out[i] = found
-        return out
+            ids[i] = found
+        return ids[inverse.reshape(-1)]
 
     def strings_of(self, ids: np.ndarray) -> np.ndarray:
         table = np.array(self.values, dtype=object)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.calendar import billing_cycle, days_left, local_day, local_hour, local_ms
-from engine.events.schema import CHANNELS, EventKind
+from engine.events.schema import CHANNELS, ROUTED_SCHEMA, EventKind
 from engine.state.store import PROFILE_COLUMNS, STRING_COLUMNS, CustomerStore
 
 _STRING_EVENT_FIELDS = ("item", "page", "offer_id", "response", "channel", "purpose")
@@ -25,11 +25,30 @@ CHANNEL_BITS = {name: 1 << i for i, name in enumerate(CHANNELS)}
 ALL_CHANNELS = (1 << len(CHANNELS)) - 1
 
 
+def _nulls(name: str, size: int) -> np.ndarray:
+    typ = ROUTED_SCHEMA.field(name).type
+    if pa.types.is_floating(typ):
+        return np.full(size, np.nan)
+    return np.full(size, None, dtype=object)
+
+
 def segmented_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Running sum of ``values`` that restarts at every row where ``starts`` is true."""
     total = np.cumsum(values)
     first = np.maximum.accumulate(np.where(starts, np.arange(values.size), 0))
     return total - (total[first] - values[first])
+
+
+class RowsView:
+    """The rows ``rows`` of a BatchView, as an expression Context of their own."""
+
+    def __init__(self, view: BatchView, rows: np.ndarray) -> None:
+        self.view = view
+        self.rows = rows
+        self.size = int(rows.size)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.view.column(name)[self.rows]
 
 
 class BatchView:
@@ -62,6 +81,10 @@ class BatchView:
         key = f"@raw:{name}"
         cached = self._cache.get(key)
         if cached is None:
+            if name not in self.table.column_names:  # left out of the batch: null everywhere
+                cached = _nulls(name, self.size)
+                self._cache[key] = cached
+                return cached
             column = self.table.column(name)
             if name == "ts":
                 column = column.cast(pa.int64())
@@ -71,6 +94,8 @@ class BatchView:
 
     def arrow(self, name: str, rows: np.ndarray) -> pa.Array | pa.ChunkedArray:
         """A table column's values at view rows ``rows``, as Arrow."""
+        if name not in self.table.column_names:
+            return pa.nulls(rows.size, ROUTED_SCHEMA.field(name).type)
         return self.table.column(name).take(pa.array(self.order[rows]))
 
     # -- the expression Context -------------------------------------------------------------
@@ -129,13 +154,21 @@ class BatchView:
             return has, values
         col = col.filter(pa.array(present))
         if name in STRING_COLUMNS:
-            strings = col.to_pylist()
-            values[rows] = self.store.strings.ids_of(strings)
+            encoded = pc.dictionary_encode(col)
+            if isinstance(encoded, pa.ChunkedArray):
+                encoded = encoded.combine_chunks()
+            pool_ids = self.store.strings.ids_of(encoded.dictionary.to_pylist())
+            values[rows] = pool_ids[encoded.indices.to_numpy(zero_copy_only=False)]
         elif name == "channels":
-            sub = col
-            flat = pc.list_flatten(sub).to_pylist()
-            parent = pc.list_parent_indices(sub).to_numpy()
-            bits = np.array([CHANNEL_BITS.get(c, 0) for c in flat], dtype=np.uint8)
+            flat = pc.list_flatten(col)
+            parent = pc.list_parent_indices(col).to_numpy()
+            encoded = pc.dictionary_encode(flat)
+            if isinstance(encoded, pa.ChunkedArray):
+                encoded = encoded.combine_chunks()
+            bit_of = np.array(
+                [CHANNEL_BITS.get(c, 0) for c in encoded.dictionary.to_pylist()], dtype=np.uint8
+            )
+            bits = bit_of[encoded.indices.to_numpy(zero_copy_only=False)]
             mask = np.zeros(rows.size, dtype=np.uint8)
             np.bitwise_or.at(mask, parent, bits)
             values[rows] = mask

@@ -106,3 +106,17 @@ def test_text_event_ids_hash_to_the_same_id_everywhere() -> None:
     first, _ = _check(rows)
     again, _ = _check(rows)
     assert first.column("event_id").to_pylist() == again.column("event_id").to_pylist()
+
+
+def test_compact_copies_slices_that_hold_a_larger_parent() -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from engine.events.schema import compact
+
+    big = pa.RecordBatch.from_pydict({"x": np.arange(100_000, dtype=np.int64)})
+    part = compact(big.slice(10, 1000))
+    assert part.get_total_buffer_size() <= 8 * 1000 + 64
+    assert part.column("x").to_pylist() == list(range(10, 1010))
+    whole = compact(big)
+    assert whole is big
