@@ -18,9 +18,10 @@ import pyarrow as pa
 import ray
 
 from engine.clock import Clock, SystemClock
-from engine.events.deadletter import DeadLetter
+from engine.events.deadletter import DeadLetter, dead_letter_table
 from engine.events.schema import compact
 from engine.ingest import Ingestor
+from engine.sink import ParquetSink
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Router:
         shards: list[Any],
         sink: Any | None = None,
         clock: Clock | None = None,
+        dead_letter_sink: ParquetSink | None = None,
     ) -> None:
         self.ingestor = ingestor
         self.settings = ingestor.settings
@@ -86,8 +88,10 @@ class Router:
         self._open = [_Open() for _ in shards]
         self._in_flight: list[deque[_InFlight]] = [deque() for _ in shards]
         self.stats = RouterStats()
+        #: the first dead letters, for display; all of them go to ``dead_letter_sink``
         self.dead_letters: list[DeadLetter] = []
-        self._keep_dead_letters = 10_000
+        self._keep_dead_letters = 1_000
+        self.dead_letter_sink = dead_letter_sink
 
     # -- input --------------------------------------------------------------------------------
     def submit(
@@ -114,6 +118,10 @@ class Router:
         self._harvest(block=False)
         return result.dead_letters
 
+    def reject(self, letters: list[DeadLetter]) -> None:
+        """Dead-letter events rejected before ingest (unreadable lines of a file, say)."""
+        self._record_rejects(letters)
+
     def _record_rejects(self, letters: list[DeadLetter]) -> None:
         self.stats.rejected += len(letters)
         for letter in letters:
@@ -121,6 +129,8 @@ class Router:
         room = self._keep_dead_letters - len(self.dead_letters)
         if room > 0:
             self.dead_letters.extend(letters[:room])
+        if letters and self.dead_letter_sink is not None:
+            self.dead_letter_sink.write(dead_letter_table(letters))
 
     def poll(self) -> None:
         """Send micro-batches whose deadline has passed; collect finished calls."""
@@ -188,6 +198,8 @@ class Router:
         for shard in range(len(self.shards)):
             self._send(shard, final=True)
         self._harvest(block=True)
+        if self.dead_letter_sink is not None:
+            self.dead_letter_sink.flush()
         if self.sink is not None:
             return dict(ray.get(self.sink.flush.remote()))
         return {}

@@ -27,6 +27,7 @@ def init_ray(
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         ray.init(
+            address="local",  # embedded: a cluster of our own, never someone else's
             num_cpus=num_cpus,
             object_store_memory=object_store_mb << 20,
             include_dashboard=dashboard,

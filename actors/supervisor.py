@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import ray
 
 from actors.router import Router
@@ -15,6 +16,7 @@ from actors.sink import TriggerSinkActor
 from engine.config import EngineSettings
 from engine.ingest import Ingestor
 from engine.rules.spec import RuleSet, parse_rules
+from engine.sink import ParquetSink
 
 
 class Supervisor:
@@ -27,6 +29,7 @@ class Supervisor:
         trigger_uri: str | None = None,
         shard_cpus: float = 0.5,
         namespace_prefix: str = "kairos",
+        dead_letter_uri: str | None = None,
     ) -> None:
         self.settings = settings
         self.rules = rules
@@ -43,7 +46,8 @@ class Supervisor:
             self.sink = TriggerSinkActor.options(
                 num_cpus=0.1, name=f"{namespace_prefix}-sink"
             ).remote(trigger_uri)
-        self.router = Router(self.ingestor, self.shards, self.sink)
+        dead = ParquetSink(dead_letter_uri, prefix="dead") if dead_letter_uri else None
+        self.router = Router(self.ingestor, self.shards, self.sink, dead_letter_sink=dead)
 
     def set_rules(self, document: dict[str, Any], source: str = "rules") -> RuleSet:
         """Validate then swap the rules on every shard between micro-batches; state is kept.
@@ -61,8 +65,6 @@ class Supervisor:
 
     def customer(self, customer_id: str) -> dict[str, Any] | None:
         """The golden record of a customer, by external identifier, from its owning shard."""
-        import numpy as np
-
         key = self.ingestor.pseudonymizer.key_of(customer_id)
         owner = int(self.ingestor.shard_map.shard_of_keys(np.array([key], dtype=np.uint64))[0])
         return ray.get(self.shards[owner].customer.remote(key))  # type: ignore[no-any-return]

@@ -171,7 +171,8 @@ def events(
     # arrival: most events on time, some a few seconds late, a few beyond the allowed lateness
     delay = np.where(rng.random(n) < 0.05, rng.integers(0, lateness_ms, n), 0)
     too_late = rng.random(n) < late_share
-    delay[too_late] = lateness_ms * 3 + rng.integers(0, lateness_ms, too_late.sum())
+    # too late for any sensible allowed lateness: 5 to 15 minutes behind
+    delay[too_late] = 300_000 + rng.integers(0, 600_000, too_late.sum())
     order = np.argsort(ts + delay, kind="stable")
 
     ids = rng.integers(1, 2**63, size=n_cust + n, dtype=np.int64).astype(np.uint64)

@@ -1,0 +1,95 @@
+"""The `kairos` command as a user runs it, in a subprocess with its own embedded Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+KAIROS = [sys.executable, "-m", "deploy.cli"]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "COLUMNS": "120"}
+
+
+def kairos(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*KAIROS, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300, check=False
+    )
+
+
+@pytest.mark.slow
+def test_demo_generates_data_replays_it_and_summarizes_triggers(tmp_path) -> None:
+    done = kairos(
+        "demo", "--customers", "2000", "--events", "30000", "--out", str(tmp_path), cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Kairos replay summary" in done.stdout
+    assert "data_cap_nearing" in done.stdout and "away_from_home" in done.stdout
+    triggers = pq.read_table(str(tmp_path / "triggers"))
+    assert triggers.num_rows > 0
+    assert set(triggers.column("rule_id").to_pylist()) == {"data_cap_nearing", "away_from_home"}
+
+
+@pytest.mark.slow
+def test_replay_of_ndjson_dead_letters_bad_lines_and_applies_the_rest(tmp_path) -> None:
+    lines = [
+        {
+            "event_id": 1,
+            "customer_id": "+4915100000001",
+            "kind": "profile_update",
+            "ts": "2026-03-01T00:00:00Z",
+            "plan_data_cap_mb": 1000,
+            "cycle_day": 1,
+            "home_lat": 52.52,
+            "home_lon": 13.4,
+            "tz": "Europe/Berlin",
+        },
+        {
+            "event_id": 2,
+            "customer_id": "+4915100000001",
+            "kind": "usage",
+            "ts": "2026-03-02T00:00:00Z",
+            "mb": 850,
+        },
+        {
+            "event_id": 3,
+            "customer_id": "+4915100000001",
+            "kind": "location",
+            "ts": "2026-03-02T01:00:00Z",
+            "lat": 95.0,
+            "lon": 13.4,
+        },
+    ]
+    path = tmp_path / "events.ndjson"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    done = kairos(
+        "replay", str(path), "--shards", "1", "--out", str(tmp_path / "out"), cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"dead-lettered\s+2 ", done.stdout), done.stdout
+    triggers = pq.read_table(str(tmp_path / "out" / "triggers"))
+    assert triggers.column("rule_id").to_pylist() == ["data_cap_nearing"]
+    dead = pq.read_table(str(tmp_path / "out" / "dead-letters")).to_pylist()
+    reasons = sorted(d["reason"] for d in dead)
+    assert any("'lat' = 95.0 is out of range" in r for r in reasons)
+    assert any(r.startswith("line 4: not valid JSON") for r in reasons)
+    assert {d["index"] for d in dead} == {3, 4}  # the lines of the file, counted from 1
+    assert "+4915100000001" not in json.dumps(dead)
+
+
+def test_rules_check_reports_problems_in_one_line_each_and_fails(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - {id: r1, type: condition, on: usage, when: 'mb >'}\n")
+    done = kairos("rules", "check", str(bad), cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"error: {bad}: rule 'r1': field 'when': syntax error" in done.stderr
+    assert "Traceback" not in done.stderr
+    ok = kairos(
+        "rules", "check", str(Path(__file__).parents[2] / "deploy/config/rules.yaml"), cwd=tmp_path
+    )
+    assert ok.returncode == 0 and "2 rules OK" in ok.stdout

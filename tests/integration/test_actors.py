@@ -1,0 +1,125 @@
+"""The engine on a real local Ray: actors give exactly what the one-process engine gives."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from actors.supervisor import Supervisor
+from engine.config import EngineSettings
+from engine.errors import RuleError
+from engine.local import LocalEngine
+from engine.rules.spec import parse_rules_text
+from engine.synthetic.telco import events, population
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return events(population(3_000, seed=3), 40_000, days=30, seed=3)
+
+
+def _keys(table):
+    return sorted(
+        zip(table.column("rule_id").to_pylist(), table.column("event_id").to_pylist(), strict=True)
+    )
+
+
+def _replay(supervisor, table, chunk=7_000):
+    for start in range(0, table.num_rows, chunk):
+        supervisor.router.submit(table.slice(start, chunk))
+    return supervisor.router.flush()
+
+
+def test_actors_give_the_same_triggers_as_the_local_engine_with_1_and_4_shards(
+    ray_cluster, stream, rules, tmp_path
+) -> None:
+    local = LocalEngine(EngineSettings(shards=1, allowed_lateness_s=10), rules)
+    for start in range(0, stream.num_rows, 5_000):
+        local.submit(stream.slice(start, 5_000))
+    local.flush()
+    want = _keys(local.trigger_table())
+    assert len(want) > 100
+    for shards in (1, 4):
+        settings = EngineSettings(
+            shards=shards, allowed_lateness_s=10, micro_batch_max_events=2_000
+        )
+        sup = Supervisor(
+            settings,
+            rules,
+            trigger_uri=str(tmp_path / f"t{shards}"),
+            shard_cpus=0.25,
+            namespace_prefix=f"it-{shards}",
+            dead_letter_uri=str(tmp_path / f"d{shards}"),
+        )
+        try:
+            written = _replay(sup, stream)
+            got = pq.read_table(written["files"]).combine_chunks() if written["files"] else None
+            assert got is not None and _keys(got) == want
+            assert sup.router.stats.micro_batches > shards  # many micro-batches, not one call
+            assert sup.router.stats.rejected == len(local.dead_letters)
+            dead = pq.read_table(sup.router.dead_letter_sink.files)
+            assert dead.num_rows == sup.router.stats.rejected > 0
+            assert all(r.startswith("late") for r in dead.column("reason").to_pylist())
+        finally:
+            sup.shutdown()
+
+
+def test_rules_are_replaced_while_running_and_a_bad_document_changes_nothing(
+    ray_cluster, stream, rules
+) -> None:
+    sup = Supervisor(
+        EngineSettings(shards=2, allowed_lateness_s=10),
+        rules,
+        shard_cpus=0.25,
+        namespace_prefix="it-swap",
+    )
+    try:
+        half = stream.num_rows // 2
+        sup.router.submit(stream.slice(0, half))
+        with pytest.raises(RuleError, match="unknown name 'nope'"):
+            sup.set_rules(
+                {"rules": [{"id": "x", "type": "condition", "on": "usage", "when": "nope"}]}
+            )
+        assert sup.rules is rules
+        extra = parse_rules_text("""
+rules:
+  - {id: data_cap_nearing, type: threshold, on: usage, value: cycle_usage_mb,
+     threshold: 0.8 * plan_data_cap_mb}
+  - {id: big_session, type: condition, on: usage, when: mb > 1500}
+""").document
+        sup.set_rules(dict(extra))
+        sup.router.submit(stream.slice(half))
+        sup.router.flush()
+        by_rule = sup.router.stats.triggers_by_rule
+        assert by_rule["big_session"] > 0 and by_rule["data_cap_nearing"] > 0
+        stats = sup.shard_stats()
+        assert sum(s["applied"] for s in stats) == sup.router.stats.applied
+    finally:
+        sup.shutdown()
+
+
+def test_customer_record_is_read_from_its_owning_shard_and_snapshots_restore(
+    ray_cluster, stream, rules, tmp_path
+) -> None:
+    settings = EngineSettings(shards=2, allowed_lateness_s=10)
+    sup = Supervisor(settings, rules, shard_cpus=0.25, namespace_prefix="it-snap")
+    try:
+        _replay(sup, stream)
+        someone = stream.column("customer_id")[0].as_py()
+        record = sup.customer(someone)
+        assert record is not None and record["event_count"] >= 1
+        assert record["plan_data_cap_mb"] > 0 and record["tz"].startswith("Europe/")
+        assert sup.customer("+490000000000") is None
+        paths = sup.snapshot(str(tmp_path / "snap"))
+        assert len(paths) == 2
+        before = sup.shard_stats()
+    finally:
+        sup.shutdown()
+    fresh = Supervisor(settings, rules, shard_cpus=0.25, namespace_prefix="it-restore")
+    try:
+        assert fresh.restore(str(tmp_path / "snap")) == sum(s["customers"] for s in before)
+        assert fresh.customer(someone) == record
+    finally:
+        fresh.shutdown()
