@@ -24,7 +24,7 @@ class EngineSettings(BaseSettings):
         3600.0, ge=0, description="Event-time span over which duplicate event ids are detected."
     )
     micro_batch_max_events: int = Field(
-        32768, ge=1, description="A micro-batch closes at this size."
+        65536, ge=1, description="A micro-batch closes at this size."
     )
     micro_batch_deadline_ms: float = Field(
         5.0, gt=0, description="... or this long after it opened."

@@ -45,8 +45,8 @@ def parquet_bytes(customers: int, total: int, seed: int) -> bytes:
     return sink.getvalue()
 
 
-def run(data: bytes, shards: int, batch: int, out_dir: str) -> dict[str, object]:
-    settings = EngineSettings(shards=shards, allowed_lateness_s=10)
+def run(data: bytes, shards: int, batch: int, out_dir: str, micro: int) -> dict[str, object]:
+    settings = EngineSettings(shards=shards, allowed_lateness_s=10, micro_batch_max_events=micro)
     rules = load_rules(RULES)
     supervisor = Supervisor(
         settings,
@@ -101,6 +101,12 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[2])
     parser.add_argument("--batch", type=int, default=100_000, help="rows per router submit")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=EngineSettings().micro_batch_max_events,
+        help="max events per shard call",
+    )
     args = parser.parse_args()
     data = parquet_bytes(args.customers, args.events, args.seed)
     init_ray(num_cpus=max(2, *args.shards), object_store_mb=2048)
@@ -116,7 +122,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as out_dir:
         for shards in args.shards:
-            print(json.dumps(run(data, shards, args.batch, out_dir)), flush=True)
+            print(json.dumps(run(data, shards, args.batch, out_dir, args.micro_batch)), flush=True)
     ray.shutdown()
 
 

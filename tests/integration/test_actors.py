@@ -123,3 +123,41 @@ def test_customer_record_is_read_from_its_owning_shard_and_snapshots_restore(
         assert fresh.customer(someone) == record
     finally:
         fresh.shutdown()
+
+
+def test_a_micro_batch_closes_on_its_deadline_and_calls_in_flight_stay_bounded(
+    ray_cluster, stream, rules
+) -> None:
+    from engine.clock import ManualClock
+
+    settings = EngineSettings(
+        shards=2,
+        allowed_lateness_s=10,
+        micro_batch_max_events=50_000,
+        micro_batch_deadline_ms=5,
+        max_in_flight_per_shard=1,
+    )
+    sup = Supervisor(settings, rules, shard_cpus=0.25, namespace_prefix="it-deadline")
+    clock = ManualClock()
+    sup.router.clock = clock
+    try:
+        sup.router.submit(stream.slice(0, 1_000))  # far below the size limit: stays open
+        assert sum(len(q) for q in sup.router._in_flight) == 0
+        clock.advance(0.004)
+        sup.router.poll()
+        assert sum(len(q) for q in sup.router._in_flight) == 0  # 4 ms: still open
+        clock.advance(0.002)
+        sup.router.poll()
+        assert sum(len(q) for q in sup.router._in_flight) + sup.router.stats.micro_batches == 2
+        for start in range(1_000, 20_000, 1_000):  # one call in flight per shard, never more
+            sup.router.submit(stream.slice(start, 1_000))
+            clock.advance(0.01)
+            sup.router.poll()
+            assert all(len(q) <= 1 for q in sup.router._in_flight)
+        sup.router.flush()
+        assert (
+            sup.router.stats.applied + sup.router.stats.rejected + sup.router.stats.duplicates
+            == 20_000
+        )
+    finally:
+        sup.shutdown()
