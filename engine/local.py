@@ -13,6 +13,9 @@ from typing import Any
 import pyarrow as pa
 
 from engine.config import EngineSettings
+from engine.decision.catalog import Catalog
+from engine.decision.log import DECISION_SCHEMA
+from engine.decision.scorer import OfferScorer
 from engine.events.codec import rows_to_batch
 from engine.events.deadletter import DeadLetter
 from engine.ingest import Ingestor
@@ -24,14 +27,21 @@ from engine.trigger import TRIGGER_SCHEMA
 class LocalEngine:
     """Ingestor plus one ShardLogic per shard, driven synchronously."""
 
-    def __init__(self, settings: EngineSettings, rules: RuleSet) -> None:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        rules: RuleSet,
+        catalog: Catalog | None = None,
+        scorer: OfferScorer | None = None,
+    ) -> None:
         self.settings = settings
         self.ingestor = Ingestor(settings)
         self.shards = [
-            ShardLogic(i, settings, rules, self.ingestor.shard_map.range_of(i))
+            ShardLogic(i, settings, rules, self.ingestor.shard_map.range_of(i), catalog, scorer)
             for i in range(settings.shards)
         ]
         self.triggers: list[pa.Table] = []
+        self.decisions: list[pa.Table] = []
         self.dead_letters: list[DeadLetter] = []
 
     def submit(self, batch: pa.RecordBatch | pa.Table) -> list[DeadLetter]:
@@ -64,9 +74,22 @@ class LocalEngine:
         for shard in self.shards:
             shard.set_rules(rules)
 
+    def set_catalog(self, catalog: Catalog | None, scorer: OfferScorer | None = None) -> None:
+        for shard in self.shards:
+            shard.set_catalog(catalog, scorer)
+
     def _collect(self, result: ApplyResult) -> None:
         if result.triggers.num_rows:
             self.triggers.append(result.triggers)
+        if result.decisions.num_rows:
+            self.decisions.append(result.decisions)
+
+    def decision_table(self) -> pa.Table:
+        """Every decision so far, sorted by (event time, decision id)."""
+        if not self.decisions:
+            return DECISION_SCHEMA.empty_table()
+        table = pa.concat_tables(self.decisions)
+        return table.sort_by([("ts", "ascending"), ("decision_id", "ascending")])
 
     def trigger_table(self) -> pa.Table:
         """Every trigger so far, sorted by (event time, arrival, rule)."""

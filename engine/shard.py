@@ -16,6 +16,10 @@ import numpy as np
 import pyarrow as pa
 
 from engine.config import EngineSettings
+from engine.decision.catalog import Catalog
+from engine.decision.decider import Decider
+from engine.decision.log import empty_decisions
+from engine.decision.scorer import OfferScorer
 from engine.errors import EngineError
 from engine.events.schema import sparse_routed
 from engine.ingest import NO_WATERMARK
@@ -36,6 +40,7 @@ class ApplyResult:
     """What one micro-batch did."""
 
     triggers: pa.Table
+    decisions: pa.Table = field(default_factory=empty_decisions)
     received: int = 0
     applied: int = 0
     duplicates: int = 0
@@ -63,6 +68,8 @@ class ShardLogic:
         settings: EngineSettings,
         rules: RuleSet,
         key_range: tuple[int, int] | None = None,
+        catalog: Catalog | None = None,
+        scorer: OfferScorer | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.settings = settings
@@ -77,12 +84,33 @@ class ShardLogic:
             "applied": 0,
             "duplicates": 0,
             "triggers": 0,
+            "decisions": 0,
+            "delivered": 0,
         }
+        self.decider: Decider | None = None
+        if catalog is not None:
+            self.set_catalog(catalog, scorer)
 
     def set_rules(self, rules: RuleSet) -> None:
         """Swap the rule set; state of rules kept (same id and type) carries over."""
         self.store.ensure_rules([r.state_key for r in rules.rules])
         self.rules = rules
+
+    def set_catalog(self, catalog: Catalog | None, scorer: OfferScorer | None = None) -> None:
+        """Swap the offer catalog (None: no decisions); contact history carries over."""
+        if catalog is None:
+            self.decider = None
+            return
+        if scorer is None:
+            if self.decider is None:
+                raise EngineError("decisions need a scorer: pass one with the first catalog")
+            scorer = self.decider.scorer
+        self.decider = Decider(catalog, scorer, self.store)
+
+    def set_scorer(self, scorer: OfferScorer) -> None:
+        if self.decider is None:
+            raise EngineError("no offer catalog is set: there is nothing to score")
+        self.decider.scorer = scorer
 
     def _check_ownership(self, batch: pa.RecordBatch) -> None:
         groups = batch.column("key_group").to_numpy()
@@ -114,6 +142,10 @@ class ShardLogic:
         self.counters["duplicates"] += duplicates
         self.counters["applied"] += result.applied
         self.counters["triggers"] += result.triggers.num_rows
+        self.counters["decisions"] += result.decisions.num_rows
+        if result.decisions.num_rows:
+            delivered = result.decisions.column("delivered").to_numpy(zero_copy_only=False)
+            self.counters["delivered"] += int(delivered.sum())
         return result
 
     def flush(self) -> ApplyResult:
@@ -132,11 +164,13 @@ class ShardLogic:
         view = BatchView(table, rows[order], slots[order], self.store)
         tables = []
         counts: dict[str, int] = {}
+        fired: list[tuple[str, np.ndarray]] = []
         for rule in self.rules.rules:
             fired_rows = self._fire(rule, view)
             counts[rule.id] = int(fired_rows.size)
             if fired_rows.size == 0:
                 continue
+            fired.append((rule.id, fired_rows))
             fired_ctx = RowsView(view, fired_rows)
             values = {name: e.evaluate(fired_ctx) for name, e in rule.emit.items()}
             tables.append(
@@ -149,9 +183,10 @@ class ShardLogic:
                     values,
                 )
             )
+        decisions = self.decider.decide(view, fired) if self.decider else empty_decisions()
         view.write_back()
         triggers = pa.concat_tables(tables) if tables else empty_triggers()
-        return ApplyResult(triggers, applied=released.num_rows, triggers_by_rule=counts)
+        return ApplyResult(triggers, decisions, applied=released.num_rows, triggers_by_rule=counts)
 
     def _fire(self, rule: Any, view: BatchView) -> np.ndarray:
         rows = candidates(rule, view)
@@ -191,6 +226,10 @@ class ShardLogic:
         record["rules"] = {
             key: (None if arr[slot] == NEVER else int(arr[slot]))
             for key, arr in self.store.rule_state.items()
+        }
+        record["contacts"] = {
+            key: (None if arr[slot] == NEVER else int(arr[slot]))
+            for key, arr in self.store.decision_state.items()
         }
         return record
 

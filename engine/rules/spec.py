@@ -62,6 +62,8 @@ AGGREGATE_NAMES: dict[str, Type] = {
     "overage_cycles": "num",
     "purchase_count": "num",
     "cart_items": "num",
+    "offers_accepted": "num",
+    "offers_declined": "num",
 }
 VOCABULARY: dict[str, Type] = {**EVENT_NAMES, **PROFILE_NAMES, **AGGREGATE_NAMES}
 

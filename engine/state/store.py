@@ -46,6 +46,8 @@ COLUMNS: dict[str, Column] = {
     "overage_cycles": Column(np.dtype(np.int16), 0, "past cycles whose usage exceeded the cap"),
     "purchase_count": Column(np.dtype(np.int32), 0, "purchases made"),
     "cart_items": Column(np.dtype(np.int16), 0, "items added to the cart since the last checkout"),
+    "offers_accepted": Column(np.dtype(np.int16), 0, "offers the customer accepted"),
+    "offers_declined": Column(np.dtype(np.int16), 0, "offers the customer declined"),
     "last_lat": Column(np.dtype(np.float32), np.nan, "last known latitude"),
     "last_lon": Column(np.dtype(np.float32), np.nan, "last known longitude"),
     "last_event_ms": Column(np.dtype(np.int64), NEVER, "event time of the newest applied event"),
@@ -64,6 +66,7 @@ PROFILE_COLUMNS = (
 )
 STRING_COLUMNS = ("tz", "device_model")
 RULE_PREFIX = "rule:"
+DECISION_PREFIX = "decision:"
 
 
 class StringPool:
@@ -105,6 +108,8 @@ class CustomerStore:
             name: np.full(capacity, c.default, dtype=c.dtype) for name, c in COLUMNS.items()
         }
         self.rule_state: dict[str, np.ndarray] = {}
+        #: decision state: last contact times ("contact:0" newest) and offer cooldowns ("offer:id")
+        self.decision_state: dict[str, np.ndarray] = {}
         self.strings = StringPool()
         self._sorted_keys = np.zeros(0, dtype=np.uint64)
         self._sorted_slots = np.zeros(0, dtype=np.int64)
@@ -123,10 +128,11 @@ class CustomerStore:
             grown = np.full(new, COLUMNS[name].default, dtype=arr.dtype)
             grown[:cap] = arr[:cap]
             self.cols[name] = grown
-        for key, arr in self.rule_state.items():
-            grown = np.full(new, NEVER, dtype=np.int64)
-            grown[:cap] = arr[:cap]
-            self.rule_state[key] = grown
+        for state in (self.rule_state, self.decision_state):
+            for key, arr in state.items():
+                grown = np.full(new, NEVER, dtype=np.int64)
+                grown[:cap] = arr[:cap]
+                state[key] = grown
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Slot of each key, or -1 where the customer is unknown."""
@@ -164,11 +170,20 @@ class CustomerStore:
                 kept[key] = np.full(self.capacity, NEVER, dtype=np.int64)
         self.rule_state = kept
 
+    def ensure_decision_state(self, keys: list[str]) -> None:
+        """Like ``ensure_rules`` for the decision state (contact times, offer cooldowns)."""
+        kept = {k: v for k, v in self.decision_state.items() if k in keys}
+        for key in keys:
+            if key not in kept:
+                kept[key] = np.full(self.capacity, NEVER, dtype=np.int64)
+        self.decision_state = kept
+
     def nbytes(self) -> int:
         """Bytes of customer state, index included (allocated capacity, not just used)."""
         total = self.keys.nbytes + self._sorted_keys.nbytes + self._sorted_slots.nbytes
         total += sum(a.nbytes for a in self.cols.values())
         total += sum(a.nbytes for a in self.rule_state.values())
+        total += sum(a.nbytes for a in self.decision_state.values())
         return total
 
     def live_nbytes_per_customer(self) -> float:
@@ -176,6 +191,7 @@ class CustomerStore:
         per = self.keys.itemsize + self._sorted_keys.itemsize + self._sorted_slots.itemsize
         per += sum(a.itemsize for a in self.cols.values())
         per += sum(a.itemsize for a in self.rule_state.values())
+        per += sum(a.itemsize for a in self.decision_state.values())
         return float(per)
 
     def to_arrow(self) -> pa.Table:
@@ -186,6 +202,8 @@ class CustomerStore:
             arrays[name] = pa.array(arr[:n])
         for key, arr in self.rule_state.items():
             arrays[RULE_PREFIX + key] = pa.array(arr[:n])
+        for key, arr in self.decision_state.items():
+            arrays[DECISION_PREFIX + key] = pa.array(arr[:n])
         table = pa.table(arrays)
         meta = {b"kairos.strings": "\x1f".join(self.strings.values).encode()}
         return table.replace_schema_metadata(meta)
@@ -208,10 +226,14 @@ class CustomerStore:
                 raise StateError(f"snapshot table has no column '{name}'")
             store.cols[name][:n] = table.column(name).to_numpy()
         for name in table.column_names:
-            if name.startswith(RULE_PREFIX):
-                arr = np.full(store.capacity, NEVER, dtype=np.int64)
-                arr[:n] = table.column(name).to_numpy()
-                store.rule_state[name[len(RULE_PREFIX) :]] = arr
+            for prefix, state in (
+                (RULE_PREFIX, store.rule_state),
+                (DECISION_PREFIX, store.decision_state),
+            ):
+                if name.startswith(prefix):
+                    arr = np.full(store.capacity, NEVER, dtype=np.int64)
+                    arr[:n] = table.column(name).to_numpy()
+                    state[name[len(prefix) :]] = arr
         order = np.argsort(keys, kind="stable")
         store._sorted_keys = keys[order].copy()
         store._sorted_slots = order.astype(np.int64)

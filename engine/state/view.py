@@ -21,6 +21,14 @@ from engine.state.store import PROFILE_COLUMNS, STRING_COLUMNS, CustomerStore
 
 _STRING_EVENT_FIELDS = ("item", "page", "offer_id", "response", "channel", "purpose")
 _NUMERIC_EVENT_FIELDS = ("mb", "lat", "lon", "amount")
+AGGREGATES = (
+    "cycle_usage_mb",
+    "overage_cycles",
+    "purchase_count",
+    "cart_items",
+    "offers_accepted",
+    "offers_declined",
+)
 CHANNEL_BITS = {name: 1 << i for i, name in enumerate(CHANNELS)}
 ALL_CHANNELS = (1 << len(CHANNELS)) - 1
 
@@ -123,12 +131,20 @@ class BatchView:
             return self._count_running("purchase_count", self.kind == EventKind.PURCHASE)
         if name == "cart_items":
             return self._cart_items()
+        if name in ("offers_accepted", "offers_declined"):
+            wanted = "accepted" if name == "offers_accepted" else "declined"
+            responses = self.kind == EventKind.OFFER_RESPONSE
+            if responses.any():
+                responses &= self.gather("response") == wanted
+            return self._count_running(name, responses)
         if name == "@days_left":
             return days_left(self._local, self._cycle[1])
         if name == "@local_hour":
             return local_hour(self._local)
         if name == "@local_day":
             return local_day(self._local)
+        if name == "@local_ms":
+            return self._local
         if name == "@cycle":
             return self._cycle[0].astype(np.int64)
         raise KeyError(f"unknown column '{name}'")
@@ -268,7 +284,7 @@ class BatchView:
                 if name in self.updated:
                     finals[name] = values[last]
         finals["cycle_id"] = self._cycle[0][last]
-        for name in ("cycle_usage_mb", "overage_cycles", "purchase_count", "cart_items"):
+        for name in AGGREGATES:
             finals[name] = self.column(name)[last]
         cols = self.store.cols
         for name, values in finals.items():
@@ -279,30 +295,79 @@ class BatchView:
         self._write_locations()
         self._write_consent()
 
-    def _write_locations(self) -> None:
-        is_loc = self.kind == EventKind.LOCATION
-        if not is_loc.any():
-            return
-        src = np.maximum.accumulate(np.where(is_loc, np.arange(self.size), -1))
-        last = np.flatnonzero(self.group_last & (src >= self.group_start))
-        rows = src[last]
-        self.store.cols["last_lat"][self.slot[last]] = self._numeric("lat")[rows]
-        self.store.cols["last_lon"][self.slot[last]] = self._numeric("lon")[rows]
+    def _as_of(self, has: np.ndarray, values: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """Per row: ``values`` at the customer's latest ``has`` row so far, else ``base``."""
+        src = np.maximum.accumulate(np.where(has, np.arange(self.size), -1))
+        return np.where(src >= self.group_start, values[np.maximum(src, 0)], base)
 
-    def _write_consent(self) -> None:
-        rows = np.flatnonzero(self.kind == EventKind.CONSENT)
-        if rows.size == 0:
-            return
+    def last_location(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lat, lon) of each customer's latest location as of each row."""
+        key = "@last_location"
+        if key not in self._cache:
+            is_loc = self.kind == EventKind.LOCATION
+            lat = self.store.cols["last_lat"][self.slot].astype(np.float64)
+            lon = self.store.cols["last_lon"][self.slot].astype(np.float64)
+            if is_loc.any():
+                lat = self._as_of(is_loc, self._numeric("lat"), lat)
+                lon = self._as_of(is_loc, self._numeric("lon"), lon)
+            self._cache[key] = np.stack([lat, lon])
+        both = self._cache[key]
+        return both[0], both[1]
+
+    def consent(self) -> tuple[np.ndarray, np.ndarray]:
+        """(granted, withdrawn) channel bitmasks as of each row, consent events applied."""
+        key = "@consent"
+        if key not in self._cache:
+            granted = self.store.cols["consent_granted"][self.slot]
+            withdrawn = self.store.cols["consent_withdrawn"][self.slot]
+            rows = np.flatnonzero(self.kind == EventKind.CONSENT)
+            if rows.size:
+                g_after, w_after = self._consent_after(rows)
+                has = np.zeros(self.size, dtype=bool)
+                has[rows] = True
+                g_vals = np.zeros(self.size, dtype=np.uint8)
+                w_vals = np.zeros(self.size, dtype=np.uint8)
+                g_vals[rows], w_vals[rows] = g_after, w_after
+                granted = self._as_of(has, g_vals, granted)
+                withdrawn = self._as_of(has, w_vals, withdrawn)
+            self._cache[key] = np.stack([granted, withdrawn])
+        both = self._cache[key]
+        return both[0], both[1]
+
+    def _consent_after(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The masks right after each consent row (rows sorted by customer, then time)."""
         channels = self.arrow("channel", rows).to_pylist()
         granted = self.arrow("granted", rows).to_pylist()
-        g = self.store.cols["consent_granted"]
-        w = self.store.cols["consent_withdrawn"]
-        for row, channel, ok in zip(rows, channels, granted, strict=True):  # rare path
-            slot = self.slot[row]
+        g_out = np.empty(rows.size, dtype=np.uint8)
+        w_out = np.empty(rows.size, dtype=np.uint8)
+        g = w = 0
+        prev_slot = -1
+        for i, (row, channel, ok) in enumerate(zip(rows, channels, granted, strict=True)):
+            slot = int(self.slot[row])  # rare path: consent events are a small share
+            if slot != prev_slot:
+                g = int(self.store.cols["consent_granted"][slot])
+                w = int(self.store.cols["consent_withdrawn"][slot])
+                prev_slot = slot
             bits = ALL_CHANNELS if channel == "all" else CHANNEL_BITS[channel]
             if ok:
-                g[slot] |= bits
-                w[slot] &= ~bits & 0xFF
+                g, w = g | bits, w & ~bits & 0xFF
             else:
-                w[slot] |= bits
-                g[slot] &= ~bits & 0xFF
+                g, w = g & ~bits & 0xFF, w | bits
+            g_out[i], w_out[i] = g, w
+        return g_out, w_out
+
+    def _write_locations(self) -> None:
+        if not (self.kind == EventKind.LOCATION).any():
+            return
+        lat, lon = self.last_location()
+        last = np.flatnonzero(self.group_last)
+        self.store.cols["last_lat"][self.slot[last]] = lat[last]
+        self.store.cols["last_lon"][self.slot[last]] = lon[last]
+
+    def _write_consent(self) -> None:
+        if not (self.kind == EventKind.CONSENT).any():
+            return
+        granted, withdrawn = self.consent()
+        last = np.flatnonzero(self.group_last)
+        self.store.cols["consent_granted"][self.slot[last]] = granted[last]
+        self.store.cols["consent_withdrawn"][self.slot[last]] = withdrawn[last]

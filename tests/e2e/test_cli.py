@@ -32,7 +32,7 @@ def test_demo_generates_data_replays_it_and_summarizes_triggers(tmp_path) -> Non
     assert "data_cap_nearing" in done.stdout and "away_from_home" in done.stdout
     triggers = pq.read_table(str(tmp_path / "triggers"))
     assert triggers.num_rows > 0
-    assert set(triggers.column("rule_id").to_pylist()) == {"data_cap_nearing", "away_from_home"}
+    assert {"data_cap_nearing", "away_from_home"} <= set(triggers.column("rule_id").to_pylist())
 
 
 @pytest.mark.slow
@@ -92,4 +92,4 @@ def test_rules_check_reports_problems_in_one_line_each_and_fails(tmp_path) -> No
     ok = kairos(
         "rules", "check", str(Path(__file__).parents[2] / "deploy/config/rules.yaml"), cwd=tmp_path
     )
-    assert ok.returncode == 0 and "2 rules OK" in ok.stdout
+    assert ok.returncode == 0 and "4 rules OK" in ok.stdout

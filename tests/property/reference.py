@@ -54,6 +54,8 @@ class Customer:
     overage_cycles: int = 0
     purchase_count: int = 0
     cart_items: int = 0
+    offers_accepted: int = 0
+    offers_declined: int = 0
     rule_last: dict[str, int] = field(default_factory=dict)
 
 
@@ -120,6 +122,11 @@ class ReferenceEngine:
             c.cart_items += 1
         elif kind == "checkout":
             c.cart_items = 0
+        elif kind == "offer_response":
+            if e.get("response") == "accepted":
+                c.offers_accepted += 1
+            elif e.get("response") == "declined":
+                c.offers_declined += 1
         values: dict[str, Any] = {
             k: float(e[k]) if e.get(k) is not None else math.nan for k in NUMERIC
         }
@@ -132,6 +139,8 @@ class ReferenceEngine:
             overage_cycles=float(c.overage_cycles),
             purchase_count=float(c.purchase_count),
             cart_items=float(c.cart_items),
+            offers_accepted=float(c.offers_accepted),
+            offers_declined=float(c.offers_declined),
         )
         values["@days_left"] = (next_start - local).total_seconds() / 86400
         values["@local_hour"] = float(local.hour)

@@ -9,7 +9,12 @@ from engine.rules.spec import load_rules, parse_duration_ms, parse_rules_text
 
 
 def test_shipped_rules_load(rules) -> None:
-    assert [r.id for r in rules.rules] == ["data_cap_nearing", "away_from_home"]
+    assert [r.id for r in rules.rules] == [
+        "data_cap_nearing",
+        "away_from_home",
+        "recalled_device_in_use",
+        "cart_left_while_browsing",
+    ]
     assert rules.rules[1].cooldown_ms == 24 * 3_600_000
 
 

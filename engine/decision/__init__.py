@@ -1,0 +1,1 @@
+"""Decisions: offer catalog, contact policy, features, arbitration and the decision log."""

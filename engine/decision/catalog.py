@@ -1,0 +1,229 @@
+"""The offer catalog: YAML -> validated offers and contact policy, with errors naming file,
+offer id and field.
+
+A catalog document has two keys:
+
+* ``policy``: the contact policy every decision obeys (frequency caps, quiet hours, consent
+  mode, control group share, exploration rate, attribution window);
+* ``offers``: the actions a decision can choose, each with the triggers (rule ids) it
+  answers, an eligibility condition in the rule expression language, the channels it can be
+  sent on (in order of preference), its value (margin if accepted) and contact cost, and a
+  per-customer cooldown.
+
+NO_ACTION is not listed: it is always a candidate, with value 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.errors import RuleError
+from engine.events.schema import CHANNELS
+from engine.rules.expr import Expression, compile_expression
+from engine.rules.spec import RULE_ID, VOCABULARY, ExprText, parse_duration_ms
+from engine.yamlfile import load_yaml
+
+NO_ACTION = "NO_ACTION"
+
+
+def _duration(value: str | float) -> str | float:
+    parse_duration_ms(value)
+    return value
+
+
+class FrequencyCap(BaseModel):
+    """At most ``max`` offers delivered per ``per`` (a duration), per customer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max: Annotated[int, Field(ge=0, le=16)]
+    per: str | float
+
+    _check = field_validator("per")(_duration)
+
+    @property
+    def per_ms(self) -> int:
+        return parse_duration_ms(self.per)
+
+
+class QuietHours(BaseModel):
+    """No outbound offers from ``start`` to ``end`` o'clock in the customer's own time zone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: Annotated[int, Field(ge=0, le=23)] = 21
+    end: Annotated[int, Field(ge=0, le=23)] = 8
+
+
+class PolicySpec(BaseModel):
+    """The contact policy; every field has a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    frequency_caps: list[FrequencyCap] = Field(
+        default_factory=lambda: [FrequencyCap(max=1, per="24h"), FrequencyCap(max=3, per="7d")]
+    )
+    quiet_hours: QuietHours | None = Field(default_factory=QuietHours)
+    #: opt_out: a reachable channel may be used unless consent was withdrawn;
+    #: opt_in: only channels with consent granted
+    consent: Literal["opt_out", "opt_in"] = "opt_out"
+    control_share: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    exploration: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    attribution_window: str | float = "72h"
+    #: salt of the stable hashes (control group, exploration draws)
+    seed: int = 0
+
+    _check = field_validator("attribution_window")(_duration)
+
+    @property
+    def attribution_window_ms(self) -> int:
+        return parse_duration_ms(self.attribution_window)
+
+    @property
+    def contacts_kept(self) -> int:
+        """How many past contact times are kept per customer: what the caps need, and at
+        least 3 for the recent-contacts features."""
+        return max([3, *(c.max for c in self.frequency_caps)])
+
+
+class OfferSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, Field(pattern=RULE_ID)]
+    description: str = ""
+    answers: list[Annotated[str, Field(pattern=RULE_ID)]] = Field(min_length=1)
+    eligible: ExprText | None = None
+    channels: list[str] = Field(min_length=1)
+    value: Annotated[float, Field(ge=0)]
+    cost: Annotated[float, Field(ge=0)] = 0.0
+    cooldown: str | float = "7d"
+    enabled: bool = True
+
+    _check = field_validator("cooldown")(_duration)
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value == NO_ACTION:
+            raise ValueError(f"'{NO_ACTION}' is reserved: no action is always a candidate")
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, value: list[str]) -> list[str]:
+        unknown = [c for c in value if c not in CHANNELS]
+        if unknown:
+            raise ValueError(f"unknown channel(s) {unknown}; known: {', '.join(CHANNELS)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A validated offer with its compiled eligibility condition."""
+
+    spec: OfferSpec
+    eligible: Expression | None
+    cooldown_ms: int
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The offers (in file order) and the contact policy, with the document they came from."""
+
+    offers: tuple[Offer, ...]
+    policy: PolicySpec
+    source: str = "<catalog>"
+    document: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def offer_ids(self) -> tuple[str, ...]:
+        return tuple(o.id for o in self.offers)
+
+    @property
+    def trigger_ids(self) -> tuple[str, ...]:
+        """Every rule id some offer answers, sorted."""
+        return tuple(sorted({r for o in self.offers for r in o.spec.answers}))
+
+    def answering(self, rule_id: str) -> tuple[int, ...]:
+        """Indexes of the offers that answer ``rule_id``."""
+        return tuple(i for i, o in enumerate(self.offers) if rule_id in o.spec.answers)
+
+    @property
+    def names(self) -> frozenset[str]:
+        exprs = [o.eligible for o in self.offers if o.eligible is not None]
+        return frozenset().union(*(e.names for e in exprs)) if exprs else frozenset()
+
+
+def parse_catalog(document: Any, source: str = "<catalog>") -> Catalog:
+    """Validate a parsed YAML document; every problem is reported, then raised as RuleError."""
+    if not isinstance(document, Mapping) or "offers" not in document:
+        raise RuleError(f"{source}: expected a mapping with an 'offers' list at the top")
+    problems = [
+        f"{source}: unknown top-level key '{k}'"
+        for k in sorted(set(document) - {"offers", "policy"})
+    ]
+    policy = PolicySpec()
+    try:
+        policy = PolicySpec.model_validate(document.get("policy") or {})
+    except ValidationError as exc:
+        for err in exc.errors():
+            path = ".".join(str(p) for p in err["loc"]) or "policy"
+            problems.append(f"{source}: policy: field '{path}': {err['msg']}")
+    raw_offers = document["offers"]
+    if not isinstance(raw_offers, list):
+        raise RuleError(f"{source}: 'offers' must be a list")
+    offers: list[Offer] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_offers):
+        oid = str(raw.get("id", f"#{index + 1}")) if isinstance(raw, Mapping) else f"#{index + 1}"
+        try:
+            spec = OfferSpec.model_validate(raw)
+        except ValidationError as exc:
+            for err in exc.errors():
+                path = ".".join(str(p) for p in err["loc"]) or "offer"
+                problems.append(f"{source}: offer '{oid}': field '{path}': {err['msg']}")
+            continue
+        if spec.id in seen:
+            problems.append(f"{source}: offer '{spec.id}': field 'id': duplicate offer id")
+            continue
+        seen.add(spec.id)
+        eligible = None
+        if spec.eligible is not None:
+            try:
+                eligible = compile_expression(spec.eligible, VOCABULARY, "bool")
+            except RuleError as exc:
+                problems.append(f"{source}: offer '{spec.id}': field 'eligible': {exc}")
+                continue
+        if spec.enabled:
+            offers.append(Offer(spec, eligible, parse_duration_ms(spec.cooldown)))
+    if problems:
+        raise RuleError(problems[0], problems)
+    return Catalog(tuple(offers), policy, source, dict(document))
+
+
+def parse_catalog_text(text: str, source: str = "<catalog>") -> Catalog:
+    try:
+        document = load_yaml(text)
+    except yaml.YAMLError as exc:
+        raise RuleError(f"{source}: not valid YAML: {exc}") from exc
+    return parse_catalog(document, source)
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    """Load an offer catalog file; RuleError lists every problem with file, offer id and field."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise RuleError(f"{p}: cannot read offer catalog: {exc.strerror}") from exc
+    return parse_catalog_text(text, str(p))

@@ -1,0 +1,94 @@
+"""The decision log: one row per decision, as an Arrow table (written to Parquet by a sink).
+
+A row holds what was decided and everything needed to learn from it and to audit it: the
+trigger, every candidate offer with its score or the policy reason it was excluded, the chosen
+action and the probability with which it was chosen (for off-policy evaluation), the model
+version, the control-group flag, and the context the features were built from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from engine.decision.features import CONTEXT_FIELDS, CONTEXT_PREFIX
+from engine.events.schema import TS_TYPE
+
+CANDIDATE_TYPE = pa.struct(
+    [
+        pa.field("offer_id", pa.string()),
+        pa.field("score", pa.float32()),  # propensity; null when excluded
+        pa.field("expected_value", pa.float64()),  # score * value - cost; null when excluded
+        pa.field("excluded", pa.string()),  # policy reason; null when it was a candidate
+    ]
+)
+
+DECISION_SCHEMA = pa.schema(
+    [
+        pa.field("decision_id", pa.uint64()),
+        pa.field("customer_key", pa.uint64()),
+        pa.field("ts", TS_TYPE),
+        pa.field("rule_id", pa.string()),
+        pa.field("event_id", pa.uint64()),
+        pa.field("action", pa.string()),  # an offer id or NO_ACTION
+        pa.field("channel", pa.string()),  # null for NO_ACTION
+        pa.field("value", pa.float64()),  # the action's value if accepted (0 for NO_ACTION)
+        pa.field("cost", pa.float64()),  # its contact cost
+        pa.field("score", pa.float32()),  # its propensity (null for NO_ACTION)
+        pa.field("probability", pa.float64()),  # probability the policy chose this action
+        pa.field("explored", pa.bool_()),
+        pa.field("control", pa.bool_()),
+        pa.field("delivered", pa.bool_()),
+        pa.field("deliver_after", TS_TYPE),  # the end of quiet hours, or ts
+        pa.field("reason", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("candidates", pa.list_(CANDIDATE_TYPE)),
+        *(pa.field(CONTEXT_PREFIX + name, pa.float32()) for name in CONTEXT_FIELDS),
+    ]
+)
+
+
+def empty_decisions() -> pa.Table:
+    return DECISION_SCHEMA.empty_table()
+
+
+def decision_id_text(decision_ids: np.ndarray) -> list[str]:
+    """Decision ids as they travel on the wire (offer_response.decision_id): 16 hex digits."""
+    return [f"{int(d):016x}" for d in decision_ids]
+
+
+def parse_decision_id(text: str) -> int:
+    """The inverse of ``decision_id_text``; ValueError names the bad text."""
+    try:
+        value = int(text, 16)
+    except (TypeError, ValueError):
+        raise ValueError(f"decision id {text!r} is not 16 hex digits") from None
+    if len(text) != 16 or value < 0:
+        raise ValueError(f"decision id {text!r} is not 16 hex digits")
+    return value
+
+
+def candidates_array(
+    offer_ids: tuple[str, ...],
+    answered: np.ndarray,
+    score: np.ndarray,
+    expected: np.ndarray,
+    reason_labels: np.ndarray,
+) -> pa.ListArray:
+    """The candidate list per decision from dense (decisions x offers) matrices."""
+    rows, cols = np.nonzero(answered)  # row-major: grouped by decision, offers in catalog order
+    counts = answered.sum(axis=1)
+    offsets = np.zeros(answered.shape[0] + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    excluded = reason_labels[rows, cols]
+    kept = np.array([e is None for e in excluded.tolist()], dtype=bool)
+    items = pa.StructArray.from_arrays(
+        [
+            pa.array(np.array(offer_ids, dtype=object)[cols], type=pa.string()),
+            pa.array(score[rows, cols].astype(np.float32), mask=~kept),
+            pa.array(expected[rows, cols], mask=~kept),
+            pa.array(excluded, type=pa.string()),
+        ],
+        fields=list(CANDIDATE_TYPE),
+    )
+    return pa.ListArray.from_arrays(pa.array(offsets), items)

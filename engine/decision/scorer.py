@@ -1,0 +1,52 @@
+"""The OfferScorer port: how a shard asks a model for propensities, without knowing the model.
+
+A shard sends one request per micro-batch: the feature matrix of every (decision, candidate
+offer) pair, and the customer key of each row (the ranker splits champion and challenger by
+a stable customer hash). The answer is a propensity (probability of acceptance) per row and
+which model version scored it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from engine.errors import EngineError
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    features: np.ndarray  # float32, rows x len(feature_names)
+    feature_names: tuple[str, ...]
+    customer_keys: np.ndarray  # uint64, one per row
+
+    @property
+    def rows(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass(frozen=True)
+class ScoreResponse:
+    propensity: np.ndarray  # float32, one per request row, in [0, 1]
+    versions: tuple[str, ...]  # the model versions that answered
+    version_index: np.ndarray  # int8 per row: index into versions
+
+    def version_of_rows(self) -> np.ndarray:
+        return np.array(self.versions, dtype=object)[self.version_index]
+
+
+class OfferScorer(Protocol):
+    """Scores (decision, offer) feature rows. Implementations: ServeScorer, FixedScorer."""
+
+    def score(self, request: ScoreRequest) -> ScoreResponse: ...
+
+
+def check_response(request: ScoreRequest, response: ScoreResponse) -> None:
+    """A response must answer every row with a probability; anything else is a scorer bug."""
+    p = response.propensity
+    if p.shape != (request.rows,):
+        raise EngineError(f"scorer answered {p.shape} propensities for {request.rows} rows")
+    if request.rows and (np.isnan(p).any() or p.min() < 0 or p.max() > 1):
+        raise EngineError("scorer answered propensities outside [0, 1]")

@@ -1,0 +1,313 @@
+"""Decisions a user relies on: catalog validation, contact policy, arbitration, the log."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engine.config import EngineSettings
+from engine.decision.catalog import NO_ACTION, load_catalog, parse_catalog_text
+from engine.decision.decider import arbitrate, replay_choices
+from engine.decision.features import CONTEXT_FIELDS, CONTEXT_PREFIX, build_features
+from engine.decision.log import DECISION_SCHEMA
+from engine.decision.policy import deliver_after, in_control_group, stable_uniform
+from engine.errors import RuleError
+from engine.local import LocalEngine
+from engine.rules.spec import parse_rules_text
+from engine.testing import FixedScorer, by_offer
+from tests.conftest import ROOT, ms
+
+RULES = parse_rules_text(
+    """
+rules:
+  - {id: cap80, type: threshold, on: usage, value: cycle_usage_mb,
+     threshold: 0.8 * plan_data_cap_mb, when: plan_data_cap_mb > 0}
+  - {id: away, type: location, min_distance_km: 100, cooldown: 1h}
+"""
+)
+PROFILE = {
+    "plan_data_cap_mb": 1000.0,
+    "cycle_day": 1,
+    "home_lat": 52.52,
+    "home_lon": 13.405,
+    "tz": "Europe/Berlin",
+    "channels": ["sms", "push"],
+}
+MUNICH = {"lat": 48.137, "lon": 11.575}
+
+
+def catalog(policy: str = "", offers: str = "") -> str:
+    return f"""
+policy:
+  control_share: 0
+  exploration: 0
+  quiet_hours: null
+{policy}
+offers:
+  - {{id: pass, answers: [cap80], channels: [push, sms], value: 6, cost: 0.5, cooldown: 7d}}
+  - {{id: upgrade, answers: [cap80], channels: [sms], value: 24, cost: 0.5, cooldown: 30d,
+      eligible: plan_data_cap_mb < 5000}}
+  - {{id: roam, answers: [away], channels: [push], value: 10, cost: 0.5, cooldown: 1h}}
+{offers}
+"""
+
+
+def decide(rows, catalog_text=None, scorer=None, shards=1):
+    settings = EngineSettings(shards=shards, allowed_lateness_s=60)
+    cat = parse_catalog_text(catalog_text or catalog())
+    engine = LocalEngine(settings, RULES, cat, scorer or by_offer({"pass": 0.3, "roam": 0.3}))
+    engine.submit_rows(sorted(rows, key=lambda r: r["ts"]))  # stable: keeps arrival order of ties
+    engine.flush()
+    return engine, engine.decision_table().to_pylist()
+
+
+# -- catalog files ---------------------------------------------------------------------------
+def test_the_shipped_catalog_loads_with_the_default_policy() -> None:
+    cat = load_catalog(ROOT / "deploy" / "config" / "offers.yaml")
+    assert {
+        "data_pass_1gb",
+        "plan_upgrade",
+        "roaming_pass",
+        "device_swap",
+        "cart_incentive",
+    } == set(cat.offer_ids)
+    caps = [(c.max, c.per_ms) for c in cat.policy.frequency_caps]
+    assert caps == [(1, 86_400_000), (3, 7 * 86_400_000)]
+    assert cat.policy.control_share == 0.05
+
+
+def test_catalog_errors_name_the_file_the_offer_and_the_field() -> None:
+    text = """
+policy: {control_share: 1.5}
+offers:
+  - {id: a, answers: [r], channels: [pigeon], value: 1}
+  - {id: b, answers: [r], channels: [sms], value: 1, eligible: "plan_cap > 3"}
+  - {id: NO_ACTION, answers: [r], channels: [sms], value: 1}
+  - {id: c, answers: [r], channels: [sms], value: -1, cooldown: soon}
+  - {id: d, answers: [r], channels: [sms], value: 1}
+  - {id: d, answers: [r], channels: [sms], value: 1}
+"""
+    with pytest.raises(RuleError) as err:
+        parse_catalog_text(text, "offers.yaml")
+    problems = err.value.problems
+    assert any("policy: field 'control_share'" in p for p in problems)
+    assert any("offer 'a': field 'channels'" in p and "pigeon" in p for p in problems)
+    assert any("offer 'b': field 'eligible'" in p and "plan_cap" in p for p in problems)
+    assert any("offer 'NO_ACTION': field 'id'" in p for p in problems)
+    assert any("offer 'c': field 'value'" in p for p in problems)
+    assert any("offer 'c': field 'cooldown'" in p for p in problems)
+    assert any("offer 'd': field 'id': duplicate" in p for p in problems)
+    assert all(p.startswith("offers.yaml: ") for p in problems)
+
+
+# -- arbitration -------------------------------------------------------------------------------
+def test_the_offer_with_the_highest_expected_value_wins_over_a_likelier_one(event) -> None:
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("usage", "c", ms(2026, 3, 2, 10), mb=850.0),
+    ]
+    # pass: 0.5 * 6 - 0.5 = 2.5; upgrade: 0.2 * 24 - 0.5 = 4.3
+    _, decisions = decide(rows, scorer=by_offer({"pass": 0.5, "upgrade": 0.2}))
+    (d,) = decisions
+    assert d["action"] == "upgrade" and d["channel"] == "sms" and d["delivered"]
+    assert d["score"] == pytest.approx(0.2) and d["probability"] == 1.0
+    evs = {c["offer_id"]: c["expected_value"] for c in d["candidates"]}
+    assert evs == pytest.approx({"pass": 2.5, "upgrade": 4.3})
+
+
+def test_no_action_when_no_offer_beats_doing_nothing(event) -> None:
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("usage", "c", ms(2026, 3, 2, 10), mb=850.0),
+    ]
+    _, decisions = decide(rows, scorer=by_offer({"pass": 0.05, "upgrade": 0.01}))
+    (d,) = decisions
+    assert d["action"] == NO_ACTION and d["reason"] == "no_positive_value"
+    assert not d["delivered"] and d["channel"] is None and d["score"] is None
+
+
+def test_exploration_logs_the_probability_of_the_action_taken() -> None:
+    rng = np.random.default_rng(1)
+    n, eps = 40_000, 0.2
+    expected = rng.normal(size=(n, 3))
+    available = rng.random((n, 3)) < 0.7
+    ids = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+    arb = arbitrate(expected, available, ids, eps, seed=3)
+    actions = available.sum(axis=1) + 1
+    greedy_prob = np.where(actions > 1, 1 - eps + eps / actions, 1.0)
+    expect = np.where(arb.chosen == arb.greedy, greedy_prob, eps / actions)
+    np.testing.assert_allclose(arb.probability, expect)
+    assert arb.explored[actions > 1].mean() == pytest.approx(eps, abs=0.01)
+    # an explored choice is uniform over NO_ACTION and the available offers
+    two = (actions == 3) & arb.explored
+    assert (arb.chosen[two] == -1).mean() == pytest.approx(1 / 3, abs=0.03)
+    assert all(available[i, arb.chosen[i]] for i in np.flatnonzero(arb.chosen >= 0))
+    # stable: the same ids give the same choices
+    again = arbitrate(expected, available, ids, eps, seed=3)
+    np.testing.assert_array_equal(arb.chosen, again.chosen)
+
+
+# -- contact policy ----------------------------------------------------------------------------
+def _cap_then_trips(event, days):
+    rows = [event("profile_update", "c", ms(2026, 3, 1), **PROFILE)]
+    rows.append(event("usage", "c", ms(2026, 3, 2, 10), mb=850.0))
+    for d in days:
+        rows.append(event("location", "c", ms(2026, 3, d, 12), **MUNICH))
+        rows.append(event("location", "c", ms(2026, 3, d, 14), lat=52.5, lon=13.4))
+    return rows
+
+
+def test_frequency_caps_allow_one_offer_a_day_and_three_a_week(event) -> None:
+    # offers: cap80 on 2 Mar 10:00, then trips on 2, 3, 4, 5 and 9 March
+    rows = _cap_then_trips(event, [2, 3, 4, 5, 9])
+    _, decisions = decide(rows)
+    got = [(d["rule_id"], d["ts"].day, d["action"]) for d in decisions]
+    assert got == [
+        ("cap80", 2, "pass"),
+        ("away", 2, NO_ACTION),  # second offer on 2 Mar: 1 per 24 h
+        ("away", 3, "roam"),
+        ("away", 4, "roam"),
+        ("away", 5, NO_ACTION),  # 2, 3, 4 March: 3 in 7 days
+        ("away", 9, "roam"),  # the offer of 2 March is older than 7 days
+    ]
+    assert decisions[1]["candidates"][0]["excluded"] == "frequency_cap"
+
+
+def test_caps_hold_across_micro_batches_and_shards_alike(event) -> None:
+    rows = _cap_then_trips(event, [2, 3, 4, 5, 9])
+    settings = EngineSettings(shards=4, allowed_lateness_s=60)
+    scorer = by_offer({"pass": 0.3, "roam": 0.3})
+    engine = LocalEngine(settings, RULES, parse_catalog_text(catalog()), scorer)
+    for row in rows:  # one event per micro-batch
+        engine.submit_rows([row])
+    engine.flush()
+    one_batch = [d["action"] for d in decide(rows)[1]]
+    assert [d["action"] for d in engine.decision_table().to_pylist()] == one_batch
+
+
+def test_an_offer_is_not_repeated_within_its_cooldown(event) -> None:
+    text = catalog(policy="  frequency_caps: []").replace("cooldown: 1h}", "cooldown: 2d}")
+    rows = _cap_then_trips(event, [3, 4, 5])
+    _, decisions = decide(rows, text)
+    away = [(d["ts"].day, d["action"]) for d in decisions if d["rule_id"] == "away"]
+    assert away == [(3, "roam"), (4, NO_ACTION), (5, "roam")]
+    assert [c["excluded"] for c in decisions[2]["candidates"]] == ["cooldown"]
+
+
+def test_consent_withdrawn_on_a_channel_moves_the_offer_to_the_next_one(event) -> None:
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("consent", "c", ms(2026, 3, 2, 9), channel="push", granted=False),
+        event("usage", "c", ms(2026, 3, 2, 10), mb=850.0),
+    ]
+    _, decisions = decide(rows, scorer=by_offer({"pass": 0.5}))
+    assert decisions[0]["action"] == "pass" and decisions[0]["channel"] == "sms"
+
+
+def test_a_global_opt_out_excludes_every_offer_and_opt_in_needs_a_grant(event) -> None:
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("consent", "c", ms(2026, 3, 2, 9), channel="all", granted=False),
+        event("usage", "c", ms(2026, 3, 2, 10), mb=850.0),
+        event("profile_update", "d", ms(2026, 3, 1), **PROFILE),
+        event("usage", "d", ms(2026, 3, 2, 10), mb=850.0),
+        event("profile_update", "e", ms(2026, 3, 1), **PROFILE),
+        event("consent", "e", ms(2026, 3, 1, 1), channel="sms", granted=True),
+        event("usage", "e", ms(2026, 3, 2, 10), mb=850.0),
+    ]
+    engine, decisions = decide(rows, scorer=by_offer({"pass": 0.5}))
+    key = engine.ingestor.pseudonymizer.key_of
+    by_customer = {d["customer_key"]: d for d in decisions}
+    opted = by_customer[key("c")]
+    assert opted["action"] == NO_ACTION and opted["reason"] == "no_candidate"
+    assert {c["excluded"] for c in opted["candidates"]} == {"opted_out"}
+    _, decisions = decide(rows, catalog("  consent: opt_in"), by_offer({"pass": 0.5}))
+    by_customer = {d["customer_key"]: d for d in decisions}
+    assert by_customer[key("d")]["candidates"][0]["excluded"] == "no_consent"
+    assert (by_customer[key("e")]["action"], by_customer[key("e")]["channel"]) == ("pass", "sms")
+
+
+def test_offers_decided_in_quiet_hours_wait_for_the_morning_in_the_customers_zone(event) -> None:
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("usage", "c", ms(2026, 3, 2, 22, 30), mb=850.0),  # 23:30 in Berlin
+    ]
+    text = catalog().replace("  quiet_hours: null\n", "  quiet_hours: {start: 21, end: 8}\n")
+    _, decisions = decide(rows, text, by_offer({"pass": 0.5}))
+    (d,) = decisions
+    assert d["action"] == "pass" and d["delivered"]
+    assert d["deliver_after"] == pa.scalar(ms(2026, 3, 3, 7), pa.timestamp("ms", "UTC")).as_py()
+    policy = parse_catalog_text(text).policy
+    ts = np.array([ms(2026, 3, 2, 12), ms(2026, 3, 2, 23)])
+    local = ts + 3_600_000
+    np.testing.assert_array_equal(deliver_after(ts, local, policy), [ts[0], ms(2026, 3, 3, 7)])
+
+
+def test_the_control_group_is_a_stable_share_that_is_logged_but_never_contacted(event) -> None:
+    keys = np.arange(1, 200_001, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    policy = parse_catalog_text(catalog(policy="  control_share: 0.05")).policy
+    share = in_control_group(keys, policy).mean()
+    assert share == pytest.approx(0.05, abs=0.002)
+    np.testing.assert_array_equal(in_control_group(keys, policy), in_control_group(keys, policy))
+    text = catalog().replace("control_share: 0", "control_share: 0.9999")
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("usage", "c", ms(2026, 3, 2, 10), mb=850.0),
+    ]
+    _, decisions = decide(rows, text, by_offer({"pass": 0.5}))
+    (d,) = decisions
+    assert d["control"] and not d["delivered"] and d["action"] == "pass"
+    assert d["reason"] == "control_group"
+
+
+def test_stable_uniform_draws_are_uniform_and_salted() -> None:
+    keys = np.arange(100_000, dtype=np.uint64)
+    u = stable_uniform(keys, 1)
+    assert u.min() >= 0 and u.max() < 1 and u.mean() == pytest.approx(0.5, abs=0.01)
+    assert np.corrcoef(u, stable_uniform(keys, 2))[0, 1] == pytest.approx(0, abs=0.02)
+
+
+# -- the log -----------------------------------------------------------------------------------
+def test_replaying_the_log_with_its_seed_reproduces_every_choice(event) -> None:
+    rng = np.random.default_rng(5)
+    rows = []
+    for c in range(300):
+        rows.append(event("profile_update", f"c{c}", ms(2026, 3, 1), **PROFILE))
+        for d in range(2, 12):
+            if rng.random() < 0.5:
+                rows.append(event("location", f"c{c}", ms(2026, 3, d, 12), **MUNICH))
+                rows.append(event("location", f"c{c}", ms(2026, 3, d, 15), lat=52.5, lon=13.4))
+        rows.append(event("usage", f"c{c}", ms(2026, 3, 5, 10), mb=900.0))
+    text = catalog().replace("exploration: 0", "exploration: 0.3")
+    scorer = FixedScorer(lambda x, names: (x[:, 1] % 7) / 10)  # pct_of_cap
+    _, decisions = decide(rows, text, scorer)
+    table = pa.Table.from_pylist(decisions, schema=DECISION_SCHEMA)
+    assert sum(d["explored"] for d in decisions) > 20
+    np.testing.assert_array_equal(
+        replay_choices(table, 0.3, 0), np.array([d["action"] for d in decisions], dtype=object)
+    )
+
+
+def test_the_ranker_sees_exactly_the_features_training_rebuilds_from_the_log(event) -> None:
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), tenure_months=40, **PROFILE),
+        event("location", "c", ms(2026, 3, 2, 9), **MUNICH),
+        event(
+            "offer_response", "c", ms(2026, 3, 2, 9, 30), decision_id="00ff", response="accepted"
+        ),
+        event("usage", "c", ms(2026, 3, 2, 10), mb=850.0),
+    ]
+    scorer = by_offer({"pass": 0.5, "roam": 0.5})
+    engine, decisions = decide(rows, catalog("  frequency_caps: []"), scorer)
+    request = scorer.requests[-1]  # the usage event at 10:00 waits for the end of the stream
+    cap = next(d for d in decisions if d["rule_id"] == "cap80")
+    ctx = {name: np.array([cap[CONTEXT_PREFIX + name]] * 2) for name in CONTEXT_FIELDS}
+    offers = np.array([c["offer_id"] for c in cap["candidates"]], dtype=object)
+    spec = engine.shards[0].decider.spec
+    rebuilt = build_features(ctx, np.array(["cap80"] * 2, dtype=object), offers, spec)
+    np.testing.assert_array_equal(request.features, rebuilt)
+    assert cap["ctx_pct_of_cap"] == pytest.approx(85.0)
+    assert cap["ctx_km_from_home"] == pytest.approx(504.4, abs=1)
+    assert cap["ctx_offers_accepted"] == 1 and cap["ctx_tenure_months"] == 40
+    assert cap["ctx_contacts_7d"] == 1 and cap["ctx_days_since_contact"] == pytest.approx(1 / 24)
