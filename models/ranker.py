@@ -1,0 +1,98 @@
+"""The ranker's logic, without Serve: score ScoreRequests with the champion or the challenger.
+
+``Ranker`` holds up to two loaded models. Each request row goes to the challenger when a
+stable hash of its customer key falls below ``challenger_share``, else to the champion, so a
+customer always meets the same model. Request columns are matched to the model's features by
+name: one-hot columns the model does not know are dropped and ones the request lacks are
+zero, which scores a new offer like an unknown one until the next retraining; the context
+columns must match exactly, or the request is refused with an error naming the difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.decision.features import CONTEXT_FIELDS
+from engine.decision.policy import stable_uniform
+from engine.decision.scorer import ScoreRequest, ScoreResponse
+from engine.errors import ConfigError
+from models.registry import ModelArtifact, ModelRegistry
+
+CHALLENGER_SALT = 0x6368616C
+
+
+class RankerConfig(BaseModel):
+    """The ranker's ``user_config``: where models live and which versions serve."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    registry: str
+    champion: str
+    challenger: str | None = None
+    challenger_share: float = Field(0.0, ge=0, le=1)
+    seed: int = 0
+
+
+@dataclass
+class _Loaded:
+    artifact: ModelArtifact
+    columns: dict[tuple[str, ...], np.ndarray]
+
+
+class Ranker:
+    """Champion (and optional challenger) models answering ScoreRequests."""
+
+    def __init__(self, config: RankerConfig) -> None:
+        self.config = config
+        registry = ModelRegistry(config.registry)
+        self.models = [self._load(registry, config.champion)]
+        if config.challenger:
+            self.models.append(self._load(registry, config.challenger))
+
+    @staticmethod
+    def _load(registry: ModelRegistry, version: str) -> _Loaded:
+        artifact = registry.load(version)
+        artifact.check_compatible()
+        return _Loaded(artifact, {})
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        return tuple(m.artifact.version for m in self.models)
+
+    def _columns(self, model: _Loaded, names: tuple[str, ...]) -> np.ndarray:
+        """For each model feature, its column in the request (-1: absent, use zero)."""
+        cached = model.columns.get(names)
+        if cached is not None:
+            return cached
+        if tuple(names[: len(CONTEXT_FIELDS)]) != CONTEXT_FIELDS:
+            raise ConfigError(
+                "score request context columns differ from the ranker's: "
+                f"{list(names[: len(CONTEXT_FIELDS)])} != {list(CONTEXT_FIELDS)}"
+            )
+        index = {n: i for i, n in enumerate(names)}
+        columns = np.array([index.get(n, -1) for n in model.artifact.feature_names])
+        model.columns[names] = columns
+        return columns
+
+    def _predict(self, model: _Loaded, request: ScoreRequest, rows: np.ndarray) -> np.ndarray:
+        columns = self._columns(model, request.feature_names)
+        x = request.features[rows]
+        aligned = np.where(columns >= 0, x[:, np.maximum(columns, 0)], np.float32(0.0))
+        booster = model.artifact.booster
+        return np.asarray(booster.inplace_predict(aligned), dtype=np.float32)
+
+    def score(self, request: ScoreRequest) -> ScoreResponse:
+        n = request.rows
+        which = np.zeros(n, dtype=np.int8)
+        if len(self.models) > 1 and self.config.challenger_share > 0:
+            u = stable_uniform(request.customer_keys, CHALLENGER_SALT + self.config.seed)
+            which[u < self.config.challenger_share] = 1
+        propensity = np.zeros(n, dtype=np.float32)
+        for i, model in enumerate(self.models):
+            rows = np.flatnonzero(which == i)
+            if rows.size:
+                propensity[rows] = self._predict(model, request, rows)
+        return ScoreResponse(np.clip(propensity, 0.0, 1.0), self.versions, which)

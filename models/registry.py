@@ -1,0 +1,171 @@
+"""The model registry: versioned XGBoost artifacts with their metrics, on a pyarrow filesystem.
+
+Layout under the registry root (a local folder or an object-store URI)::
+
+    <root>/v0001/model.json   the Booster (XGBoost's JSON format)
+    <root>/v0001/meta.json    feature names, feature-set version, metrics, status, lineage
+    <root>/CHAMPION           the version serving by default
+
+A version is written once and never changed, except its ``status`` (candidate, champion,
+retired, refused) and the promotion decision recorded in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow.fs as pafs
+import xgboost as xgb
+
+from engine.decision.features import FEATURE_SET_VERSION, FeatureSpec
+from engine.errors import ConfigError
+from engine.sink import resolve
+
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+@dataclass
+class ModelArtifact:
+    """A trained ranker: the booster, the feature names it was trained on and its metrics."""
+
+    version: str
+    booster: xgb.Booster
+    feature_names: tuple[str, ...]
+    feature_set_version: int = FEATURE_SET_VERSION
+    metrics: dict[str, Any] = field(default_factory=dict)
+    status: str = "candidate"
+    created_at: str = ""
+    parent: str | None = None
+
+    def check_compatible(self) -> FeatureSpec:
+        """The feature spec to serve with; ConfigError if this engine cannot build the features."""
+        if self.feature_set_version != FEATURE_SET_VERSION:
+            raise ConfigError(
+                f"model {self.version} was trained on feature set {self.feature_set_version}; "
+                f"this engine builds feature set {FEATURE_SET_VERSION}: retrain it"
+            )
+        booster_names = tuple(self.booster.feature_names or ())
+        if booster_names and booster_names != self.feature_names:
+            raise ConfigError(
+                f"model {self.version}: the booster's feature names differ from its metadata"
+            )
+        try:
+            return FeatureSpec.from_names(self.feature_names)
+        except ConfigError as exc:
+            raise ConfigError(f"model {self.version}: {exc}") from exc
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "feature_names": list(self.feature_names),
+            "feature_set_version": self.feature_set_version,
+            "metrics": self.metrics,
+            "status": self.status,
+            "created_at": self.created_at,
+            "parent": self.parent,
+        }
+
+
+class ModelRegistry:
+    """Versions of the ranker model under one root."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.fs, self.root = resolve(uri)
+        self.fs.create_dir(self.root, recursive=True)
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def versions(self) -> list[str]:
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        names = [info.base_name for info in self.fs.get_file_info(selector)]
+        found = [n for n in names if _VERSION.match(n)]
+        return sorted(found, key=lambda n: int(n[1:]))
+
+    def _next_version(self) -> str:
+        existing = self.versions()
+        number = int(existing[-1][1:]) + 1 if existing else 1
+        return f"v{number:04d}"
+
+    def register(
+        self,
+        booster: xgb.Booster,
+        feature_names: tuple[str, ...],
+        metrics: dict[str, Any],
+        parent: str | None = None,
+    ) -> ModelArtifact:
+        """Store a new version (status candidate) and return it."""
+        artifact = ModelArtifact(
+            version=self._next_version(),
+            booster=booster,
+            feature_names=tuple(feature_names),
+            metrics=metrics,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            parent=parent,
+        )
+        artifact.check_compatible()
+        self.fs.create_dir(self._path(artifact.version), recursive=True)
+        with self.fs.open_output_stream(self._path(artifact.version, "model.json")) as out:
+            out.write(bytes(booster.save_raw(raw_format="json")))
+        self._write_meta(artifact)
+        return artifact
+
+    def _write_meta(self, artifact: ModelArtifact) -> None:
+        with self.fs.open_output_stream(self._path(artifact.version, "meta.json")) as out:
+            out.write(json.dumps(artifact.meta(), indent=2, default=float).encode())
+
+    def load(self, version: str) -> ModelArtifact:
+        """A stored version; ConfigError naming the version if it is missing or unreadable."""
+        if not _VERSION.match(version):
+            raise ConfigError(f"'{version}' is not a model version such as v0001")
+        try:
+            with self.fs.open_input_stream(self._path(version, "meta.json")) as f:
+                meta = json.loads(f.read())
+            with self.fs.open_input_stream(self._path(version, "model.json")) as f:
+                raw = f.read()
+        except (FileNotFoundError, OSError) as exc:
+            raise ConfigError(f"model {version} is not in the registry at {self.uri}") from exc
+        booster = xgb.Booster()
+        try:
+            booster.load_model(bytearray(raw))
+        except xgb.core.XGBoostError as exc:
+            raise ConfigError(f"model {version}: the booster cannot be loaded: {exc}") from exc
+        return ModelArtifact(
+            version=meta["version"],
+            booster=booster,
+            feature_names=tuple(meta["feature_names"]),
+            feature_set_version=int(meta["feature_set_version"]),
+            metrics=meta.get("metrics", {}),
+            status=meta.get("status", "candidate"),
+            created_at=meta.get("created_at", ""),
+            parent=meta.get("parent"),
+        )
+
+    def update(self, artifact: ModelArtifact) -> None:
+        """Rewrite a version's metadata (status, promotion decision)."""
+        self._write_meta(artifact)
+
+    def champion(self) -> str | None:
+        try:
+            with self.fs.open_input_stream(self._path("CHAMPION")) as f:
+                text = f.read().decode().strip()
+        except (FileNotFoundError, OSError):
+            return None
+        return text or None
+
+    def set_champion(self, version: str) -> None:
+        new = self.load(version)
+        old = self.champion()
+        if old and old != version:
+            previous = self.load(old)
+            previous.status = "retired"
+            self.update(previous)
+        new.status = "champion"
+        self.update(new)
+        with self.fs.open_output_stream(self._path("CHAMPION")) as out:
+            out.write(version.encode())
