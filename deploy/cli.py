@@ -1,4 +1,4 @@
-"""The `kairos` command line: demo, generate, replay and rules check."""
+"""The `kairos` command line: demo, generate, replay, simulate, train, rules and offers check."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deploy import learning
 from engine.config import EngineSettings
 from engine.errors import EngineError
 from engine.rules.spec import RuleSet, load_rules
@@ -28,6 +29,9 @@ app = typer.Typer(
 )
 rules_app = typer.Typer(help="Work with rule files.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
+app.add_typer(learning.offers_app, name="offers")
+app.command()(learning.simulate)
+app.command()(learning.train)
 console = Console()
 err = Console(stderr=True)
 

@@ -10,6 +10,7 @@ columns must match exactly, or the request is refused with an error naming the d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,30 @@ from engine.errors import ConfigError
 from models.registry import ModelArtifact, ModelRegistry
 
 CHALLENGER_SALT = 0x6368616C
+
+
+def column_map(model_names: tuple[str, ...], request_names: tuple[str, ...]) -> np.ndarray:
+    """For each model feature, its column among ``request_names`` (-1: absent, use zero)."""
+    if tuple(request_names[: len(CONTEXT_FIELDS)]) != CONTEXT_FIELDS:
+        raise ConfigError(
+            "score request context columns differ from the ranker's: "
+            f"{list(request_names[: len(CONTEXT_FIELDS)])} != {list(CONTEXT_FIELDS)}"
+        )
+    index = {n: i for i, n in enumerate(request_names)}
+    return np.array([index.get(n, -1) for n in model_names])
+
+
+def align(x: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    return np.where(columns >= 0, x[:, np.maximum(columns, 0)], np.float32(0.0))
+
+
+def predictor(
+    artifact: ModelArtifact, names: tuple[str, ...]
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function scoring feature rows laid out as ``names`` with ``artifact``'s booster."""
+    artifact.check_compatible()
+    columns = column_map(artifact.feature_names, names)
+    return lambda x: np.asarray(artifact.booster.inplace_predict(align(x, columns)))
 
 
 class RankerConfig(BaseModel):
@@ -67,22 +92,14 @@ class Ranker:
         cached = model.columns.get(names)
         if cached is not None:
             return cached
-        if tuple(names[: len(CONTEXT_FIELDS)]) != CONTEXT_FIELDS:
-            raise ConfigError(
-                "score request context columns differ from the ranker's: "
-                f"{list(names[: len(CONTEXT_FIELDS)])} != {list(CONTEXT_FIELDS)}"
-            )
-        index = {n: i for i, n in enumerate(names)}
-        columns = np.array([index.get(n, -1) for n in model.artifact.feature_names])
+        columns = column_map(model.artifact.feature_names, names)
         model.columns[names] = columns
         return columns
 
     def _predict(self, model: _Loaded, request: ScoreRequest, rows: np.ndarray) -> np.ndarray:
         columns = self._columns(model, request.feature_names)
-        x = request.features[rows]
-        aligned = np.where(columns >= 0, x[:, np.maximum(columns, 0)], np.float32(0.0))
-        booster = model.artifact.booster
-        return np.asarray(booster.inplace_predict(aligned), dtype=np.float32)
+        aligned = align(request.features[rows], columns)
+        return np.asarray(model.artifact.booster.inplace_predict(aligned), dtype=np.float32)
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
         n = request.rows

@@ -1,10 +1,11 @@
 """Training the ranker from the decision log joined with outcomes, and judging it.
 
-A training row is a delivered offer whose outcome is known at the training cutoff: accepted
-(label 1) if an ``accepted`` response with its decision id arrived within the attribution
-window and before the cutoff; declined or ignored (label 0) if the window closed before the
-cutoff without an acceptance. Offers whose window is still open at the cutoff are left out,
-and nothing that happened after the cutoff is read: no leakage. Features are rebuilt from the
+A training row is a delivered offer whose attribution window closed before the training
+cutoff: accepted (label 1) if an ``accepted`` response with its decision id arrived within
+the window; declined or ignored (label 0) otherwise. Offers whose window is still open at the
+cutoff are left out, even if already accepted (keeping them would keep early acceptances but
+not the refusals still to come, and bias the labels), and nothing that happened after the
+cutoff is read: no leakage. Features are rebuilt from the
 logged context with the serving feature builder.
 """
 
@@ -87,7 +88,9 @@ def outcomes(
     after = _ms(decisions.column("deliver_after"))
     accept_ts = accepted_at(decisions, responses, cutoff_ms)
     accepted = (accept_ts >= 0) & (accept_ts <= after + window_ms)
-    known = accepted | (after + window_ms <= cutoff_ms)
+    # only decisions whose window has closed: counting early acceptances of still-open
+    # windows, but not their still-possible refusals, would bias the labels upwards
+    known = after + window_ms <= cutoff_ms
     return known & (ts <= cutoff_ms), accepted
 
 

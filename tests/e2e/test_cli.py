@@ -93,3 +93,35 @@ def test_rules_check_reports_problems_in_one_line_each_and_fails(tmp_path) -> No
         "rules", "check", str(Path(__file__).parents[2] / "deploy/config/rules.yaml"), cwd=tmp_path
     )
     assert ok.returncode == 0 and "4 rules OK" in ok.stdout
+
+
+@pytest.mark.slow
+def test_simulate_json_reports_every_policy_and_writes_the_chart(tmp_path) -> None:
+    done = kairos(
+        "simulate", "--customers", "2000", "--days", "12", "--warmup-days", "6",
+        "--out", str(tmp_path), "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    for policy in ("blanket", "rules", "kairos", "oracle"):
+        r = report[policy]
+        assert {"offers_sent", "accepted", "acceptance_rate", "net_value", "opt_outs"} <= set(r)
+        assert r["accepted"] <= r["offers_sent"]
+        if r["offers_sent"]:
+            assert r["acceptance_rate"] == pytest.approx(r["accepted"] / r["offers_sent"])
+    assert set(report["blanket"]["offers_by_action"]) <= {"plan_upgrade"}
+    assert report["kairos"]["models"], "kairos trained no model after its warm-up"
+    assert (tmp_path / "acceptance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(report["targets"]) == 6
+
+
+def test_offers_check_names_the_offer_and_field_in_one_line(tmp_path) -> None:
+    bad = tmp_path / "offers.yaml"
+    bad.write_text("offers:\n  - {id: x, answers: [r], channels: [fax], value: 1}\n")
+    done = kairos("offers", "check", str(bad), cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"error: {bad}: offer 'x': field 'channels'" in done.stderr
+    assert "Traceback" not in done.stderr
+    ok = kairos("offers", "check", str(Path(__file__).parents[2] / "deploy/config/offers.yaml"),
+                cwd=tmp_path)  # fmt: skip
+    assert ok.returncode == 0 and "5 offers OK" in ok.stdout

@@ -1,0 +1,198 @@
+"""`kairos simulate`, `kairos train` and `kairos offers check`: the decision side of the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from engine.decision.catalog import load_catalog
+from engine.errors import EngineError
+from engine.rules.spec import load_rules
+
+CONFIG = Path(__file__).parent / "config"
+DEFAULT_RULES = CONFIG / "rules.yaml"
+DEFAULT_OFFERS = CONFIG / "offers.yaml"
+
+console = Console()
+offers_app = typer.Typer(help="Work with offer catalogs.", no_args_is_help=True)
+
+
+@offers_app.command("check")
+def offers_check(file: Annotated[Path, typer.Argument(help="Offer catalog to validate.")]) -> None:
+    """Validate an offer catalog: every problem with file, offer id and field, or a summary."""
+    catalog = load_catalog(file)
+    table = Table(title=f"{file}: {len(catalog.offers)} offers OK", header_style="bold")
+    for column in ("id", "answers", "eligible", "channels", "value", "cost", "cooldown"):
+        table.add_column(column)
+    for offer in catalog.offers:
+        s = offer.spec
+        table.add_row(
+            s.id,
+            ", ".join(s.answers),
+            str(offer.eligible or "always"),
+            ", ".join(s.channels),
+            f"{s.value:g}",
+            f"{s.cost:g}",
+            str(s.cooldown),
+        )
+    console.print(table)
+    p = catalog.policy
+    caps = ", ".join(f"{c.max} per {c.per}" for c in p.frequency_caps) or "none"
+    quiet = f"{p.quiet_hours.start}:00-{p.quiet_hours.end}:00" if p.quiet_hours else "none"
+    console.print(
+        f"policy: caps {caps}; quiet hours {quiet}; consent {p.consent}; "
+        f"control group {p.control_share:.0%}; exploration {p.exploration:.0%}"
+    )
+
+
+#: (description, policy, measure, relation, other policy, factor): policy.measure rel factor * other
+TARGETS: tuple[tuple[str, str, str, str, str, float], ...] = (
+    ("kairos acceptance rate >= 4x blanket", "kairos", "acceptance_rate", ">=", "blanket", 4.0),
+    ("kairos offers sent <= 50% of blanket", "kairos", "offers_sent", "<=", "blanket", 0.5),
+    ("kairos net value > blanket", "kairos", "net_value", ">", "blanket", 1.0),
+    ("kairos opt-outs <= 50% of blanket", "kairos", "opt_outs", "<=", "blanket", 0.5),
+    ("kairos net value >= 1.2x rules", "kairos", "net_value", ">=", "rules", 1.2),
+    ("kairos net value >= 90% of oracle", "kairos", "net_value", ">=", "oracle", 0.9),
+)
+
+
+def targets(reports: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """The issue's closed-loop targets, each met or not (empty if a policy did not run)."""
+    out: dict[str, bool] = {}
+    for text, policy, measure, relation, other, factor in TARGETS:
+        if policy not in reports or other not in reports:
+            continue
+        a, b = reports[policy][measure], factor * reports[other][measure]
+        out[text] = a >= b if relation == ">=" else a <= b if relation == "<=" else a > b
+    return out
+
+
+def simulate(
+    customers: Annotated[int, typer.Option(min=100)] = 20_000,
+    days: Annotated[int, typer.Option(min=2, max=120)] = 42,
+    warmup_days: Annotated[int, typer.Option(min=1)] = 14,
+    policies: Annotated[str, typer.Option(help="Comma-separated.")] = "blanket,rules,kairos,oracle",
+    seed: int = 7,
+    out: Annotated[Path, typer.Option(help="Folder for the chart, report and models.")] = Path(
+        "kairos-data/simulate"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Run one simulated population under blanket, rules-only, Kairos and oracle policies."""
+    from deploy.chart import acceptance_chart
+    from models.simulate import POLICIES, Simulation, SimulationConfig, report
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown:
+        raise EngineError(f"unknown policy {unknown}; known: {', '.join(POLICIES)}")
+    if warmup_days >= days:
+        raise EngineError(f"--warmup-days ({warmup_days}) must be less than --days ({days})")
+    config = SimulationConfig(customers=customers, days=days, warmup_days=warmup_days, seed=seed)
+    quiet = Console(stderr=True, quiet=as_json)
+    bar = Progress(
+        TextColumn("[bold]{task.description:8}"), BarColumn(), TimeElapsedColumn(), console=quiet
+    )
+    with bar:
+        gen = bar.add_task("generate", total=None)
+        sim = Simulation(
+            config,
+            load_rules(DEFAULT_RULES),
+            load_catalog(DEFAULT_OFFERS),
+            str((out / "models").resolve()),
+            progress=lambda name, share: bar.update(tasks[name], completed=share),
+        )
+        bar.update(gen, total=1, completed=1)
+        tasks = {name: bar.add_task(name, total=1.0) for name in names}
+        reports = {}
+        for name in names:
+            reports[name] = report(sim.run(name), customers, sim.warmup_end, sim.t0)
+    chart = acceptance_chart(reports, warmup_days, out / "acceptance.png")
+    result: dict[str, Any] = {**reports, "targets": targets(reports), "chart": str(chart)}
+    (out / "report.json").write_text(json.dumps(result, indent=2, default=float))
+    if as_json:
+        print(json.dumps(result, default=float))
+        return
+    _print_report(reports, result["targets"], chart, config.customers)
+
+
+def _print_report(
+    reports: dict[str, dict[str, Any]], checks: dict[str, bool], chart: Path, customers: int
+) -> None:
+    table = Table(title=f"Closed loop, {customers:,} customers, after warm-up", header_style="bold")
+    for column in ("policy", "offers sent", "accepted", "acceptance", "per 1,000", "net value",
+                   "opt-outs", "uplift (95% CI)"):  # fmt: skip
+        table.add_column(column, justify="right" if column != "policy" else "left")
+    for name, r in reports.items():
+        u = r["uplift"]
+        table.add_row(
+            name,
+            f"{r['offers_sent']:,}",
+            f"{r['accepted']:,}",
+            f"{r['acceptance_rate']:.1%}",
+            f"{r['accepted_per_1000_customers']:.1f}",
+            f"{r['net_value']:,.0f}",
+            f"{r['opt_outs']:,}",
+            f"{u['uplift']:+.1%} ({u['low']:+.1%}, {u['high']:+.1%})",
+        )
+    console.print(table)
+    for name, ok in checks.items():
+        console.print(f"  {'[green]met' if ok else '[red]not met'}[/] {name}")
+    if "kairos" in reports:
+        promoted = [m for m in reports["kairos"]["models"] if m["promoted"]]
+        console.print(
+            f"kairos trained {len(reports['kairos']['models'])} models, promoted "
+            f"{len(promoted)}: {', '.join(m['version'] for m in promoted) or 'none'}"
+        )
+    console.print(f"chart: {chart}")
+
+
+def train(
+    decisions: Annotated[Path, typer.Argument(help="Decision log: Parquet file or folder.")],
+    responses: Annotated[Path, typer.Argument(help="offer_response events (Parquet/NDJSON).")],
+    registry: Annotated[Path, typer.Option(help="Model registry folder.")] = Path(
+        "kairos-data/models"
+    ),
+    offers: Annotated[Path, typer.Option(help="Offer catalog.")] = DEFAULT_OFFERS,
+    cutoff: Annotated[
+        str | None, typer.Option(help="Training cutoff (ISO time); default: newest event.")
+    ] = None,
+) -> None:
+    """Train a candidate ranker from the decision log and outcomes; promote it if it wins."""
+    from datetime import datetime
+
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from engine.replay import read_events
+    from models.learning import train_round
+    from models.registry import ModelRegistry
+
+    try:
+        log = ds.dataset(str(decisions), format="parquet").to_table()
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"{decisions}: cannot read the decision log: {exc}") from exc
+    events = read_events(str(responses)).table
+    if cutoff is None:
+        newest = pc.max(events.column("ts")).as_py() if events.num_rows else None
+        cutoff_ms = int(newest.timestamp() * 1000) if newest else 0
+    else:
+        try:
+            cutoff_ms = int(datetime.fromisoformat(cutoff).timestamp() * 1000)
+        except ValueError as exc:
+            raise EngineError(f"--cutoff {cutoff!r} is not an ISO date-time") from exc
+    result = train_round(log, events, load_catalog(offers), ModelRegistry(str(registry)), cutoff_ms)
+    if result.artifact is None:
+        raise EngineError(f"no model trained: {result.reason}")
+    m = result.metrics
+    console.print(f"trained {result.artifact.version} on {m['train_rows']:,} rows")
+    console.print(f"holdout: {json.dumps(m['holdout'], default=float)}")
+    console.print(f"off-policy: {json.dumps(m['offpolicy'], default=float)}")
+    verdict = "[green]promoted[/]" if result.promoted else "[red]refused[/]"
+    console.print(f"{verdict}: {result.reason}")

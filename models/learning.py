@@ -1,0 +1,98 @@
+"""One training round: training set -> model -> holdout metrics -> off-policy gate -> registry.
+
+A candidate is promoted only if the lower bound of its doubly robust value estimate beats the
+champion's estimate on the same held-out decisions (or, with no champion yet, the logging
+policy's own average reward). Refused candidates stay in the registry with status
+``refused`` and the numbers that refused them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from engine.decision.catalog import Catalog
+from engine.decision.features import FeatureSpec, feature_spec
+from models.offpolicy import evaluate_policy, logged_bandit, logged_value
+from models.ranker import predictor
+from models.registry import ModelArtifact, ModelRegistry
+from models.train import classification_metrics, fit, outcomes, time_split, training_set
+
+
+@dataclass
+class TrainResult:
+    artifact: ModelArtifact | None
+    promoted: bool
+    reason: str
+    metrics: dict[str, Any]
+
+
+def train_round(
+    decisions: pa.Table,
+    responses: pa.Table,
+    catalog: Catalog,
+    registry: ModelRegistry,
+    cutoff_ms: int,
+    holdout: float = 0.25,
+    min_rows: int = 200,
+    shuffle_labels: bool = False,
+    seed: int = 0,
+) -> TrainResult:
+    """Train on outcomes known at ``cutoff_ms``, judge on the latest ``holdout`` share of time."""
+    spec: FeatureSpec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
+    window = catalog.policy.attribution_window_ms
+    data = training_set(decisions, responses, cutoff_ms, window, spec)
+    if data.labels.size < min_rows or data.labels.min() == data.labels.max():
+        return TrainResult(None, False, f"not enough outcomes yet ({data.labels.size} rows)", {})
+    train_rows, test_rows = time_split(data.ts, holdout)
+    labels = data.labels.copy()
+    if shuffle_labels:  # a deliberately useless model, for testing the gate
+        labels = np.random.default_rng(seed).permutation(labels)
+    booster = fit(data.features[train_rows], labels[train_rows], spec.names, seed=seed)
+    p_test = booster.inplace_predict(data.features[test_rows])
+    metrics: dict[str, Any] = {
+        "holdout": classification_metrics(data.labels[test_rows], np.asarray(p_test)),
+        "train_rows": int(train_rows.size),
+        "cutoff_ms": int(cutoff_ms),
+        "shuffled_labels": shuffle_labels,
+    }
+    # off-policy: every non-control decision of the holdout period with a known outcome
+    boundary = float(data.ts[test_rows].min()) if test_rows.size else float(cutoff_ms)
+    ts = decisions.column("ts").cast(pa.int64()).to_numpy()
+    control = np.asarray(decisions.column("control").to_numpy(zero_copy_only=False), bool)
+    known, accepted = outcomes(decisions, responses, cutoff_ms, window)
+    rows = np.flatnonzero(known & ~control & (ts >= boundary))
+    log = logged_bandit(decisions.take(pa.array(rows)), accepted[rows], catalog)
+    candidate = evaluate_policy(log, lambda x: np.asarray(booster.inplace_predict(x)), spec)
+    champion_version = registry.champion()
+    if champion_version:
+        champ = registry.load(champion_version)
+        baseline = evaluate_policy(log, predictor(champ, spec.names), spec).dr
+        against = f"champion {champion_version}"
+    else:
+        baseline = logged_value(log)
+        against = "the logging policy"
+    dr, snips = candidate.dr, candidate.snips
+    metrics["offpolicy"] = {
+        "decisions": int(log.n),
+        "dr": dr.as_dict(),
+        "snips": snips.as_dict(),
+        "agreement": candidate.agreement,
+        "baseline": {"against": against, **baseline.as_dict()},
+    }
+    promoted = bool(dr.low > baseline.value)
+    reason = (
+        f"DR lower bound {dr.low:.4f} {'>' if promoted else '<='} {against} {baseline.value:.4f}"
+    )
+    metrics["gate"] = {"promoted": promoted, "reason": reason}
+    artifact = registry.register(booster, spec.names, metrics, parent=champion_version)
+    if promoted:
+        registry.set_champion(artifact.version)
+        artifact.status = "champion"
+    else:
+        artifact.status = "refused"
+        registry.update(artifact)
+    return TrainResult(artifact, promoted, reason, metrics)

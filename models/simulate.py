@@ -1,0 +1,307 @@
+"""Closed-loop evaluation: the same simulated population under four policies.
+
+* ``blanket``: a plan upgrade to everyone who crosses 80 % of the cap, no targeting;
+* ``rules``: the shipped catalog and contact policy, no model: the most valuable eligible
+  offer always;
+* ``kairos``: the shipped catalog with the learning ranker: a warm-up with an uninformed
+  prior and more exploration, then a model trained from its own log, retrained every N new
+  outcomes and swapped in when the off-policy gate says it is better;
+* ``oracle``: the shipped catalog scored with the simulator's true propensities (the
+  yardstick; Kairos never sees them).
+
+Every policy sees the same events and the same per-customer random draws; responses and
+opt-outs flow back into the engine as events. Metrics count decisions after the warm-up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from engine.config import EngineSettings
+from engine.decision.catalog import NO_ACTION, Catalog, parse_catalog
+from engine.decision.log import DECISION_SCHEMA
+from engine.decision.scorer import OfferScorer, ScoreRequest, ScoreResponse
+from engine.events.schema import RAW_SCHEMA
+from engine.local import LocalEngine
+from engine.rules.spec import RuleSet
+from engine.synthetic import telco
+from engine.synthetic.response import OracleScorer, ResponseSimulator
+from models.learning import train_round
+from models.ranker import Ranker, RankerConfig
+from models.registry import ModelRegistry
+
+POLICIES = ("blanket", "rules", "kairos", "oracle")
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    customers: int = 20_000
+    days: int = 42
+    warmup_days: int = 14
+    events_per_customer_day: float = 2.0
+    retrain_every: int = 1_500  # new known outcomes between retrainings
+    warmup_exploration: float = 0.3
+    prior_propensity: float = 0.15
+    shards: int = 2
+    seed: int = 7
+    start: datetime = datetime(2026, 9, 1, tzinfo=UTC)
+
+
+class ConstantScorer:
+    """The same propensity for everything: the uninformed prior, or 1.0 for 'value only'."""
+
+    def __init__(self, p: float, version: str) -> None:
+        self.p, self.version = p, version
+
+    def score(self, request: ScoreRequest) -> ScoreResponse:
+        n = request.rows
+        return ScoreResponse(np.full(n, self.p, np.float32), (self.version,), np.zeros(n, np.int8))
+
+
+@dataclass
+class PolicyRun:
+    """What one policy did: its decisions, the simulator's outcomes and the model history."""
+
+    name: str
+    decisions: list[pa.Table] = field(default_factory=list)
+    outcomes: list[dict[str, np.ndarray]] = field(default_factory=list)
+    responses: list[pa.Table] = field(default_factory=list)
+    models: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def blanket_catalog(catalog: Catalog) -> Catalog:
+    doc = dict(catalog.document)
+    upgrade = next(o for o in doc["offers"] if o["id"] == "plan_upgrade")
+    doc["offers"] = [{**upgrade, "eligible": None, "cooldown": "0s"}]
+    doc["policy"] = {
+        **(doc.get("policy") or {}),
+        "frequency_caps": [],
+        "exploration": 0.0,
+    }
+    return parse_catalog(doc, "blanket")
+
+
+def with_exploration(catalog: Catalog, exploration: float) -> Catalog:
+    doc = dict(catalog.document)
+    doc["policy"] = {**(doc.get("policy") or {}), "exploration": exploration}
+    return parse_catalog(doc, catalog.source)
+
+
+class Simulation:
+    """Runs the policies over one generated month (or more) of one population."""
+
+    def __init__(
+        self,
+        config: SimulationConfig,
+        rules: RuleSet,
+        catalog: Catalog,
+        registry_uri: str,
+        progress: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.rules = rules
+        self.catalog = catalog
+        self.registry_uri = registry_uri
+        self.progress = progress or (lambda name, share: None)
+        self.settings = EngineSettings(shards=config.shards, allowed_lateness_s=60)
+        self.pop = telco.population(config.customers, seed=config.seed)
+        total = int(config.customers * config.days * config.events_per_customer_day)
+        self.events = telco.events(
+            self.pop, total, days=config.days, seed=config.seed, start=config.start
+        )
+        self.t0 = int(config.start.timestamp() * 1000)
+        self.warmup_end = self.t0 + config.warmup_days * DAY_MS
+
+    def simulator(self) -> ResponseSimulator:
+        return ResponseSimulator(self.pop, self.settings.pseudonym_key, seed=self.config.seed)
+
+    def run(self, name: str) -> PolicyRun:
+        started = time.perf_counter()
+        sim = self.simulator()
+        catalog, scorer = self._policy(name, sim)
+        engine = LocalEngine(self.settings, self.rules, catalog, scorer)
+        run = PolicyRun(name)
+        registry = ModelRegistry(f"{self.registry_uri}/{name}") if name == "kairos" else None
+        outcomes_at_last_train = 0
+        arrival = self.events.column("ts").cast(pa.int64()).to_numpy()
+        steps = np.arange(self.t0, self.t0 + (self.config.days + 1) * DAY_MS + 1, HOUR_MS)
+        bounds = np.searchsorted(arrival, steps)
+        bounds[-1] = self.events.num_rows
+        pending = _empty_raw()
+        seen = 0
+        for i in range(len(steps) - 1):
+            chunk = self.events.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
+            due, pending = _split_due(pending, int(steps[i + 1]), int(steps[i]))
+            engine.submit(pa.concat_tables([chunk, due]) if due.num_rows else chunk)
+            seen, answers = self._answer(engine, sim, run, seen)
+            pending = pa.concat_tables([pending, *answers])
+            if registry is not None and steps[i + 1] >= self.warmup_end:
+                known = sum(int(o["accepted"].size) for o in run.outcomes)
+                first = not run.models
+                if first or known - outcomes_at_last_train >= self.config.retrain_every:
+                    outcomes_at_last_train = known
+                    model = self._retrain(run, registry, int(steps[i + 1]))
+                    if model is not None:
+                        engine.set_catalog(self.catalog, model)
+            self.progress(name, (i + 1) / (len(steps) - 1))
+        engine.flush()
+        self._answer(engine, sim, run, seen)
+        run.seconds = time.perf_counter() - started
+        return run
+
+    @staticmethod
+    def _answer(
+        engine: LocalEngine, sim: ResponseSimulator, run: PolicyRun, seen: int
+    ) -> tuple[int, list[pa.Table]]:
+        """Let the simulator answer the decisions made since ``seen``; returns its events."""
+        answers = []
+        for table in engine.decisions[seen:]:
+            events, outcome = sim.respond(table)
+            run.decisions.append(table)
+            run.outcomes.append(outcome)
+            if events.num_rows:
+                run.responses.append(events)
+                answers.append(events)
+        return len(engine.decisions), answers
+
+    def _policy(self, name: str, sim: ResponseSimulator) -> tuple[Catalog, OfferScorer]:
+        if name == "blanket":
+            return blanket_catalog(self.catalog), ConstantScorer(1.0, "blanket")
+        if name == "rules":
+            return with_exploration(self.catalog, 0.0), ConstantScorer(1.0, "rules")
+        if name == "oracle":
+            return with_exploration(self.catalog, 0.0), OracleScorer(sim)
+        if name == "kairos":
+            warm = with_exploration(self.catalog, self.config.warmup_exploration)
+            return warm, ConstantScorer(self.config.prior_propensity, "prior")
+        raise ValueError(f"unknown policy '{name}'; known: {', '.join(POLICIES)}")
+
+    def _retrain(
+        self, run: PolicyRun, registry: ModelRegistry, cutoff_ms: int
+    ) -> OfferScorer | None:
+        decisions = (
+            pa.concat_tables(run.decisions) if run.decisions else DECISION_SCHEMA.empty_table()
+        )
+        responses = pa.concat_tables(run.responses) if run.responses else _empty_raw()
+        result = train_round(
+            decisions, responses, self.catalog, registry, cutoff_ms, seed=len(run.models)
+        )
+        run.models.append(
+            {
+                "cutoff_day": (cutoff_ms - self.t0) / DAY_MS,
+                "version": result.artifact.version if result.artifact else None,
+                "promoted": result.promoted,
+                "reason": result.reason,
+                "auc": result.metrics.get("holdout", {}).get("auc"),
+            }
+        )
+        champion = registry.champion()
+        if champion is None or not result.promoted:
+            return None
+        return Ranker(RankerConfig(registry=registry.uri, champion=champion))
+
+
+def _empty_raw() -> pa.Table:
+    return RAW_SCHEMA.empty_table()
+
+
+def _split_due(pending: pa.Table, until_ms: int, floor_ms: int) -> tuple[pa.Table, pa.Table]:
+    """(responses due before ``until_ms``, clamped to at least ``floor_ms``; the rest)."""
+    if pending.num_rows == 0:
+        return pending, pending
+    ts = pending.column("ts").cast(pa.int64()).to_numpy()
+    due = ts < until_ms
+    now = pending.filter(pa.array(due))
+    later = pending.filter(pa.array(~due))
+    clamped = np.maximum(now.column("ts").cast(pa.int64()).to_numpy(), floor_ms)
+    field = now.schema.field("ts")
+    now = now.set_column(
+        now.schema.get_field_index("ts"), field, pa.array(clamped).cast(field.type)
+    )
+    return now, later
+
+
+def _flatten(run: PolicyRun) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """All decisions of a run with the simulator's outcome per decision."""
+    if not run.decisions:
+        empty = np.zeros(0, dtype=bool)
+        return DECISION_SCHEMA.empty_table(), {
+            "accepted": empty,
+            "opted_out": empty,
+            "organic": empty,
+        }
+    table = pa.concat_tables(run.decisions)
+    out = {k: np.zeros(table.num_rows, dtype=bool) for k in ("accepted", "opted_out", "organic")}
+    offset = 0
+    for chunk, outcome in zip(run.decisions, run.outcomes, strict=True):
+        rows = offset + outcome["row"]
+        for k, column in out.items():
+            column[rows] = outcome[k]
+        offset += chunk.num_rows
+    return table, out
+
+
+def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> dict[str, Any]:
+    """The policy's results over the decisions after the warm-up."""
+    table, out = _flatten(run)
+    ts = table.column("ts").cast(pa.int64()).to_numpy()
+    action = np.asarray(table.column("action").to_numpy(zero_copy_only=False), dtype=object)
+    delivered = np.asarray(table.column("delivered").to_numpy(zero_copy_only=False), bool)
+    control = np.asarray(table.column("control").to_numpy(zero_copy_only=False), bool)
+    value = table.column("value").to_numpy()
+    cost = table.column("cost").to_numpy()
+    after = ts >= warmup_end_ms
+    offer = action != NO_ACTION
+    sent = delivered & after
+    accepted = out["accepted"] & sent
+    n_sent, n_acc = int(sent.sum()), int(accepted.sum())
+    # uplift: conversions (accepted, or bought on their own) per would-be offer, vs control
+    would = offer & after
+    treated, held = would & ~control, would & control
+    conv = out["accepted"] | out["organic"]
+    pt = float(conv[treated].mean()) if treated.any() else float("nan")
+    pc = float(out["organic"][held].mean()) if held.any() else float("nan")
+    nt, nc = int(treated.sum()), int(held.sum())
+    half = 1.96 * float(np.sqrt(pt * (1 - pt) / max(nt, 1) + pc * (1 - pc) / max(nc, 1)))
+    days = ((ts - t0_ms) // DAY_MS).astype(np.int64)
+    daily = []
+    for d in range(int(days.max()) + 1 if days.size else 0):
+        on_day = (
+            sent & (days == d) if d * DAY_MS + t0_ms >= warmup_end_ms else delivered & (days == d)
+        )
+        k = int(on_day.sum())
+        daily.append(float((out["accepted"] & on_day).sum() / k) if k else float("nan"))
+    return {
+        "offers_sent": n_sent,
+        "accepted": n_acc,
+        "acceptance_rate": n_acc / n_sent if n_sent else 0.0,
+        "accepted_per_1000_customers": 1000.0 * n_acc / customers,
+        "net_value": float((value * accepted).sum() - cost[sent].sum()),
+        "opt_outs": int((out["opted_out"] & sent).sum()),
+        "decisions": int(after.sum()),
+        "offers_by_action": {
+            str(a): int(((action == a) & sent).sum()) for a in sorted(set(action[sent].tolist()))
+        },
+        "uplift": {
+            "conversion_treated": pt,
+            "conversion_control": pc,
+            "uplift": pt - pc,
+            "low": pt - pc - half,
+            "high": pt - pc + half,
+            "treated": nt,
+            "control": nc,
+        },
+        "daily_acceptance_rate": daily,
+        "models": run.models,
+        "seconds": round(run.seconds, 1),
+    }
