@@ -35,6 +35,7 @@ class _Open:
 class _InFlight:
     stats_ref: ray.ObjectRef
     triggers_ref: ray.ObjectRef
+    decisions_ref: ray.ObjectRef
     opened: float
 
 
@@ -47,13 +48,17 @@ class RouterStats:
     applied: int = 0
     duplicates: int = 0
     triggers: int = 0
+    decisions: int = 0
     micro_batches: int = 0
     triggers_by_rule: Counter[str] = field(default_factory=Counter)
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
+    #: per micro-batch with decisions: time the shard spent deciding (policy, ranker, choice)
+    decide_ms: list[float] = field(default_factory=list)
 
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else 0.0
+    def percentile(self, q: float, values: list[float] | None = None) -> float:
+        values = self.latencies_ms if values is None else values
+        return float(np.percentile(values, q)) if values else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -66,11 +71,14 @@ class RouterStats:
             "triggers_by_rule": dict(self.triggers_by_rule),
             "p50_ms": self.percentile(50),
             "p99_ms": self.percentile(99),
+            "decisions": self.decisions,
+            "decide_p50_ms": self.percentile(50, self.decide_ms),
+            "decide_p99_ms": self.percentile(99, self.decide_ms),
         }
 
 
 class Router:
-    """Feeds shard actors with micro-batches and the sink with their triggers."""
+    """Feeds shard actors with micro-batches and the sinks with their triggers and decisions."""
 
     def __init__(
         self,
@@ -79,8 +87,10 @@ class Router:
         sink: Any | None = None,
         clock: Clock | None = None,
         dead_letter_sink: ParquetSink | None = None,
+        decision_sink: Any | None = None,
     ) -> None:
         self.ingestor = ingestor
+        self.decision_sink = decision_sink
         self.settings = ingestor.settings
         self.shards = shards
         self.sink = sink
@@ -158,12 +168,12 @@ class Router:
         opened = buf.opened if buf.parts else self.clock.monotonic()
         self._open[shard] = _Open()
         if final:  # end of stream: release everything still waiting for the watermark
-            triggers_ref, stats_ref = self.shards[shard].flush.remote()
+            triggers_ref, decisions_ref, stats_ref = self.shards[shard].flush.remote()
         else:
-            triggers_ref, stats_ref = self.shards[shard].apply.remote(
+            triggers_ref, decisions_ref, stats_ref = self.shards[shard].apply.remote(
                 batch, self.ingestor.watermark_ms
             )
-        queue.append(_InFlight(stats_ref, triggers_ref, opened))
+        queue.append(_InFlight(stats_ref, triggers_ref, decisions_ref, opened))
 
     def _finish(self, shard: int, call: _InFlight) -> None:
         stats = ray.get(call.stats_ref)
@@ -173,8 +183,13 @@ class Router:
         self.stats.duplicates += stats["duplicates"]
         self.stats.triggers += stats["triggers"]
         self.stats.triggers_by_rule.update(stats["triggers_by_rule"])
+        self.stats.decisions += stats["decisions"]
+        if stats["decisions"]:
+            self.stats.decide_ms.append(stats["decide_ms"])
         if stats["triggers"] and self.sink is not None:
             self.sink.write.remote(call.triggers_ref)
+        if stats["decisions"] and self.decision_sink is not None:
+            self.decision_sink.write.remote(call.decisions_ref)
 
     def _harvest(self, block: bool) -> None:
         for shard, queue in enumerate(self._in_flight):
@@ -200,6 +215,8 @@ class Router:
         self._harvest(block=True)
         if self.dead_letter_sink is not None:
             self.dead_letter_sink.flush()
+        if self.decision_sink is not None:
+            ray.get(self.decision_sink.flush.remote())
         if self.sink is not None:
             return dict(ray.get(self.sink.flush.remote()))
         return {}

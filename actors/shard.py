@@ -10,6 +10,8 @@ import ray
 
 from actors.runtime import peak_rss_mb
 from engine.config import EngineSettings
+from engine.decision.catalog import parse_catalog
+from engine.decision.scorer import OfferScorer
 from engine.rules.spec import parse_rules
 from engine.shard import ApplyResult, ShardLogic
 from engine.state.snapshot import read_snapshot, write_snapshot
@@ -23,6 +25,8 @@ def _stats(result: ApplyResult, started: float) -> dict[str, Any]:
         "pending": result.pending,
         "triggers": result.triggers.num_rows,
         "triggers_by_rule": result.triggers_by_rule,
+        "decisions": result.decisions.num_rows,
+        "decide_ms": result.decide_ms,
         "apply_ms": (time.perf_counter() - started) * 1000,
     }
 
@@ -37,24 +41,33 @@ class ShardActor:
         settings: EngineSettings,
         rules_document: dict[str, Any],
         key_range: tuple[int, int],
+        catalog_document: dict[str, Any] | None = None,
+        scorer: OfferScorer | None = None,
     ) -> None:
         rules = parse_rules(rules_document, "rules")
-        self.logic = ShardLogic(shard_id, settings, rules, key_range)
+        catalog = parse_catalog(catalog_document, "offers") if catalog_document else None
+        self.logic = ShardLogic(shard_id, settings, rules, key_range, catalog, scorer)
 
-    @ray.method(num_returns=2)
+    @ray.method(num_returns=3)
     def apply(
         self, batch: pa.RecordBatch | None, watermark_ms: int
-    ) -> tuple[pa.Table, dict[str, Any]]:
-        """Apply one micro-batch; returns (triggers, stats) as two objects."""
+    ) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+        """Apply one micro-batch; returns (triggers, decisions, stats) as three objects."""
         started = time.perf_counter()
         result = self.logic.apply(batch, watermark_ms)
-        return result.triggers, _stats(result, started)
+        return result.triggers, result.decisions, _stats(result, started)
 
-    @ray.method(num_returns=2)
-    def flush(self) -> tuple[pa.Table, dict[str, Any]]:
+    @ray.method(num_returns=3)
+    def flush(self) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
         started = time.perf_counter()
         result = self.logic.flush()
-        return result.triggers, _stats(result, started)
+        return result.triggers, result.decisions, _stats(result, started)
+
+    def set_catalog(self, catalog_document: dict[str, Any] | None) -> int:
+        """Replace the offer catalog (validated by the caller; again here); contacts are kept."""
+        catalog = parse_catalog(catalog_document, "offers") if catalog_document else None
+        self.logic.set_catalog(catalog)
+        return len(catalog.offers) if catalog else 0
 
     def set_rules(self, rules_document: dict[str, Any]) -> int:
         """Replace the rules (already validated by the caller; validated again here)."""
@@ -81,7 +94,10 @@ class ShardActor:
         return write_snapshot(self.logic, uri)
 
     def restore(self, uri: str) -> int:
+        decider = self.logic.decider
         self.logic = read_snapshot(
             uri, self.logic.settings, self.logic.rules, self.logic.shard_id, self.logic.key_range
         )
+        if decider is not None:  # the restored store brings its own contact history
+            self.logic.set_catalog(decider.catalog, decider.scorer)
         return self.logic.customers

@@ -1,4 +1,4 @@
-"""TriggerSinkActor: collects trigger tables and writes them as Parquet through pyarrow.fs."""
+"""Sink actors: triggers and the decision log, written as Parquet through pyarrow.fs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from engine.sink import ParquetSink
+from engine.sink import DayPartitionedSink, ParquetSink
 
 
 @ray.remote
@@ -24,3 +24,19 @@ class TriggerSinkActor:
     def flush(self) -> dict[str, Any]:
         self.sink.flush()
         return {"rows": self.sink.rows, "files": list(self.sink.files)}
+
+
+@ray.remote
+class DecisionSinkActor:
+    """Writes the decision log, partitioned by day of decision (``day=YYYY-MM-DD/``)."""
+
+    def __init__(self, uri: str, rows_per_file: int = 200_000) -> None:
+        self.sink = DayPartitionedSink(uri, rows_per_file=rows_per_file, prefix="decisions")
+
+    def write(self, decisions: pa.Table) -> int:
+        self.sink.write(decisions)
+        return self.sink.rows
+
+    def flush(self) -> dict[str, Any]:
+        self.sink.flush()
+        return {"rows": self.sink.rows, "files": self.sink.files}

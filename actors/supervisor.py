@@ -12,8 +12,10 @@ import ray
 
 from actors.router import Router
 from actors.shard import ShardActor
-from actors.sink import TriggerSinkActor
+from actors.sink import DecisionSinkActor, TriggerSinkActor
 from engine.config import EngineSettings
+from engine.decision.catalog import Catalog, parse_catalog
+from engine.decision.scorer import OfferScorer
 from engine.ingest import Ingestor
 from engine.rules.spec import RuleSet, parse_rules
 from engine.sink import ParquetSink
@@ -30,24 +32,42 @@ class Supervisor:
         shard_cpus: float = 0.5,
         namespace_prefix: str = "kairos",
         dead_letter_uri: str | None = None,
+        catalog: Catalog | None = None,
+        scorer: OfferScorer | None = None,
+        decision_uri: str | None = None,
     ) -> None:
+        """``catalog`` and ``scorer`` (e.g. a ServeScorer) switch decisions on; they are
+        logged under ``decision_uri`` by day."""
         self.settings = settings
         self.rules = rules
+        self.catalog = catalog
         self.ingestor = Ingestor(settings)
         document = dict(rules.document)
+        offers = dict(catalog.document) if catalog else None
         self.shards = [
             ShardActor.options(
                 num_cpus=shard_cpus, name=f"{namespace_prefix}-shard-{i}", get_if_exists=False
-            ).remote(i, settings, document, self.ingestor.shard_map.range_of(i))
+            ).remote(i, settings, document, self.ingestor.shard_map.range_of(i), offers, scorer)
             for i in range(settings.shards)
         ]
+        self.decision_sink = None
+        if decision_uri is not None:
+            self.decision_sink = DecisionSinkActor.options(
+                num_cpus=0.1, name=f"{namespace_prefix}-decisions"
+            ).remote(decision_uri)
         self.sink = None
         if trigger_uri is not None:
             self.sink = TriggerSinkActor.options(
                 num_cpus=0.1, name=f"{namespace_prefix}-sink"
             ).remote(trigger_uri)
         dead = ParquetSink(dead_letter_uri, prefix="dead") if dead_letter_uri else None
-        self.router = Router(self.ingestor, self.shards, self.sink, dead_letter_sink=dead)
+        self.router = Router(
+            self.ingestor,
+            self.shards,
+            self.sink,
+            dead_letter_sink=dead,
+            decision_sink=self.decision_sink,
+        )
 
     def set_rules(self, document: dict[str, Any], source: str = "rules") -> RuleSet:
         """Validate then swap the rules on every shard between micro-batches; state is kept.
@@ -59,6 +79,17 @@ class Supervisor:
         ray.get([s.set_rules.remote(dict(rules.document)) for s in self.shards])
         self.rules = rules
         return rules
+
+    def set_catalog(self, document: dict[str, Any], source: str = "offers") -> Catalog:
+        """Validate then swap the offer catalog on every shard; contact history is kept.
+
+        An invalid document raises RuleError before any shard sees it: the running set stays.
+        """
+        catalog = parse_catalog(document, source)
+        self.router.drain()
+        ray.get([s.set_catalog.remote(dict(catalog.document)) for s in self.shards])
+        self.catalog = catalog
+        return catalog
 
     def shard_stats(self) -> list[dict[str, Any]]:
         return list(ray.get([s.stats.remote() for s in self.shards]))
@@ -92,5 +123,6 @@ class Supervisor:
         )
 
     def shutdown(self) -> None:
-        for actor in [*self.shards, *([self.sink] if self.sink else [])]:
+        sinks = [a for a in (self.sink, self.decision_sink) if a is not None]
+        for actor in [*self.shards, *sinks]:
             ray.kill(actor)

@@ -45,6 +45,7 @@ class ApplyResult:
     applied: int = 0
     duplicates: int = 0
     pending: int = 0
+    decide_ms: float = 0.0  # time spent deciding (policy, scoring, arbitration)
     triggers_by_rule: dict[str, int] = field(default_factory=dict)
 
 

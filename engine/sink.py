@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -46,3 +47,34 @@ class ParquetSink:
             pq.write_table(table, out)
         self.files.append(name)
         self._buffer, self._buffered = [], 0
+
+
+class DayPartitionedSink:
+    """A ParquetSink per UTC day of the ``ts`` column, under ``<uri>/day=YYYY-MM-DD``."""
+
+    def __init__(self, uri: str, rows_per_file: int = 200_000, prefix: str = "part") -> None:
+        self.uri = uri.rstrip("/")
+        self.rows_per_file = rows_per_file
+        self.prefix = prefix
+        self.sinks: dict[str, ParquetSink] = {}
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        days = pc.strftime(table.column("ts"), format="%Y-%m-%d")
+        for day in pc.unique(days).to_pylist():
+            sink = self.sinks.get(day)
+            if sink is None:
+                sink = ParquetSink(f"{self.uri}/day={day}", self.rows_per_file, self.prefix)
+                self.sinks[day] = sink
+            sink.write(table.filter(pc.equal(days, day)))
+        self.rows += table.num_rows
+
+    def flush(self) -> None:
+        for sink in self.sinks.values():
+            sink.flush()
+
+    @property
+    def files(self) -> list[str]:
+        return [f for sink in self.sinks.values() for f in sink.files]
