@@ -9,6 +9,7 @@ keep their id and type carries over.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,10 +185,18 @@ class ShardLogic:
                     values,
                 )
             )
+        started = time.perf_counter()
         decisions = self.decider.decide(view, fired) if self.decider else empty_decisions()
+        decide_ms = (time.perf_counter() - started) * 1000
         view.write_back()
         triggers = pa.concat_tables(tables) if tables else empty_triggers()
-        return ApplyResult(triggers, decisions, applied=released.num_rows, triggers_by_rule=counts)
+        return ApplyResult(
+            triggers,
+            decisions,
+            applied=released.num_rows,
+            decide_ms=decide_ms,
+            triggers_by_rule=counts,
+        )
 
     def _fire(self, rule: Any, view: BatchView) -> np.ndarray:
         rows = candidates(rule, view)

@@ -1,7 +1,10 @@
 """Throughput benchmark: Parquet in memory -> router -> shard actors -> triggers collected.
 
 Prints one JSON line per shard count with events_per_s (end to end), p50_ms / p99_ms (micro-
-batch latency, router in -> triggers out), state_bytes_per_customer and peak_rss_mb.
+batch latency, router in -> triggers out), state_bytes_per_customer and peak_rss_mb. With
+--decisions every trigger is also decided (shipped offer catalog, the ranker on Ray Serve,
+the decision log written by day), and decide_p50_ms / decide_p99_ms give the time from a
+micro-batch's triggers to its logged decisions.
 
     python loadtests/bench_throughput.py --events 2000000 --customers 200000 --shards 1 2 4
 """
@@ -24,12 +27,19 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.runtime import init_ray, peak_rss_mb
+from actors.scorer import ServeScorer
 from actors.supervisor import Supervisor
 from engine.config import EngineSettings
+from engine.decision.catalog import Catalog, load_catalog
 from engine.rules.spec import load_rules
 from engine.synthetic.telco import events, population
+from models.bootstrap import ensure_champion
+from models.deployment import deploy_ranker
+from models.ranker import RankerConfig
+from models.registry import ModelRegistry
 
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "config" / "rules.yaml"
+OFFERS = RULES.with_name("offers.yaml")
 
 
 def parquet_bytes(customers: int, total: int, seed: int) -> bytes:
@@ -45,7 +55,18 @@ def parquet_bytes(customers: int, total: int, seed: int) -> bytes:
     return sink.getvalue()
 
 
-def run(data: bytes, shards: int, batch: int, out_dir: str, micro: int) -> dict[str, object]:
+def start_ranker(out_dir: str) -> Catalog:
+    """Deploy the ranker with a bootstrapped champion; returns the catalog it serves."""
+    catalog = load_catalog(OFFERS)
+    registry = ModelRegistry(f"{out_dir}/models")
+    version = ensure_champion(registry, load_rules(RULES), catalog)
+    deploy_ranker(RankerConfig(registry=registry.uri, champion=version), num_cpus=0.25)
+    return catalog
+
+
+def run(
+    data: bytes, shards: int, batch: int, out_dir: str, micro: int, catalog: Catalog | None
+) -> dict[str, object]:
     settings = EngineSettings(shards=shards, allowed_lateness_s=10, micro_batch_max_events=micro)
     rules = load_rules(RULES)
     supervisor = Supervisor(
@@ -54,6 +75,9 @@ def run(data: bytes, shards: int, batch: int, out_dir: str, micro: int) -> dict[
         trigger_uri=f"{out_dir}/triggers-{shards}",
         shard_cpus=min(0.5, 1.8 / shards),
         namespace_prefix=f"bench{shards}",
+        catalog=catalog,
+        scorer=ServeScorer() if catalog else None,
+        decision_uri=f"{out_dir}/decisions-{shards}" if catalog else None,
     )
     ray.get([s.stats.remote() for s in supervisor.shards])  # actors up before the clock starts
     started = time.perf_counter()
@@ -79,6 +103,9 @@ def run(data: bytes, shards: int, batch: int, out_dir: str, micro: int) -> dict[
         "triggers": stats.triggers,
         "triggers_written": written.get("rows"),
         "triggers_by_rule": dict(stats.triggers_by_rule),
+        "decisions": stats.decisions,
+        "decide_p50_ms": round(stats.percentile(50, stats.decide_ms), 2),
+        "decide_p99_ms": round(stats.percentile(99, stats.decide_ms), 2),
         "customers": customers,
         "state_bytes_per_customer": round(
             sum(s["state_bytes"] for s in shard_stats) / customers, 1
@@ -107,6 +134,11 @@ def main() -> None:
         default=EngineSettings().micro_batch_max_events,
         help="max events per shard call",
     )
+    parser.add_argument(
+        "--decisions",
+        action="store_true",
+        help="decide on every trigger: shipped catalog, ranker on Ray Serve, decision log",
+    )
     args = parser.parse_args()
     data = parquet_bytes(args.customers, args.events, args.seed)
     init_ray(num_cpus=max(2, *args.shards), object_store_mb=2048)
@@ -121,8 +153,10 @@ def main() -> None:
         file=sys.stderr,
     )
     with tempfile.TemporaryDirectory() as out_dir:
+        catalog = start_ranker(out_dir) if args.decisions else None
         for shards in args.shards:
-            print(json.dumps(run(data, shards, args.batch, out_dir, args.micro_batch)), flush=True)
+            result = run(data, shards, args.batch, out_dir, args.micro_batch, catalog)
+            print(json.dumps(result), flush=True)
     ray.shutdown()
 
 

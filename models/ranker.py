@@ -37,6 +37,9 @@ def column_map(model_names: tuple[str, ...], request_names: tuple[str, ...]) -> 
 
 
 def align(x: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """``x``'s columns in the model's order; no copy when they already are."""
+    if columns.size == x.shape[1] and (columns == np.arange(columns.size)).all():
+        return x
     return np.where(columns >= 0, x[:, np.maximum(columns, 0)], np.float32(0.0))
 
 
@@ -98,7 +101,8 @@ class Ranker:
 
     def _predict(self, model: _Loaded, request: ScoreRequest, rows: np.ndarray) -> np.ndarray:
         columns = self._columns(model, request.feature_names)
-        aligned = align(request.features[rows], columns)
+        x = request.features if rows.size == request.rows else request.features[rows]
+        aligned = align(x, columns)
         return np.asarray(model.artifact.booster.inplace_predict(aligned), dtype=np.float32)
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
