@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from actors.supervisor import Supervisor
 from engine.config import EngineSettings
+from engine.decision.catalog import Catalog
 from engine.events.deadletter import DeadLetter
 from engine.rules.spec import RuleSet
 
@@ -42,6 +43,9 @@ class ReplayReport:
     trigger_files: list[str]
     dead_letter_files: list[str]
     dead_letter_samples: list[str]
+    decision_files: list[str] = field(default_factory=list)
+    #: (action, delivered, control) -> decisions
+    decisions_by_action: dict[tuple[str, bool, bool], int] = field(default_factory=dict)
 
     @property
     def events_per_s(self) -> float:
@@ -58,9 +62,17 @@ def replay(
     shard_cpus: float | None = None,
     unreadable: list[DeadLetter] | None = None,
     lines: np.ndarray | None = None,
+    catalog: Catalog | None = None,
 ) -> ReplayReport:
-    """Stream ``table`` (raw events in arrival order) through sharded actors on the running Ray."""
+    """Stream ``table`` (raw events in arrival order) through sharded actors on the running Ray.
+
+    With a ``catalog``, shards decide on every trigger through the ranker deployment (which
+    must be running) and the decision log goes to ``out_dir/decisions/<run>``.
+    """
+    from actors.scorer import ServeScorer
+
     run = time.strftime("run-%Y%m%d-%H%M%S")
+    decision_dir = (out_dir / "decisions" / run).resolve()
     supervisor = Supervisor(
         settings,
         rules,
@@ -68,6 +80,9 @@ def replay(
         dead_letter_uri=str((out_dir / "dead-letters" / run).resolve()),
         shard_cpus=shard_cpus if shard_cpus is not None else min(0.5, 1.8 / settings.shards),
         namespace_prefix=f"kairos-{run}",
+        catalog=catalog,
+        scorer=ServeScorer() if catalog else None,
+        decision_uri=str(decision_dir) if catalog else None,
     )
     try:
         supervisor.shard_stats()  # the actors are up before the clock starts
@@ -86,6 +101,7 @@ def replay(
         seconds = time.perf_counter() - started
         router = supervisor.router
         dead_files = router.dead_letter_sink.files if router.dead_letter_sink else []
+        decision_files, by_action = _decision_summary(decision_dir) if catalog else ([], {})
         return ReplayReport(
             events=table.num_rows,
             seconds=seconds,
@@ -94,6 +110,21 @@ def replay(
             trigger_files=list(written.get("files", [])),
             dead_letter_files=list(dead_files),
             dead_letter_samples=[str(d) for d in router.dead_letters[:5]],
+            decision_files=decision_files,
+            decisions_by_action=by_action,
         )
     finally:
         supervisor.shutdown()
+
+
+def _decision_summary(folder: Path) -> tuple[list[str], dict[tuple[str, bool, bool], int]]:
+    import pyarrow.dataset as ds
+
+    if not folder.exists():
+        return [], {}
+    log = ds.dataset(str(folder), format="parquet", partitioning="hive")
+    table = log.to_table(columns=["action", "delivered", "control"])
+    counts = table.group_by(["action", "delivered", "control"]).aggregate([("action", "count")])
+    return list(log.files), {
+        (r["action"], r["delivered"], r["control"]): r["action_count"] for r in counts.to_pylist()
+    }

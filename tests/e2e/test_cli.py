@@ -23,16 +23,26 @@ def kairos(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_demo_generates_data_replays_it_and_summarizes_triggers(tmp_path) -> None:
+def test_demo_replays_with_decisions_and_compares_with_a_blanket_campaign(tmp_path) -> None:
     done = kairos(
-        "demo", "--customers", "2000", "--events", "30000", "--out", str(tmp_path), cwd=tmp_path
-    )
+        "demo", "--customers", "2000", "--events", "30000", "--out", str(tmp_path),
+        "--loop-customers", "1500", cwd=tmp_path,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "Kairos replay summary" in done.stdout
     assert "data_cap_nearing" in done.stdout and "away_from_home" in done.stdout
     triggers = pq.read_table(str(tmp_path / "triggers"))
     assert triggers.num_rows > 0
     assert {"data_cap_nearing", "away_from_home"} <= set(triggers.column("rule_id").to_pylist())
+    decisions = pq.read_table(str(tmp_path / "decisions"))
+    answered = {"data_cap_nearing", "away_from_home", "recalled_device_in_use",
+                "cart_left_while_browsing"}  # fmt: skip
+    assert decisions.num_rows == sum(
+        1 for r in triggers.column("rule_id").to_pylist() if r in answered
+    )
+    assert (tmp_path / "models" / "CHAMPION").exists()
+    assert "Decisions" in done.stdout and "delivered" in done.stdout
+    assert "blanket" in done.stdout and "x the blanket campaign's" in done.stdout
 
 
 @pytest.mark.slow
