@@ -18,6 +18,7 @@ import pyarrow as pa
 import ray
 
 from engine.clock import Clock, SystemClock
+from engine.decision.outcome import outcome_table
 from engine.events.deadletter import DeadLetter, dead_letter_table
 from engine.events.schema import compact
 from engine.ingest import Ingestor
@@ -49,6 +50,7 @@ class RouterStats:
     duplicates: int = 0
     triggers: int = 0
     decisions: int = 0
+    outcomes: int = 0
     micro_batches: int = 0
     triggers_by_rule: Counter[str] = field(default_factory=Counter)
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
@@ -72,6 +74,7 @@ class RouterStats:
             "p50_ms": self.percentile(50),
             "p99_ms": self.percentile(99),
             "decisions": self.decisions,
+            "outcomes": self.outcomes,
             "decide_p50_ms": self.percentile(50, self.decide_ms),
             "decide_p99_ms": self.percentile(99, self.decide_ms),
         }
@@ -88,9 +91,12 @@ class Router:
         clock: Clock | None = None,
         dead_letter_sink: ParquetSink | None = None,
         decision_sink: Any | None = None,
+        outcome_sink: ParquetSink | None = None,
     ) -> None:
         self.ingestor = ingestor
         self.decision_sink = decision_sink
+        #: offer responses as they are ingested: what retraining joins the decision log with
+        self.outcome_sink = outcome_sink
         self.settings = ingestor.settings
         self.shards = shards
         self.sink = sink
@@ -111,6 +117,10 @@ class Router:
         result = self.ingestor.ingest(batch, positions)
         self._record_rejects(result.dead_letters)
         self.stats.ingested += result.accepted
+        if self.outcome_sink is not None and result.accepted:
+            outcomes = outcome_table(result.routed)
+            self.stats.outcomes += outcomes.num_rows
+            self.outcome_sink.write(outcomes)
         now = self.clock.monotonic()
         limit = self.settings.micro_batch_max_events
         for shard, part in self.ingestor.split(result).items():
@@ -207,6 +217,13 @@ class Router:
                 self._send(shard)
         self._harvest(block=True)
 
+    def flush_logs(self) -> None:
+        """Write what the decision and outcome sinks hold, so readers see everything so far."""
+        if self.outcome_sink is not None:
+            self.outcome_sink.flush()
+        if self.decision_sink is not None:
+            ray.get(self.decision_sink.flush.remote())
+
     def flush(self) -> dict[str, Any]:
         """End of stream: shards release everything pending; the sink writes its files."""
         self.drain()
@@ -215,8 +232,7 @@ class Router:
         self._harvest(block=True)
         if self.dead_letter_sink is not None:
             self.dead_letter_sink.flush()
-        if self.decision_sink is not None:
-            ray.get(self.decision_sink.flush.remote())
+        self.flush_logs()
         if self.sink is not None:
             return dict(ray.get(self.sink.flush.remote()))
         return {}

@@ -35,9 +35,10 @@ class Supervisor:
         catalog: Catalog | None = None,
         scorer: OfferScorer | None = None,
         decision_uri: str | None = None,
+        outcome_uri: str | None = None,
     ) -> None:
         """``catalog`` and ``scorer`` (e.g. a ServeScorer) switch decisions on; they are
-        logged under ``decision_uri`` by day."""
+        logged under ``decision_uri`` by day, and offer responses under ``outcome_uri``."""
         self.settings = settings
         self.rules = rules
         self.catalog = catalog
@@ -67,7 +68,10 @@ class Supervisor:
             self.sink,
             dead_letter_sink=dead,
             decision_sink=self.decision_sink,
+            outcome_sink=ParquetSink(outcome_uri, prefix="outcomes") if outcome_uri else None,
         )
+        self.decision_uri = decision_uri
+        self.outcome_uri = outcome_uri
 
     def set_rules(self, document: dict[str, Any], source: str = "rules") -> RuleSet:
         """Validate then swap the rules on every shard between micro-batches; state is kept.

@@ -17,7 +17,7 @@ from models.deployment import RANKER_APP, deploy_ranker
 from models.learning import train_round
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
-from models.simulate import Simulation, SimulationConfig
+from models.simulate import Simulation, SimulationConfig, with_exploration
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -36,25 +36,20 @@ def world(ray_cluster, tmp_path_factory):
     sim = Simulation(config, rules, catalog, str(tmp_path_factory.mktemp("sim")))
     run = sim.run("kairos")
     registry = ModelRegistry(str(tmp_path_factory.mktemp("registry")))
-    result = train_round(
-        pa.concat_tables(run.decisions),
-        pa.concat_tables(run.responses),
-        catalog,
-        registry,
-        sim.t0 + config.days * DAY,
-    )
+    log = pa.concat_tables(run.decisions), pa.concat_tables(run.responses)
+    result = train_round(*log, catalog, registry, sim.t0 + config.days * DAY)
     assert result.artifact is not None
     registry.set_champion(result.artifact.version)
     config_ = RankerConfig(registry=registry.uri, champion=result.artifact.version)
     deploy_ranker(config_, num_cpus=0.25)
-    yield sim, rules, catalog, config_
+    yield sim, rules, catalog, config_, log
     serve.delete(RANKER_APP)
 
 
 def test_shards_decide_through_serve_exactly_as_the_local_engine_and_log_by_day(
     world, tmp_path
 ) -> None:
-    sim, rules, catalog, ranker_config = world
+    sim, rules, catalog, ranker_config, _ = world
     events = sim.events.slice(0, 120_000)
     settings = EngineSettings(shards=2, allowed_lateness_s=60, micro_batch_max_events=1_000_000)
     local = LocalEngine(settings, rules, catalog, Ranker(ranker_config))
@@ -112,5 +107,76 @@ def test_shards_decide_through_serve_exactly_as_the_local_engine_and_log_by_day(
         )
         someone = sorted(accepted_ids)[0]
         assert sup.customer(someone)["offers_accepted"] >= 1
+    finally:
+        sup.shutdown()
+
+
+def test_the_running_engine_retrains_from_its_outcomes_and_swaps_the_winner_in(
+    world, tmp_path
+) -> None:
+    """A bad champion serves (it thinks nobody accepts anything, so it never makes an offer
+    but the exploring ones); outcomes flow back day by day; the retrainer trains from the
+    engine's own logs and swaps the better model into Serve."""
+    from ray import serve
+
+    from deploy.retrain import Retrainer
+    from engine.decision.features import feature_spec
+    from models.train import fit, training_set
+
+    sim, rules, shipped, _, log = world
+    catalog = with_exploration(shipped, 0.5)  # the bad champion's log must still hold offers
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
+    data = training_set(*log, sim.t0 + 16 * DAY, catalog.policy.attribution_window_ms, spec)
+    rare = (np.random.default_rng(0).random(data.labels.size) < 0.01).astype(np.float32)
+    bad = registry.register(fit(data.features, rare, spec.names, rounds=20), spec.names, {})
+    registry.set_champion(bad.version)
+    deploy_ranker(RankerConfig(registry=registry.uri, champion=bad.version), num_cpus=0.25)
+    status = serve.get_deployment_handle("ranker", app_name=RANKER_APP).status
+    swaps = status.remote().result(timeout_s=30)["swaps"]
+    sup = Supervisor(
+        EngineSettings(shards=2, allowed_lateness_s=60),
+        rules,
+        shard_cpus=0.25,
+        namespace_prefix="it-retrain",
+        catalog=catalog,
+        scorer=ServeScorer(),
+        decision_uri=str(tmp_path / "decisions"),
+        outcome_uri=str(tmp_path / "outcomes"),
+    )
+    retrainer = Retrainer(sup, registry, catalog, every=100)
+    answered = sim.simulator()
+    seen: set[str] = set()
+    arrival = sim.events.column("ts").cast(pa.int64()).to_numpy()
+    try:
+        for day in range(16):
+            lo, hi = np.searchsorted(arrival, [sim.t0 + day * DAY, sim.t0 + (day + 1) * DAY])
+            sup.router.submit(sim.events.slice(int(lo), int(hi - lo)))
+            sup.router.drain()
+            sup.router.flush_logs()
+            logged = ds.dataset(str(tmp_path / "decisions"), format="parquet", partitioning="hive")
+            new = [f for f in logged.files if f not in seen]
+            seen.update(new)
+            if new:
+                responses, _ = answered.respond(ds.dataset(new, format="parquet").to_table())
+                # they arrive at the end of the day (a later event time would make the next
+                # day's events late)
+                ts = np.full(responses.num_rows, int(arrival[hi - 1]))
+                field = responses.schema.field("ts")
+                responses = responses.set_column(
+                    responses.schema.get_field_index("ts"), field, pa.array(ts).cast(field.type)
+                ).sort_by("ts")
+                sup.router.submit(responses)
+            retrainer.maybe_retrain()
+        retrainer.maybe_retrain(force=True)  # and once more at the end of the stream
+        assert sup.router.stats.outcomes > 100
+        trained = [r for r in retrainer.history if r.artifact is not None]
+        assert trained, [r.reason for r in retrainer.history]
+        promoted = [r for r in trained if r.promoted]
+        assert promoted, [r.reason for r in trained]
+        winner = promoted[-1].artifact
+        assert winner is not None and registry.champion() == winner.version
+        served = status.remote().result(timeout_s=30)
+        assert served["versions"] == [winner.version] and served["swaps"] > swaps
     finally:
         sup.shutdown()

@@ -1,0 +1,77 @@
+"""Retraining while the engine runs: every N new outcomes, train a candidate from the decision
+log and the outcomes so far; if the promotion gate passes, swap it into the running ranker
+through Serve's ``reconfigure()`` (an in-place update: no request is lost)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from actors.supervisor import Supervisor
+from engine.decision.catalog import Catalog
+from engine.decision.log import DECISION_SCHEMA
+from engine.decision.outcome import OUTCOME_SCHEMA
+from engine.errors import ConfigError
+from models.deployment import deploy_ranker
+from models.learning import TrainResult, train_round
+from models.ranker import RankerConfig
+from models.registry import ModelRegistry
+
+
+def _read(uri: str | None, schema: pa.Schema, hive: bool) -> pa.Table:
+    if uri is None:
+        return schema.empty_table()
+    try:
+        data = ds.dataset(uri, format="parquet", partitioning="hive" if hive else None)
+    except (FileNotFoundError, OSError):
+        return schema.empty_table()
+    if not data.files:
+        return schema.empty_table()
+    return data.to_table(columns=schema.names)
+
+
+class Retrainer:
+    """Watches one running engine's outcomes and keeps its ranker's champion current."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        registry: ModelRegistry,
+        catalog: Catalog,
+        every: int = 1_000,
+        replicas: int = 1,
+        num_cpus: float = 0.25,
+    ) -> None:
+        if supervisor.decision_uri is None or supervisor.outcome_uri is None:
+            raise ConfigError("retraining needs the engine's decision log and outcome log")
+        self.supervisor = supervisor
+        self.registry = registry
+        self.catalog = catalog
+        self.every = every
+        self.replicas = replicas
+        self.num_cpus = num_cpus
+        self.trained_at = 0
+        self.history: list[TrainResult] = []
+
+    def due(self) -> bool:
+        return self.supervisor.router.stats.outcomes - self.trained_at >= self.every
+
+    def maybe_retrain(self, force: bool = False) -> TrainResult | None:
+        """Train when ``every`` new outcomes arrived (or ``force``); swap the winner in."""
+        if not (force or self.due()):
+            return None
+        router = self.supervisor.router
+        self.trained_at = router.stats.outcomes
+        router.drain()
+        router.flush_logs()
+        decisions = _read(self.supervisor.decision_uri, DECISION_SCHEMA, hive=True)
+        outcomes = _read(self.supervisor.outcome_uri, OUTCOME_SCHEMA, hive=False)
+        cutoff = self.supervisor.ingestor.watermark_ms  # event time, as far as it has gone
+        result = train_round(
+            decisions, outcomes, self.catalog, self.registry, cutoff, seed=len(self.history)
+        )
+        self.history.append(result)
+        if result.promoted and result.artifact is not None:
+            config = RankerConfig(registry=self.registry.uri, champion=result.artifact.version)
+            deploy_ranker(config, self.replicas, self.num_cpus)
+        return result
