@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration bench install clean
+.PHONY: demo test lint typecheck unit integration bench loadtest serve install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ test: $(STAMP) lint typecheck
 
 bench: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python loadtests/bench_throughput.py --shards 1 2 4
+
+serve: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/kairos serve
+
+# Locust headless against a local `kairos serve`, then: events accepted = events applied
+loadtest: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python loadtests/run_loadtest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache kairos-data

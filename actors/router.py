@@ -10,6 +10,7 @@ bounded. Trigger tables go from the shard straight to the sink as object refs.
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,8 @@ from engine.events.deadletter import DeadLetter, dead_letter_table
 from engine.events.schema import compact
 from engine.ingest import Ingestor
 from engine.sink import ParquetSink
+
+KEPT_LATENCIES = 100_000
 
 
 @dataclass
@@ -54,13 +57,14 @@ class RouterStats:
     micro_batches: int = 0
     triggers_by_rule: Counter[str] = field(default_factory=Counter)
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
-    latencies_ms: list[float] = field(default_factory=list)
+    #: the newest micro-batches' latencies (bounded: a service runs for months)
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=KEPT_LATENCIES))
     #: per micro-batch with decisions: time the shard spent deciding (policy, ranker, choice)
-    decide_ms: list[float] = field(default_factory=list)
+    decide_ms: deque[float] = field(default_factory=lambda: deque(maxlen=KEPT_LATENCIES))
 
-    def percentile(self, q: float, values: list[float] | None = None) -> float:
+    def percentile(self, q: float, values: deque[float] | None = None) -> float:
         values = self.latencies_ms if values is None else values
-        return float(np.percentile(values, q)) if values else 0.0
+        return float(np.percentile(np.fromiter(values, float), q)) if values else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -92,8 +96,11 @@ class Router:
         dead_letter_sink: ParquetSink | None = None,
         decision_sink: Any | None = None,
         outcome_sink: ParquetSink | None = None,
+        observer: Callable[[int, dict[str, Any], float], None] | None = None,
     ) -> None:
+        """``observer(shard, shard_stats, latency_ms)`` is told of every finished call."""
         self.ingestor = ingestor
+        self.observer = observer
         self.decision_sink = decision_sink
         #: offer responses as they are ingested: what retraining joins the decision log with
         self.outcome_sink = outcome_sink
@@ -187,7 +194,10 @@ class Router:
 
     def _finish(self, shard: int, call: _InFlight) -> None:
         stats = ray.get(call.stats_ref)
-        self.stats.latencies_ms.append((self.clock.monotonic() - call.opened) * 1000)
+        latency_ms = (self.clock.monotonic() - call.opened) * 1000
+        self.stats.latencies_ms.append(latency_ms)
+        if self.observer is not None:
+            self.observer(shard, stats, latency_ms)
         self.stats.micro_batches += 1
         self.stats.applied += stats["applied"]
         self.stats.duplicates += stats["duplicates"]
@@ -216,6 +226,19 @@ class Router:
             if buf.parts:
                 self._send(shard)
         self._harvest(block=True)
+
+    def release_idle(self) -> None:
+        """The input went quiet: close the watermark up to the newest event and let every
+        shard apply what it holds (see ``Ingestor.close_idle``)."""
+        self.ingestor.close_idle()
+        for shard in range(len(self.shards)):
+            self._send(shard)  # the open micro-batch, or none: the new watermark either way
+        self._harvest(block=True)
+
+    @property
+    def queue_depth(self) -> list[int]:
+        """Calls in flight per shard."""
+        return [len(q) for q in self._in_flight]
 
     def flush_logs(self) -> None:
         """Write what the decision and outcome sinks hold, so readers see everything so far."""

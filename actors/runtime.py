@@ -14,11 +14,13 @@ def init_ray(
     num_cpus: int | None = None,
     object_store_mb: int = 1024,
     dashboard: bool = False,
+    metrics_export_port: int | None = None,
 ) -> None:
     """Join ``address`` (or RAY_ADDRESS), else start an embedded local Ray.
 
     An embedded Ray gets an explicit object store size and no dashboard unless asked, so it
     starts in seconds on a small machine. Does nothing when Ray is already initialized.
+    ``metrics_export_port`` fixes the port of the node's Prometheus endpoint (``/metrics``).
     """
     if ray.is_initialized():
         return
@@ -31,6 +33,7 @@ def init_ray(
             num_cpus=num_cpus,
             object_store_memory=object_store_mb << 20,
             include_dashboard=dashboard,
+            _metrics_export_port=metrics_export_port,
             logging_level=logging.WARNING,
             log_to_driver=False,
         )

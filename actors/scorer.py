@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ray import serve
 
+from actors.metrics import metrics
 from engine.decision.scorer import ScoreRequest, ScoreResponse
 
 
@@ -29,5 +31,7 @@ class ServeScorer:
     def score(self, request: ScoreRequest) -> ScoreResponse:
         if self._handle is None:
             self._handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
+        started = time.perf_counter()
         response: ScoreResponse = self._handle.remote(request).result(timeout_s=self.timeout_s)
+        metrics().ranker_ms.observe((time.perf_counter() - started) * 1000)
         return response

@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
+from actors.metrics import metrics
 from actors.runtime import peak_rss_mb
 from engine.config import EngineSettings
 from engine.decision.catalog import parse_catalog
@@ -55,12 +57,39 @@ class ShardActor:
         """Apply one micro-batch; returns (triggers, decisions, stats) as three objects."""
         started = time.perf_counter()
         result = self.logic.apply(batch, watermark_ms)
+        self._observe(result.decisions)
         return result.triggers, result.decisions, _stats(result, started)
+
+    def _observe(self, decisions: pa.Table) -> None:
+        m = metrics()
+        m.pending.set(self.logic.buffer.pending_rows, tags={"shard": str(self.logic.shard_id)})
+        if decisions.num_rows == 0:
+            return
+        pairs = pc.binary_join_element_wise(
+            decisions.column("action"), decisions.column("reason"), "|"
+        )
+        counts = pc.value_counts(pairs.combine_chunks())
+        by = {
+            tuple(str(v).split("|", 1)): int(n)
+            for v, n in zip(
+                counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
+            )
+        }
+        m.count_pairs(m.decisions, by, ("offer", "reason"))
+
+    def decide_inbound(
+        self, customer_key: int, channel: str, ts_ms: int, request_id: int, page: str | None
+    ) -> pa.Table:
+        """One inbound decision (``POST /v1/decide``); see ShardLogic.decide_inbound."""
+        decisions = self.logic.decide_inbound(customer_key, channel, ts_ms, request_id, page)
+        self._observe(decisions)
+        return decisions
 
     @ray.method(num_returns=3)
     def flush(self) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
         started = time.perf_counter()
         result = self.logic.flush()
+        self._observe(result.decisions)
         return result.triggers, result.decisions, _stats(result, started)
 
     def set_catalog(self, catalog_document: dict[str, Any] | None) -> int:

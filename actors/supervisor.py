@@ -36,6 +36,7 @@ class Supervisor:
         scorer: OfferScorer | None = None,
         decision_uri: str | None = None,
         outcome_uri: str | None = None,
+        observer: Any | None = None,
     ) -> None:
         """``catalog`` and ``scorer`` (e.g. a ServeScorer) switch decisions on; they are
         logged under ``decision_uri`` by day, and offer responses under ``outcome_uri``."""
@@ -69,7 +70,9 @@ class Supervisor:
             dead_letter_sink=dead,
             decision_sink=self.decision_sink,
             outcome_sink=ParquetSink(outcome_uri, prefix="outcomes") if outcome_uri else None,
+            observer=observer,
         )
+        self.namespace_prefix = namespace_prefix
         self.decision_uri = decision_uri
         self.outcome_uri = outcome_uri
 

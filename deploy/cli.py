@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deploy import learning
+from deploy import learning, serving
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog
 from engine.errors import EngineError
@@ -34,6 +34,7 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(learning.offers_app, name="offers")
 app.command()(learning.simulate)
 app.command()(learning.train)
+app.command("serve")(serving.serve)
 console = Console()
 err = Console(stderr=True)
 
@@ -59,10 +60,8 @@ def _start_ranker(out: Path, rules: RuleSet, catalog: Catalog) -> str:
     from models.registry import ModelRegistry
 
     registry = ModelRegistry(str((out / "models").resolve()))
-    if registry.champion() is None:
-        with console.status("training a first ranker model on a simulated warm-up log..."):
-            ensure_champion(registry, rules, catalog)
-    version = registry.champion() or ""
+    with console.status("checking the ranker model (a first one is trained if needed)..."):
+        version = ensure_champion(registry, rules, catalog)
     with console.status(f"starting the ranker ({version}) on Ray Serve..."):
         deploy_ranker(RankerConfig(registry=registry.uri, champion=version), num_cpus=0.25)
     return version

@@ -56,6 +56,8 @@ class Ingestor:
         self._owner = self.shard_map.owner_table()
         self._next_seq = 0
         self._max_ts = NO_WATERMARK
+        #: raised by ``close_idle``: nothing older may enter any more
+        self._floor = NO_WATERMARK
         self.late_count = 0
         self.invalid_count = 0
 
@@ -64,7 +66,18 @@ class Ingestor:
         """Events older than this are late; events up to it may be released in order."""
         if self._max_ts == NO_WATERMARK:
             return NO_WATERMARK
-        return self._max_ts - self.settings.allowed_lateness_ms
+        return max(self._max_ts - self.settings.allowed_lateness_ms, self._floor)
+
+    def close_idle(self) -> int:
+        """The stream went quiet: move the watermark up to the newest event time seen.
+
+        A live source may stop for a while; without new events the watermark would stand
+        still and the last events would wait for it forever. After this, everything seen so far
+        can be applied, and an event older than the newest one is late (dead-lettered, not
+        applied out of order). Returns the new watermark.
+        """
+        self._floor = max(self._floor, self._max_ts)
+        return self.watermark_ms
 
     def ingest(
         self, batch: pa.RecordBatch | pa.Table, positions: np.ndarray | list[int] | None = None
@@ -119,7 +132,7 @@ class Ingestor:
         running = np.maximum.accumulate(np.concatenate(([self._max_ts], ts)))
         before = running[:-1]
         self._max_ts = int(running[-1])
-        late = ts < before - self.settings.allowed_lateness_ms
+        late = ts < np.maximum(before - self.settings.allowed_lateness_ms, self._floor)
         late &= before != NO_WATERMARK
         self.late_count += int(late.sum())
         return late, before
@@ -150,6 +163,12 @@ class Ingestor:
                 )
             )
         return out
+
+    def owner_of(self, customer_id: str) -> tuple[int, int]:
+        """(customer key, owning shard) of an external customer identifier."""
+        key = self.pseudonymizer.key_of(customer_id)
+        group = key_groups_of(np.array([key], dtype=np.uint64), self.settings.key_groups)
+        return key, int(self._owner[group[0]])
 
     def split(self, result: IngestResult) -> dict[int, pa.RecordBatch]:
         """The routed batch as one zero-copy slice per owning shard, each in arrival order."""

@@ -78,6 +78,19 @@ class LocalEngine:
         for shard in self.shards:
             shard.set_catalog(catalog, scorer)
 
+    def decide_inbound(
+        self, customer_id: str, channel: str, ts_ms: int, request_id: int, page: str | None = None
+    ) -> dict[str, Any]:
+        """An inbound decision (``POST /v1/decide``) from the owning shard, logged like others."""
+        key, owner = self.ingestor.owner_of(customer_id)
+        table = self.shards[owner].decide_inbound(key, channel, ts_ms, request_id, page)
+        self.decisions.append(table)
+        return dict(table.to_pylist()[0])
+
+    def customer(self, customer_id: str) -> dict[str, Any] | None:
+        key, owner = self.ingestor.owner_of(customer_id)
+        return self.shards[owner].customer(key)
+
     def _collect(self, result: ApplyResult) -> None:
         if result.triggers.num_rows:
             self.triggers.append(result.triggers)

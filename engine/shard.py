@@ -10,6 +10,7 @@ keep their id and type carries over.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +20,10 @@ import pyarrow as pa
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog
 from engine.decision.decider import Decider
-from engine.decision.log import empty_decisions
+from engine.decision.log import decision_id_text, empty_decisions
 from engine.decision.scorer import OfferScorer
 from engine.errors import EngineError
-from engine.events.schema import sparse_routed
+from engine.events.schema import CHANNELS, ROUTED_SCHEMA, TS_TYPE, EventKind, sparse_routed
 from engine.ingest import NO_WATERMARK
 from engine.rules.evaluate import candidates, cooldown, once_per_period, period_of
 from engine.rules.spec import RuleSet
@@ -34,6 +35,40 @@ from engine.trigger import empty_triggers, trigger_table
 #: release everything: used when a stream ends
 END_OF_STREAM = np.iinfo(np.int64).max // 2
 _TS_BITS = 41  # 70 years of milliseconds
+#: rows of the newest triggers and decisions a shard keeps for golden-record reads
+RECENT_ROWS = 50_000
+#: newest triggers and decisions shown per customer
+RECENT_PER_CUSTOMER = 10
+
+
+class Recent:
+    """The newest rows of a stream of tables (triggers or decisions), bounded by row count."""
+
+    def __init__(self, limit: int = RECENT_ROWS) -> None:
+        self.limit = limit
+        self.tables: deque[pa.Table] = deque()
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self.tables.append(table)
+        self.rows += table.num_rows
+        while self.tables and self.rows - self.tables[0].num_rows >= self.limit:
+            self.rows -= self.tables.popleft().num_rows
+
+    def of(self, customer_key: int, columns: list[str], n: int) -> list[dict[str, Any]]:
+        """The newest ``n`` rows of one customer, newest first, as plain values."""
+        out: list[dict[str, Any]] = []
+        for table in reversed(self.tables):
+            keys = table.column("customer_key").to_numpy()
+            hits = np.flatnonzero(keys == np.uint64(customer_key))
+            if hits.size:
+                rows = table.select(columns).take(pa.array(hits[::-1])).to_pylist()
+                out.extend(rows[: n - len(out)])
+            if len(out) >= n:
+                break
+        return out
 
 
 @dataclass
@@ -89,6 +124,8 @@ class ShardLogic:
             "decisions": 0,
             "delivered": 0,
         }
+        self.recent_triggers = Recent()
+        self.recent_decisions = Recent()
         self.decider: Decider | None = None
         if catalog is not None:
             self.set_catalog(catalog, scorer)
@@ -144,11 +181,50 @@ class ShardLogic:
         self.counters["duplicates"] += duplicates
         self.counters["applied"] += result.applied
         self.counters["triggers"] += result.triggers.num_rows
-        self.counters["decisions"] += result.decisions.num_rows
-        if result.decisions.num_rows:
-            delivered = result.decisions.column("delivered").to_numpy(zero_copy_only=False)
-            self.counters["delivered"] += int(delivered.sum())
+        self.recent_triggers.add(result.triggers)
+        self._count_decisions(result.decisions)
         return result
+
+    def _count_decisions(self, decisions: pa.Table) -> None:
+        self.counters["decisions"] += decisions.num_rows
+        if decisions.num_rows:
+            delivered = decisions.column("delivered").to_numpy(zero_copy_only=False)
+            self.counters["delivered"] += int(delivered.sum())
+        self.recent_decisions.add(decisions)
+
+    def decide_inbound(
+        self,
+        customer_key: int,
+        channel: str,
+        ts_ms: int,
+        request_id: int,
+        page: str | None = None,
+    ) -> pa.Table:
+        """Decide now for a customer who asks on ``channel`` (web, app, call center).
+
+        The request is seen as an event at ``ts_ms`` (a page view when ``page`` is given) over
+        the customer's current golden record, which it does not change; only the contact it
+        may cause is recorded. ``request_id`` makes the decision id: a retried request with the
+        same id gets the same draws. Returns the one-row decision table (the decision log's).
+        """
+        if self.decider is None:
+            raise EngineError("no offer catalog is set: inbound decisions are off")
+        key = np.array([customer_key], dtype=np.uint64)
+        slots = self.store.slots_for(key)
+        columns = {
+            "event_id": pa.array([request_id], type=pa.uint64()),
+            "customer_key": pa.array(key, type=pa.uint64()),
+            "key_group": pa.array([self.key_range[0]], type=pa.uint16()),
+            "seq": pa.array([0], type=pa.uint64()),
+            "kind": pa.array([int(EventKind.PAGE_VIEW)], type=pa.int8()),
+            "ts": pa.array([ts_ms], type=pa.int64()).cast(TS_TYPE),
+            "page": pa.array([page], type=ROUTED_SCHEMA.field("page").type),
+        }
+        table = pa.Table.from_pydict(columns)
+        view = BatchView(table, np.zeros(1, dtype=np.int64), slots, self.store)
+        decisions = self.decider.decide_inbound(view, channel)
+        self._count_decisions(decisions)
+        return decisions
 
     def flush(self) -> ApplyResult:
         """Release and apply every pending event (the stream has ended)."""
@@ -227,7 +303,9 @@ class ShardLogic:
         for name, arr in self.store.cols.items():
             value = arr[slot].item()
             if name in ("tz", "device_model"):
-                value = self.store.strings.values[value]
+                value = self.store.strings.values[value] or None
+            elif name == "channels":
+                value = [c for i, c in enumerate(CHANNELS) if int(value) >> i & 1]
             elif (isinstance(value, float) and np.isnan(value)) or (
                 name == "last_event_ms" and value == COLUMNS[name].default
             ):
@@ -241,6 +319,21 @@ class ShardLogic:
             key: (None if arr[slot] == NEVER else int(arr[slot]))
             for key, arr in self.store.decision_state.items()
         }
+        triggers = self.recent_triggers.of(
+            customer_key, ["rule_id", "ts", "event_id", "values"], RECENT_PER_CUSTOMER
+        )
+        for t in triggers:
+            t["values"] = dict(t["values"] or [])
+        record["recent_triggers"] = triggers
+        decisions = self.recent_decisions.of(
+            customer_key,
+            ["decision_id", "ts", "rule_id", "action", "channel", "reason", "delivered",
+             "control", "model_version"],
+            RECENT_PER_CUSTOMER,
+        )  # fmt: skip
+        for d in decisions:
+            d["decision_id"] = decision_id_text(np.array([d["decision_id"]], dtype=np.uint64))[0]
+        record["recent_decisions"] = decisions
         return record
 
     @property

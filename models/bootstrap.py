@@ -11,6 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from engine.decision.catalog import Catalog
+from engine.decision.features import feature_spec
 from engine.rules.spec import RuleSet
 from models.learning import train_round
 from models.registry import ModelRegistry
@@ -25,9 +26,12 @@ def ensure_champion(
     days: int = 16,
     seed: int = 5,
 ) -> str:
-    """The registry's champion version, training and promoting a bootstrap one if it has none."""
+    """The registry's champion version, training and promoting a bootstrap one if it has none
+    (or if the champion was trained for other features: a catalog with other offers or
+    triggers)."""
     existing = registry.champion()
-    if existing:
+    names = feature_spec(catalog.trigger_ids, catalog.offer_ids).names
+    if existing and registry.load(existing).feature_names == tuple(names):
         return existing
     config = SimulationConfig(customers=customers, days=days, warmup_days=days, seed=seed)
     sim = Simulation(config, rules, catalog, registry.uri)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -35,9 +36,17 @@ RANKER_DEPLOYMENT = "ranker"
 )
 class RankerDeployment:
     def __init__(self) -> None:
+        from ray.util.metrics import Gauge
+
         self.ranker: Ranker | None = None
         self.error: str | None = None
         self.swaps = 0
+        self.live = Gauge(
+            "kairos_model_version_live",
+            description="1 for each model version a ranker replica serves, 0 once swapped out.",
+            tag_keys=("version", "role"),
+        )
+        self._roles: dict[str, str] = {}
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         try:
@@ -50,6 +59,17 @@ class RankerDeployment:
             return
         self.ranker, self.error = ranker, None
         self.swaps += 1
+        self._publish(ranker.config)
+
+    def _publish(self, config: RankerConfig) -> None:
+        roles = {config.champion: "champion"}
+        if config.challenger:
+            roles[config.challenger] = "challenger"
+        for version, role in self._roles.items():
+            self.live.set(0, tags={"version": version, "role": role})
+        for version, role in roles.items():
+            self.live.set(1, tags={"version": version, "role": role})
+        self._roles = roles
 
     def status(self) -> dict[str, Any]:
         """Serving versions, the last refused swap's error (or None) and the swap count."""
@@ -108,6 +128,49 @@ def ranker_app_config(
     }
 
 
+def apply_apps(entries: list[dict[str, Any]], timeout_s: float = 300.0) -> None:
+    """Apply Serve application entries declaratively, as ``serve deploy`` would, keeping the
+    other declared applications (a declarative apply deletes the ones it does not list).
+
+    An entry whose config is unchanged is left alone; one whose ``user_config`` alone changed
+    is updated in place through ``reconfigure()``.
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    serve.start()
+    client = _get_global_client()
+    if client is None:
+        raise ConfigError("Serve did not start")
+    apps: dict[str, dict[str, Any]] = {}
+    for name, app in client.get_serve_details().get("applications", {}).items():
+        deployed = app.get("deployed_app_config")
+        if deployed:
+            apps[name] = dict(deployed)
+    for entry in entries:
+        apps[entry["name"]] = entry
+    schema = ServeDeploySchema.model_validate({"applications": list(apps.values())})
+    client.deploy_apps(schema, _blocking=False)
+    # wait for the entries' applications only: one of the others may be waiting for us
+    wait_running([e["name"] for e in entries], timeout_s)
+
+
+def wait_running(names: list[str], timeout_s: float = 300.0) -> None:
+    """Wait until the Serve applications ``names`` run; raise if one fails to deploy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
+        failed = {n: apps[n].message for n, st in states.items() if st == "DEPLOY_FAILED"}
+        if failed:
+            raise ConfigError(f"Serve application(s) failed to deploy: {failed}")
+        if all(st == "RUNNING" for st in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise ConfigError(f"Serve application(s) not running after {timeout_s:g}s: {states}")
+        time.sleep(0.25)
+
+
 def deploy_ranker(config: RankerConfig, replicas: int = 1, num_cpus: float = 0.5) -> Any:
     """Deploy the ranker, or swap its models in place; returns its handle once it is running.
 
@@ -115,15 +178,5 @@ def deploy_ranker(config: RankerConfig, replicas: int = 1, num_cpus: float = 0.5
     ``user_config`` a lightweight update that calls ``reconfigure`` on the running replicas.
     (``serve.run`` gives every call a new code version and so replaces the replicas.)
     """
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    serve.start()
-    schema = ServeDeploySchema.model_validate(
-        {"applications": [ranker_app_config(config, replicas, num_cpus)]}
-    )
-    client = _get_global_client()
-    if client is None:
-        raise ConfigError("Serve did not start")
-    client.deploy_apps(schema, _blocking=True)
+    apply_apps([ranker_app_config(config, replicas, num_cpus)])
     return serve.get_deployment_handle(RANKER_DEPLOYMENT, app_name=RANKER_APP)

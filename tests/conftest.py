@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ import pytest
 from engine.config import EngineSettings
 from engine.rules.spec import RuleSet, load_rules
 
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 RULES_FILE = ROOT / "deploy" / "config" / "rules.yaml"
 
@@ -46,3 +50,37 @@ def event() -> Callable[..., dict[str, Any]]:
         }
 
     return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The session's local Ray cluster: Serve's HTTP proxy and the node's metrics endpoint."""
+
+    http_port: int
+    metrics_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Cluster]:
+    """One local Ray cluster with Serve for the whole session (starting one takes seconds)."""
+    import ray
+    from ray import serve
+
+    from actors.runtime import init_ray
+
+    cluster = Cluster(free_port(), free_port())
+    init_ray(num_cpus=4, object_store_mb=512, metrics_export_port=cluster.metrics_port)
+    serve.start(http_options={"host": "127.0.0.1", "port": cluster.http_port})
+    yield cluster
+    serve.shutdown()
+    ray.shutdown()

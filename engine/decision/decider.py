@@ -62,6 +62,8 @@ from engine.state.view import BatchView, RowsView
 DAY_MS = 86_400_000
 EXPLORE_SALT = 0x65787031
 PICK_SALT = 0x7069636B
+#: the trigger id of inbound requests (``POST /v1/decide``); offers answer it like a rule's
+INBOUND = "inbound"
 
 
 def rule_salt(rule_id: str) -> int:
@@ -168,15 +170,30 @@ class Decider:
     # -- one micro-batch -------------------------------------------------------------------------
     def decide(self, view: BatchView, fired: list[tuple[str, np.ndarray]]) -> pa.Table:
         """Decisions for the triggers ``fired`` (rule id, view rows); call before write_back."""
-        offers = self.catalog.offers
         parts = [(rule, rows) for rule, rows in fired if rows.size and self.catalog.answering(rule)]
-        if not parts or not offers:
+        if not parts or not self.catalog.offers:
             return empty_decisions()
         rows = np.concatenate([r for _, r in parts])
         rule_ids = np.concatenate([np.full(r.size, rule, dtype=object) for rule, r in parts])
         rule_pos = np.concatenate([np.full(r.size, i) for i, (_, r) in enumerate(parts)])
         order = np.lexsort((rule_pos, rows))  # customer, then time, then rule order
-        rows, rule_ids = rows[order], rule_ids[order]
+        return self._decide(view, rows[order], rule_ids[order], channel=None)
+
+    def decide_inbound(self, view: BatchView, channel: str) -> pa.Table:
+        """Inbound decisions: every row of ``view`` is a customer asking, on ``channel``, now.
+
+        The candidates are the offers that answer the ``inbound`` trigger and can be shown on
+        that channel; the policy is the outbound one (eligibility, consent for the channel,
+        cooldowns, caps, control group) except quiet hours: the customer is here.
+        """
+        rows = np.arange(view.size)
+        rule_ids = np.full(rows.size, INBOUND, dtype=object)
+        return self._decide(view, rows, rule_ids, channel=channel)
+
+    def _decide(
+        self, view: BatchView, rows: np.ndarray, rule_ids: np.ndarray, channel: str | None
+    ) -> pa.Table:
+        offers = self.catalog.offers
         t = rows.size
         slots = view.slot[rows]
         ts = view.ts[rows].astype(np.int64)
@@ -187,6 +204,8 @@ class Decider:
         answered = np.zeros((t, len(offers)), dtype=bool)
         for j, offer in enumerate(offers):
             answered[:, j] = np.isin(rule_ids, offer.spec.answers)
+            if channel is not None and channel not in offer.spec.channels:
+                answered[:, j] = False
         reasons = np.zeros(answered.shape, dtype=np.int8)
         ctx_rows = RowsView(view, rows)
         for j, offer in enumerate(offers):
@@ -196,15 +215,19 @@ class Decider:
             ok = np.asarray(offer.eligible.evaluate(RowsView(view, rows[mine])), dtype=bool)
             reasons[mine[~ok], j] = Reason.NOT_ELIGIBLE
         granted, withdrawn = (m[rows] for m in view.consent())
+        # an inbound customer is reachable on the channel they came in on; consent still rules
         reachable = view.profile("channels")[rows]
+        if channel is not None:
+            reachable = np.full(rows.size, ALL_CHANNELS, dtype=reachable.dtype)
         allowed = allowed_channels(reachable, granted, withdrawn, policy)
-        channel = np.stack([first_channel(allowed, o.spec.channels) for o in offers], axis=1)
+        offer_channels = [[channel] if channel else o.spec.channels for o in offers]
+        via = np.stack([first_channel(allowed, c) for c in offer_channels], axis=1)
         opted_out = (withdrawn & ALL_CHANNELS) == ALL_CHANNELS
         local = ctx_rows.column("@local_ms").astype(np.int64)
-        after = deliver_after(ts, local, policy) if self.outbound else ts
+        after = deliver_after(ts, local, policy) if self.outbound and not channel else ts
         for mask, reason in (
             (opted_out[:, None], Reason.OPTED_OUT),
-            (channel < 0, Reason.NO_CONSENT),
+            (via < 0, Reason.NO_CONSENT),
         ):
             reasons[(reasons == 0) & answered & mask] = reason
         contacts = self._contacts(slots)
@@ -243,7 +266,7 @@ class Decider:
         expected_all = score * values - costs
         return self._log(
             ids, keys, ts, rule_ids, view.gather("event_id")[rows], answered, reasons, score,
-            expected_all, channel, chosen, probability, explored, control, versions, context,
+            expected_all, via, chosen, probability, explored, control, versions, context,
             after,
         )  # fmt: skip
 

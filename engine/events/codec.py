@@ -56,6 +56,30 @@ def _to_ms(value: Any) -> int:
     )
 
 
+def _text(value: str) -> str:
+    """``value`` if it can be stored as UTF-8 (JSON can carry lone surrogates; Arrow cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("not valid Unicode text (a lone surrogate)") from exc
+    return value
+
+
+def _is_text(value: str) -> bool:
+    try:
+        _text(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _int_range(typ: pa.DataType) -> tuple[int, int]:
+    bits = typ.bit_width
+    if pa.types.is_signed_integer(typ):
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
 def _coerce(field: str, typ: pa.DataType, value: Any) -> Any:
     if value is None:
         return None
@@ -68,6 +92,9 @@ def _coerce(field: str, typ: pa.DataType, value: Any) -> Any:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"expected an integer, got {type(value).__name__}")
+        low, high = _int_range(typ)
+        if not low <= value <= high:
+            raise ValueError(f"out of range [{low}, {high}]")
         return value
     if pa.types.is_boolean(typ):
         if not isinstance(value, bool):
@@ -76,11 +103,11 @@ def _coerce(field: str, typ: pa.DataType, value: Any) -> Any:
     if pa.types.is_string(typ):
         if not isinstance(value, str):
             raise TypeError(f"expected a string, got {type(value).__name__}")
-        return value
+        return _text(value)
     if pa.types.is_list(typ):
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise TypeError("expected a list of strings")
-        return list(value)
+        return [_text(v) for v in value]
     raise TypeError(f"unsupported type {typ} for field {field}")  # pragma: no cover
 
 
@@ -90,7 +117,8 @@ def _coerce_row(index: int, row: Any) -> tuple[dict[str, Any] | None, DeadLetter
     out: dict[str, Any] = {}
     event_id: int | None = None
     raw_id = row.get("event_id")
-    kind = row.get("kind") if isinstance(row.get("kind"), str) else None
+    raw_kind = row.get("kind")
+    kind = raw_kind if isinstance(raw_kind, str) and _is_text(raw_kind) else None
 
     def bad(field: str, reason: str) -> tuple[None, DeadLetter]:
         value = show_value(field, row.get(field))
@@ -100,7 +128,7 @@ def _coerce_row(index: int, row: Any) -> tuple[dict[str, Any] | None, DeadLetter
 
     if isinstance(raw_id, int) and not isinstance(raw_id, bool) and 0 <= raw_id <= _U64_MAX:
         event_id = raw_id
-    elif isinstance(raw_id, str) and raw_id:
+    elif isinstance(raw_id, str) and raw_id and _is_text(raw_id):
         event_id = event_id_from_text(raw_id)
     else:
         return bad("event_id", "missing, or not an unsigned 64-bit integer or a non-empty string")
@@ -108,10 +136,10 @@ def _coerce_row(index: int, row: Any) -> tuple[dict[str, Any] | None, DeadLetter
     customer = row.get("customer_id")
     if isinstance(customer, int) and not isinstance(customer, bool):
         customer = str(customer)
-    if not isinstance(customer, str) or not customer:
+    if not isinstance(customer, str) or not customer or not _is_text(customer):
         return bad("customer_id", "missing or not a non-empty string")
     out["customer_id"] = customer
-    if kind is None:
+    if kind is None or not _is_text(kind):
         return bad("kind", "missing or not a string")
     out["kind"] = kind
     if "ts" not in row:

@@ -311,3 +311,71 @@ def test_the_ranker_sees_exactly_the_features_training_rebuilds_from_the_log(eve
     assert cap["ctx_km_from_home"] == pytest.approx(504.4, abs=1)
     assert cap["ctx_offers_accepted"] == 1 and cap["ctx_tenure_months"] == 40
     assert cap["ctx_contacts_7d"] == 1 and cap["ctx_days_since_contact"] == pytest.approx(1 / 24)
+
+
+# -- inbound decisions (POST /v1/decide) --------------------------------------------------------
+INBOUND_OFFERS = """
+  - {id: web_pass, answers: [inbound], channels: [web, app], value: 6, cost: 0.5, cooldown: 7d,
+     eligible: "page != '/shop'"}
+"""
+
+
+def test_inbound_requests_get_offers_that_answer_inbound_on_their_channel(event) -> None:
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("usage", "c", ms(2026, 3, 2, 10), mb=100.0),
+    ]
+    engine, decisions = decide(rows, catalog(offers=INBOUND_OFFERS), by_offer({"web_pass": 0.5}))
+    assert decisions == []  # 10 % of the cap: no trigger, no outbound decision
+    before = engine.customer("c")
+    # 23:30 in Berlin: quiet hours hold outbound offers, not a customer who is on the site
+    text = catalog(offers=INBOUND_OFFERS).replace("quiet_hours: null", "quiet_hours: {start: 21}")
+    engine.set_catalog(parse_catalog_text(text))
+    d = engine.decide_inbound("c", "web", ms(2026, 3, 2, 22, 30), request_id=7, page="/plans")
+    assert (d["rule_id"], d["action"], d["channel"], d["delivered"]) == (
+        "inbound", "web_pass", "web", True,
+    )  # fmt: skip
+    assert d["deliver_after"] == d["ts"]
+    # the outbound-only offers are not candidates on the web
+    assert [c["offer_id"] for c in d["candidates"]] == ["web_pass"]
+    # asking again: the cooldown (and the daily cap) now hold
+    again = engine.decide_inbound("c", "web", ms(2026, 3, 2, 22, 31), request_id=8, page="/plans")
+    assert again["action"] == NO_ACTION
+    assert again["candidates"][0]["excluded"] == "cooldown"
+    # on a page the offer is not eligible for
+    other = engine.decide_inbound("c", "app", ms(2026, 3, 20), request_id=9, page="/shop")
+    assert other["candidates"][0]["excluded"] == "not_eligible"
+    after = engine.customer("c")
+    assert after["cycle_usage_mb"] == before["cycle_usage_mb"]  # asking changes no aggregate
+    assert [r["decision_id"] for r in after["recent_decisions"]][:1] == [
+        f"{other['decision_id']:016x}"
+    ]
+    assert [r["action"] for r in after["recent_decisions"]] == [NO_ACTION, NO_ACTION, "web_pass"]
+
+
+def test_inbound_decisions_follow_consent_and_are_stable_per_request_id(event) -> None:
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("consent", "c", ms(2026, 3, 2, 9), channel="web", granted=False),
+    ]
+    engine, _ = decide(rows, catalog(offers=INBOUND_OFFERS), by_offer({"web_pass": 0.5}))
+    web = engine.decide_inbound("c", "web", ms(2026, 3, 2, 12), request_id=1)
+    assert web["action"] == NO_ACTION
+    assert web["candidates"][0]["excluded"] == "no_consent"
+    app = engine.decide_inbound("c", "app", ms(2026, 3, 2, 12), request_id=1)
+    assert (app["action"], app["channel"]) == ("web_pass", "app")
+    assert app["decision_id"] == web["decision_id"]  # same request id, same draws
+    unknown = engine.decide_inbound("new-visitor", "web", ms(2026, 3, 2, 12), request_id=2)
+    assert unknown["action"] == "web_pass"  # opt-out consent: reachable until withdrawn
+
+
+def test_the_golden_record_shows_recent_triggers_and_decisions_newest_first(event) -> None:
+    rows = _cap_then_trips(event, [2, 3])
+    engine, decisions = decide(rows)
+    record = engine.customer("c")
+    assert [t["rule_id"] for t in record["recent_triggers"]] == ["away", "away", "cap80"]
+    assert record["recent_triggers"][0]["values"]["distance_km"] > 100
+    assert [d["action"] for d in record["recent_decisions"]] == [
+        d["action"] for d in reversed(decisions)
+    ]
+    assert engine.customer("nobody") is None

@@ -120,3 +120,26 @@ def test_compact_copies_slices_that_hold_a_larger_parent() -> None:
     assert part.column("x").to_pylist() == list(range(10, 1010))
     whole = compact(big)
     assert whole is big
+
+
+def test_values_arrow_cannot_hold_are_dead_lettered_not_crashed_on() -> None:
+    from engine.events.codec import rows_to_batch
+
+    base = {"customer_id": "a", "kind": "profile_update", "ts": 1000}
+    rows = [
+        {**base, "event_id": 1, "cycle_day": -29494},  # int8
+        {**base, "event_id": 2, "tenure_months": 1 << 40},  # int32
+        {**base, "event_id": 3, "tz": "Europe/\udbc2"},  # a lone surrogate (JSON allows it)
+        {**base, "event_id": 4, "channels": ["sms", "\ud800"]},
+        {**base, "event_id": 5, "customer_id": "\udfff"},
+        {**base, "event_id": 6, "kind": "\ud800"},
+        {**base, "event_id": 7, "cycle_day": 3},
+    ]
+    batch, positions, letters = rows_to_batch(rows)
+    assert positions == [6] and batch.num_rows == 1
+    assert [(d.index, d.field) for d in letters] == [
+        (0, "cycle_day"), (1, "tenure_months"), (2, "tz"), (3, "channels"),
+        (4, "customer_id"), (5, "kind"),
+    ]  # fmt: skip
+    assert "out of range [-128, 127]" in letters[0].reason
+    assert all(d.kind in (None, "profile_update") for d in letters)

@@ -176,3 +176,23 @@ def test_state_is_columnar_and_small(settings, rules) -> None:
     keys = np.arange(1, 5001, dtype=np.uint64)
     engine.shards[0].store.slots_for(keys)
     assert engine.shards[0].store.live_nbytes_per_customer() <= 300
+
+
+def test_a_quiet_stream_closes_its_watermark_so_nothing_waits_forever(rules, event) -> None:
+    settings = EngineSettings(shards=1, allowed_lateness_s=3600, dedupe_window_s=7200)
+    engine = LocalEngine(settings, rules)
+    engine.submit_rows(
+        [
+            event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+            event("usage", "c", ms(2026, 3, 2, 10), mb=850.0),
+        ]
+    )
+    assert engine.trigger_table().num_rows == 0  # held: within the hour of lateness
+    watermark = engine.ingestor.close_idle()
+    assert watermark == ms(2026, 3, 2, 10)
+    engine._collect(engine.shards[0].apply(None, watermark))
+    assert fired(engine.trigger_table().to_pylist(), "data_cap_nearing") != []
+    # from now on an event older than the newest seen is late, however small the gap
+    letters = engine.submit_rows([event("usage", "c", ms(2026, 3, 2, 9, 59), mb=1.0)])
+    assert len(letters) == 1 and letters[0].reason.startswith("late")
+    assert engine.submit_rows([event("usage", "c", ms(2026, 3, 2, 10, 1), mb=1.0)]) == []

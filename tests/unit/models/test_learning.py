@@ -142,5 +142,6 @@ def test_a_candidate_trained_on_shuffled_labels_is_refused(logged_run, tmp_path)
     assert registry.champion() == good.artifact.version
     assert registry.load(bad.artifact.version).status == "refused"
     assert "<=" in bad.reason and good.artifact.version in bad.reason
-    good_auc = good.metrics["holdout"]["auc"]
-    assert good_auc > bad.metrics["holdout"]["auc"] + 0.03 and good_auc > 0.55
+    good_auc, bad_auc = good.metrics["holdout"]["auc"], bad.metrics["holdout"]["auc"]
+    # shuffled labels score at chance (within the noise of a ~1,000-row holdout)
+    assert abs(bad_auc - 0.5) < 0.05 and good_auc > max(bad_auc, 0.55)
