@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -78,10 +79,15 @@ class ShardActor:
         m.count_pairs(m.decisions, by, ("offer", "reason"))
 
     def decide_inbound(
-        self, customer_key: int, channel: str, ts_ms: int, request_id: int, page: str | None
+        self,
+        customer_keys: np.ndarray,
+        channels: list[str],
+        ts_ms: np.ndarray,
+        request_ids: np.ndarray,
+        pages: list[str | None],
     ) -> pa.Table:
-        """One inbound decision (``POST /v1/decide``); see ShardLogic.decide_inbound."""
-        decisions = self.logic.decide_inbound(customer_key, channel, ts_ms, request_id, page)
+        """Inbound decisions (``POST /v1/decide``), a batch per call; see ShardLogic."""
+        decisions = self.logic.decide_inbound(customer_keys, channels, ts_ms, request_ids, pages)
         self._observe(decisions)
         return decisions
 

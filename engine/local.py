@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from engine.config import EngineSettings
@@ -83,7 +84,10 @@ class LocalEngine:
     ) -> dict[str, Any]:
         """An inbound decision (``POST /v1/decide``) from the owning shard, logged like others."""
         key, owner = self.ingestor.owner_of(customer_id)
-        table = self.shards[owner].decide_inbound(key, channel, ts_ms, request_id, page)
+        table = self.shards[owner].decide_inbound(
+            np.array([key], dtype=np.uint64), [channel], np.array([ts_ms]),
+            np.array([request_id], dtype=np.uint64), [page],
+        )  # fmt: skip
         self.decisions.append(table)
         return dict(table.to_pylist()[0])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,37 +195,45 @@ class ShardLogic:
 
     def decide_inbound(
         self,
-        customer_key: int,
-        channel: str,
-        ts_ms: int,
-        request_id: int,
-        page: str | None = None,
+        customer_keys: np.ndarray,
+        channels: Sequence[str],
+        ts_ms: np.ndarray,
+        request_ids: np.ndarray,
+        pages: Sequence[str | None] | None = None,
     ) -> pa.Table:
-        """Decide now for a customer who asks on ``channel`` (web, app, call center).
+        """Decide now for customers who ask, each on a channel (web, app, call center).
 
-        The request is seen as an event at ``ts_ms`` (a page view when ``page`` is given) over
-        the customer's current golden record, which it does not change; only the contact it
-        may cause is recorded. ``request_id`` makes the decision id: a retried request with the
-        same id gets the same draws. Returns the one-row decision table (the decision log's).
+        Each request is seen as an event at its ``ts_ms`` (a page view, with its page) over the
+        customer's current golden record, which it does not change; only the contact it may
+        cause is recorded. ``request_ids`` make the decision ids: a retried request with the
+        same id gets the same draws. Returns the decision-log rows in request order.
         """
         if self.decider is None:
             raise EngineError("no offer catalog is set: inbound decisions are off")
-        key = np.array([customer_key], dtype=np.uint64)
-        slots = self.store.slots_for(key)
+        keys = np.asarray(customer_keys, dtype=np.uint64)
+        n = keys.size
+        unknown = sorted(set(channels) - set(CHANNELS))
+        if unknown:
+            raise EngineError(f"unknown channel(s) {unknown}; known: {', '.join(CHANNELS)}")
+        channel_ix = np.array([CHANNELS.index(c) for c in channels], dtype=np.int8)
+        ts = np.asarray(ts_ms, dtype=np.int64)
+        slots = self.store.slots_for(keys)
+        order = sort_order(slots, ts)  # a view is in (customer, time) order
         columns = {
-            "event_id": pa.array([request_id], type=pa.uint64()),
-            "customer_key": pa.array(key, type=pa.uint64()),
-            "key_group": pa.array([self.key_range[0]], type=pa.uint16()),
-            "seq": pa.array([0], type=pa.uint64()),
-            "kind": pa.array([int(EventKind.PAGE_VIEW)], type=pa.int8()),
-            "ts": pa.array([ts_ms], type=pa.int64()).cast(TS_TYPE),
-            "page": pa.array([page], type=ROUTED_SCHEMA.field("page").type),
+            "event_id": pa.array(np.asarray(request_ids, dtype=np.uint64), type=pa.uint64()),
+            "customer_key": pa.array(keys, type=pa.uint64()),
+            "key_group": pa.array(np.full(n, self.key_range[0]), type=pa.uint16()),
+            "seq": pa.array(np.zeros(n, dtype=np.uint64), type=pa.uint64()),
+            "kind": pa.array(np.full(n, int(EventKind.PAGE_VIEW)), type=pa.int8()),
+            "ts": pa.array(ts, type=pa.int64()).cast(TS_TYPE),
+            "page": pa.array(list(pages or [None] * n), type=ROUTED_SCHEMA.field("page").type),
         }
-        table = pa.Table.from_pydict(columns)
-        view = BatchView(table, np.zeros(1, dtype=np.int64), slots, self.store)
-        decisions = self.decider.decide_inbound(view, channel)
+        view = BatchView(pa.Table.from_pydict(columns), order, slots[order], self.store)
+        decisions = self.decider.decide_inbound(view, channel_ix[order])
         self._count_decisions(decisions)
-        return decisions
+        back = np.empty(n, dtype=np.int64)
+        back[order] = np.arange(n)
+        return decisions.take(pa.array(back))
 
     def flush(self) -> ApplyResult:
         """Release and apply every pending event (the stream has ended)."""

@@ -117,6 +117,8 @@ def ranker_app_config(
         "name": RANKER_APP,
         "route_prefix": None,
         "import_path": "models.deployment:build_app",
+        # a log line per request costs more CPU than a decision: errors are still logged
+        "logging_config": {"enable_access_log": False},
         "deployments": [
             {
                 "name": RANKER_DEPLOYMENT,

@@ -177,21 +177,27 @@ class Decider:
         rule_ids = np.concatenate([np.full(r.size, rule, dtype=object) for rule, r in parts])
         rule_pos = np.concatenate([np.full(r.size, i) for i, (_, r) in enumerate(parts)])
         order = np.lexsort((rule_pos, rows))  # customer, then time, then rule order
-        return self._decide(view, rows[order], rule_ids[order], channel=None)
+        return self._decide(view, rows[order], rule_ids[order], inbound=None)
 
-    def decide_inbound(self, view: BatchView, channel: str) -> pa.Table:
-        """Inbound decisions: every row of ``view`` is a customer asking, on ``channel``, now.
+    def decide_inbound(self, view: BatchView, channels: np.ndarray) -> pa.Table:
+        """Inbound decisions: row i of ``view`` is a customer asking now on ``channels[i]``
+        (an index into CHANNELS); the log's rows are in view order.
 
         The candidates are the offers that answer the ``inbound`` trigger and can be shown on
         that channel; the policy is the outbound one (eligibility, consent for the channel,
-        cooldowns, caps, control group) except quiet hours: the customer is here.
+        cooldowns, caps, control group) except quiet hours: the customer is here. A customer
+        asking several times in one call is decided in time order, in rounds, as triggers are.
         """
         rows = np.arange(view.size)
         rule_ids = np.full(rows.size, INBOUND, dtype=object)
-        return self._decide(view, rows, rule_ids, channel=channel)
+        return self._decide(view, rows, rule_ids, inbound=np.asarray(channels, dtype=np.int8))
 
     def _decide(
-        self, view: BatchView, rows: np.ndarray, rule_ids: np.ndarray, channel: str | None
+        self,
+        view: BatchView,
+        rows: np.ndarray,
+        rule_ids: np.ndarray,
+        inbound: np.ndarray | None,
     ) -> pa.Table:
         offers = self.catalog.offers
         t = rows.size
@@ -204,8 +210,9 @@ class Decider:
         answered = np.zeros((t, len(offers)), dtype=bool)
         for j, offer in enumerate(offers):
             answered[:, j] = np.isin(rule_ids, offer.spec.answers)
-            if channel is not None and channel not in offer.spec.channels:
-                answered[:, j] = False
+            if inbound is not None:  # only offers that can be shown where the customer is
+                shown = [CHANNELS.index(c) for c in offer.spec.channels]
+                answered[:, j] &= np.isin(inbound, shown)
         reasons = np.zeros(answered.shape, dtype=np.int8)
         ctx_rows = RowsView(view, rows)
         for j, offer in enumerate(offers):
@@ -217,14 +224,17 @@ class Decider:
         granted, withdrawn = (m[rows] for m in view.consent())
         # an inbound customer is reachable on the channel they came in on; consent still rules
         reachable = view.profile("channels")[rows]
-        if channel is not None:
+        if inbound is not None:
             reachable = np.full(rows.size, ALL_CHANNELS, dtype=reachable.dtype)
         allowed = allowed_channels(reachable, granted, withdrawn, policy)
-        offer_channels = [[channel] if channel else o.spec.channels for o in offers]
-        via = np.stack([first_channel(allowed, c) for c in offer_channels], axis=1)
+        if inbound is None:
+            via = np.stack([first_channel(allowed, o.spec.channels) for o in offers], axis=1)
+        else:  # the channel asked on, if consent allows it
+            usable = (allowed >> inbound.astype(np.uint8)) & 1 == 1
+            via = np.repeat(np.where(usable, inbound, -1)[:, None], len(offers), axis=1)
         opted_out = (withdrawn & ALL_CHANNELS) == ALL_CHANNELS
         local = ctx_rows.column("@local_ms").astype(np.int64)
-        after = deliver_after(ts, local, policy) if self.outbound and not channel else ts
+        after = deliver_after(ts, local, policy) if self.outbound and inbound is None else ts
         for mask, reason in (
             (opted_out[:, None], Reason.OPTED_OUT),
             (via < 0, Reason.NO_CONSENT),

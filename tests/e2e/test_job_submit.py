@@ -34,7 +34,13 @@ def head(tmp_path_factory):
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--include-dashboard=true", "--num-cpus=2", "--object-store-memory=300000000",
-         "--disable-usage-stats"],
+         "--disable-usage-stats",
+         # another Ray (the session's cluster) may run here: none of its default ports
+         f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}",
+         f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
         stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
         env=env, start_new_session=True,
     )  # fmt: skip

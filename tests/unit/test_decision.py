@@ -379,3 +379,34 @@ def test_the_golden_record_shows_recent_triggers_and_decisions_newest_first(even
         d["action"] for d in reversed(decisions)
     ]
     assert engine.customer("nobody") is None
+
+
+def test_a_batch_of_inbound_requests_decides_as_the_same_requests_one_by_one(event) -> None:
+    rows = [event("profile_update", c, ms(2026, 3, 1), **PROFILE) for c in ("a", "b", "c")]
+    rows.append(event("consent", "b", ms(2026, 3, 1, 1), channel="app", granted=False))
+    text = catalog(offers=INBOUND_OFFERS, policy="  exploration: 0.3")
+    scorer = by_offer({"web_pass": 0.5})
+    asks = [  # (customer, channel, hour, page): "a" twice, out of time order
+        ("a", "web", 12, "/plans"), ("b", "app", 9, None), ("a", "app", 10, "/plans"),
+        ("c", "web", 11, "/shop"), ("new", "app", 8, None), ("b", "web", 13, None),
+    ]  # fmt: skip
+    one_by_one, _ = decide(rows, text, scorer)
+    expected = {}
+    for i, (c, ch, h, page) in sorted(enumerate(asks), key=lambda x: (x[1][0], x[1][2])):
+        expected[i] = one_by_one.decide_inbound(c, ch, ms(2026, 3, 2, h), 100 + i, page)
+    batched, _ = decide(rows, text, scorer)
+    key = batched.ingestor.pseudonymizer.key_of
+    shard = batched.shards[0]
+    got = shard.decide_inbound(
+        np.array([key(c) for c, *_ in asks], dtype=np.uint64),
+        [ch for _, ch, _, _ in asks],
+        np.array([ms(2026, 3, 2, h) for _, _, h, _ in asks]),
+        np.arange(100, 100 + len(asks), dtype=np.uint64),
+        [page for *_, page in asks],
+    ).to_pylist()
+    fields = ("decision_id", "action", "channel", "reason", "probability", "candidates")
+    for i, row in enumerate(got):
+        assert {f: row[f] for f in fields} == {f: expected[i][f] for f in fields}, asks[i]
+    actions = [r["action"] for r in got]
+    assert actions[2] == "web_pass" and actions[0] == NO_ACTION  # a: 10:00 first, then cooldown
+    assert got[1]["candidates"][0]["excluded"] == "no_consent"  # b withdrew the app
