@@ -241,11 +241,14 @@ class Router:
         return [len(q) for q in self._in_flight]
 
     def flush_logs(self) -> None:
-        """Write what the decision and outcome sinks hold, so readers see everything so far."""
+        """Write what the sinks hold (triggers, decisions, outcomes, dead letters), so readers
+        see everything so far. Applies nothing: works while shards or the ranker stop."""
         if self.outcome_sink is not None:
             self.outcome_sink.flush()
-        if self.decision_sink is not None:
-            ray.get(self.decision_sink.flush.remote())
+        if self.dead_letter_sink is not None:
+            self.dead_letter_sink.flush()
+        refs = [s.flush.remote() for s in (self.decision_sink, self.sink) if s is not None]
+        ray.get(refs)
 
     def flush(self) -> dict[str, Any]:
         """End of stream: shards release everything pending; the sink writes its files."""

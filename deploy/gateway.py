@@ -323,9 +323,23 @@ class GatewayActor:
             self.supervisor.router.flush_logs()
         return self.stats()
 
+    def save(self) -> None:
+        """Write what the sinks hold, applying nothing: called while Serve stops, when the
+        ranker may be gone and a micro-batch may hold the lock waiting for it. The sink actors
+        are flushed regardless; the in-process ones when the lock comes within a second."""
+        router = self.supervisor.router
+        sinks = [a for a in (router.decision_sink, router.sink) if a is not None]
+        ray.get([a.flush.remote() for a in sinks])
+        if self.lock.acquire(timeout=1.0):
+            try:
+                router.flush_logs()
+            finally:
+                self.lock.release()
+
     def shutdown(self) -> None:
+        """Stop: apply every event received, write every log, stop the engine's actors."""
         self._stop.set()
         with self.lock:
-            self.supervisor.router.drain()
+            self.supervisor.router.release_idle()  # apply everything, even within lateness
             self.supervisor.router.flush_logs()
             self.supervisor.shutdown()

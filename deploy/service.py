@@ -13,7 +13,9 @@ API replicas decode and coerce bodies in parallel and pass Arrow batches to the 
 straight to the owning shard actor.
 """
 
+import asyncio
 import json
+import logging
 import secrets
 import time
 from datetime import datetime
@@ -37,6 +39,7 @@ from engine.ingest import Ingestor
 from engine.state.store import PROFILE_COLUMNS
 from models.deployment import RANKER_APP
 
+log = logging.getLogger("ray.serve")
 API_APP = "kairos"
 API_DEPLOYMENT = "api"
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
@@ -246,6 +249,15 @@ class KairosApi:
         self.shards = [ray.get_actor(name, namespace=ns) for name in routing["shards"]]
         sink = routing["decision_sink"]
         self.decision_sink = ray.get_actor(sink, namespace=ns) if sink else None
+
+    async def __del__(self) -> None:
+        """Serve stops this replica (``serve run`` Ctrl-C, shutdown, redeploy): have the
+        gateway write its logs first. Events still waiting for the watermark are not applied
+        here (the ranker may be stopping too); ``kairos serve`` applies them on Ctrl-C."""
+        try:
+            await asyncio.wait_for(self.gateway.save.remote(), timeout=10)
+        except Exception:  # the gateway may already be gone; nothing more to save then
+            log.warning("could not save the gateway's logs while stopping", exc_info=True)
 
     # -- events --------------------------------------------------------------------------------
     @api.post(

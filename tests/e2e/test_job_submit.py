@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 def head(tmp_path_factory):
     """A head node of its own (not the session's cluster), stopped by killing its process group:
     `ray stop` would stop every Ray on the machine."""
-    dashboard = free_port()
+    dashboard, gcs = free_port(), free_port()
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -31,7 +31,7 @@ def head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     logs = tmp_path_factory.mktemp("head")
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--include-dashboard=true", "--num-cpus=2", "--object-store-memory=300000000",
          "--disable-usage-stats",
@@ -63,6 +63,11 @@ def head(tmp_path_factory):
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    # `ray start` recorded this head as the machine's current cluster; `serve run` and
+    # `ray.init("auto")` would try to join it after we are gone
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
+        current.unlink()
 
 
 def submit(address: str, env: dict[str, str], *job: str) -> subprocess.CompletedProcess[str]:
