@@ -5,7 +5,7 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m deploy.job replay --file s3://bucket/events.parquet
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
-        python -m deploy.job simulate --customers 20000 --days 42
+        python -m deploy.job simulate --customers 20000 --days 84
 
 The job joins the cluster it runs on (Ray sets RAY_ADDRESS for it), prints its progress and
 ends with one JSON line, the result, which ``ray job logs`` shows. Exit status 2 and one line
@@ -111,8 +111,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--offers", action="store_true", help="decide through the Serve ranker")
     s = sub.add_parser("simulate", parents=[common], help="closed-loop policy comparison")
     s.add_argument("--customers", type=int, default=20_000)
-    s.add_argument("--days", type=int, default=42)
-    s.add_argument("--warmup-days", type=int, default=14)
+    s.add_argument("--days", type=int, default=84)
+    s.add_argument("--warmup-days", type=int, default=42)
     s.add_argument("--policies", default="blanket,rules,kairos,oracle")
     return p
 

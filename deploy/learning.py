@@ -51,32 +51,54 @@ def offers_check(file: Annotated[Path, typer.Argument(help="Offer catalog to val
     )
 
 
-#: (description, policy, measure, relation, other policy, factor): policy.measure rel factor * other
-TARGETS: tuple[tuple[str, str, str, str, str, float], ...] = (
-    ("kairos acceptance rate >= 4x blanket", "kairos", "acceptance_rate", ">=", "blanket", 4.0),
-    ("kairos offers sent <= 50% of blanket", "kairos", "offers_sent", "<=", "blanket", 0.5),
-    ("kairos net value > blanket", "kairos", "net_value", ">", "blanket", 1.0),
-    ("kairos opt-outs <= 50% of blanket", "kairos", "opt_outs", "<=", "blanket", 0.5),
-    ("kairos net value >= 1.2x rules", "kairos", "net_value", ">=", "rules", 1.2),
-    ("kairos net value >= 90% of oracle", "kairos", "net_value", ">=", "oracle", 0.9),
-)
+#: the moments the blanket campaign answers: comparisons with it are made on these only
+BLANKET_SCOPE = "data_cap_nearing"
+
+#: (description, policy, measure, relation, other, factor, scope):
+#: policy.measure rel factor * other.measure, over the decisions of ``scope`` (None: all)
+TARGETS: tuple[tuple[str, str, str, str, str, float, str | None], ...] = (
+    ("kairos acceptance rate >= 4x blanket", "kairos", "acceptance_rate", ">=", "blanket", 4.0,
+     BLANKET_SCOPE),
+    ("kairos offers sent <= 50% of blanket", "kairos", "offers_sent", "<=", "blanket", 0.5,
+     BLANKET_SCOPE),
+    ("kairos net value > blanket", "kairos", "net_value", ">", "blanket", 1.0, BLANKET_SCOPE),
+    ("kairos opt-outs <= 50% of blanket", "kairos", "opt_outs", "<=", "blanket", 0.5,
+     BLANKET_SCOPE),
+    ("kairos net value >= 1.2x rules", "kairos", "net_value", ">=", "rules", 1.2, None),
+    ("kairos net value >= 90% of oracle", "kairos", "net_value", ">=", "oracle", 0.9, None),
+)  # fmt: skip
 
 
 def targets(reports: dict[str, dict[str, Any]]) -> dict[str, bool]:
-    """The issue's closed-loop targets, each met or not (empty if a policy did not run)."""
+    """The issue's closed-loop targets, each met or not (empty if a policy did not run).
+
+    The blanket campaign answers only data-cap moments, so Kairos is compared with it on those
+    moments (the story's comparison: the same customers at the same moment); the comparisons
+    with rules and the oracle cover every moment.
+    """
     out: dict[str, bool] = {}
-    for text, policy, measure, relation, other, factor in TARGETS:
+    for text, policy, measure, relation, other, factor, scope in TARGETS:
         if policy not in reports or other not in reports:
             continue
-        a, b = reports[policy][measure], factor * reports[other][measure]
-        out[text] = a >= b if relation == ">=" else a <= b if relation == "<=" else a > b
+        a, b = (_scoped(reports[name], scope)[measure] for name in (policy, other))
+        b *= factor
+        label = f"{text} (on {scope} moments)" if scope else text
+        out[label] = a >= b if relation == ">=" else a <= b if relation == "<=" else a > b
     return out
+
+
+def _scoped(report: dict[str, Any], scope: str | None) -> dict[str, Any]:
+    if scope is None:
+        return report
+    empty = {"offers_sent": 0, "accepted": 0, "acceptance_rate": 0.0, "net_value": 0.0,
+             "opt_outs": 0}  # fmt: skip
+    return dict(report["by_trigger"].get(scope, empty))
 
 
 def simulate(
     customers: Annotated[int, typer.Option(min=100)] = 20_000,
-    days: Annotated[int, typer.Option(min=2, max=120)] = 42,
-    warmup_days: Annotated[int, typer.Option(min=1)] = 14,
+    days: Annotated[int, typer.Option(min=2, max=180)] = 84,
+    warmup_days: Annotated[int, typer.Option(min=1)] = 42,
     policies: Annotated[str, typer.Option(help="Comma-separated.")] = "blanket,rules,kairos,oracle",
     seed: int = 7,
     out: Annotated[Path, typer.Option(help="Folder for the chart, report and models.")] = Path(
@@ -142,6 +164,19 @@ def _print_report(
             f"{u['uplift']:+.1%} ({u['low']:+.1%}, {u['high']:+.1%})",
         )
     console.print(table)
+    moments = Table(title="By moment (trigger)", header_style="bold")
+    for column in ("moment", "policy", "offers sent", "acceptance", "net value", "opt-outs"):
+        moments.add_column(column, justify="left" if column in ("moment", "policy") else "right")
+    triggers = sorted({t for r in reports.values() for t in r["by_trigger"]})
+    for trigger in triggers:
+        for name, r in reports.items():
+            m = _scoped(r, trigger)
+            moments.add_row(
+                trigger, name, f"{m['offers_sent']:,}", f"{m['acceptance_rate']:.1%}",
+                f"{m['net_value']:,.0f}", f"{m['opt_outs']:,}",
+            )  # fmt: skip
+        moments.add_section()
+    console.print(moments)
     for name, ok in checks.items():
         console.print(f"  {'[green]met' if ok else '[red]not met'}[/] {name}")
     if "kairos" in reports:

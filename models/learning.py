@@ -1,9 +1,10 @@
 """One training round: training set -> model -> holdout metrics -> off-policy gate -> registry.
 
-A candidate is promoted only if the lower bound of its doubly robust value estimate beats the
-champion's estimate on the same held-out decisions (or, with no champion yet, the logging
-policy's own average reward). Refused candidates stay in the registry with status
-``refused`` and the numbers that refused them.
+A candidate is promoted only if it is confidently better than the champion: the lower bound of
+the 95 % interval of its doubly robust gain over the champion, paired on the same held-out
+decisions, is above zero (with no champion yet, the gain is over the logging policy's own
+rewards). Refused candidates stay in the registry with status ``refused`` and the numbers
+that refused them.
 """
 
 from __future__ import annotations
@@ -13,13 +14,27 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import xgboost as xgb
 
 from engine.decision.catalog import Catalog
 from engine.decision.features import FeatureSpec, feature_spec
-from models.offpolicy import evaluate_policy, logged_bandit, logged_value
+from models.offpolicy import (
+    Predict,
+    evaluate_policy,
+    improvement,
+    logged_bandit,
+    logged_value,
+)
 from models.ranker import predictor
 from models.registry import ModelArtifact, ModelRegistry
-from models.train import classification_metrics, fit, outcomes, time_split, training_set
+from models.train import (
+    classification_metrics,
+    fit,
+    outcomes,
+    recency_weights,
+    time_split,
+    training_set,
+)
 
 
 @dataclass
@@ -40,6 +55,7 @@ def train_round(
     min_rows: int = 200,
     shuffle_labels: bool = False,
     seed: int = 0,
+    half_life_days: float | None = 7.0,
 ) -> TrainResult:
     """Train on outcomes known at ``cutoff_ms``, judge on the latest ``holdout`` share of time."""
     spec: FeatureSpec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
@@ -51,7 +67,10 @@ def train_round(
     labels = data.labels.copy()
     if shuffle_labels:  # a deliberately useless model, for testing the gate
         labels = np.random.default_rng(seed).permutation(labels)
-    booster = fit(data.features[train_rows], labels[train_rows], spec.names, seed=seed)
+    weights = recency_weights(data.ts[train_rows], cutoff_ms, half_life_days)
+    booster = fit(
+        data.features[train_rows], labels[train_rows], spec.names, seed=seed, weights=weights
+    )
     p_test = booster.inplace_predict(data.features[test_rows])
     metrics: dict[str, Any] = {
         "holdout": classification_metrics(data.labels[test_rows], np.asarray(p_test)),
@@ -66,14 +85,17 @@ def train_round(
     known, accepted = outcomes(decisions, responses, cutoff_ms, window)
     rows = np.flatnonzero(known & ~control & (ts >= boundary))
     log = logged_bandit(decisions.take(pa.array(rows)), accepted[rows], catalog)
-    candidate = evaluate_policy(log, lambda x: np.asarray(booster.inplace_predict(x)), spec)
+    predict_candidate = _predict(booster)
+    candidate = evaluate_policy(log, predict_candidate, spec)
     champion_version = registry.champion()
     if champion_version:
-        champ = registry.load(champion_version)
-        baseline = evaluate_policy(log, predictor(champ, spec.names), spec).dr
+        predict_champion = predictor(registry.load(champion_version), spec.names)
+        baseline = evaluate_policy(log, predict_champion, spec).dr
+        gain = improvement(log, predict_candidate, predict_champion, spec)
         against = f"champion {champion_version}"
     else:
         baseline = logged_value(log)
+        gain = improvement(log, predict_candidate, None, spec)
         against = "the logging policy"
     dr, snips = candidate.dr, candidate.snips
     metrics["offpolicy"] = {
@@ -82,10 +104,12 @@ def train_round(
         "snips": snips.as_dict(),
         "agreement": candidate.agreement,
         "baseline": {"against": against, **baseline.as_dict()},
+        "gain": gain.as_dict(),
     }
-    promoted = bool(dr.low > baseline.value)
+    promoted = bool(gain.low > 0)
     reason = (
-        f"DR lower bound {dr.low:.4f} {'>' if promoted else '<='} {against} {baseline.value:.4f}"
+        f"DR gain over {against} {gain.value:+.4f} per decision, 95 % CI lower bound "
+        f"{gain.low:+.4f} {'>' if promoted else '<='} 0"
     )
     metrics["gate"] = {"promoted": promoted, "reason": reason}
     artifact = registry.register(booster, spec.names, metrics, parent=champion_version)
@@ -96,3 +120,7 @@ def train_round(
         artifact.status = "refused"
         registry.update(artifact)
     return TrainResult(artifact, promoted, reason, metrics)
+
+
+def _predict(booster: xgb.Booster) -> Predict:
+    return lambda x: np.asarray(booster.inplace_predict(x))

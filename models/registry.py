@@ -87,6 +87,11 @@ class ModelRegistry:
         found = [n for n in names if _VERSION.match(n)]
         return sorted(found, key=lambda n: int(n[1:]))
 
+    def clear(self) -> None:
+        """Remove every version and the champion pointer: a registry that starts from nothing
+        (each simulated Kairos run learns from its own log only)."""
+        self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+
     def _next_version(self) -> str:
         existing = self.versions()
         number = int(existing[-1][1:]) + 1 if existing else 1

@@ -45,8 +45,8 @@ DAY_MS = 24 * HOUR_MS
 @dataclass(frozen=True)
 class SimulationConfig:
     customers: int = 20_000
-    days: int = 42
-    warmup_days: int = 14
+    days: int = 84
+    warmup_days: int = 42
     events_per_customer_day: float = 2.0
     retrain_every: int = 1_500  # new known outcomes between retrainings
     warmup_exploration: float = 0.3
@@ -132,6 +132,8 @@ class Simulation:
         engine = LocalEngine(self.settings, self.rules, catalog, scorer)
         run = PolicyRun(name)
         registry = ModelRegistry(f"{self.registry_uri}/{name}") if name == "kairos" else None
+        if registry is not None:
+            registry.clear()  # a rerun must not start from an earlier run's champion
         outcomes_at_last_train = 0
         arrival = self.events.column("ts").cast(pa.int64()).to_numpy()
         steps = np.arange(self.t0, self.t0 + (self.config.days + 1) * DAY_MS + 1, HOUR_MS)
@@ -281,6 +283,19 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
         )
         k = int(on_day.sum())
         daily.append(float((out["accepted"] & on_day).sum() / k) if k else float("nan"))
+    rule = np.asarray(table.column("rule_id").to_numpy(zero_copy_only=False), dtype=object)
+    by_trigger = {}
+    for trigger in sorted(set(rule[after].tolist())):
+        on = rule == trigger
+        k_sent, k_acc = int((sent & on).sum()), int((accepted & on).sum())
+        by_trigger[str(trigger)] = {
+            "decisions": int((after & on).sum()),
+            "offers_sent": k_sent,
+            "accepted": k_acc,
+            "acceptance_rate": k_acc / k_sent if k_sent else 0.0,
+            "net_value": float((value * (accepted & on)).sum() - cost[sent & on].sum()),
+            "opt_outs": int((out["opted_out"] & sent & on).sum()),
+        }
     return {
         "offers_sent": n_sent,
         "accepted": n_acc,
@@ -301,6 +316,7 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
             "treated": nt,
             "control": nc,
         },
+        "by_trigger": by_trigger,
         "daily_acceptance_rate": daily,
         "models": run.models,
         "seconds": round(run.seconds, 1),

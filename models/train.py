@@ -145,9 +145,10 @@ def fit(
     rounds: int = 150,
     params: dict[str, Any] | None = None,
     seed: int = 0,
+    weights: np.ndarray | None = None,
 ) -> xgb.Booster:
     """A binary:logistic booster on ``features``; deterministic for a seed."""
-    dtrain = xgb.DMatrix(features, label=labels, feature_names=list(names))
+    dtrain = xgb.DMatrix(features, label=labels, weight=weights, feature_names=list(names))
     return xgb.train({**DEFAULT_PARAMS, **(params or {}), "seed": seed}, dtrain, rounds)
 
 
@@ -193,6 +194,19 @@ def classification_metrics(labels: np.ndarray, p: np.ndarray) -> dict[str, float
         "rows": float(len(labels)),
         "positive_rate": float(np.mean(labels)) if len(labels) else float("nan"),
     }
+
+
+def recency_weights(ts: np.ndarray, cutoff_ms: int, half_life_days: float | None) -> np.ndarray:
+    """Sample weights halving every ``half_life_days`` of age at the cutoff (all 1 if None).
+
+    Who a moment reaches drifts (cooldowns hold back recent takers, fatigue builds up, the
+    mix of customers crossing a threshold changes through the billing cycle), so recent
+    outcomes say more about the next decisions than old ones.
+    """
+    if half_life_days is None:
+        return np.ones(ts.size)
+    age_days = np.maximum(cutoff_ms - ts, 0) / 86_400_000
+    return np.asarray(0.5 ** (age_days / half_life_days))
 
 
 def time_split(ts: np.ndarray, holdout: float = 0.25) -> tuple[np.ndarray, np.ndarray]:

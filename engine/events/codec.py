@@ -22,6 +22,7 @@ from engine.events.deadletter import DeadLetter, show_value
 from engine.events.schema import PAYLOAD_FIELDS, RAW_SCHEMA
 
 _U64_MAX = (1 << 64) - 1
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _HEADER = ("event_id", "customer_id", "kind", "ts")
 
 
@@ -31,6 +32,13 @@ def event_id_from_text(text: str) -> int:
 
 
 def _to_ms(value: Any) -> int:
+    ms = _epoch_ms(value)
+    if not _I64_MIN <= ms <= _I64_MAX:
+        raise ValueError("timestamp is out of range (epoch milliseconds must fit in 64 bits)")
+    return ms
+
+
+def _epoch_ms(value: Any) -> int:
     if isinstance(value, bool):
         raise TypeError("expected a timestamp, got a boolean")
     if isinstance(value, int):

@@ -38,6 +38,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "home_lon": (-180.0, 180.0),
     "tenure_months": (0, 2400),
 }
+#: accepted event times: [1970-01-01, 2200-01-01) UTC, in epoch milliseconds
+TS_MIN_MS, TS_MAX_MS = 0, 7_258_118_400_000
+TS_RANGE_TEXT = "1970-01-01 .. 2200-01-01 (epoch milliseconds 0 .. 7258118400000)"
 _CHOICES: dict[str, tuple[str, ...]] = {"response": RESPONSES, "channel": CONSENT_CHANNELS}
 #: _ALLOWED[field][kind code]: may a kind carry the field
 _ALLOWED: dict[str, np.ndarray] = {
@@ -135,6 +138,13 @@ def validate(
 
     for header in ("event_id", "customer_id", "kind", "ts"):
         flag(_np_bool(batch.column(header).is_null()), header, f"field '{header}' is missing")
+    # event time within a plausible range (the calendar math of the rules needs real dates)
+    ts_ms = pc.fill_null(batch.column("ts").cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+    odd = ~bad & ((ts_ms < TS_MIN_MS) | (ts_ms >= TS_MAX_MS))
+    for i in np.flatnonzero(odd).tolist():
+        ms_text = f"{int(ts_ms[i])} ms"
+        reasons[i] = (f"field 'ts' = {ms_text} is outside {TS_RANGE_TEXT}", "ts", ms_text)
+    bad[odd] = True
     customer = batch.column("customer_id")
     if pa.types.is_dictionary(customer.type):
         empty = _np_bool(pc.equal(pc.binary_length(customer.dictionary), 0).take(customer.indices))

@@ -119,10 +119,17 @@ def test_simulate_json_reports_every_policy_and_writes_the_chart(tmp_path) -> No
         assert r["accepted"] <= r["offers_sent"]
         if r["offers_sent"]:
             assert r["acceptance_rate"] == pytest.approx(r["accepted"] / r["offers_sent"])
+        moments = r["by_trigger"].values()  # the per-moment breakdown adds up to the whole
+        for measure in ("offers_sent", "accepted", "opt_outs"):
+            assert sum(m[measure] for m in moments) == r[measure]
+        assert sum(m["net_value"] for m in moments) == pytest.approx(r["net_value"])
     assert set(report["blanket"]["offers_by_action"]) <= {"plan_upgrade"}
+    assert set(report["blanket"]["by_trigger"]) == {"data_cap_nearing"}
+    assert len(report["kairos"]["by_trigger"]) == 4
     assert report["kairos"]["models"], "kairos trained no model after its warm-up"
     assert (tmp_path / "acceptance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(report["targets"]) == 6
+    assert sum("(on data_cap_nearing moments)" in t for t in report["targets"]) == 4
 
 
 def test_offers_check_names_the_offer_and_field_in_one_line(tmp_path) -> None:

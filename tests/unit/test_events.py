@@ -134,12 +134,33 @@ def test_values_arrow_cannot_hold_are_dead_lettered_not_crashed_on() -> None:
         {**base, "event_id": 5, "customer_id": "\udfff"},
         {**base, "event_id": 6, "kind": "\ud800"},
         {**base, "event_id": 7, "cycle_day": 3},
+        {**base, "event_id": 8, "ts": -850234018914688605093888},  # found by schemathesis
+        {**base, "event_id": 9, "ts": 1e300},
     ]
     batch, positions, letters = rows_to_batch(rows)
     assert positions == [6] and batch.num_rows == 1
     assert [(d.index, d.field) for d in letters] == [
         (0, "cycle_day"), (1, "tenure_months"), (2, "tz"), (3, "channels"),
-        (4, "customer_id"), (5, "kind"),
+        (4, "customer_id"), (5, "kind"), (7, "ts"), (8, "ts"),
     ]  # fmt: skip
+    assert "timestamp is out of range" in letters[6].reason
     assert "out of range [-128, 127]" in letters[0].reason
     assert all(d.kind in (None, "profile_update") for d in letters)
+
+
+def test_event_times_outside_1970_to_2200_are_dead_lettered() -> None:
+    from engine.events.codec import rows_to_batch
+
+    base = {"customer_id": "a", "kind": "cart_add", "item": "x"}
+    rows = [
+        {**base, "event_id": 1, "ts": -84312023381098},  # year -702, found by schemathesis
+        {**base, "event_id": 2, "ts": 0},
+        {**base, "event_id": 3, "ts": "2199-12-31T23:59:59Z"},
+        {**base, "event_id": 4, "ts": "2200-01-01T00:00:00Z"},
+    ]
+    batch, positions, letters = rows_to_batch(rows)
+    assert not letters
+    result = validate(batch, positions)
+    assert [(d.index, d.field) for d in result.dead_letters] == [(0, "ts"), (3, "ts")]
+    assert "-84312023381098 ms is outside 1970-01-01 .. 2200-01-01" in result.dead_letters[0].reason
+    assert result.keep.tolist() == [False, True, True, False]

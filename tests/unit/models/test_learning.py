@@ -13,10 +13,10 @@ from engine.local import LocalEngine
 from engine.rules.spec import load_rules
 from engine.testing import by_offer
 from models.learning import train_round
-from models.offpolicy import LoggedBandit, evaluate_policy
+from models.offpolicy import LoggedBandit, evaluate_policy, improvement
 from models.registry import ModelRegistry
 from models.simulate import Simulation, SimulationConfig
-from models.train import auc, calibration_error, training_set
+from models.train import auc, calibration_error, recency_weights, training_set
 from tests.conftest import ROOT, ms
 
 DAY = 86_400_000
@@ -118,6 +118,29 @@ def test_off_policy_estimates_cover_the_true_value_of_a_policy() -> None:
     wrong = evaluate_policy(log, lambda x: _true_model(x) * 0.5, spec)
     assert wrong.dr.value < truth[0]
     assert 0.3 < estimate.agreement < 0.4  # uniform logging agrees a third of the time
+
+
+def test_the_paired_gain_finds_a_better_policy_and_no_gain_against_itself() -> None:
+    log, spec, truth = _bandit(20_000, seed=2)
+    pct = log.context["pct_of_cap"] / 100
+    uniform = np.mean([np.zeros_like(pct), pct * 4 - 1, (0.5 - pct * 0.4) * 6 - 1])
+    gain = improvement(log, _true_model, None, spec)  # over the uniform logging policy
+    assert gain.low <= truth[0] - uniform <= gain.high and gain.low > 0
+    same = improvement(log, _true_model, _true_model, spec)
+    assert same.value == same.low == same.high == 0.0
+    # a model that has x and y the wrong way round is confidently worse than the true one
+    swapped = improvement(log, lambda x: 1 - _true_model(x), _true_model, spec)
+    assert swapped.high < 0
+    # pairing: the gain's interval is narrower than the candidate's own estimate's
+    alone = evaluate_policy(log, _true_model, spec).dr
+    assert gain.high - gain.low < alone.high - alone.low
+
+
+def test_recency_weights_halve_every_half_life() -> None:
+    day = 86_400_000
+    ts = np.array([10 * day, 3 * day, -4 * day, 12 * day])
+    np.testing.assert_allclose(recency_weights(ts, 10 * day, 7.0), [1.0, 0.5, 0.25, 1.0])
+    np.testing.assert_array_equal(recency_weights(ts, 10 * day, None), np.ones(4))
 
 
 @pytest.fixture(scope="module")

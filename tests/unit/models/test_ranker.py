@@ -42,6 +42,9 @@ def test_registry_keeps_versions_their_metrics_and_the_champion(registry) -> Non
     )
     with pytest.raises(ConfigError, match="v0009 is not in the registry"):
         registry.load("v0009")
+    registry.clear()
+    assert registry.versions() == [] and registry.champion() is None
+    assert trained_model(registry, seed=3).version == "v0001"
 
 
 def test_the_ranker_scores_with_the_champion_and_sends_a_stable_share_to_the_challenger(
