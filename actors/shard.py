@@ -14,7 +14,7 @@ from actors.metrics import metrics
 from actors.runtime import peak_rss_mb
 from engine.config import EngineSettings
 from engine.decision.catalog import parse_catalog
-from engine.decision.scorer import OfferScorer
+from engine.decision.scorer import OfferScorer, ScorerUnavailable
 from engine.rules.spec import parse_rules
 from engine.shard import ApplyResult, ShardLogic
 from engine.state.snapshot import read_snapshot, write_snapshot
@@ -50,6 +50,20 @@ class ShardActor:
         rules = parse_rules(rules_document, "rules")
         catalog = parse_catalog(catalog_document, "offers") if catalog_document else None
         self.logic = ShardLogic(shard_id, settings, rules, key_range, catalog, scorer)
+
+    def connect_scorer(self) -> str | None:
+        """Connect the scorer ahead of the first decision; None when ready (or no scorer),
+        else why not (the shard still works: decisions fall back until the model answers)."""
+        decider = self.logic.decider
+        connect = getattr(decider.scorer, "connect", None) if decider else None
+        if decider is None or connect is None:
+            return None
+        try:
+            connect()
+            decider.warm_up()
+        except ScorerUnavailable as exc:
+            return str(exc)
+        return None
 
     @ray.method(num_returns=3)
     def apply(
@@ -114,6 +128,7 @@ class ShardActor:
 
     def stats(self) -> dict[str, Any]:
         store = self.logic.store
+        decider = self.logic.decider
         return {
             "peak_rss_mb": peak_rss_mb(),
             "shard": self.logic.shard_id,
@@ -122,6 +137,8 @@ class ShardActor:
             "state_bytes_per_customer": store.live_nbytes_per_customer(),
             "pending": self.logic.buffer.pending_rows,
             "watermark_ms": self.logic.watermark_ms,
+            "model_unavailable_batches": decider.unavailable if decider else 0,
+            "model_unavailable_last": decider.last_unavailable if decider else None,
             **self.logic.counters,
         }
 

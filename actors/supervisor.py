@@ -87,6 +87,11 @@ class Supervisor:
         self.rules = rules
         return rules
 
+    def connect_scorers(self) -> list[str]:
+        """Have every shard connect to the ranker (call once it is deployed); the problems."""
+        answers = ray.get([s.connect_scorer.remote() for s in self.shards])
+        return [a for a in answers if a is not None]
+
     def set_catalog(self, document: dict[str, Any], source: str = "offers") -> Catalog:
         """Validate then swap the offer catalog on every shard; contact history is kept.
 

@@ -131,6 +131,9 @@ class GatewayActor:
         )
         self.registry_uri = str(root / "models")
         self.model_version = self._start_ranker(rules, catalog) if catalog else None
+        if catalog is not None:
+            for problem in self.supervisor.connect_scorers():
+                log.warning("a shard could not reach the ranker yet: %s", problem)
         self.lock = threading.RLock()
         self.last_input = time.monotonic()
         self.idle_released = True

@@ -86,6 +86,8 @@ def replay(
     )
     try:
         supervisor.shard_stats()  # the actors are up before the clock starts
+        if catalog is not None:
+            supervisor.connect_scorers()  # problems show as model_unavailable decisions
         supervisor.router.reject(list(unreadable or []))
         progress = Progress(total=table.num_rows)
         started = time.perf_counter()

@@ -80,6 +80,8 @@ def run(
         decision_uri=f"{out_dir}/decisions-{shards}" if catalog else None,
     )
     ray.get([s.stats.remote() for s in supervisor.shards])  # actors up before the clock starts
+    if catalog is not None:
+        supervisor.connect_scorers()  # as a service does at start, not on the first decision
     started = time.perf_counter()
     table = pq.read_table(pa.BufferReader(data), read_dictionary=["customer_id"])
     for start in range(0, table.num_rows, batch):
@@ -106,6 +108,7 @@ def run(
         "decisions": stats.decisions,
         "decide_p50_ms": round(stats.percentile(50, stats.decide_ms), 2),
         "decide_p99_ms": round(stats.percentile(99, stats.decide_ms), 2),
+        "decide_ms_all": [round(x, 1) for x in stats.decide_ms],
         "customers": customers,
         "state_bytes_per_customer": round(
             sum(s["state_bytes"] for s in shard_stats) / customers, 1

@@ -52,7 +52,12 @@ from engine.decision.policy import (
     push_contact,
     stable_uniform,
 )
-from engine.decision.scorer import OfferScorer, ScoreRequest, check_response
+from engine.decision.scorer import (
+    OfferScorer,
+    ScoreRequest,
+    ScorerUnavailable,
+    check_response,
+)
 from engine.events.schema import CHANNELS
 from engine.partition import mix64
 from engine.rules.expr import haversine_km
@@ -127,6 +132,15 @@ class Decider:
         self._contact_keys = contact_keys(catalog.policy)
         self._offer_keys = [f"offer:{o.id}" for o in catalog.offers]
         store.ensure_decision_state(self._contact_keys + self._offer_keys)
+        self.unavailable = 0  # micro-batches decided without the model (NO_ACTION)
+        self.last_unavailable: str | None = None
+
+    def warm_up(self) -> None:
+        """Score one all-missing row of this catalog's features: the model's first real answer
+        (feature alignment, booster caches) is paid here rather than by a customer."""
+        width = len(self.spec.names)
+        row = np.full((1, width), np.nan, dtype=np.float32)
+        self.scorer.score(ScoreRequest(row, self.spec.names, np.zeros(1, dtype=np.uint64)))
 
     # -- the parts of state decisions read and write ------------------------------------------
     def _contacts(self, slots: np.ndarray) -> np.ndarray:
@@ -245,7 +259,14 @@ class Decider:
         reasons = np.where(reasons == 0, dynamic, reasons)
 
         context = self._context(view, rows, ts, contacts)
-        score, versions = self._score(context, rule_ids, keys, answered & (reasons == 0))
+        try:
+            score, versions = self._score(context, rule_ids, keys, answered & (reasons == 0))
+        except ScorerUnavailable as exc:
+            self.unavailable += 1
+            self.last_unavailable = str(exc)
+            reasons[(reasons == 0) & answered] = Reason.MODEL_UNAVAILABLE
+            score = np.full(answered.shape, np.nan)
+            versions = np.full(t, None, dtype=object)
         control = in_control_group(keys, policy)
 
         # rounds: each customer's k-th trigger of the batch in round k
@@ -373,6 +394,8 @@ class Decider:
                 np.where(explored, "explored", "no_positive_value"),
             ),
         ).astype(object)
+        unavailable = (reasons == Reason.MODEL_UNAVAILABLE).any(axis=1) & ~has
+        reason[unavailable] = "model_unavailable"
         reason[control] = "control_group"
         columns: dict[str, pa.Array] = {
             "decision_id": pa.array(ids, type=pa.uint64()),

@@ -40,6 +40,7 @@ class Reason(IntEnum):
     NO_CONSENT = 3
     COOLDOWN = 4
     FREQUENCY_CAP = 5
+    MODEL_UNAVAILABLE = 6
 
     @property
     def label(self) -> str:

@@ -37,6 +37,12 @@ class ScoreResponse:
         return np.array(self.versions, dtype=object)[self.version_index]
 
 
+class ScorerUnavailable(EngineError):
+    """The model could not answer (not deployed, timed out, failed). The decision falls back to
+    NO_ACTION with reason ``model_unavailable``: the engine keeps applying events, and nothing
+    is sent on a guess."""
+
+
 class OfferScorer(Protocol):
     """Scores (decision, offer) feature rows. Implementations: ServeScorer, FixedScorer."""
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from actors.scorer import ServeScorer
-from engine.decision.scorer import ScoreRequest
+from engine.decision.scorer import ScoreRequest, ScorerUnavailable
 from models.deployment import RANKER_APP, RANKER_DEPLOYMENT, deploy_ranker
 from models.ranker import RankerConfig
 from models.registry import ModelRegistry
@@ -44,6 +44,22 @@ def test_a_shard_side_scorer_gets_the_models_propensities_through_serve(models) 
     answer = ServeScorer().score(r)
     assert answer.versions == (a.version,)
     np.testing.assert_allclose(answer.propensity, a.booster.inplace_predict(r.features), rtol=1e-6)
+
+
+def test_connect_warms_the_handle_and_a_missing_ranker_fails_fast(models) -> None:
+    registry, a, _, _ = models
+    deploy_ranker(RankerConfig(registry=registry.uri, champion=a.version), num_cpus=0.25)
+    scorer = ServeScorer()
+    scorer.connect()  # an empty request: the handle is made and the replica answered
+    assert scorer.score(request(10)).versions == (a.version,)
+
+    missing = ServeScorer(app_name="no-such-ranker", timeout_s=2.0, retry_after_s=30.0)
+    with pytest.raises(ScorerUnavailable, match="no-such-ranker"):
+        missing.connect(timeout_s=2.0)
+    started = time.perf_counter()
+    with pytest.raises(ScorerUnavailable, match="retrying in"):
+        missing.score(request(10))  # down: fails at once instead of waiting again
+    assert time.perf_counter() - started < 0.5
 
 
 def test_swapping_models_under_load_loses_no_request(models) -> None:

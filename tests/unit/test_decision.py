@@ -12,6 +12,7 @@ from engine.decision.decider import arbitrate, replay_choices
 from engine.decision.features import CONTEXT_FIELDS, CONTEXT_PREFIX, build_features
 from engine.decision.log import DECISION_SCHEMA
 from engine.decision.policy import deliver_after, in_control_group, stable_uniform
+from engine.decision.scorer import ScorerUnavailable
 from engine.errors import RuleError
 from engine.local import LocalEngine
 from engine.rules.spec import parse_rules_text
@@ -184,6 +185,40 @@ def test_caps_hold_across_micro_batches_and_shards_alike(event) -> None:
     engine.flush()
     one_batch = [d["action"] for d in decide(rows)[1]]
     assert [d["action"] for d in engine.decision_table().to_pylist()] == one_batch
+
+
+class _FlakyScorer:
+    """Down (ScorerUnavailable) while ``down`` is set, else a fixed 0.3 for every offer."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.working = by_offer({"pass": 0.3, "roam": 0.3})
+
+    def score(self, request):
+        if self.down:
+            raise ScorerUnavailable("ranker kairos-ranker/ranker did not answer: TimeoutError")
+        return self.working.score(request)
+
+
+def test_without_the_model_decisions_fall_back_to_no_action_and_contact_nobody(event) -> None:
+    rows = _cap_then_trips(event, [2, 3])
+    settings = EngineSettings(shards=1, allowed_lateness_s=60)
+    scorer = _FlakyScorer()
+    engine = LocalEngine(settings, RULES, parse_catalog_text(catalog()), scorer)
+    engine.submit_rows(rows[:4])  # the cap80 crossing and the trip of 2 March are released
+    scorer.down = False
+    engine.submit_rows(rows[4:])  # the trip of 3 March
+    engine.flush()
+    decisions = engine.decision_table().to_pylist()
+    assert [(d["rule_id"], d["action"], d["reason"]) for d in decisions] == [
+        ("cap80", NO_ACTION, "model_unavailable"),
+        ("away", NO_ACTION, "model_unavailable"),
+        ("away", "roam", "offer"),  # nothing was sent on 2 March, so no cap holds it back
+    ]
+    for d in decisions[:2]:
+        assert not d["delivered"] and d["score"] is None and d["model_version"] is None
+        assert {c["excluded"] for c in d["candidates"]} == {"model_unavailable"}
+    assert engine.shards[0].decider.unavailable == 1
 
 
 def test_an_offer_is_not_repeated_within_its_cooldown(event) -> None:
