@@ -204,8 +204,7 @@ class Router:
         self.stats.triggers += stats["triggers"]
         self.stats.triggers_by_rule.update(stats["triggers_by_rule"])
         self.stats.decisions += stats["decisions"]
-        if stats["decisions"]:
-            self.stats.decide_ms.append(stats["decide_ms"])
+        self.stats.decide_ms.extend(stats["decide_ms_parts"])
         if stats["triggers"] and self.sink is not None:
             self.sink.write.remote(call.triggers_ref)
         if stats["decisions"] and self.decision_sink is not None:

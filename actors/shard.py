@@ -30,6 +30,7 @@ def _stats(result: ApplyResult, started: float) -> dict[str, Any]:
         "triggers_by_rule": result.triggers_by_rule,
         "decisions": result.decisions.num_rows,
         "decide_ms": result.decide_ms,
+        "decide_ms_parts": result.decide_ms_parts,
         "apply_ms": (time.perf_counter() - started) * 1000,
     }
 

@@ -82,8 +82,46 @@ class ApplyResult:
     applied: int = 0
     duplicates: int = 0
     pending: int = 0
-    decide_ms: float = 0.0  # time spent deciding (policy, scoring, arbitration)
+    decide_ms: float = 0.0  # time spent deciding (policy, scoring, arbitration), in all
+    #: per part of the release that had decisions: its trigger-to-decision time
+    decide_ms_parts: list[float] = field(default_factory=list)
     triggers_by_rule: dict[str, int] = field(default_factory=dict)
+
+
+def release_parts(released: Released, limit: int) -> list[Released]:
+    """``released`` as parts of at most ``limit`` events, in event-time order between parts.
+
+    A release can be far larger than a micro-batch (everything held back by the allowed
+    lateness, a backlog after a pause, a restore): applying it in bounded parts bounds the time
+    from a trigger to its decision and the memory of one step. Parts are cut in (event time,
+    arrival) order, so each customer's events are applied in the same order as in one step
+    and the results are the same.
+    """
+    n = released.num_rows
+    if n <= limit:
+        return [released]
+    ts = np.asarray(released.table.column("ts").cast(pa.int64()).to_numpy())[released.rows]
+    by_time = released.rows[np.argsort(ts, kind="stable")]
+    return [Released(released.table, np.sort(by_time[i : i + limit])) for i in range(0, n, limit)]
+
+
+def _merge(parts: list[ApplyResult]) -> ApplyResult:
+    if len(parts) == 1:
+        return parts[0]
+    triggers = [p.triggers for p in parts if p.triggers.num_rows]
+    decisions = [p.decisions for p in parts if p.decisions.num_rows]
+    by_rule: dict[str, int] = {}
+    for p in parts:
+        for rule, count in p.triggers_by_rule.items():
+            by_rule[rule] = by_rule.get(rule, 0) + count
+    return ApplyResult(
+        pa.concat_tables(triggers) if triggers else parts[0].triggers,
+        pa.concat_tables(decisions) if decisions else parts[0].decisions,
+        applied=sum(p.applied for p in parts),
+        decide_ms=sum(p.decide_ms for p in parts),
+        decide_ms_parts=[ms for p in parts for ms in p.decide_ms_parts],
+        triggers_by_rule=by_rule,
+    )
 
 
 def sort_order(slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
@@ -174,7 +212,8 @@ class ShardLogic:
             duplicates = self.buffer.add(batch)
         self.watermark_ms = max(self.watermark_ms, watermark_ms)
         released = self.buffer.release(self.watermark_ms)
-        result = self._process(released)
+        limit = self.settings.micro_batch_max_events
+        result = _merge([self._process(part) for part in release_parts(released, limit)])
         result.received = received
         result.duplicates = duplicates
         result.pending = self.buffer.pending_rows
@@ -280,6 +319,7 @@ class ShardLogic:
             decisions,
             applied=released.num_rows,
             decide_ms=decide_ms,
+            decide_ms_parts=[decide_ms] if decisions.num_rows else [],
             triggers_by_rule=counts,
         )
 
