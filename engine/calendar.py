@@ -34,7 +34,16 @@ def local_ms(ts_ms: np.ndarray, tz_ids: np.ndarray, zone_names: list[str]) -> np
     return out
 
 
+#: day number (since 1970-01-01) of the first of each month, for months 1970-01 .. 2200-12:
+#: a table lookup instead of datetime64 conversions (event times are validated to that range)
+_FIRST_OF_MONTH = np.arange(0, 231 * 12 + 1).astype("datetime64[M]").astype("datetime64[D]")
+_FIRST_DAY = _FIRST_OF_MONTH.astype(np.int64)
+
+
 def _month_start_day(months: np.ndarray) -> np.ndarray:
+    months = np.asarray(months, dtype=np.int64)
+    if months.size and months.min() >= 0 and months.max() < _FIRST_DAY.size:
+        return _FIRST_DAY[months]
     return months.astype("datetime64[M]").astype("datetime64[D]").astype(np.int64)
 
 

@@ -62,13 +62,16 @@ class EventBuffer:
         if batch.num_rows == 0:
             return 0
         ids = batch.column("event_id").to_numpy()
-        unique_ids, first = np.unique(ids, return_index=True)
+        unique_ids = np.sort(ids)  # the common case: no duplicate at all, no index needed
         fresh = ~self._is_seen(unique_ids)
         alive: np.ndarray | None = None
-        duplicates = int(ids.size - fresh.sum())
-        if duplicates:
+        repeated = unique_ids.size > 1 and bool((unique_ids[1:] == unique_ids[:-1]).any())
+        if repeated or not fresh.all():
+            unique_ids, first = np.unique(ids, return_index=True)  # keep each id's first row
+            fresh = ~self._is_seen(unique_ids)
             alive = np.zeros(ids.size, dtype=bool)
             alive[first[fresh]] = True
+        duplicates = int(ids.size - fresh.sum())
         kept_ids = unique_ids[fresh]
         if kept_ids.size:
             ts = _ts(batch) if alive is None else _ts(batch)[alive]

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.errors import StateError
+from engine.state.keyindex import KeyIndex
 
 NEVER = np.iinfo(np.int64).min // 4  # "no time yet" for event-time columns (ms)
 
@@ -111,8 +112,7 @@ class CustomerStore:
         #: decision state: last contact times ("contact:0" newest) and offer cooldowns ("offer:id")
         self.decision_state: dict[str, np.ndarray] = {}
         self.strings = StringPool()
-        self._sorted_keys = np.zeros(0, dtype=np.uint64)
-        self._sorted_slots = np.zeros(0, dtype=np.int64)
+        self.index = KeyIndex()
 
     @property
     def capacity(self) -> int:
@@ -122,7 +122,7 @@ class CustomerStore:
         cap = self.capacity
         if needed <= cap:
             return
-        new = max(needed, cap * 2)
+        new = max(needed, cap + cap // 2)  # 1.5x: amortized O(1), at most a third spare
         self.keys = np.resize(self.keys, new)
         for name, arr in self.cols.items():
             grown = np.full(new, COLUMNS[name].default, dtype=arr.dtype)
@@ -136,12 +136,7 @@ class CustomerStore:
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Slot of each key, or -1 where the customer is unknown."""
-        if self._sorted_keys.size == 0:
-            return np.full(len(keys), -1, dtype=np.int64)
-        pos = np.searchsorted(self._sorted_keys, keys)
-        pos = np.minimum(pos, self._sorted_keys.size - 1)
-        found = self._sorted_keys[pos] == keys
-        return np.where(found, self._sorted_slots[pos], -1)
+        return self.index.lookup(keys)
 
     def slots_for(self, keys: np.ndarray) -> np.ndarray:
         """Slot of each key, creating records for new customers."""
@@ -154,11 +149,7 @@ class CustomerStore:
             new_slots = np.arange(start, start + new_keys.size, dtype=np.int64)
             self.keys[start : start + new_keys.size] = new_keys
             self.size += new_keys.size
-            merged_keys = np.concatenate([self._sorted_keys, new_keys])
-            merged_slots = np.concatenate([self._sorted_slots, new_slots])
-            order = np.argsort(merged_keys, kind="stable")
-            self._sorted_keys = merged_keys[order]
-            self._sorted_slots = merged_slots[order]
+            self.index.insert(new_keys, new_slots)
             slots[missing] = self.lookup(keys[missing])
         return slots
 
@@ -180,7 +171,7 @@ class CustomerStore:
 
     def nbytes(self) -> int:
         """Bytes of customer state, index included (allocated capacity, not just used)."""
-        total = self.keys.nbytes + self._sorted_keys.nbytes + self._sorted_slots.nbytes
+        total = self.keys.nbytes + self.index.nbytes
         total += sum(a.nbytes for a in self.cols.values())
         total += sum(a.nbytes for a in self.rule_state.values())
         total += sum(a.nbytes for a in self.decision_state.values())
@@ -188,7 +179,8 @@ class CustomerStore:
 
     def live_nbytes_per_customer(self) -> float:
         """Bytes per customer of the columns and index, independent of spare capacity."""
-        per = self.keys.itemsize + self._sorted_keys.itemsize + self._sorted_slots.itemsize
+        # the key index holds at least two buckets (key + slot) per customer
+        per = self.keys.itemsize + 2 * (8 + 8)
         per += sum(a.itemsize for a in self.cols.values())
         per += sum(a.itemsize for a in self.rule_state.values())
         per += sum(a.itemsize for a in self.decision_state.values())
@@ -234,7 +226,7 @@ class CustomerStore:
                     arr = np.full(store.capacity, NEVER, dtype=np.int64)
                     arr[:n] = table.column(name).to_numpy()
                     state[name[len(prefix) :]] = arr
-        order = np.argsort(keys, kind="stable")
-        store._sorted_keys = keys[order].copy()
-        store._sorted_slots = order.astype(np.int64)
+        if np.unique(keys).size != n:
+            raise StateError("snapshot table holds a customer_key more than once")
+        store.index.insert(keys, np.arange(n, dtype=np.int64))
         return store
