@@ -18,7 +18,10 @@ HOUR_MS = 3_600_000
 def local_ms(ts_ms: np.ndarray, tz_ids: np.ndarray, zone_names: list[str]) -> np.ndarray:
     """Wall-clock time (as epoch ms of the local date-time) of each UTC event time.
 
-    Uses the tz database through Arrow, one vector operation per distinct zone in the batch.
+    Uses the tz database through Arrow. Per distinct zone in the batch: when the zone's UTC
+    offset is the same at its earliest and latest event and at the hourly points between (no
+    daylight-saving change inside the batch, the usual case for a micro-batch), every event
+    gets that one offset; otherwise each event is converted on its own.
     """
     out = np.asarray(ts_ms, dtype=np.int64).copy()
     if out.size == 0:
@@ -29,9 +32,28 @@ def local_ms(ts_ms: np.ndarray, tz_ids: np.ndarray, zone_names: list[str]) -> np
         if name in ("UTC", ""):
             continue
         mask = tz_ids == zone if zones.size > 1 else slice(None)
-        stamps = pa.array(out[mask], type=pa.timestamp("ms", tz=name))
+        times = out[mask]
+        offset = _fixed_offset(int(times.min()), int(times.max()), name)
+        if offset is not None:
+            out[mask] = times + offset
+            continue
+        stamps = pa.array(times, type=pa.timestamp("ms", tz=name))
         out[mask] = pc.local_timestamp(stamps).cast(pa.int64()).to_numpy()
     return out
+
+
+def _fixed_offset(first_ms: int, last_ms: int, zone: str) -> int | None:
+    """The zone's UTC offset (ms) if it is the same over [first_ms, last_ms], else None.
+
+    Offsets change at most a few times a year and never twice within hours, so sampling the
+    span hourly (a handful of points for a micro-batch) finds any change inside it.
+    """
+    if last_ms - first_ms > 7 * DAY_MS:
+        return None
+    points = np.append(np.arange(first_ms, last_ms, HOUR_MS, dtype=np.int64), last_ms)
+    local = pc.local_timestamp(pa.array(points, type=pa.timestamp("ms", tz=zone)))
+    offsets = local.cast(pa.int64()).to_numpy() - points
+    return int(offsets[0]) if (offsets == offsets[0]).all() else None
 
 
 #: day number (since 1970-01-01) of the first of each month, for months 1970-01 .. 2200-12:

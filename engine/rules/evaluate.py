@@ -23,7 +23,9 @@ def candidates(rule: CompiledRule, view: BatchView) -> np.ndarray:
 
     Conditions are evaluated on the rows of the rule's kinds only.
     """
-    rows = np.flatnonzero(np.isin(view.kind, np.array([int(k) for k in rule.kinds], dtype=np.int8)))
+    wanted = np.zeros(256, dtype=bool)  # kind codes are small: a lookup table, not isin
+    wanted[[int(k) for k in rule.kinds]] = True
+    rows = np.flatnonzero(wanted[view.kind.astype(np.uint8)])
     if rows.size == 0:
         return rows
     ctx = RowsView(view, rows)

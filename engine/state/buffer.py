@@ -62,17 +62,26 @@ class EventBuffer:
         if batch.num_rows == 0:
             return 0
         ids = batch.column("event_id").to_numpy()
-        unique_ids = np.sort(ids)  # the common case: no duplicate at all, no index needed
-        fresh = ~self._is_seen(unique_ids)
+        ordered = np.sort(ids)
+        seen = self._is_seen(ordered)
+        repeated = ordered[1:] == ordered[:-1]
         alive: np.ndarray | None = None
-        repeated = unique_ids.size > 1 and bool((unique_ids[1:] == unique_ids[:-1]).any())
-        if repeated or not fresh.all():
-            unique_ids, first = np.unique(ids, return_index=True)  # keep each id's first row
-            fresh = ~self._is_seen(unique_ids)
-            alive = np.zeros(ids.size, dtype=bool)
-            alive[first[fresh]] = True
-        duplicates = int(ids.size - fresh.sum())
-        kept_ids = unique_ids[fresh]
+        if repeated.any() or seen.any():
+            # rows holding an id seen before, or an id repeated in this batch (few of them)
+            suspects = np.unique(np.concatenate([ordered[1:][repeated], ordered[seen]]))
+            pos = np.minimum(np.searchsorted(suspects, ids), suspects.size - 1)
+            rows = np.flatnonzero(suspects[pos] == ids)
+            alive = np.ones(ids.size, dtype=bool)
+            alive[rows] = False
+            old = ordered[seen]
+            pos = np.minimum(np.searchsorted(old, ids[rows]), max(old.size - 1, 0))
+            fresh_rows = rows[~(old[pos] == ids[rows])] if old.size else rows
+            _, first = np.unique(ids[fresh_rows], return_index=True)  # first arrival of each
+            alive[fresh_rows[first]] = True
+        kept_ids = ordered[~seen]
+        if kept_ids.size > 1:
+            kept_ids = kept_ids[np.append(True, kept_ids[1:] != kept_ids[:-1])]
+        duplicates = int(ids.size - kept_ids.size)
         if kept_ids.size:
             ts = _ts(batch) if alive is None else _ts(batch)[alive]
             self._seen.append((kept_ids, int(ts.max())))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import numpy as np
 import pytest
 
@@ -34,3 +36,30 @@ def test_local_time_follows_daylight_saving() -> None:
     assert list((local - ts) // 3_600_000) == [1, 2]
     assert (local_ms(ts, np.array([0, 0]), ["UTC"]) == ts).all()
     assert DAY_MS == 86_400_000
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        "2026-03-29T00:30:00+00:00",  # Berlin and London spring forward inside the span
+        "2026-10-25T00:30:00+00:00",  # and fall back
+        "2026-07-01T00:00:00+00:00",  # no change: one offset per zone
+        "2026-06-01T00:00:00+00:00",  # a span of 10 days: converted event by event
+    ],
+)
+def test_local_time_matches_the_tz_database_event_by_event(start) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    zones = ["UTC", "", "Europe/Berlin", "Europe/London", "Asia/Kolkata", "America/St_Johns"]
+    rng = np.random.default_rng(1)
+    t0 = int(datetime.fromisoformat(start).timestamp() * 1000)
+    span = 10 * DAY_MS if start.startswith("2026-06") else 3 * 3_600_000
+    ts = np.sort(t0 + rng.integers(0, span, 5_000))
+    tz = rng.integers(0, len(zones), ts.size).astype(np.int16)
+    expected = ts.copy()
+    for i, (t, z) in enumerate(zip(ts.tolist(), tz.tolist(), strict=True)):
+        if zones[z] not in ("UTC", ""):
+            stamp = pa.array([t], type=pa.timestamp("ms", tz=zones[z]))
+            expected[i] = pc.local_timestamp(stamp).cast(pa.int64()).to_numpy()[0]
+    np.testing.assert_array_equal(local_ms(ts, tz, zones), expected)
