@@ -77,6 +77,7 @@ def train_round(
         "train_rows": int(train_rows.size),
         "cutoff_ms": int(cutoff_ms),
         "shuffled_labels": shuffle_labels,
+        "half_life_days": half_life_days,
     }
     # off-policy: every non-control decision of the holdout period with a known outcome
     boundary = float(data.ts[test_rows].min()) if test_rows.size else float(cutoff_ms)
