@@ -80,14 +80,15 @@ def targets(reports: dict[str, dict[str, Any]]) -> dict[str, bool]:
     for text, policy, measure, relation, other, factor, scope in TARGETS:
         if policy not in reports or other not in reports:
             continue
-        a, b = (_scoped(reports[name], scope)[measure] for name in (policy, other))
+        a, b = (scoped(reports[name], scope)[measure] for name in (policy, other))
         b *= factor
         label = f"{text} (on {scope} moments)" if scope else text
         out[label] = a >= b if relation == ">=" else a <= b if relation == "<=" else a > b
     return out
 
 
-def _scoped(report: dict[str, Any], scope: str | None) -> dict[str, Any]:
+def scoped(report: dict[str, Any], scope: str | None) -> dict[str, Any]:
+    """A policy's report over one moment (trigger id), or the whole report for None."""
     if scope is None:
         return report
     empty = {"offers_sent": 0, "accepted": 0, "acceptance_rate": 0.0, "net_value": 0.0,
@@ -170,7 +171,7 @@ def _print_report(
     triggers = sorted({t for r in reports.values() for t in r["by_trigger"]})
     for trigger in triggers:
         for name, r in reports.items():
-            m = _scoped(r, trigger)
+            m = scoped(r, trigger)
             moments.add_row(
                 trigger, name, f"{m['offers_sent']:,}", f"{m['acceptance_rate']:.1%}",
                 f"{m['net_value']:,.0f}", f"{m['opt_outs']:,}",
