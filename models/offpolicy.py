@@ -119,9 +119,12 @@ def greedy(log: LoggedBandit, predict: Predict, spec: FeatureSpec) -> tuple[np.n
     return best, np.stack([q_target, q_logged])
 
 
-def dr_terms(log: LoggedBandit, predict: Predict, spec: FeatureSpec) -> tuple[np.ndarray, ...]:
-    """Per decision: (doubly robust value term, IPS weight, reward) of the greedy policy under
-    ``predict``. The mean of the terms is the DR estimate of the policy's value per decision."""
+def dr_terms(
+    log: LoggedBandit, predict: Predict, spec: FeatureSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per decision: (doubly robust value term, IPS weight) of the greedy policy under
+    ``predict``. The mean of the terms is the DR estimate of the policy's value per decision;
+    the weight is 1 / logging probability where the policy takes the logged action, else 0."""
     target, q = greedy(log, predict, spec)
     q_target, q_logged = q
     w = (target == log.action) / np.maximum(log.propensity, 1e-6)
