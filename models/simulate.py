@@ -266,7 +266,7 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
     offer = action != NO_ACTION
     sent = delivered & after
     accepted = out["accepted"] & sent
-    n_sent, n_acc = int(sent.sum()), int(accepted.sum())
+    n_acc = int(accepted.sum())
     # uplift: conversions (accepted, or bought on their own) per would-be offer, vs control
     would = offer & after
     treated, held = would & ~control, would & control
@@ -283,27 +283,24 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
         )
         k = int(on_day.sum())
         daily.append(float((out["accepted"] & on_day).sum() / k) if k else float("nan"))
-    rule = np.asarray(table.column("rule_id").to_numpy(zero_copy_only=False), dtype=object)
-    by_trigger = {}
-    for trigger in sorted(set(rule[after].tolist())):
-        on = rule == trigger
+
+    def totals(on: np.ndarray) -> dict[str, Any]:
+        """Offers sent, accepted, acceptance, net value, opt-outs and decisions within ``on``."""
         k_sent, k_acc = int((sent & on).sum()), int((accepted & on).sum())
-        by_trigger[str(trigger)] = {
-            "decisions": int((after & on).sum()),
+        return {
             "offers_sent": k_sent,
             "accepted": k_acc,
             "acceptance_rate": k_acc / k_sent if k_sent else 0.0,
             "net_value": float((value * (accepted & on)).sum() - cost[sent & on].sum()),
             "opt_outs": int((out["opted_out"] & sent & on).sum()),
+            "decisions": int((after & on).sum()),
         }
+
+    rule = np.asarray(table.column("rule_id").to_numpy(zero_copy_only=False), dtype=object)
+    by_trigger = {str(t): totals(rule == t) for t in sorted(set(rule[after].tolist()))}
     return {
-        "offers_sent": n_sent,
-        "accepted": n_acc,
-        "acceptance_rate": n_acc / n_sent if n_sent else 0.0,
+        **totals(np.ones(ts.size, dtype=bool)),
         "accepted_per_1000_customers": 1000.0 * n_acc / customers,
-        "net_value": float((value * accepted).sum() - cost[sent].sum()),
-        "opt_outs": int((out["opted_out"] & sent).sum()),
-        "decisions": int(after.sum()),
         "offers_by_action": {
             str(a): int(((action == a) & sent).sum()) for a in sorted(set(action[sent].tolist()))
         },
