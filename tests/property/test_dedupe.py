@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.events.schema import ROUTED_SCHEMA
-from engine.state.buffer import EventBuffer
+from engine.state.buffer import EventBuffer, rows_holding
 
 
 def routed(ids: list[int]) -> pa.RecordBatch:
@@ -42,3 +42,21 @@ def test_each_event_id_is_kept_once_at_its_first_arrival(batches) -> None:
         else:
             assert len(buffer._pending) == pending_before
     assert buffer.pending_rows == len(seen)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 2**64 - 1), max_size=300),
+    st.lists(st.integers(0, 2**64 - 1), max_size=40),
+    st.integers(0, 2**32 - 1),
+)
+def test_rows_holding_finds_exactly_the_members(values, members, seed) -> None:
+    rng = np.random.default_rng(seed)
+    if values and members:  # some members present, some rows repeating them
+        values += [members[i] for i in rng.integers(0, len(members), len(values) // 4)]
+    arr = np.array(values, dtype=np.uint64)
+    rng.shuffle(arr)
+    wanted = set(members)
+    expected = [i for i, v in enumerate(arr.tolist()) if v in wanted]
+    got = rows_holding(arr, np.unique(np.array(members, dtype=np.uint64)))
+    assert got.tolist() == expected
