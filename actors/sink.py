@@ -21,6 +21,10 @@ class TriggerSinkActor:
         self.sink.write(triggers)
         return self.sink.rows
 
+    def rows(self) -> int:
+        """Rows written so far (also: the actor is up)."""
+        return self.sink.rows
+
     def flush(self) -> dict[str, Any]:
         self.sink.flush()
         return {"rows": self.sink.rows, "files": list(self.sink.files)}
@@ -35,6 +39,10 @@ class DecisionSinkActor:
 
     def write(self, decisions: pa.Table) -> int:
         self.sink.write(decisions)
+        return self.sink.rows
+
+    def rows(self) -> int:
+        """Rows written so far (also: the actor is up)."""
         return self.sink.rows
 
     def flush(self) -> dict[str, Any]:

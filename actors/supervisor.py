@@ -103,6 +103,17 @@ class Supervisor:
         self.catalog = catalog
         return catalog
 
+    def ready(self) -> list[dict[str, Any]]:
+        """Wait until every actor (shards and sinks) has started; returns the shard stats.
+
+        Actor start-up (a process, imports) costs about a second of CPU: a caller that
+        measures or streams waits here first, so no start-up competes with the first batches.
+        """
+        sinks = [a.rows.remote() for a in (self.sink, self.decision_sink) if a is not None]
+        stats = self.shard_stats()
+        ray.get(sinks)
+        return stats
+
     def shard_stats(self) -> list[dict[str, Any]]:
         return list(ray.get([s.stats.remote() for s in self.shards]))
 

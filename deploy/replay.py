@@ -85,7 +85,7 @@ def replay(
         decision_uri=str(decision_dir) if catalog else None,
     )
     try:
-        supervisor.shard_stats()  # the actors are up before the clock starts
+        supervisor.ready()  # every actor is up before the clock starts
         if catalog is not None:
             supervisor.connect_scorers()  # problems show as model_unavailable decisions
         supervisor.router.reject(list(unreadable or []))

@@ -22,7 +22,7 @@ from engine.events.schema import (
     TS_TYPE,
     empty_batch,
 )
-from engine.events.validation import conform, kind_codes, validate
+from engine.events.validation import conform, validate
 from engine.governance.pseudonym import Pseudonymizer
 from engine.partition import ShardMap, key_groups_of
 
@@ -112,7 +112,7 @@ class Ingestor:
             pa.array(keys[by_shard], type=pa.uint64()),
             pa.array(groups[by_shard], type=pa.uint16()),
             pa.array(seq[by_shard], type=pa.uint64()),
-            pa.array(kind_codes(raw.column("kind"))[take], type=pa.int8()),
+            pa.array(checked.kinds[take].astype(np.int8), type=pa.int8()),
             pa.array(ts[take], type=pa.int64()).cast(TS_TYPE),
         ]
         indices = pa.array(take)

@@ -79,7 +79,7 @@ def run(
         scorer=ServeScorer() if catalog else None,
         decision_uri=f"{out_dir}/decisions-{shards}" if catalog else None,
     )
-    ray.get([s.stats.remote() for s in supervisor.shards])  # actors up before the clock starts
+    supervisor.ready()  # every actor (shards, sinks) is up before the clock starts
     if catalog is not None:
         supervisor.connect_scorers()  # as a service does at start, not on the first decision
     started = time.perf_counter()

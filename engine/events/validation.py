@@ -66,6 +66,8 @@ class Validated:
     keep: np.ndarray
     positions: np.ndarray
     dead_letters: list[DeadLetter]
+    #: EventKind code per row, -1 where the kind is unknown
+    kinds: np.ndarray
 
     def valid(self) -> pa.RecordBatch:
         """Just the rows that passed."""
@@ -118,6 +120,11 @@ def _np_bool(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
+def _present(arr: pa.Array) -> np.ndarray:
+    """Per row: the value is not null (from the validity bitmap; no nulls to fill)."""
+    return np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def validate(
     batch: pa.RecordBatch, positions: Sequence[int] | np.ndarray | None = None
 ) -> Validated:
@@ -137,7 +144,8 @@ def validate(
         bad[new] = True
 
     for header in ("event_id", "customer_id", "kind", "ts"):
-        flag(_np_bool(batch.column(header).is_null()), header, f"field '{header}' is missing")
+        if batch.column(header).null_count:
+            flag(~_present(batch.column(header)), header, f"field '{header}' is missing")
     # event time within a plausible range (the calendar math of the rules needs real dates)
     ts_ms = pc.fill_null(batch.column("ts").cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
     odd = ~bad & ((ts_ms < TS_MIN_MS) | (ts_ms >= TS_MAX_MS))
@@ -146,24 +154,23 @@ def validate(
         reasons[i] = (f"field 'ts' = {ms_text} is outside {TS_RANGE_TEXT}", "ts", ms_text)
     bad[odd] = True
     customer = batch.column("customer_id")
-    if pa.types.is_dictionary(customer.type):
-        empty = _np_bool(pc.equal(pc.binary_length(customer.dictionary), 0).take(customer.indices))
+    if pa.types.is_dictionary(customer.type):  # look at each distinct identifier once
+        empty_entry = _np_bool(pc.equal(pc.binary_length(customer.dictionary), 0))
+        if empty_entry.any():
+            indices = pc.fill_null(customer.indices, 0).to_numpy(zero_copy_only=False)
+            flag(empty_entry[indices], "customer_id", "field 'customer_id' is empty")
     else:
         empty = _np_bool(pc.equal(pc.binary_length(customer), 0))
-    flag(empty, "customer_id", "field 'customer_id' is empty")
+        flag(empty, "customer_id", "field 'customer_id' is empty")
 
     kind_col = batch.column("kind")
-    codes = pc.index_in(kind_col, value_set=pa.array(KIND_NAMES)).to_numpy(zero_copy_only=False)
-    codes = np.where(np.isnan(codes.astype(float)), -1, codes).astype(np.int64)
+    index = pc.index_in(kind_col, value_set=pa.array(KIND_NAMES))
+    codes = pc.fill_null(index, -1).to_numpy(zero_copy_only=False).astype(np.int64)
     flag(codes < 0, "kind", f"field 'kind' = {{value}} is not one of {', '.join(KIND_NAMES)}")
 
     none_present = np.zeros(n, dtype=bool)
     present = {
-        name: (
-            none_present
-            if batch.column(name).null_count == n
-            else ~_np_bool(batch.column(name).is_null())
-        )
+        name: none_present if batch.column(name).null_count == n else _present(batch.column(name))
         for name in PAYLOAD_FIELDS
     }
     in_batch = [name for name in PAYLOAD_FIELDS if batch.column(name).null_count < n]
@@ -246,13 +253,7 @@ def validate(
         letters.append(
             DeadLetter(int(pos[i]), reason, bad_field, shown, ids[i].as_py(), kind_col[i].as_py())
         )
-    return Validated(batch, ~bad, pos, letters)
+    return Validated(batch, ~bad, pos, letters, codes)
 
 
-def kind_codes(kind_column: pa.Array) -> np.ndarray:
-    """Kind names of validated rows as EventKind codes (int8)."""
-    codes = pc.index_in(kind_column, value_set=pa.array(KIND_NAMES))
-    return np.asarray(codes.to_numpy(zero_copy_only=False), dtype=np.int8)
-
-
-__all__ = ["EventKind", "Validated", "conform", "kind_codes", "validate"]
+__all__ = ["EventKind", "Validated", "conform", "validate"]

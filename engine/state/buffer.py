@@ -115,26 +115,36 @@ class EventBuffer:
         self._seen = [(ids, max(t for _, t in self._seen))]
 
     def release(self, watermark_ms: int) -> Released:
-        """Pending events with event time <= watermark, in arrival order; they leave the buffer."""
+        """Pending events with event time <= watermark, in arrival order; they leave the buffer.
+
+        The events still waiting are copied out batch by batch (a take over the concatenated
+        table would copy every pending batch whole first), into one batch.
+        """
         if not self._pending:
             return Released(ROUTED_SCHEMA.empty_table(), np.zeros(0, dtype=np.int64))
+        ready_parts, waiting = [], []
+        for batch, alive in self._pending:
+            ts = _ts(batch)
+            ready = ts <= watermark_ms
+            left = ~ready
+            if alive is not None:
+                ready &= alive
+                left &= alive
+            ready_parts.append(ready)
+            if left.any():
+                waiting.append(pa.Table.from_batches([batch.take(pa.array(np.flatnonzero(left)))]))
         tables = [pa.Table.from_batches([b]) for b, _ in self._pending]
         table = (
             tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
         )
-        alive = np.concatenate(
-            [np.ones(b.num_rows, dtype=bool) if a is None else a for b, a in self._pending]
-        )
-        ts = _ts(table)
-        ready = alive & (ts <= watermark_ms)
-        rows = np.flatnonzero(ready)
-        rest = np.flatnonzero(alive & ~ready)
-        if rest.size:
-            kept = table.take(pa.array(rest)).combine_chunks()
+        rows = np.flatnonzero(np.concatenate(ready_parts))
+        if waiting:
+            kept = pa.concat_tables(waiting, promote_options="default").combine_chunks()
             self._pending = [(kept.to_batches()[0], None)]
+            self._pending_rows = kept.num_rows
         else:
             self._pending = []
-        self._pending_rows = int(rest.size)
+            self._pending_rows = 0
         self._forget(watermark_ms)
         return Released(table, rows)
 

@@ -29,6 +29,8 @@ AGGREGATES = (
     "offers_accepted",
     "offers_declined",
 )
+#: running counts of 0/1 increments per row
+_COUNTS = ("overage_cycles", "purchase_count", "offers_accepted", "offers_declined")
 CHANNEL_BITS = {name: 1 << i for i, name in enumerate(CHANNELS)}
 ALL_CHANNELS = (1 << len(CHANNELS)) - 1
 
@@ -40,10 +42,16 @@ def _nulls(name: str, size: int) -> np.ndarray:
     return np.full(size, None, dtype=object)
 
 
-def segmented_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Running sum of ``values`` that restarts at every row where ``starts`` is true."""
+def segmented_cumsum(
+    values: np.ndarray, starts: np.ndarray, first: np.ndarray | None = None
+) -> np.ndarray:
+    """Running sum of ``values`` that restarts at every row where ``starts`` is true.
+
+    ``first`` (each row's segment start) may be passed when the caller already has it.
+    """
     total = np.cumsum(values)
-    first = np.maximum.accumulate(np.where(starts, np.arange(values.size), 0))
+    if first is None:
+        first = np.maximum.accumulate(np.where(starts, np.arange(values.size), 0))
     return total - (total[first] - values[first])
 
 
@@ -125,18 +133,10 @@ class BatchView:
             return self.profile(name).astype(np.float64)
         if name == "cycle_usage_mb":
             return self._cycle_usage()
-        if name == "overage_cycles":
-            return self._overage()
-        if name == "purchase_count":
-            return self._count_running("purchase_count", self.kind == EventKind.PURCHASE)
+        if name in _COUNTS:
+            return self._count_running(name, self._increments(name))
         if name == "cart_items":
             return self._cart_items()
-        if name in ("offers_accepted", "offers_declined"):
-            wanted = "accepted" if name == "offers_accepted" else "declined"
-            responses = self.kind == EventKind.OFFER_RESPONSE
-            if responses.any():
-                responses &= self.gather("response") == wanted
-            return self._count_running(name, responses)
         if name == "@days_left":
             return days_left(self._local, self._cycle[1])
         if name == "@local_hour":
@@ -237,7 +237,19 @@ class BatchView:
         carry = np.where(continues, self.store.cols["cycle_usage_mb"][self.slot], 0.0)
         return segmented_cumsum(used + carry, starts)
 
-    def _overage(self) -> np.ndarray:
+    def _increments(self, name: str) -> np.ndarray:
+        """Per row, what it adds to the running count ``name`` (0 or 1)."""
+        if name == "purchase_count":
+            return self.kind == EventKind.PURCHASE
+        if name in ("offers_accepted", "offers_declined"):
+            responses = self.kind == EventKind.OFFER_RESPONSE
+            if responses.any():
+                wanted = "accepted" if name == "offers_accepted" else "declined"
+                responses &= self.gather("response") == wanted
+            return responses
+        return self._overage_increments()
+
+    def _overage_increments(self) -> np.ndarray:
         """Cycles ended with usage over the cap; a cycle ends at the first event of the next."""
         starts, continues = self._cycle_segments
         usage = self.column("cycle_usage_mb")
@@ -250,14 +262,31 @@ class BatchView:
         rollover = starts & ~continues & ~(first & (stored_cycle < 0))
         cap = self.profile("plan_data_cap_mb")
         with np.errstate(invalid="ignore"):
-            over = rollover & (prev_usage > cap)
-        return self._count_running("overage_cycles", over)
+            return rollover & (prev_usage > cap)
 
     def _count_running(self, column: str, increments: np.ndarray) -> np.ndarray:
         base = self.store.cols[column][self.slot].astype(np.float64)
         return segmented_cumsum(
-            increments.astype(np.float64) + np.where(self.group_first, base, 0.0), self.group_first
+            increments.astype(np.float64) + np.where(self.group_first, base, 0.0),
+            self.group_first,
+            self.group_start,
         )
+
+    def _final(self, name: str, last: np.ndarray) -> np.ndarray:
+        """Aggregate ``name`` after each customer's last row (``last``: those rows).
+
+        A running column some rule or feature already asked for is read at those rows; a
+        count nobody read is summed per customer instead of accumulated row by row.
+        """
+        cached = self._cache.get(name)
+        if cached is None and name in _COUNTS:
+            increments = self._increments(name).astype(np.int64)
+            if not increments.any():
+                return self.store.cols[name][self.slot[last]]
+            starts = np.flatnonzero(self.group_first)
+            added = np.add.reduceat(increments, starts)
+            return self.store.cols[name][self.slot[last]] + added
+        return (cached if cached is not None else self.column(name))[last]
 
     def _cart_items(self) -> np.ndarray:
         checkout = self.kind == EventKind.CHECKOUT
@@ -285,7 +314,7 @@ class BatchView:
                     finals[name] = values[last]
         finals["cycle_id"] = self._cycle[0][last]
         for name in AGGREGATES:
-            finals[name] = self.column(name)[last]
+            finals[name] = self._final(name, last)
         cols = self.store.cols
         for name, values in finals.items():
             cols[name][slots] = values

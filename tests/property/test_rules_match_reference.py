@@ -254,3 +254,45 @@ def test_one_shard_and_four_shards_make_the_same_decisions(events, chunks) -> No
     assert len(decisions_of(one)) == sum(
         1 for t in one.trigger_table().column("rule_id").to_pylist() if CATALOG.answering(t)
     )
+
+
+#: no rule reads an aggregate: write-back sums the counts per customer instead
+LOCATION_ONLY = parse_rules_text("""
+rules:
+  - {id: away, type: location, min_distance_km: 100, cooldown: 24h}
+""")
+AGGREGATE_NAMES = (
+    "cycle_usage_mb",
+    "overage_cycles",
+    "purchase_count",
+    "cart_items",
+    "offers_accepted",
+    "offers_declined",
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=streams(),
+    shards=st.sampled_from([1, 3]),
+    chunks=st.lists(st.integers(1, 40), max_size=6),
+    rules=st.sampled_from([RULES, LOCATION_ONLY]),
+)
+def test_golden_record_aggregates_equal_per_event_reference(events, shards, chunks, rules) -> None:
+    reference = ReferenceEngine(rules, LATENESS_MS)
+    reference.run(events)
+    settings_ = EngineSettings(
+        shards=shards, allowed_lateness_s=LATENESS_MS / 1000, dedupe_window_s=2 * LATENESS_MS / 1000
+    )
+    engine = LocalEngine(settings_, rules)
+    start = 0
+    for size in [*chunks, len(events)]:
+        engine.submit_rows(events[start : start + size])
+        start += size
+    engine.flush()
+    for customer_id, want in reference.customers.items():
+        key, owner = engine.ingestor.owner_of(customer_id)
+        record = engine.shards[owner].customer(key)
+        assert record is not None
+        for name in AGGREGATE_NAMES:
+            assert math.isclose(record[name], getattr(want, name), abs_tol=1e-6), (name, record)

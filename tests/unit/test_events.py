@@ -13,6 +13,7 @@ from engine.events.codec import (
     encode_event,
     rows_to_batch,
 )
+from engine.events.schema import KIND_NAMES, EventKind
 from engine.events.validation import validate
 
 
@@ -164,3 +165,33 @@ def test_event_times_outside_1970_to_2200_are_dead_lettered() -> None:
     assert [(d.index, d.field) for d in result.dead_letters] == [(0, "ts"), (3, "ts")]
     assert "-84312023381098 ms is outside 1970-01-01 .. 2200-01-01" in result.dead_letters[0].reason
     assert result.keep.tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("dictionary", [False, True], ids=["plain", "dictionary (Parquet)"])
+def test_empty_or_missing_header_fields_of_arrow_batches_are_dead_lettered(dictionary) -> None:
+    import pyarrow as pa
+
+    from engine.events.validation import conform
+
+    customers = pa.array(["a", "", None, "b", ""])
+    if dictionary:
+        customers = customers.dictionary_encode()
+    batch = pa.table(
+        {
+            "event_id": pa.array([1, 2, 3, 4, None], type=pa.uint64()),
+            "customer_id": customers,
+            "kind": pa.array(["usage", "usage", "usage", "teleport", "usage"]),
+            "ts": pa.array([1000] * 5, type=pa.timestamp("ms", tz="UTC")),
+            "mb": pa.array([1.0] * 5),
+        }
+    )
+    result = validate(conform(batch))
+    reasons = {d.index: (d.field, d.reason) for d in result.dead_letters}
+    assert reasons == {
+        1: ("customer_id", "field 'customer_id' is empty"),
+        2: ("customer_id", "field 'customer_id' is missing"),
+        3: ("kind", f"field 'kind' = 'teleport' is not one of {', '.join(KIND_NAMES)}"),
+        4: ("event_id", "field 'event_id' is missing"),
+    }
+    assert result.keep.tolist() == [True, False, False, False, False]
+    assert result.kinds.tolist()[3] == -1 and result.kinds.tolist()[0] == EventKind.USAGE
