@@ -11,6 +11,7 @@ import numpy as np
 import ray
 
 from actors.router import Router
+from actors.runtime import ALLOCATOR_ENV
 from actors.shard import ShardActor
 from actors.sink import DecisionSinkActor, TriggerSinkActor
 from engine.config import EngineSettings
@@ -19,6 +20,8 @@ from engine.decision.scorer import OfferScorer
 from engine.ingest import Ingestor
 from engine.rules.spec import RuleSet, parse_rules
 from engine.sink import ParquetSink
+
+_WORKER_ENV = {"env_vars": ALLOCATOR_ENV}
 
 
 class Supervisor:
@@ -48,19 +51,22 @@ class Supervisor:
         offers = dict(catalog.document) if catalog else None
         self.shards = [
             ShardActor.options(
-                num_cpus=shard_cpus, name=f"{namespace_prefix}-shard-{i}", get_if_exists=False
+                num_cpus=shard_cpus,
+                name=f"{namespace_prefix}-shard-{i}",
+                get_if_exists=False,
+                runtime_env=_WORKER_ENV,
             ).remote(i, settings, document, self.ingestor.shard_map.range_of(i), offers, scorer)
             for i in range(settings.shards)
         ]
         self.decision_sink = None
         if decision_uri is not None:
             self.decision_sink = DecisionSinkActor.options(
-                num_cpus=0.1, name=f"{namespace_prefix}-decisions"
+                num_cpus=0.1, name=f"{namespace_prefix}-decisions", runtime_env=_WORKER_ENV
             ).remote(decision_uri)
         self.sink = None
         if trigger_uri is not None:
             self.sink = TriggerSinkActor.options(
-                num_cpus=0.1, name=f"{namespace_prefix}-sink"
+                num_cpus=0.1, name=f"{namespace_prefix}-sink", runtime_env=_WORKER_ENV
             ).remote(trigger_uri)
         dead = ParquetSink(dead_letter_uri, prefix="dead") if dead_letter_uri else None
         self.router = Router(
