@@ -1,10 +1,13 @@
 """Router: ingest raw batches, cut them into per-shard micro-batches, call shards, collect.
 
 Runs in the caller's process (driver, job or gateway). Each shard gets at most one call per
-micro-batch; a micro-batch closes when it reaches ``micro_batch_max_events`` or when it has
-been open ``micro_batch_deadline_ms``. At most ``max_in_flight_per_shard`` calls are in flight
-per shard: a router that gets ahead of a shard waits for it (backpressure), so memory stays
-bounded. Trigger tables go from the shard straight to the sink as object refs.
+micro-batch; a micro-batch closes when it reaches ``micro_batch_max_events`` (or just before
+the next routed batch would take it past that) or when it has been open
+``micro_batch_deadline_ms``. A micro-batch is a list of the ingestor's per-shard batches, sent
+as they are: the driver copies an event's payload once, when it routes it. At most
+``max_in_flight_per_shard`` calls are in flight per shard: a router that gets ahead of a shard
+waits for it (backpressure), so memory stays bounded. Trigger tables go from the shard straight
+to the sink as object refs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ from engine.ingest import Ingestor
 from engine.sink import ParquetSink
 
 KEPT_LATENCIES = 100_000
+
+
+def _pieces(part: pa.RecordBatch, limit: int) -> list[pa.RecordBatch]:
+    """``part`` whole if it fits in a micro-batch, else cut into copies of ``limit`` rows (a
+    slice would carry its parent's buffers to the shard)."""
+    if part.num_rows <= limit:
+        return [part]
+    return [compact(part.slice(start, limit)) for start in range(0, part.num_rows, limit)]
 
 
 @dataclass
@@ -131,15 +142,14 @@ class Router:
         now = self.clock.monotonic()
         limit = self.settings.micro_batch_max_events
         for shard, part in self.ingestor.split(result).items():
-            start = 0
-            while start < part.num_rows:
+            if self._open[shard].rows and self._open[shard].rows + part.num_rows > limit:
+                self._send(shard)  # close before it would overflow: parts travel whole
+            for piece in _pieces(part, limit):
                 buf = self._open[shard]
                 if not buf.parts:
                     buf.opened = now
-                take = min(limit - buf.rows, part.num_rows - start)
-                buf.parts.append(part.slice(start, take))
-                buf.rows += take
-                start += take
+                buf.parts.append(piece)
+                buf.rows += piece.num_rows
                 if buf.rows >= limit:
                     self._send(shard)
         self._harvest(block=False)
@@ -175,20 +185,14 @@ class Router:
         queue = self._in_flight[shard]
         while len(queue) >= self.settings.max_in_flight_per_shard:
             self._finish(shard, queue.popleft())  # backpressure: wait for the oldest call
-        batch: pa.RecordBatch | None = None
-        if len(buf.parts) == 1:
-            batch = compact(buf.parts[0])
-        elif buf.parts:  # parts may carry different columns; absent ones become null
-            tables = [pa.Table.from_batches([p]) for p in buf.parts]
-            merged = pa.concat_tables(tables, promote_options="default").combine_chunks()
-            batch = merged.to_batches()[0]
+        batches = buf.parts  # whole routed batches, each owning its buffers: sent as they are
         opened = buf.opened if buf.parts else self.clock.monotonic()
         self._open[shard] = _Open()
         if final:  # end of stream: release everything still waiting for the watermark
             triggers_ref, decisions_ref, stats_ref = self.shards[shard].flush.remote()
         else:
             triggers_ref, decisions_ref, stats_ref = self.shards[shard].apply.remote(
-                batch, self.ingestor.watermark_ms
+                batches, self.ingestor.watermark_ms
             )
         queue.append(_InFlight(stats_ref, triggers_ref, decisions_ref, opened))
 

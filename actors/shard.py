@@ -68,9 +68,10 @@ class ShardActor:
 
     @ray.method(num_returns=3)
     def apply(
-        self, batch: pa.RecordBatch | None, watermark_ms: int
+        self, batch: pa.RecordBatch | list[pa.RecordBatch] | None, watermark_ms: int
     ) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
-        """Apply one micro-batch; returns (triggers, decisions, stats) as three objects."""
+        """Apply one micro-batch (a routed batch or a list of them, in arrival order); returns
+        (triggers, decisions, stats) as three objects."""
         started = time.perf_counter()
         result = self.logic.apply(batch, watermark_ms)
         self._observe(result.decisions)

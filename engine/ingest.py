@@ -16,7 +16,6 @@ from engine.clock import ms_to_datetime
 from engine.config import EngineSettings
 from engine.events.deadletter import DeadLetter
 from engine.events.schema import (
-    HEADER_NAMES,
     PAYLOAD_FIELDS,
     ROUTED_SCHEMA,
     TS_TYPE,
@@ -32,16 +31,20 @@ NO_WATERMARK = np.iinfo(np.int64).min // 2
 
 @dataclass
 class IngestResult:
-    """What one raw batch became."""
+    """What one raw batch became: a routed batch per owning shard, and dead letters."""
 
-    routed: pa.RecordBatch
+    parts: dict[int, pa.RecordBatch] = field(default_factory=dict)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    #: rows per shard; ``routed`` holds shard 0's rows first, then shard 1's, ...
-    shard_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    accepted: int = 0
 
     @property
-    def accepted(self) -> int:
-        return self.routed.num_rows
+    def routed(self) -> pa.Table:
+        """Every accepted event in one table (shard by shard; columns absent in a part are
+        null)."""
+        if not self.parts:
+            return pa.Table.from_batches([empty_batch()])
+        tables = [pa.Table.from_batches([p]) for p in self.parts.values()]
+        return pa.concat_tables(tables, promote_options="default")
 
 
 class Ingestor:
@@ -98,31 +101,40 @@ class Ingestor:
             letters.sort(key=lambda d: d.index)
             rows = rows[~late]
         if rows.size == 0:
-            return IngestResult(empty_batch(), letters)
+            return IngestResult({}, letters)
         keys = self.pseudonymizer.keys_of(raw.column("customer_id"))[rows]
         groups = key_groups_of(keys, self.settings.key_groups)
         seq = np.arange(self._next_seq, self._next_seq + rows.size, dtype=np.uint64)
         self._next_seq += rows.size
-        # one copy of the payload: rows grouped by owning shard, arrival order within a shard
+        # one copy of the payload, a batch per owning shard (arrival order within a shard):
+        # each owns its buffers, so it travels to its shard without another copy
         owner = self._owner[groups]
-        by_shard = np.argsort(owner, kind="stable")
+        by_shard = np.argsort(owner.astype(np.uint16), kind="stable")  # radix sort
         take = rows[by_shard]
-        header = [
-            pa.array(raw.column("event_id").to_numpy()[take], type=pa.uint64()),
-            pa.array(keys[by_shard], type=pa.uint64()),
-            pa.array(groups[by_shard], type=pa.uint16()),
-            pa.array(seq[by_shard], type=pa.uint64()),
-            pa.array(checked.kinds[take].astype(np.int8), type=pa.int8()),
-            pa.array(ts[take], type=pa.int64()).cast(TS_TYPE),
-        ]
-        indices = pa.array(take)
-        # only columns with values travel: an all-null column would still cost its buffers
+        header = {
+            "event_id": raw.column("event_id").to_numpy()[take],
+            "customer_key": keys[by_shard],
+            "key_group": groups[by_shard].astype(np.uint16),
+            "seq": seq[by_shard],
+            "kind": checked.kinds[take].astype(np.int8),
+            "ts": ts[take],
+        }
         names = [name for name in PAYLOAD_FIELDS if raw.column(name).null_count < raw.num_rows]
-        payload = [raw.column(name).take(indices) for name in names]
-        schema = pa.schema([ROUTED_SCHEMA.field(n) for n in (*HEADER_NAMES, *names)])
-        routed = pa.RecordBatch.from_arrays([*header, *payload], schema=schema)
         counts = np.bincount(owner, minlength=self.shard_map.shards)
-        return IngestResult(routed, letters, counts)
+        bounds = np.concatenate(([0], np.cumsum(counts)))
+        parts: dict[int, pa.RecordBatch] = {}
+        for shard in np.flatnonzero(counts).tolist():
+            lo, hi = int(bounds[shard]), int(bounds[shard + 1])
+            arrays = {name: pa.array(values[lo:hi]) for name, values in header.items()}
+            arrays["ts"] = arrays["ts"].cast(TS_TYPE)
+            indices = pa.array(take[lo:hi])
+            for name in names:
+                column = raw.column(name).take(indices)
+                if column.null_count < len(column):  # an all-null column still costs
+                    arrays[name] = column
+            schema = pa.schema([ROUTED_SCHEMA.field(n) for n in arrays])
+            parts[shard] = pa.RecordBatch.from_arrays(list(arrays.values()), schema=schema)
+        return IngestResult(parts, letters, int(rows.size))
 
     def _late_mask(self, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """late[i]: ts[i] is older than the max event time seen before it, less the lateness.
@@ -171,11 +183,5 @@ class Ingestor:
         return key, int(self._owner[group[0]])
 
     def split(self, result: IngestResult) -> dict[int, pa.RecordBatch]:
-        """The routed batch as one zero-copy slice per owning shard, each in arrival order."""
-        out: dict[int, pa.RecordBatch] = {}
-        start = 0
-        for shard, count in enumerate(result.shard_counts.tolist()):
-            if count:
-                out[shard] = result.routed.slice(start, count)
-            start += count
-        return out
+        """The routed batch of each owning shard (shards without events are left out)."""
+        return result.parts

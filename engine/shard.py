@@ -216,17 +216,26 @@ class ShardLogic:
                 f"[{groups.min()}, {groups.max()}]: the router's shard map is out of date"
             )
 
-    def apply(self, batch: pa.RecordBatch | None, watermark_ms: int) -> ApplyResult:
-        """Queue ``batch``, advance the watermark, apply what it releases, return triggers."""
+    def apply(
+        self, batch: pa.RecordBatch | Sequence[pa.RecordBatch] | None, watermark_ms: int
+    ) -> ApplyResult:
+        """Queue ``batch`` (a routed batch, or several in arrival order), advance the watermark,
+        apply what it releases, return triggers."""
         received = duplicates = 0
-        if batch is not None and batch.num_rows:
+        batches = [batch] if isinstance(batch, pa.RecordBatch) else list(batch or [])
+        checked = []
+        for part in batches:
+            if not part.num_rows:
+                continue
             try:
-                batch = sparse_routed(batch)
+                routed = sparse_routed(part)
             except (ValueError, pa.ArrowInvalid) as exc:
                 raise EngineError(f"shard {self.shard_id}: malformed routed batch: {exc}") from exc
-            self._check_ownership(batch)
-            received = batch.num_rows
-            duplicates = self.buffer.add(batch)
+            self._check_ownership(routed)
+            checked.append(routed)
+        for part in checked:  # all checked first: a bad part leaves the buffer untouched
+            received += part.num_rows
+            duplicates += self.buffer.add(part)
         self.watermark_ms = max(self.watermark_ms, watermark_ms)
         released = self.buffer.release(self.watermark_ms)
         limit = self.settings.micro_batch_max_events

@@ -196,3 +196,49 @@ def test_a_quiet_stream_closes_its_watermark_so_nothing_waits_forever(rules, eve
     letters = engine.submit_rows([event("usage", "c", ms(2026, 3, 2, 9, 59), mb=1.0)])
     assert len(letters) == 1 and letters[0].reason.startswith("late")
     assert engine.submit_rows([event("usage", "c", ms(2026, 3, 2, 10, 1), mb=1.0)]) == []
+
+
+def test_a_micro_batch_of_several_routed_batches_equals_one_batch(settings, rules, event) -> None:
+    from engine.events.codec import rows_to_batch
+    from engine.ingest import Ingestor
+    from engine.shard import ShardLogic
+
+    rows = [event("profile_update", f"c{i}", ms(2026, 3, 1), **PROFILE) for i in range(5)]
+    rows += [event("usage", f"c{i % 5}", ms(2026, 3, 2, i), mb=300.0) for i in range(20)]
+    rows += [dict(rows[-1])]  # a duplicate, in a later batch than its original
+
+    def shard0_triggers(groups: list[list[dict]]) -> list[tuple]:
+        ingestor = Ingestor(settings.model_copy(update={"shards": 1}))
+        parts = [ingestor.ingest(rows_to_batch(g)[0]).parts[0] for g in groups]
+        shard = ShardLogic(0, ingestor.settings, rules)
+        result = shard.apply(parts, ingestor.watermark_ms)
+        done = shard.flush()
+        out = [*result.triggers.to_pylist(), *done.triggers.to_pylist()]
+        return sorted((t["rule_id"], t["event_id"]) for t in out), result.duplicates
+
+    one = shard0_triggers([rows])
+    three = shard0_triggers([rows[:9], rows[9:25], rows[25:]])
+    assert one == three and one[1] == 1 and len(one[0]) == 5
+
+
+def test_a_micro_batch_with_one_malformed_batch_is_refused_whole(settings, rules, event) -> None:
+    import pyarrow as pa
+
+    from engine.errors import EngineError
+    from engine.events.codec import rows_to_batch
+    from engine.ingest import Ingestor
+    from engine.shard import ShardLogic
+
+    two = settings.model_copy(update={"shards": 2})
+    ingestor = Ingestor(two)
+    rows = [event("usage", f"c{i}", ms(2026, 3, 2), mb=1.0) for i in range(40)]
+    parts = ingestor.ingest(rows_to_batch(rows)[0]).parts
+    shard = ShardLogic(0, two, rules, ingestor.shard_map.range_of(0))
+    foreign = parts[1]  # shard 1's events, sent to shard 0 by a stale router
+    with pytest.raises(EngineError, match="owns key groups"):
+        shard.apply([parts[0], foreign], ingestor.watermark_ms)
+    assert shard.buffer.pending_rows == 0 and shard.counters["received"] == 0
+    broken = parts[0].drop_columns(["seq"])
+    with pytest.raises(EngineError, match="no 'seq' column"):
+        shard.apply([parts[0], broken], ingestor.watermark_ms)
+    assert isinstance(parts[0], pa.RecordBatch) and shard.buffer.pending_rows == 0
