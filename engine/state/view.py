@@ -301,28 +301,42 @@ class BatchView:
     def write_back(self) -> None:
         """Store every customer's state after the last event of the batch.
 
-        Every as-of column is computed before the first write: they read the store lazily,
-        and must see it as it was before this batch.
+        Every value is computed before the first write: as-of columns read the store lazily
+        and must see it as it was before this batch. A value no rule asked for as of each row
+        is taken straight from each customer's last row that sets it.
         """
         last = np.flatnonzero(self.group_last)
         slots = self.slot[last]
-        finals: dict[str, np.ndarray] = {}
+        writes: list[tuple[str, np.ndarray, np.ndarray]] = []  # (column, slots, values)
         if (self.kind == EventKind.PROFILE_UPDATE).any():
             for name in PROFILE_COLUMNS:
-                values = self.profile(name)
-                if name in self.updated:
-                    finals[name] = values[last]
-        finals["cycle_id"] = self._cycle[0][last]
+                cached = self._cache.get(f"@profile:{name}")
+                if cached is not None:
+                    if name in self.updated:
+                        writes.append((name, slots, cached[last]))
+                    continue
+                has, values = self._updates(name)
+                rows = self._last_rows(np.flatnonzero(has))
+                if rows.size:
+                    writes.append((name, self.slot[rows], values[rows]))
+        writes.append(("cycle_id", slots, self._cycle[0][last]))
         for name in AGGREGATES:
-            finals[name] = self._final(name, last)
+            writes.append((name, slots, self._final(name, last)))
+        writes.extend(self._location_writes(last))
+        writes.extend(self._consent_writes(last))
         cols = self.store.cols
-        for name, values in finals.items():
-            cols[name][slots] = values
+        for name, where, values in writes:
+            cols[name][where] = values
         cols["last_event_ms"][slots] = np.maximum(cols["last_event_ms"][slots], self.ts[last])
         sizes = np.diff(np.append(np.flatnonzero(self.group_first), self.size))
         cols["event_count"][slots] += sizes.astype(np.int32)
-        self._write_locations()
-        self._write_consent()
+
+    def _last_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Of ``rows`` (ascending view rows), each customer's last one."""
+        if rows.size < 2:
+            return rows
+        cand = self.slot[rows]
+        return rows[np.append(cand[1:] != cand[:-1], True)]
 
     def _as_of(self, has: np.ndarray, values: np.ndarray, base: np.ndarray) -> np.ndarray:
         """Per row: ``values`` at the customer's latest ``has`` row so far, else ``base``."""
@@ -385,18 +399,28 @@ class BatchView:
             g_out[i], w_out[i] = g, w
         return g_out, w_out
 
-    def _write_locations(self) -> None:
-        if not (self.kind == EventKind.LOCATION).any():
-            return
-        lat, lon = self.last_location()
-        last = np.flatnonzero(self.group_last)
-        self.store.cols["last_lat"][self.slot[last]] = lat[last]
-        self.store.cols["last_lon"][self.slot[last]] = lon[last]
+    def _location_writes(self, last: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        is_loc = self.kind == EventKind.LOCATION
+        if not is_loc.any():
+            return []
+        if "@last_location" in self._cache:
+            lat, lon = self.last_location()
+            where, lat, lon = self.slot[last], lat[last], lon[last]
+        else:
+            rows = self._last_rows(np.flatnonzero(is_loc))
+            where = self.slot[rows]
+            lat, lon = self._numeric("lat")[rows], self._numeric("lon")[rows]
+        return [("last_lat", where, lat), ("last_lon", where, lon)]
 
-    def _write_consent(self) -> None:
-        if not (self.kind == EventKind.CONSENT).any():
-            return
-        granted, withdrawn = self.consent()
-        last = np.flatnonzero(self.group_last)
-        self.store.cols["consent_granted"][self.slot[last]] = granted[last]
-        self.store.cols["consent_withdrawn"][self.slot[last]] = withdrawn[last]
+    def _consent_writes(self, last: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        rows = np.flatnonzero(self.kind == EventKind.CONSENT)
+        if not rows.size:
+            return []
+        if "@consent" in self._cache:
+            granted, withdrawn = self.consent()
+            where, granted, withdrawn = self.slot[last], granted[last], withdrawn[last]
+        else:
+            g_after, w_after = self._consent_after(rows)
+            keep = np.isin(rows, self._last_rows(rows))
+            where, granted, withdrawn = self.slot[rows[keep]], g_after[keep], w_after[keep]
+        return [("consent_granted", where, granted), ("consent_withdrawn", where, withdrawn)]

@@ -56,6 +56,11 @@ class Customer:
     cart_items: int = 0
     offers_accepted: int = 0
     offers_declined: int = 0
+    last_lat: float = math.nan
+    last_lon: float = math.nan
+    channels: frozenset[str] = frozenset()
+    consent_granted: frozenset[str] = frozenset()
+    consent_withdrawn: frozenset[str] = frozenset()
     rule_last: dict[str, int] = field(default_factory=dict)
 
 
@@ -106,6 +111,22 @@ class ReferenceEngine:
             for k in c.profile:
                 if e.get(k) is not None:
                     c.profile[k] = e[k]
+            if e.get("channels") is not None:
+                c.channels = frozenset(e["channels"])
+        elif kind == "location":
+            c.last_lat, c.last_lon = e["lat"], e["lon"]
+        elif kind == "consent":
+            bits = frozenset(CHANNELS) if e["channel"] == "all" else frozenset([e["channel"]])
+            if e["granted"]:
+                c.consent_granted, c.consent_withdrawn = (
+                    c.consent_granted | bits,
+                    (c.consent_withdrawn - bits),
+                )
+            else:
+                c.consent_granted, c.consent_withdrawn = (
+                    c.consent_granted - bits,
+                    (c.consent_withdrawn | bits),
+                )
         local = datetime.fromtimestamp(e["ts"] / 1000, UTC).astimezone(ZoneInfo(c.profile["tz"]))
         local = local.replace(tzinfo=None)
         cycle, next_start = cycle_of(local, int(c.profile["cycle_day"]))

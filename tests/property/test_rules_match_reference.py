@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, parse_catalog_text
+from engine.events.schema import CHANNELS
 from engine.local import LocalEngine
 from engine.rules.spec import parse_rules_text
 from engine.testing import FixedScorer
@@ -94,6 +95,7 @@ def streams(draw: Any) -> list[dict[str, Any]]:
                 ["usage"] * 4
                 + ["location"] * 2
                 + ["profile_update", "purchase", "cart_add", "checkout", "offer_response"]
+                + ["consent"]
             )
         )
         e: dict[str, Any] = {"event_id": i + 1, "customer_id": who, "kind": kind, "ts": t}
@@ -131,6 +133,9 @@ def streams(draw: Any) -> list[dict[str, Any]]:
         elif kind == "offer_response":
             e["decision_id"] = "00000000000000aa"
             e["response"] = draw(st.sampled_from(["accepted", "declined"]))
+        elif kind == "consent":
+            e["channel"] = draw(st.sampled_from(["sms", "push", "email", "all"]))
+            e["granted"] = draw(st.booleans())
         events.append(e)
     # arrival order: each event delayed by up to 1.5x the allowed lateness, so some are late
     delays = [
@@ -296,3 +301,19 @@ def test_golden_record_aggregates_equal_per_event_reference(events, shards, chun
         assert record is not None
         for name in AGGREGATE_NAMES:
             assert math.isclose(record[name], getattr(want, name), abs_tol=1e-6), (name, record)
+        profile = {**want.profile, "last_lat": want.last_lat, "last_lon": want.last_lon}
+        for name in ("plan_data_cap_mb", "home_lat", "home_lon", "last_lat", "last_lon"):
+            expected, got = profile[name], record[name]
+            if math.isnan(expected):
+                assert got is None, (name, record)
+            else:  # locations are kept as float32
+                assert got is not None and math.isclose(got, expected, rel_tol=1e-6), (name, record)
+        assert record["cycle_day"] == want.profile["cycle_day"]
+        assert (record["tz"] or "UTC") == want.profile["tz"]
+        assert set(record["channels"]) == want.channels
+        assert record["consent_granted"] == bits(want.consent_granted)
+        assert record["consent_withdrawn"] == bits(want.consent_withdrawn)
+
+
+def bits(channels: frozenset[str]) -> int:
+    return sum(1 << CHANNELS.index(c) for c in channels)
