@@ -49,6 +49,8 @@ PROFILE_FIELDS: dict[str, pa.DataType] = {
     "device_model": pa.string(),
     "tenure_months": pa.int32(),
     "channels": pa.list_(pa.string()),
+    #: billing history: cycles so far whose usage exceeded the cap; replaces the running count
+    "overage_cycles": pa.int16(),
 }
 
 PAYLOAD_FIELDS: dict[str, pa.DataType] = {

@@ -37,6 +37,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "home_lat": (-90.0, 90.0),
     "home_lon": (-180.0, 180.0),
     "tenure_months": (0, 2400),
+    "overage_cycles": (0, 1200),
 }
 #: accepted event times: [1970-01-01, 2200-01-01) UTC, in epoch milliseconds
 TS_MIN_MS, TS_MAX_MS = 0, 7_258_118_400_000

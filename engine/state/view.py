@@ -31,6 +31,8 @@ AGGREGATES = (
 )
 #: running counts of 0/1 increments per row
 _COUNTS = ("overage_cycles", "purchase_count", "offers_accepted", "offers_declined")
+#: counts a profile update may set outright (from the billing system's history)
+SEEDED_COUNTS = ("overage_cycles",)
 CHANNEL_BITS = {name: 1 << i for i, name in enumerate(CHANNELS)}
 ALL_CHANNELS = (1 << len(CHANNELS)) - 1
 
@@ -266,11 +268,27 @@ class BatchView:
 
     def _count_running(self, column: str, increments: np.ndarray) -> np.ndarray:
         base = self.store.cols[column][self.slot].astype(np.float64)
+        start_values = np.where(self.group_first, base, 0.0)
+        seeded, seeds = self._seeds(column)
+        if seeded is None:
+            return segmented_cumsum(
+                increments.astype(np.float64) + start_values, self.group_first, self.group_start
+            )
+        # a profile update that carries the count (billing history) restarts it at its value;
+        # the event's own increment (a cycle it closes) still counts
+        start_values = np.where(seeded, seeds.astype(np.float64), start_values)
         return segmented_cumsum(
-            increments.astype(np.float64) + np.where(self.group_first, base, 0.0),
-            self.group_first,
-            self.group_start,
+            increments.astype(np.float64) + start_values, self.group_first | seeded
         )
+
+    def _seeds(self, column: str) -> tuple[np.ndarray | None, np.ndarray]:
+        """(rows whose profile update sets ``column``, their values), or (None, _) if none."""
+        if column not in SEEDED_COUNTS or not (self.kind == EventKind.PROFILE_UPDATE).any():
+            return None, np.zeros(0)
+        if column not in self.table.column_names:
+            return None, np.zeros(0)
+        has, values = self._updates(column)
+        return (has, values) if has.any() else (None, values)
 
     def _final(self, name: str, last: np.ndarray) -> np.ndarray:
         """Aggregate ``name`` after each customer's last row (``last``: those rows).
@@ -279,7 +297,7 @@ class BatchView:
         count nobody read is summed per customer instead of accumulated row by row.
         """
         cached = self._cache.get(name)
-        if cached is None and name in _COUNTS:
+        if cached is None and name in _COUNTS and self._seeds(name)[0] is None:
             increments = self._increments(name).astype(np.int64)
             if not increments.any():
                 return self.store.cols[name][self.slot[last]]

@@ -102,6 +102,19 @@ def population(customers: int, seed: int = 7) -> Population:
     )
 
 
+def billing_history(pop: Population, months: int, seed: int = 7) -> np.ndarray:
+    """Per customer, how many of the last ``months`` cycles used more than the cap.
+
+    A month's use is the customer's usual share of the cap (``use_ratio``) times lognormal
+    month-to-month noise (sigma 0.3): a customer at 120 % of the cap went over in ~3 of 4
+    months, one at 60 % in ~1 of 20. Drawn from its own random stream, so the events of the
+    month are the same with or without the history.
+    """
+    rng = np.random.default_rng(seed + 404)
+    noise = rng.lognormal(0.0, 0.3, (pop.size, months))
+    return (pop.use_ratio[:, None] * noise > 1.0).sum(axis=1).astype(np.int16)
+
+
 def events(
     pop: Population,
     total: int,
@@ -111,8 +124,14 @@ def events(
     late_share: float = 0.0005,
     duplicate_share: float = 0.001,
     lateness_ms: int = 10_000,
+    billing_months: int = 12,
 ) -> pa.Table:
-    """About ``total`` raw events (one profile_update per customer first) in arrival order."""
+    """About ``total`` raw events (one profile_update per customer first) in arrival order.
+
+    The first profile update of each customer carries what a billing system knows on the day
+    the customer is loaded: ``overage_cycles``, how many of the last ``billing_months`` cycles
+    went over the cap (0 months: the field is left out).
+    """
     rng = np.random.default_rng(seed + 1)
     n_cust = pop.size
     t0 = int(start.timestamp() * 1000)
@@ -192,6 +211,10 @@ def events(
             "channels": pa.array(pop.channels, type=pa.list_(pa.string())),
         }
     )
+    if billing_months > 0:
+        profile = profile.append_column(
+            "overage_cycles", pa.array(billing_history(pop, billing_months, seed))
+        )
     body = pa.table(
         {
             "event_id": pa.array(ids[n_cust : n_cust + n][order]),

@@ -113,6 +113,8 @@ class ReferenceEngine:
                     c.profile[k] = e[k]
             if e.get("channels") is not None:
                 c.channels = frozenset(e["channels"])
+            if e.get("overage_cycles") is not None:  # billing history replaces the count
+                c.overage_cycles = int(e["overage_cycles"])
         elif kind == "location":
             c.last_lat, c.last_lon = e["lat"], e["lon"]
         elif kind == "consent":

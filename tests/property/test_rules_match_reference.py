@@ -112,7 +112,9 @@ def streams(draw: Any) -> list[dict[str, Any]]:
         elif kind == "profile_update":
             fields = draw(
                 st.sets(
-                    st.sampled_from(["plan_data_cap_mb", "cycle_day", "home", "tz", "channels"]),
+                    st.sampled_from(
+                        ["plan_data_cap_mb", "cycle_day", "home", "tz", "channels", "overage"]
+                    ),
                     min_size=1,
                 )
             )
@@ -126,6 +128,8 @@ def streams(draw: Any) -> list[dict[str, Any]]:
                 e["tz"] = draw(st.sampled_from(ZONES))
             if "channels" in fields:
                 e["channels"] = draw(st.sampled_from([["sms"], ["sms", "push"], ["push"], []]))
+            if "overage" in fields:  # billing history
+                e["overage_cycles"] = draw(st.integers(0, 6))
         elif kind == "purchase":
             e["amount"] = float(draw(st.integers(1, 100)))
         elif kind == "cart_add":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 from engine.synthetic.response import FATIGUE, ResponseSimulator
@@ -58,3 +59,19 @@ def test_each_recent_contact_lowers_the_response(sim) -> None:
 def test_the_simulator_maps_customer_keys_back_to_its_population(sim) -> None:
     picks = np.array([5, 17, 19_999, 0])
     np.testing.assert_array_equal(sim.index_of(sim.keys[picks]), picks)
+
+
+def test_customers_are_loaded_with_a_billing_history_that_tells_over_users_apart() -> None:
+    from engine.synthetic.telco import billing_history, events, population
+
+    pop = population(5000, seed=3)
+    history = billing_history(pop, 12, seed=3)
+    assert history.min() >= 0 and history.max() <= 12
+    assert history[pop.use_ratio > 1.2].mean() > 8
+    assert history[pop.use_ratio < 0.6].mean() < 1
+    loaded = events(pop, 20_000, seed=3)
+    profiles = loaded.filter(pc.equal(loaded.column("kind"), "profile_update"))
+    assert profiles.column("overage_cycles").to_pylist() == history.tolist()
+    without = events(pop, 20_000, seed=3, billing_months=0)
+    assert without.column("overage_cycles").null_count == without.num_rows
+    assert without.drop_columns(["overage_cycles"]).equals(loaded.drop_columns(["overage_cycles"]))
