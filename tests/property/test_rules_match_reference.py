@@ -15,6 +15,7 @@ from engine.decision.catalog import Catalog, parse_catalog_text
 from engine.events.schema import CHANNELS
 from engine.local import LocalEngine
 from engine.rules.spec import parse_rules_text
+from engine.state.view import AGGREGATES
 from engine.testing import FixedScorer
 from tests.property.reference import ReferenceEngine
 
@@ -270,14 +271,6 @@ LOCATION_ONLY = parse_rules_text("""
 rules:
   - {id: away, type: location, min_distance_km: 100, cooldown: 24h}
 """)
-AGGREGATE_NAMES = (
-    "cycle_usage_mb",
-    "overage_cycles",
-    "purchase_count",
-    "cart_items",
-    "offers_accepted",
-    "offers_declined",
-)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -303,7 +296,7 @@ def test_golden_record_aggregates_equal_per_event_reference(events, shards, chun
         key, owner = engine.ingestor.owner_of(customer_id)
         record = engine.shards[owner].customer(key)
         assert record is not None
-        for name in AGGREGATE_NAMES:
+        for name in AGGREGATES:
             assert math.isclose(record[name], getattr(want, name), abs_tol=1e-6), (name, record)
         profile = {**want.profile, "last_lat": want.last_lat, "last_lon": want.last_lon}
         for name in ("plan_data_cap_mb", "home_lat", "home_lon", "last_lat", "last_lon"):
