@@ -185,8 +185,8 @@ class GatewayActor:
             )
 
     def ready(self) -> dict[str, Any]:
-        """Every shard answers (raises if one does not)."""
-        stats = self.supervisor.shard_stats()
+        """Every shard and sink answers (raises if one does not)."""
+        stats = self.supervisor.ready()
         return {"shards": len(stats), "customers": sum(s["customers"] for s in stats)}
 
     # -- events --------------------------------------------------------------------------------
