@@ -15,15 +15,13 @@ import numpy as np
 import pyarrow as pa
 
 from engine.events.schema import ROUTED_SCHEMA, full_routed
+from engine.state.keyindex import MULTIPLIER
 
 _MAX_CHUNKS = 16
 
 
 def _ts(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
     return np.asarray(batch.column("ts").cast(pa.int64()).to_numpy())
-
-
-_MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
 def rows_holding(values: np.ndarray, members: np.ndarray) -> np.ndarray:
@@ -38,8 +36,8 @@ def rows_holding(values: np.ndarray, members: np.ndarray) -> np.ndarray:
     bits = max(12, int(members.size * 16).bit_length())
     shift = np.uint64(64 - bits)
     table = np.zeros(1 << bits, dtype=bool)
-    table[(members.astype(np.uint64) * _MIX) >> shift] = True
-    candidates = np.flatnonzero(table[(values.astype(np.uint64) * _MIX) >> shift])
+    table[(members.astype(np.uint64) * MULTIPLIER) >> shift] = True
+    candidates = np.flatnonzero(table[(values.astype(np.uint64) * MULTIPLIER) >> shift])
     return candidates[np.isin(values[candidates], members)]
 
 

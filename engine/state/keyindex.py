@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+#: 2^64 / golden ratio, odd: multiplying by it spreads keys over the top bits
+MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _EMPTY = -1
 
 
@@ -29,7 +30,7 @@ class KeyIndex:
         return int(self.table_keys.nbytes + self.table_slots.nbytes)
 
     def _home(self, keys: np.ndarray) -> np.ndarray:
-        mixed = np.multiply(keys.astype(np.uint64, copy=False), _MULTIPLIER)
+        mixed = np.multiply(keys.astype(np.uint64, copy=False), MULTIPLIER)
         return (mixed >> np.uint64(64 - self.bits)).astype(np.int64)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:

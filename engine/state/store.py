@@ -143,14 +143,14 @@ class CustomerStore:
         slots = self.lookup(keys)
         missing = slots < 0
         if missing.any():
-            new_keys = np.unique(keys[missing])
+            new_keys, which = np.unique(keys[missing], return_inverse=True)
             start = self.size
             self._grow(start + new_keys.size)
             new_slots = np.arange(start, start + new_keys.size, dtype=np.int64)
             self.keys[start : start + new_keys.size] = new_keys
             self.size += new_keys.size
             self.index.insert(new_keys, new_slots)
-            slots[missing] = self.lookup(keys[missing])
+            slots[missing] = new_slots[which]
         return slots
 
     def ensure_rules(self, state_keys: list[str]) -> None:
