@@ -14,7 +14,7 @@ from actors.metrics import metrics
 from actors.runtime import peak_rss_mb
 from engine.config import EngineSettings
 from engine.decision.catalog import parse_catalog
-from engine.decision.scorer import OfferScorer, ScorerUnavailable
+from engine.decision.scorer import OfferScorer, RemoteScorer, ScorerUnavailable
 from engine.rules.spec import parse_rules
 from engine.shard import ApplyResult, ShardLogic
 from engine.state.snapshot import read_snapshot, write_snapshot
@@ -56,11 +56,10 @@ class ShardActor:
         """Connect the scorer ahead of the first decision; None when ready (or no scorer),
         else why not (the shard still works: decisions fall back until the model answers)."""
         decider = self.logic.decider
-        connect = getattr(decider.scorer, "connect", None) if decider else None
-        if decider is None or connect is None:
+        if decider is None or not isinstance(decider.scorer, RemoteScorer):
             return None
         try:
-            connect()
+            decider.scorer.connect()
             decider.warm_up()
         except ScorerUnavailable as exc:
             return str(exc)

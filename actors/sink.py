@@ -10,15 +10,13 @@ import ray
 from engine.sink import DayPartitionedSink, ParquetSink
 
 
-@ray.remote
-class TriggerSinkActor:
-    """Buffers triggers and writes a Parquet file whenever enough have gathered, and on flush."""
+class _SinkActor:
+    """What both sink actors do with their ``sink``: write, count, flush."""
 
-    def __init__(self, uri: str, rows_per_file: int = 200_000) -> None:
-        self.sink = ParquetSink(uri, rows_per_file=rows_per_file)
+    sink: ParquetSink | DayPartitionedSink
 
-    def write(self, triggers: pa.Table) -> int:
-        self.sink.write(triggers)
+    def write(self, table: pa.Table) -> int:
+        self.sink.write(table)
         return self.sink.rows
 
     def rows(self) -> int:
@@ -31,20 +29,16 @@ class TriggerSinkActor:
 
 
 @ray.remote
-class DecisionSinkActor:
+class TriggerSinkActor(_SinkActor):
+    """Buffers triggers and writes a Parquet file whenever enough have gathered, and on flush."""
+
+    def __init__(self, uri: str, rows_per_file: int = 200_000) -> None:
+        self.sink = ParquetSink(uri, rows_per_file=rows_per_file)
+
+
+@ray.remote
+class DecisionSinkActor(_SinkActor):
     """Writes the decision log, partitioned by day of decision (``day=YYYY-MM-DD/``)."""
 
     def __init__(self, uri: str, rows_per_file: int = 200_000) -> None:
         self.sink = DayPartitionedSink(uri, rows_per_file=rows_per_file, prefix="decisions")
-
-    def write(self, decisions: pa.Table) -> int:
-        self.sink.write(decisions)
-        return self.sink.rows
-
-    def rows(self) -> int:
-        """Rows written so far (also: the actor is up)."""
-        return self.sink.rows
-
-    def flush(self) -> dict[str, Any]:
-        self.sink.flush()
-        return {"rows": self.sink.rows, "files": self.sink.files}

@@ -9,7 +9,7 @@ which model version scored it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -47,6 +47,16 @@ class OfferScorer(Protocol):
     """Scores (decision, offer) feature rows. Implementations: ServeScorer, FixedScorer."""
 
     def score(self, request: ScoreRequest) -> ScoreResponse: ...
+
+
+@runtime_checkable
+class RemoteScorer(Protocol):
+    """An OfferScorer behind a network hop (ServeScorer): ``connect`` finds the model and
+    sends an empty request ahead of the first decision; ScorerUnavailable if it cannot."""
+
+    def score(self, request: ScoreRequest) -> ScoreResponse: ...
+
+    def connect(self, timeout_s: float = 10.0) -> None: ...
 
 
 def check_response(request: ScoreRequest, response: ScoreResponse) -> None:

@@ -63,6 +63,7 @@ def test_shards_decide_through_serve_exactly_as_the_local_engine_and_log_by_day(
         decision_uri=str(tmp_path / "decisions"),
     )
     try:
+        assert sup.connect_scorers() == []  # every shard reached the ranker before deciding
         for start in range(0, events.num_rows, 20_000):  # one micro-batch per shard per chunk
             chunk = events.slice(start, 20_000)
             local.submit(chunk)

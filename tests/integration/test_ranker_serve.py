@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from actors.scorer import ServeScorer
-from engine.decision.scorer import ScoreRequest, ScorerUnavailable
+from engine.decision.scorer import RemoteScorer, ScoreRequest, ScorerUnavailable
+from engine.testing import FixedScorer
 from models.deployment import RANKER_APP, RANKER_DEPLOYMENT, deploy_ranker
 from models.ranker import RankerConfig
 from models.registry import ModelRegistry
@@ -50,6 +51,7 @@ def test_connect_warms_the_handle_and_a_missing_ranker_fails_fast(models) -> Non
     registry, a, _, _ = models
     deploy_ranker(RankerConfig(registry=registry.uri, champion=a.version), num_cpus=0.25)
     scorer = ServeScorer()
+    assert isinstance(scorer, RemoteScorer) and not isinstance(FixedScorer(), RemoteScorer)
     scorer.connect()  # an empty request: the handle is made and the replica answered
     assert scorer.score(request(10)).versions == (a.version,)
 
