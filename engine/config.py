@@ -29,6 +29,13 @@ class EngineSettings(BaseSettings):
     micro_batch_deadline_ms: float = Field(
         5.0, gt=0, description="... or this long after it opened."
     )
+    decision_step_max_events: int = Field(
+        16384,
+        ge=1,
+        description="With decisions on, a shard applies what it releases in steps of at most "
+        "this many events (rules, decisions, write-back): one scoring request per step, and the "
+        "time from a trigger to its decision bounded whatever the micro-batch size.",
+    )
     max_in_flight_per_shard: int = Field(
         2, ge=1, description="Backpressure: calls in flight per shard."
     )

@@ -239,6 +239,8 @@ class ShardLogic:
         self.watermark_ms = max(self.watermark_ms, watermark_ms)
         released = self.buffer.release(self.watermark_ms)
         limit = self.settings.micro_batch_max_events
+        if self.decider is not None:  # bounded trigger-to-decision time
+            limit = min(limit, self.settings.decision_step_max_events)
         result = _merge([self._process(part) for part in release_parts(released, limit)])
         result.received = received
         result.duplicates = duplicates

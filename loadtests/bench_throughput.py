@@ -4,8 +4,10 @@ Prints one JSON line per shard count with events_per_s (end to end), p50_ms / p9
 batch latency, router in -> triggers out), state_bytes_per_customer and peak_rss_mb. With
 --decisions every trigger is also decided (shipped offer catalog, the ranker on Ray Serve,
 the decision log written by day), and decide_p50_ms / decide_p99_ms give the time from a
-micro-batch's triggers to its logged decisions. Each shard count runs ``--repeat`` times (3)
-on fresh shards; the median run is printed, with every run's events_per_s and the first one's.
+step's triggers to its logged decisions (a shard applies a micro-batch in steps of at most
+--decision-step events, 16,384 by default, one scoring request each). Each shard count runs
+``--repeat`` times (3) on fresh shards; the median run is printed, with every run's
+events_per_s and the first one's.
 
     python loadtests/bench_throughput.py --events 2000000 --customers 200000 --shards 1 2 4
 """
@@ -66,9 +68,9 @@ def start_ranker(out_dir: str) -> Catalog:
 
 
 def run(
-    data: bytes, shards: int, batch: int, out_dir: str, micro: int, catalog: Catalog | None
+    data: bytes, settings: EngineSettings, batch: int, out_dir: str, catalog: Catalog | None
 ) -> dict[str, object]:
-    settings = EngineSettings(shards=shards, allowed_lateness_s=10, micro_batch_max_events=micro)
+    shards = settings.shards
     rules = load_rules(RULES)
     supervisor = Supervisor(
         settings,
@@ -100,6 +102,8 @@ def run(
         "p50_ms": round(stats.percentile(50), 2),
         "p99_ms": round(stats.percentile(99), 2),
         "micro_batches": stats.micro_batches,
+        "micro_batch_max_events": settings.micro_batch_max_events,
+        "decision_step_max_events": settings.decision_step_max_events if catalog else None,
         "applied": stats.applied,
         "rejected": stats.rejected,
         "duplicates": stats.duplicates,
@@ -160,6 +164,12 @@ def main() -> None:
         help="max events per shard call",
     )
     parser.add_argument(
+        "--decision-step",
+        type=int,
+        default=EngineSettings().decision_step_max_events,
+        help="with --decisions: max events a shard applies per step (one scoring request each)",
+    )
+    parser.add_argument(
         "--decisions",
         action="store_true",
         help="decide on every trigger: shipped catalog, ranker on Ray Serve, decision log",
@@ -180,8 +190,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         catalog = start_ranker(out_dir) if args.decisions else None
         for shards in args.shards:
+            settings = EngineSettings(
+                shards=shards,
+                allowed_lateness_s=10,
+                micro_batch_max_events=args.micro_batch,
+                decision_step_max_events=args.decision_step,
+            )
             runs = [
-                run(data, shards, args.batch, out_dir, args.micro_batch, catalog)
+                run(data, settings, args.batch, out_dir, catalog)
                 for _ in range(max(1, args.repeat))
             ]
             print(json.dumps(median_run(runs)), flush=True)

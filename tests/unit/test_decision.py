@@ -454,31 +454,39 @@ def test_a_large_release_applied_in_bounded_parts_gives_the_same_triggers_and_de
     stream = events(population(300, seed=3), 12_000, days=20, seed=3)
     rules = load_rules(ROOT / "deploy" / "config" / "rules.yaml")
     catalog_ = load_catalog(ROOT / "deploy" / "config" / "offers.yaml")
-    scorer = FixedScorer(lambda x, names: (x[:, 1] % 10) / 12)  # varies with pct_of_cap
 
-    def run(limit: int) -> tuple[pa.Table, pa.Table]:
-        settings = EngineSettings(shards=2, allowed_lateness_s=60, micro_batch_max_events=limit)
+    def run(limit: int, step: int = 1_000_000) -> tuple[pa.Table, pa.Table, int]:
+        settings = EngineSettings(
+            shards=2,
+            allowed_lateness_s=60,
+            micro_batch_max_events=limit,
+            decision_step_max_events=step,
+        )
+        scorer = FixedScorer(lambda x, names: (x[:, 1] % 10) / 12)  # varies with pct_of_cap
         engine = LocalEngine(settings, rules, catalog_, scorer)
         engine.submit(stream)  # one call: the whole stream is one release
         engine.flush()
         triggers = pa.concat_tables(engine.triggers).sort_by(
             [("event_id", "ascending"), ("rule_id", "ascending")]
         )
-        return triggers, engine.decision_table().sort_by("decision_id")
+        return triggers, engine.decision_table().sort_by("decision_id"), len(scorer.requests)
 
-    whole_t, whole_d = run(100_000)
-    parts_t, parts_d = run(700)  # ~17 parts per shard
+    whole_t, whole_d, whole_requests = run(100_000)
     assert whole_d.num_rows > 100 and whole_t.num_rows >= whole_d.num_rows
-    # running sums are added up in a different grouping: equal up to rounding
-    assert parts_t.drop_columns(["values"]).equals(whole_t.drop_columns(["values"]))
-    for a, b in zip(parts_t["values"].to_pylist(), whole_t["values"].to_pylist(), strict=True):
-        assert dict(a) == pytest.approx(dict(b), rel=1e-9)
-    exact = ["decision_id", "rule_id", "action", "channel", "delivered", "probability",
-             "reason", "deliver_after", "control"]  # fmt: skip
-    assert parts_d.select(exact).equals(whole_d.select(exact))
-    for name in ("ctx_pct_of_cap", "ctx_days_left", "score"):
-        np.testing.assert_allclose(
-            parts_d[name].to_numpy(zero_copy_only=False).astype(float),
-            whole_d[name].to_numpy(zero_copy_only=False).astype(float),
-            rtol=1e-5,
-        )
+    # ~9 parts per shard: cut by the micro-batch size, or by the decision step alone
+    for limit, step in ((700, 1_000_000), (100_000, 700)):
+        parts_t, parts_d, requests = run(limit, step)
+        assert requests > 5 * whole_requests  # one scoring request per step
+        # running sums are added up in a different grouping: equal up to rounding
+        assert parts_t.drop_columns(["values"]).equals(whole_t.drop_columns(["values"]))
+        for a, b in zip(parts_t["values"].to_pylist(), whole_t["values"].to_pylist(), strict=True):
+            assert dict(a) == pytest.approx(dict(b), rel=1e-9)
+        exact = ["decision_id", "rule_id", "action", "channel", "delivered", "probability",
+                 "reason", "deliver_after", "control"]  # fmt: skip
+        assert parts_d.select(exact).equals(whole_d.select(exact))
+        for name in ("ctx_pct_of_cap", "ctx_days_left", "score"):
+            np.testing.assert_allclose(
+                parts_d[name].to_numpy(zero_copy_only=False).astype(float),
+                whole_d[name].to_numpy(zero_copy_only=False).astype(float),
+                rtol=1e-5,
+            )
