@@ -1,9 +1,13 @@
 """Ranker benchmark: candidate rows scored per second through a Ray Serve handle.
 
-Deploys the ranker (XGBoost Booster bootstrapped on a simulated log) and sends feature
-matrices of --rows rows, --concurrency requests in flight, for --seconds. Prints one JSON
-line: rows_per_s, requests_per_s, p50_ms / p99_ms per request, and the in-process
-Booster rate on the same matrix for comparison.
+Deploys the ranker and sends feature matrices of --rows rows, --concurrency requests in
+flight, for --seconds. Prints one JSON line: rows_per_s, requests_per_s, p50_ms / p99_ms per
+request, the in-process Booster rate on the same matrix for comparison, and the model's size.
+
+The model (--model): ``full`` (default) is the largest the training settings allow, 150 trees
+grown to depth 5 on labels that depend on many features, the worst case for scoring speed;
+``bootstrap`` is the champion a fresh service trains on a short simulated log (shallower
+trees: its data is small and recency-weighted).
 
     python loadtests/bench_ranker.py --rows 100000 --concurrency 2 --seconds 10
 """
@@ -30,6 +34,7 @@ from models.bootstrap import ensure_champion
 from models.deployment import deploy_ranker
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
+from models.train import fit
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "config"
 
@@ -49,6 +54,24 @@ def matrix(rows: int, seed: int = 0) -> ScoreRequest:
     return ScoreRequest(x, spec.names, keys)
 
 
+def full_model(registry: ModelRegistry, sample: ScoreRequest) -> str:
+    """Register and promote a model of the largest size training allows; its version."""
+    x = sample.features
+    rng = np.random.default_rng(2)
+    logit = np.sin(x[:, :8] / 7.0).sum(axis=1) + 0.5 * x[:, 13:].sum(axis=1) - 1.0
+    labels = (rng.random(x.shape[0]) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    booster = fit(x, labels, sample.feature_names)
+    artifact = registry.register(booster, sample.feature_names, {"benchmark": "full"})
+    registry.set_champion(artifact.version)
+    return artifact.version
+
+
+def model_size(registry: ModelRegistry, version: str) -> dict[str, float]:
+    trees = registry.load(version).booster.get_dump()
+    leaves = [tree.count("leaf=") for tree in trees]
+    return {"trees": len(trees), "leaves_per_tree": round(float(np.mean(leaves)), 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -57,16 +80,20 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--model", choices=("full", "bootstrap"), default="full")
     args = parser.parse_args()
     init_ray(num_cpus=2, object_store_mb=1024)
     with tempfile.TemporaryDirectory() as root:
         registry = ModelRegistry(root)
-        version = ensure_champion(
-            registry, load_rules(CONFIG / "rules.yaml"), load_catalog(CONFIG / "offers.yaml")
-        )
+        request = matrix(args.rows)
+        if args.model == "bootstrap":
+            version = ensure_champion(
+                registry, load_rules(CONFIG / "rules.yaml"), load_catalog(CONFIG / "offers.yaml")
+            )
+        else:
+            version = full_model(registry, matrix(50_000, seed=1))
         config = RankerConfig(registry=registry.uri, champion=version)
         handle = deploy_ranker(config, replicas=args.replicas, num_cpus=0.5)
-        request = matrix(args.rows)
         local = Ranker(config)
         started = time.perf_counter()
         local.score(request)
@@ -96,7 +123,9 @@ def main() -> None:
                     "p50_ms": round(float(np.percentile(latencies, 50)), 1),
                     "p99_ms": round(float(np.percentile(latencies, 99)), 1),
                     "in_process_rows_per_s": round(local_rate),
+                    "model": args.model,
                     "model_version": version,
+                    **model_size(registry, version),
                 }
             )
         )
