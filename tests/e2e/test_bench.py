@@ -35,3 +35,21 @@ def test_benchmark_prints_one_json_line_per_shard_count() -> None:
         assert line["applied"] + line["rejected"] + line["duplicates"] == 40_000
     assert lines[0]["triggers"] == lines[1]["triggers"] > 0
     assert lines[0]["triggers_by_rule"] == lines[1]["triggers_by_rule"]
+
+
+@pytest.mark.slow
+def test_ranker_benchmark_scores_through_serve_with_the_largest_model() -> None:
+    done = subprocess.run(
+        [
+            sys.executable, "loadtests/bench_ranker.py", "--rows", "5000", "--seconds", "1",
+            "--concurrency", "2",
+        ],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["model"] == "full" and line["trees"] == 150
+    assert line["leaves_per_tree"] > 24  # grown to depth 5, not the shallow bootstrap
+    assert line["rows_per_s"] > 0 and line["requests_per_s"] > 0
+    assert line["features"] == 23 and line["concurrency"] == 2
