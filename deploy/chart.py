@@ -13,7 +13,7 @@ def acceptance_chart(reports: dict[str, dict[str, Any]], warmup_days: int, path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    styles = {"blanket": "-", "rules": "-", "kairos": "-", "oracle": "--"}
+    styles = {"blanket": "-", "rules": "-", "kairos": "-", "oracle": "--", "ceiling": ":"}
     for name, report in reports.items():
         daily = report["daily_acceptance_rate"]
         ax.plot(

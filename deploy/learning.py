@@ -100,7 +100,13 @@ def simulate(
     customers: Annotated[int, typer.Option(min=100)] = 20_000,
     days: Annotated[int, typer.Option(min=2, max=180)] = 84,
     warmup_days: Annotated[int, typer.Option(min=1)] = 42,
-    policies: Annotated[str, typer.Option(help="Comma-separated.")] = "blanket,rules,kairos,oracle",
+    policies: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: blanket, rules, kairos, oracle, and ceiling (Kairos's "
+            "features fitted to the true propensities: how far a model with them can go)."
+        ),
+    ] = "blanket,rules,kairos,oracle",
     seed: int = 7,
     out: Annotated[Path, typer.Option(help="Folder for the chart, report and models.")] = Path(
         "kairos-data/simulate"

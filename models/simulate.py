@@ -7,7 +7,12 @@
   prior and more exploration, then a model trained from its own log, retrained every N new
   outcomes and swapped in when the off-policy gate says it is better;
 * ``oracle``: the shipped catalog scored with the simulator's true propensities (the
-  yardstick; Kairos never sees them).
+  yardstick; Kairos never sees them);
+* ``ceiling`` (on request): Kairos's warm-up, then a "perfect learner" for the rest of the
+  run: a model fitted to the simulator's true propensity of every candidate in the warm-up
+  log, from the features Kairos has, with no label noise. How far a model with these features
+  can go; the gap between it and ``kairos`` is what learning from outcomes loses, the gap
+  between it and ``oracle`` what the features cannot know.
 
 Every policy sees the same events and the same per-customer random draws; responses and
 opt-outs flow back into the engine as events. Metrics count decisions after the warm-up.
@@ -23,9 +28,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import xgboost as xgb
 
 from engine.config import EngineSettings
 from engine.decision.catalog import NO_ACTION, Catalog, parse_catalog
+from engine.decision.features import FeatureSpec, feature_spec
 from engine.decision.log import DECISION_SCHEMA
 from engine.decision.scorer import OfferScorer, ScoreRequest, ScoreResponse
 from engine.events.schema import RAW_SCHEMA
@@ -36,8 +43,9 @@ from engine.synthetic.response import OracleScorer, ResponseSimulator
 from models.learning import train_round
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
+from models.train import context_of, features_of
 
-POLICIES = ("blanket", "rules", "kairos", "oracle")
+POLICIES = ("blanket", "rules", "kairos", "oracle", "ceiling")
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 
@@ -54,6 +62,45 @@ class SimulationConfig:
     shards: int = 2
     seed: int = 7
     start: datetime = datetime(2026, 9, 1, tzinfo=UTC)
+
+
+class TruthFitScorer:
+    """An OfferScorer answering with a booster fitted to the true propensities (``ceiling``)."""
+
+    def __init__(self, booster: xgb.Booster, spec: FeatureSpec) -> None:
+        self.booster, self.spec = booster, spec
+
+    def score(self, request: ScoreRequest) -> ScoreResponse:
+        if tuple(request.feature_names) != self.spec.names:
+            raise ValueError("the ceiling model was fitted on other features")
+        p = np.clip(self.booster.inplace_predict(request.features), 0.0, 1.0)
+        n = request.rows
+        return ScoreResponse(p.astype(np.float32), ("ceiling",), np.zeros(n, np.int8))
+
+
+def fit_truth(decisions: pa.Table, sim: ResponseSimulator, catalog: Catalog) -> TruthFitScorer:
+    """The ``ceiling`` model: every candidate offer of every logged decision, labelled with the
+    simulator's true propensity in that decision's logged context (no noise), fitted by
+    XGBoost from the features the ranker gets."""
+    spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
+    candidates = decisions.column("candidates").combine_chunks()
+    counts = np.diff(candidates.offsets.to_numpy())
+    offers = np.asarray(
+        candidates.flatten().field("offer_id").to_numpy(zero_copy_only=False), dtype=object
+    )
+    rows = decisions.take(pa.array(np.repeat(np.arange(decisions.num_rows), counts)))
+    ctx = {k: v.astype(np.float64) for k, v in context_of(rows).items()}
+    truth = sim.propensity(
+        sim.index_of(rows.column("customer_key").to_numpy()),
+        offers,
+        ctx["days_left"],
+        ctx["km_from_home"],
+        ctx["cart_items"],
+        ctx["contacts_7d"],
+    )
+    data = xgb.DMatrix(features_of(rows, spec, offers), label=truth, feature_names=list(spec.names))
+    params = {"objective": "reg:logistic", "max_depth": 6, "eta": 0.1, "nthread": 1, "seed": 0}
+    return TruthFitScorer(xgb.train(params, data, 300), spec)
 
 
 class ConstantScorer:
@@ -147,6 +194,9 @@ class Simulation:
             engine.submit(pa.concat_tables([chunk, due]) if due.num_rows else chunk)
             seen, answers = self._answer(engine, sim, run, seen)
             pending = pa.concat_tables([pending, *answers])
+            if name == "ceiling" and steps[i + 1] >= self.warmup_end and not run.models:
+                engine.set_catalog(self.catalog, fit_truth(_all(run), sim, self.catalog))
+                run.models.append({"version": "ceiling", "promoted": True})
             if registry is not None and steps[i + 1] >= self.warmup_end:
                 known = sum(int(o["accepted"].size) for o in run.outcomes)
                 first = not run.models
@@ -183,7 +233,7 @@ class Simulation:
             return with_exploration(self.catalog, 0.0), ConstantScorer(1.0, "rules")
         if name == "oracle":
             return with_exploration(self.catalog, 0.0), OracleScorer(sim)
-        if name == "kairos":
+        if name in ("kairos", "ceiling"):
             warm = with_exploration(self.catalog, self.config.warmup_exploration)
             return warm, ConstantScorer(self.config.prior_propensity, "prior")
         raise ValueError(f"unknown policy '{name}'; known: {', '.join(POLICIES)}")
@@ -191,9 +241,7 @@ class Simulation:
     def _retrain(
         self, run: PolicyRun, registry: ModelRegistry, cutoff_ms: int
     ) -> OfferScorer | None:
-        decisions = (
-            pa.concat_tables(run.decisions) if run.decisions else DECISION_SCHEMA.empty_table()
-        )
+        decisions = _all(run)
         responses = pa.concat_tables(run.responses) if run.responses else _empty_raw()
         result = train_round(
             decisions, responses, self.catalog, registry, cutoff_ms, seed=len(run.models)
@@ -211,6 +259,11 @@ class Simulation:
         if champion is None or not result.promoted:
             return None
         return Ranker(RankerConfig(registry=registry.uri, champion=champion))
+
+
+def _all(run: PolicyRun) -> pa.Table:
+    """Every decision of the run so far."""
+    return pa.concat_tables(run.decisions) if run.decisions else DECISION_SCHEMA.empty_table()
 
 
 def _empty_raw() -> pa.Table:

@@ -9,14 +9,23 @@ import pytest
 from engine.config import EngineSettings
 from engine.decision.catalog import NO_ACTION, load_catalog, parse_catalog_text
 from engine.decision.features import CONTEXT_FIELDS, FeatureSpec, feature_spec
+from engine.decision.scorer import ScoreRequest
 from engine.local import LocalEngine
 from engine.rules.spec import load_rules
 from engine.testing import by_offer
 from models.learning import train_round
 from models.offpolicy import LoggedBandit, evaluate_policy, improvement
 from models.registry import ModelRegistry
-from models.simulate import Simulation, SimulationConfig
-from models.train import auc, calibration_error, recency_weights, training_set
+from models.simulate import Simulation, SimulationConfig, fit_truth
+from models.train import (
+    auc,
+    calibration_error,
+    context_of,
+    features_of,
+    fit,
+    recency_weights,
+    training_set,
+)
 from tests.conftest import ROOT, ms
 
 DAY = 86_400_000
@@ -168,3 +177,34 @@ def test_a_candidate_trained_on_shuffled_labels_is_refused(logged_run, tmp_path)
     good_auc, bad_auc = good.metrics["holdout"]["auc"], bad.metrics["holdout"]["auc"]
     # shuffled labels score at chance (within the noise of a ~1,000-row holdout)
     assert abs(bad_auc - 0.5) < 0.05 and good_auc > max(bad_auc, 0.55)
+
+
+def test_the_ceiling_model_knows_the_truth_far_better_than_a_model_of_outcomes(logged_run) -> None:
+    decisions, responses, catalog, sim = logged_run
+    ts = decisions.column("ts").cast(pa.int64()).to_numpy()
+    cutoff = sim.t0 + 16 * DAY
+    truth = sim.simulator()
+    ceiling = fit_truth(decisions.filter(pa.array(ts < cutoff)), truth, catalog)
+    spec = ceiling.spec
+    data = training_set(decisions, responses, cutoff, catalog.policy.attribution_window_ms, spec)
+    learned = fit(data.features, data.labels, spec.names)  # what Kairos learns by then
+    chosen = decisions.column("action").to_numpy(zero_copy_only=False)
+    offered = (ts >= cutoff) & (chosen != NO_ACTION)
+    later = decisions.filter(pa.array(offered))
+    ctx = {k: v.astype(np.float64) for k, v in context_of(later).items()}
+    action = np.asarray(later.column("action").to_numpy(zero_copy_only=False), dtype=object)
+    keys = later.column("customer_key").to_numpy()
+    p_true = truth.propensity(
+        truth.index_of(keys), action,
+        ctx["days_left"], ctx["km_from_home"], ctx["cart_items"], ctx["contacts_7d"],
+    )  # fmt: skip
+    x = features_of(later, spec)
+    p_ceiling = ceiling.score(ScoreRequest(x, spec.names, keys)).propensity
+    p_learned = learned.inplace_predict(x)
+    assert later.num_rows > 1000
+    # per-customer affinity is hidden from both; the rest of the truth only from the outcomes'
+    error = np.abs(p_ceiling - p_true).mean()
+    assert error < 0.08 and error < 0.7 * np.abs(p_learned - p_true).mean()
+    assert np.corrcoef(p_ceiling, p_true)[0, 1] > max(0.6, np.corrcoef(p_learned, p_true)[0, 1])
+    with pytest.raises(ValueError, match="other features"):
+        ceiling.score(ScoreRequest(x[:, :-1], spec.names[:-1], keys))
