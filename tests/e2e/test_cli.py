@@ -109,11 +109,12 @@ def test_rules_check_reports_problems_in_one_line_each_and_fails(tmp_path) -> No
 def test_simulate_json_reports_every_policy_and_writes_the_chart(tmp_path) -> None:
     done = kairos(
         "simulate", "--customers", "2000", "--days", "12", "--warmup-days", "6",
+        "--policies", "blanket,rules,kairos,oracle,ceiling",
         "--out", str(tmp_path), "--json", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    for policy in ("blanket", "rules", "kairos", "oracle"):
+    for policy in ("blanket", "rules", "kairos", "oracle", "ceiling"):
         r = report[policy]
         assert {"offers_sent", "accepted", "acceptance_rate", "net_value", "opt_outs"} <= set(r)
         assert r["accepted"] <= r["offers_sent"]
@@ -127,6 +128,7 @@ def test_simulate_json_reports_every_policy_and_writes_the_chart(tmp_path) -> No
     assert set(report["blanket"]["by_trigger"]) == {"data_cap_nearing"}
     assert len(report["kairos"]["by_trigger"]) == 4
     assert report["kairos"]["models"], "kairos trained no model after its warm-up"
+    assert [m["version"] for m in report["ceiling"]["models"]] == ["ceiling"]
     assert (tmp_path / "acceptance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(report["targets"]) == 6
     assert sum("(on data_cap_nearing moments)" in t for t in report["targets"]) == 4
