@@ -78,13 +78,17 @@ class TruthFitScorer:
         return ScoreResponse(p.astype(np.float32), ("ceiling",), np.zeros(n, np.int8))
 
 
-def fit_truth(decisions: pa.Table, sim: ResponseSimulator, catalog: Catalog) -> TruthFitScorer:
+def fit_truth(
+    decisions: pa.Table, sim: ResponseSimulator, catalog: Catalog
+) -> TruthFitScorer | None:
     """The ``ceiling`` model: every candidate offer of every logged decision, labelled with the
     simulator's true propensity in that decision's logged context (no noise), fitted by
-    XGBoost from the features the ranker gets."""
+    XGBoost from the features the ranker gets. None when the log has no candidate."""
     spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
     candidates = decisions.column("candidates").combine_chunks()
     counts = np.diff(candidates.offsets.to_numpy())
+    if counts.sum() == 0:
+        return None
     offers = np.asarray(
         candidates.flatten().field("offer_id").to_numpy(zero_copy_only=False), dtype=object
     )
@@ -195,8 +199,10 @@ class Simulation:
             seen, answers = self._answer(engine, sim, run, seen)
             pending = pa.concat_tables([pending, *answers])
             if name == "ceiling" and steps[i + 1] >= self.warmup_end and not run.models:
-                engine.set_catalog(self.catalog, fit_truth(_all(run), sim, self.catalog))
-                run.models.append({"version": "ceiling", "promoted": True})
+                ceiling = fit_truth(_all(run), sim, self.catalog)
+                if ceiling is not None:  # else the warm-up policy carries on
+                    engine.set_catalog(self.catalog, ceiling)
+                run.models.append({"version": "ceiling", "promoted": ceiling is not None})
             if registry is not None and steps[i + 1] >= self.warmup_end:
                 known = sum(int(o["accepted"].size) for o in run.outcomes)
                 first = not run.models

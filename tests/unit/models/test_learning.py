@@ -185,6 +185,7 @@ def test_the_ceiling_model_knows_the_truth_far_better_than_a_model_of_outcomes(l
     cutoff = sim.t0 + 16 * DAY
     truth = sim.simulator()
     ceiling = fit_truth(decisions.filter(pa.array(ts < cutoff)), truth, catalog)
+    assert ceiling is not None and fit_truth(decisions.slice(0, 0), truth, catalog) is None
     spec = ceiling.spec
     data = training_set(decisions, responses, cutoff, catalog.policy.attribution_window_ms, spec)
     learned = fit(data.features, data.labels, spec.names)  # what Kairos learns by then
