@@ -20,10 +20,11 @@ from engine.decision.catalog import Catalog
 from engine.decision.features import FeatureSpec, feature_spec
 from models.offpolicy import (
     Predict,
-    evaluate_policy,
-    improvement,
+    dr_terms,
+    estimate_from_terms,
     logged_bandit,
     logged_value,
+    mean_interval,
 )
 from models.ranker import predictor
 from models.registry import ModelArtifact, ModelRegistry
@@ -86,17 +87,20 @@ def train_round(
     known, accepted = outcomes(decisions, responses, cutoff_ms, window)
     rows = np.flatnonzero(known & ~control & (ts >= boundary))
     log = logged_bandit(decisions.take(pa.array(rows)), accepted[rows], catalog)
-    predict_candidate = _predict(booster)
-    candidate = evaluate_policy(log, predict_candidate, spec)
+    # each policy's DR terms once: the candidate's estimate, the champion's, and their paired
+    # difference (or the gain over what the logging policy earned) all come from them
+    terms, weights = dr_terms(log, _predict(booster), spec)
+    candidate = estimate_from_terms(log, terms, weights)
     champion_version = registry.champion()
     if champion_version:
         predict_champion = predictor(registry.load(champion_version), spec.names)
-        baseline = evaluate_policy(log, predict_champion, spec).dr
-        gain = improvement(log, predict_candidate, predict_champion, spec)
+        champion_terms, _ = dr_terms(log, predict_champion, spec)
+        baseline = mean_interval(champion_terms)
+        gain = mean_interval(terms - champion_terms)
         against = f"champion {champion_version}"
     else:
         baseline = logged_value(log)
-        gain = improvement(log, predict_candidate, None, spec)
+        gain = mean_interval(terms - log.reward)
         against = "the logging policy"
     dr, snips = candidate.dr, candidate.snips
     metrics["offpolicy"] = {

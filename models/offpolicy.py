@@ -131,7 +131,13 @@ def dr_terms(
     return q_target + w * (log.reward - q_logged), w
 
 
-def _mean_interval(terms: np.ndarray) -> Estimate:
+NAN = Estimate(float("nan"), float("nan"), float("nan"))
+
+
+def mean_interval(terms: np.ndarray) -> Estimate:
+    """The mean of per-decision ``terms`` with its 95 % interval (NaN with no decision)."""
+    if terms.size == 0:
+        return NAN
     mean = float(terms.mean())
     half = 1.96 * float(terms.std(ddof=1)) / np.sqrt(terms.size) if terms.size > 1 else np.inf
     return Estimate(mean, mean - half, mean + half)
@@ -146,9 +152,16 @@ def evaluate_policy(
 ) -> PolicyEstimate:
     """SNIPS and DR estimates (value per decision) of the greedy policy under ``predict``."""
     if log.n == 0:
-        nan = Estimate(float("nan"), float("nan"), float("nan"))
-        return PolicyEstimate(nan, nan, float("nan"))
-    terms, w = dr_terms(log, predict, spec)
+        return PolicyEstimate(NAN, NAN, float("nan"))
+    return estimate_from_terms(log, *dr_terms(log, predict, spec), bootstrap, seed)
+
+
+def estimate_from_terms(
+    log: LoggedBandit, terms: np.ndarray, w: np.ndarray, bootstrap: int = 200, seed: int = 0
+) -> PolicyEstimate:
+    """SNIPS and DR estimates from a policy's ``dr_terms`` (terms, IPS weights) on ``log``."""
+    if log.n == 0:
+        return PolicyEstimate(NAN, NAN, float("nan"))
     rng = np.random.default_rng(seed)
     snips = float((w * log.reward).sum() / max(w.sum(), 1e-12))
     boots = np.empty(bootstrap)
@@ -157,7 +170,7 @@ def evaluate_policy(
         boots[b] = (w[pick] * log.reward[pick]).sum() / max(w[pick].sum(), 1e-12)
     return PolicyEstimate(
         Estimate(snips, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))),
-        _mean_interval(terms),
+        mean_interval(terms),
         float((w > 0).mean()),
     )
 
@@ -172,16 +185,15 @@ def improvement(
     decisions, so their common noise (which customers happened to accept) cancels in the
     difference and the interval is that of the gain, far narrower than the two separate
     intervals: a better model is recognised from fewer decisions, and one no better is not.
+    (``train_round`` takes the same difference from terms it has computed already.)
     """
     if log.n == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"))
+        return NAN
     cand, _ = dr_terms(log, candidate, spec)
     base = log.reward if baseline is None else dr_terms(log, baseline, spec)[0]
-    return _mean_interval(cand - base)
+    return mean_interval(cand - base)
 
 
 def logged_value(log: LoggedBandit) -> Estimate:
     """The logging policy's own average reward per decision, with a 95 % interval."""
-    if log.n == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"))
-    return _mean_interval(log.reward)
+    return mean_interval(log.reward)
