@@ -141,7 +141,7 @@ class Router:
             self.outcome_sink.write(outcomes)
         now = self.clock.monotonic()
         limit = self.settings.micro_batch_max_events
-        for shard, part in self.ingestor.split(result).items():
+        for shard, part in result.parts.items():
             if self._open[shard].rows and self._open[shard].rows + part.num_rows > limit:
                 self._send(shard)  # close before it would overflow: parts travel whole
             for piece in _pieces(part, limit):

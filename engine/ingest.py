@@ -181,7 +181,3 @@ class Ingestor:
         key = self.pseudonymizer.key_of(customer_id)
         group = key_groups_of(np.array([key], dtype=np.uint64), self.settings.key_groups)
         return key, int(self._owner[group[0]])
-
-    def split(self, result: IngestResult) -> dict[int, pa.RecordBatch]:
-        """The routed batch of each owning shard (shards without events are left out)."""
-        return result.parts

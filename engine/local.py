@@ -49,7 +49,7 @@ class LocalEngine:
         """Ingest one raw batch and apply it; returns its dead letters."""
         result = self.ingestor.ingest(batch)
         self.dead_letters.extend(result.dead_letters)
-        parts = self.ingestor.split(result)
+        parts = result.parts
         watermark = self.ingestor.watermark_ms
         for shard_id, shard in enumerate(self.shards):
             self._collect(shard.apply(parts.get(shard_id), watermark))
@@ -61,7 +61,7 @@ class LocalEngine:
         result = self.ingestor.ingest(batch, positions)
         self.dead_letters.extend(letters)
         self.dead_letters.extend(result.dead_letters)
-        parts = self.ingestor.split(result)
+        parts = result.parts
         for shard_id, shard in enumerate(self.shards):
             self._collect(shard.apply(parts.get(shard_id), self.ingestor.watermark_ms))
         return [*letters, *result.dead_letters]
