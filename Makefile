@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration bench loadtest serve install clean
+.PHONY: demo test check lint typecheck unit integration bench loadtest serve install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The pure suites (no Ray: starting it there raises), in their own process
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit tests/property -q
 
-test: $(STAMP) lint typecheck
-	RAY_AUTH_MODE=disabled $(BIN)/pytest -q
+# One local Ray cluster (with Serve) shared by the whole process
+integration: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/pytest tests/integration tests/e2e -q
+
+# The fast inner loop: lint, types, unit tests and a fifth of the property examples (< 1 min)
+check: lint typecheck
+	KAIROS_QUICK_TESTS=1 $(BIN)/pytest tests/unit tests/property -q
+
+# The whole suite; what CI runs (.ci/run)
+test: lint typecheck unit integration
 
 bench: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python loadtests/bench_throughput.py --shards 1 2 4

@@ -9,7 +9,13 @@ import numpy as np
 from ray import serve
 
 from actors.metrics import metrics
-from engine.decision.scorer import ScoreRequest, ScoreResponse, ScorerUnavailable
+from engine.decision.scorer import (
+    RANKER_APP,
+    RANKER_DEPLOYMENT,
+    ScoreRequest,
+    ScoreResponse,
+    ScorerUnavailableError,
+)
 
 
 class ServeScorer:
@@ -17,15 +23,15 @@ class ServeScorer:
 
     Holds only names, so it pickles into a shard actor; the handle is made there, by
     ``connect()`` or on first use. When the ranker fails or does not answer within
-    ``timeout_s``, ``score`` raises ScorerUnavailable (the shard decides NO_ACTION) and, for
+    ``timeout_s``, ``score`` raises ScorerUnavailableError (the shard decides NO_ACTION) and, for
     the next ``retry_after_s``, fails at once instead of stalling every micro-batch on a
     ranker that is down.
     """
 
     def __init__(
         self,
-        deployment: str = "ranker",
-        app_name: str = "kairos-ranker",
+        deployment: str = RANKER_DEPLOYMENT,
+        app_name: str = RANKER_APP,
         timeout_s: float = 10.0,
         retry_after_s: float = 5.0,
     ) -> None:
@@ -43,7 +49,7 @@ class ServeScorer:
     def _call(self, request: ScoreRequest, timeout_s: float) -> ScoreResponse:
         now = time.monotonic()
         if now < self._down_until:
-            raise ScorerUnavailable(
+            raise ScorerUnavailableError(
                 f"{self._down_reason} (retrying in {self._down_until - now:.1f} s)"
             )
         try:
@@ -56,7 +62,7 @@ class ServeScorer:
                 f"ranker {self.app_name}/{self.deployment} did not answer: "
                 f"{type(exc).__name__}: {exc}"
             )
-            raise ScorerUnavailable(self._down_reason) from exc
+            raise ScorerUnavailableError(self._down_reason) from exc
         return response
 
     def connect(self, timeout_s: float = 10.0) -> None:

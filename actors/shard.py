@@ -12,12 +12,12 @@ import ray
 
 from actors.metrics import metrics
 from actors.runtime import peak_rss_mb
+from engine.checkpoint import read_snapshot, write_snapshot
 from engine.config import EngineSettings
 from engine.decision.catalog import parse_catalog
-from engine.decision.scorer import OfferScorer, RemoteScorer, ScorerUnavailable
+from engine.decision.scorer import OfferScorer, RemoteScorer, ScorerUnavailableError
 from engine.rules.spec import parse_rules
 from engine.shard import ApplyResult, ShardLogic
-from engine.state.snapshot import read_snapshot, write_snapshot
 
 
 def _stats(result: ApplyResult, started: float) -> dict[str, Any]:
@@ -61,7 +61,7 @@ class ShardActor:
         try:
             decider.scorer.connect()
             decider.warm_up()
-        except ScorerUnavailable as exc:
+        except ScorerUnavailableError as exc:
             return str(exc)
         return None
 
@@ -107,9 +107,10 @@ class ShardActor:
         return decisions
 
     @ray.method(num_returns=3)
-    def flush(self) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    def end_stream(self) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+        """The stream ended: apply every pending event; returns what ``apply`` returns."""
         started = time.perf_counter()
-        result = self.logic.flush()
+        result = self.logic.end_stream()
         self._observe(result.decisions)
         return result.triggers, result.decisions, _stats(result, started)
 
@@ -144,13 +145,10 @@ class ShardActor:
         }
 
     def snapshot(self, uri: str) -> str:
-        return write_snapshot(self.logic, uri)
+        """Write this shard's snapshot under ``uri``; returns the URI."""
+        return write_snapshot(self.logic.snapshot(), uri)
 
     def restore(self, uri: str) -> int:
-        decider = self.logic.decider
-        self.logic = read_snapshot(
-            uri, self.logic.settings, self.logic.rules, self.logic.shard_id, self.logic.key_range
-        )
-        if decider is not None:  # the restored store brings its own contact history
-            self.logic.set_catalog(decider.catalog, decider.scorer)
+        """Restore the snapshot under ``uri``; returns the customers it holds."""
+        self.logic.restore(read_snapshot(uri))
         return self.logic.customers

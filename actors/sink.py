@@ -11,7 +11,7 @@ from engine.sink import DayPartitionedSink, ParquetSink
 
 
 class _SinkActor:
-    """What both sink actors do with their ``sink``: write, count, flush."""
+    """What both sink actors do with their ``sink``: write, count, write what is buffered."""
 
     sink: ParquetSink | DayPartitionedSink
 
@@ -23,14 +23,19 @@ class _SinkActor:
         """Rows written so far (also: the actor is up)."""
         return self.sink.rows
 
-    def flush(self) -> dict[str, Any]:
-        self.sink.flush()
+    def write_buffered(self) -> dict[str, Any]:
+        """Write every buffered row to files now; returns ``summary()``."""
+        self.sink.write_buffered()
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        """Rows taken and the files written so far."""
         return {"rows": self.sink.rows, "files": list(self.sink.files)}
 
 
 @ray.remote
 class TriggerSinkActor(_SinkActor):
-    """Buffers triggers and writes a Parquet file whenever enough have gathered, and on flush."""
+    """Buffers triggers and writes a Parquet file whenever enough have gathered, and when asked."""
 
     def __init__(self, uri: str, rows_per_file: int = 200_000) -> None:
         self.sink = ParquetSink(uri, rows_per_file=rows_per_file)

@@ -40,9 +40,11 @@ class Supervisor:
         decision_uri: str | None = None,
         outcome_uri: str | None = None,
         observer: Any | None = None,
+        idle_release_ms: float | None = None,
     ) -> None:
         """``catalog`` and ``scorer`` (e.g. a ServeScorer) switch decisions on; they are
-        logged under ``decision_uri`` by day, and offer responses under ``outcome_uri``."""
+        logged under ``decision_uri`` by day, and offer responses under ``outcome_uri``.
+        ``idle_release_ms``: a live service releases the watermark when input goes quiet."""
         self.settings = settings
         self.rules = rules
         self.catalog = catalog
@@ -77,6 +79,7 @@ class Supervisor:
             decision_sink=self.decision_sink,
             outcome_sink=ParquetSink(outcome_uri, prefix="outcomes") if outcome_uri else None,
             observer=observer,
+            idle_release_ms=idle_release_ms,
         )
         self.namespace_prefix = namespace_prefix
         self.decision_uri = decision_uri
@@ -101,7 +104,7 @@ class Supervisor:
     def set_catalog(self, document: dict[str, Any], source: str = "offers") -> Catalog:
         """Validate then swap the offer catalog on every shard; contact history is kept.
 
-        An invalid document raises RuleError before any shard sees it: the running set stays.
+        An invalid document raises CatalogError before any shard sees it: the running set stays.
         """
         catalog = parse_catalog(document, source)
         self.router.drain()

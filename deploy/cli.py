@@ -14,14 +14,12 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deploy import learning, serving
+from deploy import learning, service
+from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog
 from engine.errors import EngineError
 from engine.rules.spec import RuleSet, load_rules
-
-DEFAULT_RULES = Path(__file__).parent / "config" / "rules.yaml"
-DEFAULT_OFFERS = DEFAULT_RULES.with_name("offers.yaml")
 
 app = typer.Typer(
     help="Kairos: real-time customer engagement on Ray.",
@@ -34,7 +32,7 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(learning.offers_app, name="offers")
 app.command()(learning.simulate)
 app.command()(learning.train)
-app.command("serve")(serving.serve)
+app.command("serve")(service.serve)
 console = Console()
 err = Console(stderr=True)
 
@@ -53,18 +51,11 @@ def _events_file(path: Path) -> Any:
 
 
 def _start_ranker(out: Path, rules: RuleSet, catalog: Catalog) -> str:
-    """Deploy the ranker on Serve with the registry's champion (a bootstrap one if none)."""
-    from models.bootstrap import ensure_champion
-    from models.deployment import deploy_ranker
-    from models.ranker import RankerConfig
-    from models.registry import ModelRegistry
+    """Deploy the ranker on Serve with the champion of ``out/models`` (bootstrapped if none)."""
+    from deploy.ranker import start_ranker
 
-    registry = ModelRegistry(str((out / "models").resolve()))
-    with console.status("checking the ranker model (a first one is trained if needed)..."):
-        version = ensure_champion(registry, rules, catalog)
-    with console.status(f"starting the ranker ({version}) on Ray Serve..."):
-        deploy_ranker(RankerConfig(registry=registry.uri, champion=version), num_cpus=0.25)
-    return version
+    with console.status("starting the ranker on Ray Serve (a first model is trained if needed)..."):
+        return start_ranker(str((out / "models").resolve()), rules, catalog)
 
 
 def _live_replay(

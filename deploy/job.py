@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
 from engine.errors import EngineError
-
-CONFIG = Path(__file__).parent / "config"
 
 
 def _replay(args: argparse.Namespace) -> dict[str, Any]:
@@ -47,9 +46,9 @@ def _replay(args: argparse.Namespace) -> dict[str, Any]:
         unreadable, lines = [], None
     init_ray()
     if catalog is not None:
-        from deploy.cli import _start_ranker
+        from deploy.ranker import start_ranker
 
-        _start_ranker(Path(args.out), rules, catalog)
+        start_ranker(str((Path(args.out) / "models").resolve()), rules, catalog)
     settings = EngineSettings(shards=args.shards)
     print(f"replaying {table.num_rows:,} events through {args.shards} shards", flush=True)
     report = replay(
@@ -98,8 +97,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deploy.job", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--rules", default=str(CONFIG / "rules.yaml"))
-    common.add_argument("--offers-file", default=str(CONFIG / "offers.yaml"))
+    common.add_argument("--rules", default=str(DEFAULT_RULES))
+    common.add_argument("--offers-file", default=str(DEFAULT_OFFERS))
     common.add_argument("--seed", type=int, default=7)
     common.add_argument("--out", default="kairos-data/jobs", help="output folder (or URI)")
     r = sub.add_parser("replay", parents=[common], help="replay events through the engine")

@@ -11,13 +11,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
 from engine.decision.catalog import load_catalog
 from engine.errors import EngineError
 from engine.rules.spec import load_rules
-
-CONFIG = Path(__file__).parent / "config"
-DEFAULT_RULES = CONFIG / "rules.yaml"
-DEFAULT_OFFERS = CONFIG / "offers.yaml"
 
 console = Console()
 offers_app = typer.Typer(help="Work with offer catalogs.", no_args_is_help=True)
@@ -203,7 +200,8 @@ def train(
     ),
     offers: Annotated[Path, typer.Option(help="Offer catalog.")] = DEFAULT_OFFERS,
     cutoff: Annotated[
-        str | None, typer.Option(help="Training cutoff (ISO time); default: newest event.")
+        str | None,
+        typer.Option(help="Training cutoff (ISO time with a zone); default: newest event."),
     ] = None,
 ) -> None:
     """Train a candidate ranker from the decision log and outcomes; promote it if it wins."""
@@ -212,6 +210,7 @@ def train(
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
+    from engine.clock import utc_ms
     from engine.replay import read_events
     from models.learning import train_round
     from models.registry import ModelRegistry
@@ -226,9 +225,11 @@ def train(
         cutoff_ms = int(newest.timestamp() * 1000) if newest else 0
     else:
         try:
-            cutoff_ms = int(datetime.fromisoformat(cutoff).timestamp() * 1000)
-        except ValueError as exc:
-            raise EngineError(f"--cutoff {cutoff!r} is not an ISO date-time") from exc
+            cutoff_ms = utc_ms(datetime.fromisoformat(cutoff))
+        except ValueError as exc:  # not ISO, or naive (local time would depend on the machine)
+            raise EngineError(
+                f"--cutoff {cutoff!r} is not an ISO date-time with a zone (e.g. 2026-03-01T00:00Z)"
+            ) from exc
     result = train_round(log, events, load_catalog(offers), ModelRegistry(str(registry)), cutoff_ms)
     if result.artifact is None:
         raise EngineError(f"no model trained: {result.reason}")

@@ -99,7 +99,7 @@ def replay(
             progress.triggers_by_rule = dict(supervisor.router.stats.triggers_by_rule)
             if on_progress is not None:
                 on_progress(progress)
-        written = supervisor.router.flush()
+        written = supervisor.router.end_stream()
         seconds = time.perf_counter() - started
         router = supervisor.router
         dead_files = router.dead_letter_sink.files if router.dead_letter_sink else []

@@ -63,7 +63,7 @@ class Retrainer:
         router = self.supervisor.router
         self.trained_at = router.stats.outcomes
         router.drain()
-        router.flush_logs()
+        router.write_logs()
         decisions = _read(self.supervisor.decision_uri, DECISION_SCHEMA, hive=True)
         outcomes = _read(self.supervisor.outcome_uri, OUTCOME_SCHEMA, hive=False)
         cutoff = self.supervisor.ingestor.watermark_ms  # event time, as far as it has gone

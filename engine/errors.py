@@ -15,16 +15,24 @@ class EventError(EngineError):
     """An event or a batch of events cannot be decoded or validated."""
 
 
-class RuleError(EngineError):
-    """A rule file, rule or expression is invalid.
+class DocumentError(EngineError):
+    """A configuration document (rules, offer catalog) is invalid.
 
-    ``problems`` holds every problem found, each already naming file, rule id and field,
-    so a user fixes them all in one pass.
+    ``problems`` holds every problem found, each already naming file, id and field, so a
+    user fixes them all in one pass.
     """
 
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         self.problems = problems or [message]
         super().__init__(message if problems is None else "\n".join(self.problems))
+
+
+class RuleError(DocumentError):
+    """A rule file, rule or expression is invalid."""
+
+
+class CatalogError(DocumentError):
+    """An offer catalog (its offers, eligibility expressions or contact policy) is invalid."""
 
 
 class StateError(EngineError):

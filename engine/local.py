@@ -66,10 +66,18 @@ class LocalEngine:
             self._collect(shard.apply(parts.get(shard_id), self.ingestor.watermark_ms))
         return [*letters, *result.dead_letters]
 
-    def flush(self) -> None:
+    def release_watermark(self) -> int:
+        """The input went quiet: close the watermark up to the newest event and apply what it
+        releases (``Router.release_watermark`` on Ray); returns the new watermark."""
+        watermark = self.ingestor.close_idle()
+        for shard in self.shards:
+            self._collect(shard.apply(None, watermark))
+        return watermark
+
+    def end_stream(self) -> None:
         """End of stream: apply everything still waiting for the watermark."""
         for shard in self.shards:
-            self._collect(shard.flush())
+            self._collect(shard.end_stream())
 
     def set_rules(self, rules: RuleSet) -> None:
         for shard in self.shards:
@@ -118,5 +126,5 @@ class LocalEngine:
     def run(self, batches: Iterable[pa.RecordBatch | pa.Table]) -> pa.Table:
         for batch in batches:
             self.submit(batch)
-        self.flush()
+        self.end_stream()
         return self.trigger_table()

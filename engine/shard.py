@@ -21,17 +21,18 @@ import pyarrow as pa
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog
 from engine.decision.decider import Decider
-from engine.decision.log import decision_id_text, empty_decisions
+from engine.decision.log import DECISION_SCHEMA, decision_id_text, empty_decisions
 from engine.decision.scorer import OfferScorer
 from engine.errors import EngineError
 from engine.events.schema import CHANNELS, ROUTED_SCHEMA, TS_TYPE, EventKind, sparse_routed
 from engine.ingest import NO_WATERMARK
 from engine.rules.evaluate import candidates, cooldown, once_per_period, period_of
 from engine.rules.spec import RuleSet
+from engine.snapshot import ShardSnapshot
 from engine.state.buffer import EventBuffer, Released
 from engine.state.store import COLUMNS, NEVER, CustomerStore
 from engine.state.view import BatchView, RowsView
-from engine.trigger import empty_triggers, trigger_table
+from engine.trigger import TRIGGER_SCHEMA, empty_triggers, trigger_table
 
 #: release everything: used when a stream ends
 END_OF_STREAM = np.iinfo(np.int64).max // 2
@@ -43,9 +44,10 @@ RECENT_PER_CUSTOMER = 10
 
 
 class Recent:
-    """The newest rows of a stream of tables (triggers or decisions), bounded by row count."""
+    """The newest ``limit`` rows of a stream of tables (triggers or decisions)."""
 
-    def __init__(self, limit: int = RECENT_ROWS) -> None:
+    def __init__(self, schema: pa.Schema, limit: int = RECENT_ROWS) -> None:
+        self.schema = schema
         self.limit = limit
         self.tables: deque[pa.Table] = deque()
         self.rows = 0
@@ -57,6 +59,22 @@ class Recent:
         self.rows += table.num_rows
         while self.tables and self.rows - self.tables[0].num_rows >= self.limit:
             self.rows -= self.tables.popleft().num_rows
+        if self.rows > self.limit:  # exactly the newest rows: a restored window shows the same
+            extra = self.rows - self.limit
+            self.tables[0] = self.tables[0].slice(extra)
+            self.rows = self.limit
+
+    def to_table(self) -> pa.Table:
+        """The window as one table, oldest row first (for a snapshot)."""
+        if not self.tables:
+            return self.schema.empty_table()
+        return pa.concat_tables(self.tables).combine_chunks()
+
+    @classmethod
+    def from_table(cls, table: pa.Table, limit: int = RECENT_ROWS) -> Recent:
+        recent = cls(table.schema, limit)
+        recent.add(table)
+        return recent
 
     def of(self, customer_key: int, columns: list[str], n: int) -> list[dict[str, Any]]:
         """The newest ``n`` rows of one customer, newest first, as plain values."""
@@ -180,8 +198,8 @@ class ShardLogic:
             "decisions": 0,
             "delivered": 0,
         }
-        self.recent_triggers = Recent()
-        self.recent_decisions = Recent()
+        self.recent_triggers = Recent(TRIGGER_SCHEMA)
+        self.recent_decisions = Recent(DECISION_SCHEMA)
         self.decider: Decider | None = None
         if catalog is not None:
             self.set_catalog(catalog, scorer)
@@ -302,7 +320,7 @@ class ShardLogic:
         back[order] = np.arange(n)
         return decisions.take(pa.array(back))
 
-    def flush(self) -> ApplyResult:
+    def end_stream(self) -> ApplyResult:
         """Release and apply every pending event (the stream has ended)."""
         return self.apply(None, END_OF_STREAM)
 
@@ -369,6 +387,42 @@ class ShardLogic:
             last[:-1] = view.slot[fired[1:]] != view.slot[fired[:-1]]
             state[view.slot[fired[last]]] = mark[last]
         return fired
+
+    # -- snapshots ----------------------------------------------------------------------------
+    def snapshot(self) -> ShardSnapshot:
+        """Everything this shard holds, as a value (call between micro-batches)."""
+        pending, seen = self.buffer.to_arrow()
+        return ShardSnapshot(
+            shard_id=self.shard_id,
+            key_range=self.key_range,
+            watermark_ms=self.watermark_ms,
+            counters=dict(self.counters),
+            customers=self.store.to_arrow(),
+            pending=pending,
+            seen=seen,
+            recent_triggers=self.recent_triggers.to_table(),
+            recent_decisions=self.recent_decisions.to_table(),
+        )
+
+    def restore(self, snapshot: ShardSnapshot) -> None:
+        """Replace this shard's state with ``snapshot``'s; rules, catalog and scorer stay.
+
+        Refuses a snapshot of other key groups. Rule and decision state of rules and offers
+        that are no longer configured is dropped, of new ones started fresh (as on a swap).
+        """
+        snapshot.check_owner(self.key_range)
+        store = CustomerStore.from_arrow(snapshot.customers)
+        store.ensure_rules([r.state_key for r in self.rules.rules])
+        buffer = EventBuffer.from_arrow(
+            self.settings.dedupe_window_ms, snapshot.pending, snapshot.seen
+        )
+        self.store, self.buffer = store, buffer
+        self.watermark_ms = snapshot.watermark_ms
+        self.counters = {**dict.fromkeys(self.counters, 0), **snapshot.counters}
+        self.recent_triggers = Recent.from_table(snapshot.recent_triggers.cast(TRIGGER_SCHEMA))
+        self.recent_decisions = Recent.from_table(snapshot.recent_decisions.cast(DECISION_SCHEMA))
+        if self.decider is not None:  # the decider reads and writes the new store
+            self.decider = Decider(self.decider.catalog, self.decider.scorer, self.store)
 
     # -- reading state ------------------------------------------------------------------------
     def customer(self, customer_key: int) -> dict[str, Any] | None:

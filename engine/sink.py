@@ -17,7 +17,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 class ParquetSink:
-    """Buffers tables and writes one Parquet file per ``rows_per_file`` rows (and on flush)."""
+    """Buffers tables; writes a Parquet file per ``rows_per_file`` rows, and when asked."""
 
     def __init__(self, uri: str, rows_per_file: int = 200_000, prefix: str = "part") -> None:
         self.fs, self.path = resolve(uri)
@@ -36,9 +36,9 @@ class ParquetSink:
         self._buffered += table.num_rows
         self.rows += table.num_rows
         if self._buffered >= self.rows_per_file:
-            self.flush()
+            self.write_buffered()
 
-    def flush(self) -> None:
+    def write_buffered(self) -> None:
         if not self._buffer:
             return
         table = pa.concat_tables(self._buffer)
@@ -71,9 +71,9 @@ class DayPartitionedSink:
             sink.write(table.filter(pc.equal(days, day)))
         self.rows += table.num_rows
 
-    def flush(self) -> None:
+    def write_buffered(self) -> None:
         for sink in self.sinks.values():
-            sink.flush()
+            sink.write_buffered()
 
     @property
     def files(self) -> list[str]:

@@ -25,22 +25,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ray import serve
+
 from actors.runtime import init_ray
+from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
+from deploy.ranker import start_ranker
 from engine.decision.catalog import load_catalog
 from engine.decision.features import CONTEXT_FIELDS, build_features, feature_spec
-from engine.decision.scorer import ScoreRequest
+from engine.decision.scorer import RANKER_APP, RANKER_DEPLOYMENT, ScoreRequest
 from engine.rules.spec import load_rules
-from models.bootstrap import ensure_champion
-from models.deployment import deploy_ranker
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
 from models.train import fit
 
-CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "config"
-
 
 def matrix(rows: int, seed: int = 0) -> ScoreRequest:
-    catalog = load_catalog(CONFIG / "offers.yaml")
+    catalog = load_catalog(DEFAULT_OFFERS)
     spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
     rng = np.random.default_rng(seed)
     context = {name: rng.uniform(0, 50, rows).astype(np.float32) for name in CONTEXT_FIELDS}
@@ -86,14 +86,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         registry = ModelRegistry(root)
         request = matrix(args.rows)
-        if args.model == "bootstrap":
-            version = ensure_champion(
-                registry, load_rules(CONFIG / "rules.yaml"), load_catalog(CONFIG / "offers.yaml")
-            )
-        else:
+        version = None  # bootstrap: the registry's first champion
+        if args.model == "full":
             version = full_model(registry, matrix(50_000, seed=1))
+        version = start_ranker(
+            registry.uri,
+            load_rules(DEFAULT_RULES),
+            load_catalog(DEFAULT_OFFERS),
+            version=version,
+            replicas=args.replicas,
+            num_cpus=0.5,
+        )
         config = RankerConfig(registry=registry.uri, champion=version)
-        handle = deploy_ranker(config, replicas=args.replicas, num_cpus=0.5)
+        handle = serve.get_deployment_handle(RANKER_DEPLOYMENT, app_name=RANKER_APP)
         local = Ranker(config)
         started = time.perf_counter()
         local.score(request)

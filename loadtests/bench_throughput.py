@@ -32,17 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actors.runtime import init_ray, peak_rss_mb
 from actors.scorer import ServeScorer
 from actors.supervisor import Supervisor
+from deploy.paths import DEFAULT_OFFERS as OFFERS
+from deploy.paths import DEFAULT_RULES as RULES
+from deploy.ranker import start_ranker as deploy_champion
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog
 from engine.rules.spec import load_rules
 from engine.synthetic.telco import events, population
-from models.bootstrap import ensure_champion
-from models.deployment import deploy_ranker
-from models.ranker import RankerConfig
-from models.registry import ModelRegistry
-
-RULES = Path(__file__).resolve().parents[1] / "deploy" / "config" / "rules.yaml"
-OFFERS = RULES.with_name("offers.yaml")
 
 
 def parquet_bytes(customers: int, total: int, seed: int) -> bytes:
@@ -61,9 +57,7 @@ def parquet_bytes(customers: int, total: int, seed: int) -> bytes:
 def start_ranker(out_dir: str) -> Catalog:
     """Deploy the ranker with a bootstrapped champion; returns the catalog it serves."""
     catalog = load_catalog(OFFERS)
-    registry = ModelRegistry(f"{out_dir}/models")
-    version = ensure_champion(registry, load_rules(RULES), catalog)
-    deploy_ranker(RankerConfig(registry=registry.uri, champion=version), num_cpus=0.25)
+    deploy_champion(f"{out_dir}/models", load_rules(RULES), catalog)
     return catalog
 
 
@@ -89,7 +83,7 @@ def run(
     table = pq.read_table(pa.BufferReader(data), read_dictionary=["customer_id"])
     for start in range(0, table.num_rows, batch):
         supervisor.router.submit(table.slice(start, batch))
-    written = supervisor.router.flush()
+    written = supervisor.router.end_stream()
     elapsed = time.perf_counter() - started
     stats = supervisor.router.stats
     shard_stats = supervisor.shard_stats()

@@ -19,14 +19,11 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from engine.decision.scorer import ScoreRequest, ScoreResponse
+from engine.decision.scorer import RANKER_APP, RANKER_DEPLOYMENT, ScoreRequest, ScoreResponse
 from engine.errors import ConfigError
 from models.ranker import Ranker, RankerConfig
 
 log = logging.getLogger("kairos.ranker")
-
-RANKER_APP = "kairos-ranker"
-RANKER_DEPLOYMENT = "ranker"
 
 
 @serve.deployment(

@@ -78,7 +78,8 @@ class ModelRegistry:
         self.fs, self.root = resolve(uri)
         self.fs.create_dir(self.root, recursive=True)
 
-    def _path(self, *parts: str) -> str:
+    def path_of(self, *parts: str) -> str:
+        """Path of a file in the registry, e.g. ``path_of(version, "meta.json")``."""
         return "/".join([self.root.rstrip("/"), *parts])
 
     def versions(self) -> list[str]:
@@ -114,14 +115,14 @@ class ModelRegistry:
             parent=parent,
         )
         artifact.check_compatible()
-        self.fs.create_dir(self._path(artifact.version), recursive=True)
-        with self.fs.open_output_stream(self._path(artifact.version, "model.json")) as out:
+        self.fs.create_dir(self.path_of(artifact.version), recursive=True)
+        with self.fs.open_output_stream(self.path_of(artifact.version, "model.json")) as out:
             out.write(bytes(booster.save_raw(raw_format="json")))
         self._write_meta(artifact)
         return artifact
 
     def _write_meta(self, artifact: ModelArtifact) -> None:
-        with self.fs.open_output_stream(self._path(artifact.version, "meta.json")) as out:
+        with self.fs.open_output_stream(self.path_of(artifact.version, "meta.json")) as out:
             out.write(json.dumps(artifact.meta(), indent=2, default=float).encode())
 
     def load(self, version: str) -> ModelArtifact:
@@ -129,9 +130,9 @@ class ModelRegistry:
         if not _VERSION.match(version):
             raise ConfigError(f"'{version}' is not a model version such as v0001")
         try:
-            with self.fs.open_input_stream(self._path(version, "meta.json")) as f:
+            with self.fs.open_input_stream(self.path_of(version, "meta.json")) as f:
                 meta = json.loads(f.read())
-            with self.fs.open_input_stream(self._path(version, "model.json")) as f:
+            with self.fs.open_input_stream(self.path_of(version, "model.json")) as f:
                 raw = f.read()
         except (FileNotFoundError, OSError) as exc:
             raise ConfigError(f"model {version} is not in the registry at {self.uri}") from exc
@@ -157,7 +158,7 @@ class ModelRegistry:
 
     def champion(self) -> str | None:
         try:
-            with self.fs.open_input_stream(self._path("CHAMPION")) as f:
+            with self.fs.open_input_stream(self.path_of("CHAMPION")) as f:
                 text = f.read().decode().strip()
         except (FileNotFoundError, OSError):
             return None
@@ -172,5 +173,5 @@ class ModelRegistry:
             self.update(previous)
         new.status = "champion"
         self.update(new)
-        with self.fs.open_output_stream(self._path("CHAMPION")) as out:
+        with self.fs.open_output_stream(self.path_of("CHAMPION")) as out:
             out.write(version.encode())

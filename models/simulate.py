@@ -212,7 +212,7 @@ class Simulation:
                     if model is not None:
                         engine.set_catalog(self.catalog, model)
             self.progress(name, (i + 1) / (len(steps) - 1))
-        engine.flush()
+        engine.end_stream()
         self._answer(engine, sim, run, seen)
         run.seconds = time.perf_counter() - started
         return run

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine.errors import RuleError
+from engine.errors import CatalogError, RuleError
 from engine.events.schema import CHANNELS
 from engine.rules.expr import Expression, compile_expression
 from engine.rules.spec import RULE_ID, VOCABULARY, ExprText, parse_duration_ms
@@ -165,9 +165,9 @@ class Catalog:
 
 
 def parse_catalog(document: Any, source: str = "<catalog>") -> Catalog:
-    """Validate a parsed YAML document; every problem is reported, then raised as RuleError."""
+    """Validate a parsed YAML document; every problem is reported, then raised as CatalogError."""
     if not isinstance(document, Mapping) or "offers" not in document:
-        raise RuleError(f"{source}: expected a mapping with an 'offers' list at the top")
+        raise CatalogError(f"{source}: expected a mapping with an 'offers' list at the top")
     problems = [
         f"{source}: unknown top-level key '{k}'"
         for k in sorted(set(document) - {"offers", "policy"})
@@ -181,7 +181,7 @@ def parse_catalog(document: Any, source: str = "<catalog>") -> Catalog:
             problems.append(f"{source}: policy: field '{path}': {err['msg']}")
     raw_offers = document["offers"]
     if not isinstance(raw_offers, list):
-        raise RuleError(f"{source}: 'offers' must be a list")
+        raise CatalogError(f"{source}: 'offers' must be a list")
     offers: list[Offer] = []
     seen: set[str] = set()
     for index, raw in enumerate(raw_offers):
@@ -207,7 +207,7 @@ def parse_catalog(document: Any, source: str = "<catalog>") -> Catalog:
         if spec.enabled:
             offers.append(Offer(spec, eligible, parse_duration_ms(spec.cooldown)))
     if problems:
-        raise RuleError(problems[0], problems)
+        raise CatalogError(problems[0], problems)
     return Catalog(tuple(offers), policy, source, dict(document))
 
 
@@ -215,15 +215,15 @@ def parse_catalog_text(text: str, source: str = "<catalog>") -> Catalog:
     try:
         document = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise RuleError(f"{source}: not valid YAML: {exc}") from exc
+        raise CatalogError(f"{source}: not valid YAML: {exc}") from exc
     return parse_catalog(document, source)
 
 
 def load_catalog(path: str | Path) -> Catalog:
-    """Load an offer catalog file; RuleError lists every problem with file, offer id and field."""
+    """Load an offer catalog file; CatalogError lists every problem (file, offer id, field)."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
-        raise RuleError(f"{p}: cannot read offer catalog: {exc.strerror}") from exc
+        raise CatalogError(f"{p}: cannot read offer catalog: {exc.strerror}") from exc
     return parse_catalog_text(text, str(p))

@@ -55,7 +55,7 @@ from engine.decision.policy import (
 from engine.decision.scorer import (
     OfferScorer,
     ScoreRequest,
-    ScorerUnavailable,
+    ScorerUnavailableError,
     check_response,
 )
 from engine.events.schema import CHANNELS
@@ -261,7 +261,7 @@ class Decider:
         context = self._context(view, rows, ts, contacts)
         try:
             score, versions = self._score(context, rule_ids, keys, answered & (reasons == 0))
-        except ScorerUnavailable as exc:
+        except ScorerUnavailableError as exc:
             self.unavailable += 1
             self.last_unavailable = str(exc)
             reasons[(reasons == 0) & answered] = Reason.MODEL_UNAVAILABLE

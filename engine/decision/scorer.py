@@ -15,6 +15,10 @@ import numpy as np
 
 from engine.errors import EngineError
 
+#: the Serve application and deployment of the ranker: models deploys it, actors call it
+RANKER_APP = "kairos-ranker"
+RANKER_DEPLOYMENT = "ranker"
+
 
 @dataclass(frozen=True)
 class ScoreRequest:
@@ -37,7 +41,7 @@ class ScoreResponse:
         return np.array(self.versions, dtype=object)[self.version_index]
 
 
-class ScorerUnavailable(EngineError):
+class ScorerUnavailableError(EngineError):
     """The model could not answer (not deployed, timed out, failed). The decision falls back to
     NO_ACTION with reason ``model_unavailable``: the engine keeps applying events, and nothing
     is sent on a guess."""
@@ -52,7 +56,7 @@ class OfferScorer(Protocol):
 @runtime_checkable
 class RemoteScorer(Protocol):
     """An OfferScorer behind a network hop (ServeScorer): ``connect`` finds the model and
-    sends an empty request ahead of the first decision; ScorerUnavailable if it cannot."""
+    sends an empty request ahead of the first decision; ScorerUnavailableError if it cannot."""
 
     def score(self, request: ScoreRequest) -> ScoreResponse: ...
 

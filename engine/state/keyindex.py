@@ -29,7 +29,8 @@ class KeyIndex:
     def nbytes(self) -> int:
         return int(self.table_keys.nbytes + self.table_slots.nbytes)
 
-    def _home(self, keys: np.ndarray) -> np.ndarray:
+    def home_bucket(self, keys: np.ndarray) -> np.ndarray:
+        """The bucket each key's probe starts at (Fibonacci hashing: the top bits)."""
         mixed = np.multiply(keys.astype(np.uint64, copy=False), MULTIPLIER)
         return (mixed >> np.uint64(64 - self.bits)).astype(np.int64)
 
@@ -41,7 +42,7 @@ class KeyIndex:
             return out
         mask = (1 << self.bits) - 1
         pending = np.arange(keys.size)
-        bucket = self._home(keys)
+        bucket = self.home_bucket(keys)
         while pending.size:
             slot = self.table_slots[bucket]
             occupied = slot != _EMPTY
@@ -72,7 +73,7 @@ class KeyIndex:
     def _place(self, keys: np.ndarray, slots: np.ndarray) -> None:
         mask = (1 << self.bits) - 1
         pending = np.arange(keys.size)
-        bucket = self._home(keys)
+        bucket = self.home_bucket(keys)
         while pending.size:
             free = np.flatnonzero(self.table_slots[bucket] == _EMPTY)
             # several keys may want the same free bucket: the first one takes it

@@ -32,8 +32,8 @@ def service(ray_cluster: Cluster, tmp_path_factory) -> Any:
     import ray
     from ray import serve
 
-    from deploy.gateway import ServiceConfig
-    from deploy.service import API_APP, api_app_config
+    from deploy.api import API_APP, api_app_config
+    from deploy.service import ServiceConfig
     from models.deployment import apply_apps
 
     config = ServiceConfig(

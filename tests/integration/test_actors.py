@@ -29,7 +29,7 @@ def _keys(table):
 def _replay(supervisor, table, chunk=7_000):
     for start in range(0, table.num_rows, chunk):
         supervisor.router.submit(table.slice(start, chunk))
-    return supervisor.router.flush()
+    return supervisor.router.end_stream()
 
 
 def test_actors_give_the_same_triggers_as_the_local_engine_with_1_and_4_shards(
@@ -38,7 +38,7 @@ def test_actors_give_the_same_triggers_as_the_local_engine_with_1_and_4_shards(
     local = LocalEngine(EngineSettings(shards=1, allowed_lateness_s=10), rules)
     for start in range(0, stream.num_rows, 5_000):
         local.submit(stream.slice(start, 5_000))
-    local.flush()
+    local.end_stream()
     want = _keys(local.trigger_table())
     assert len(want) > 100
     for shards in (1, 4):
@@ -91,7 +91,7 @@ rules:
 """).document
         sup.set_rules(dict(extra))
         sup.router.submit(stream.slice(half))
-        sup.router.flush()
+        sup.router.end_stream()
         by_rule = sup.router.stats.triggers_by_rule
         assert by_rule["big_session"] > 0 and by_rule["data_cap_nearing"] > 0
         stats = sup.shard_stats()
@@ -139,22 +139,22 @@ def test_a_micro_batch_closes_on_its_deadline_and_calls_in_flight_stay_bounded(
     )
     sup = Supervisor(settings, rules, shard_cpus=0.25, namespace_prefix="it-deadline")
     clock = ManualClock()
-    sup.router.clock = clock
+    sup.router.batcher.clock = clock
     try:
         sup.router.submit(stream.slice(0, 1_000))  # far below the size limit: stays open
-        assert sum(len(q) for q in sup.router._in_flight) == 0
+        assert sum(sup.router.queue_depth) == 0
         clock.advance(0.004)
         sup.router.poll()
-        assert sum(len(q) for q in sup.router._in_flight) == 0  # 4 ms: still open
+        assert sum(sup.router.queue_depth) == 0  # 4 ms: still open
         clock.advance(0.002)
         sup.router.poll()
-        assert sum(len(q) for q in sup.router._in_flight) + sup.router.stats.micro_batches == 2
+        assert sum(sup.router.queue_depth) + sup.router.stats.micro_batches == 2
         for start in range(1_000, 20_000, 1_000):  # one call in flight per shard, never more
             sup.router.submit(stream.slice(start, 1_000))
             clock.advance(0.01)
             sup.router.poll()
-            assert all(len(q) <= 1 for q in sup.router._in_flight)
-        sup.router.flush()
+            assert all(d <= 1 for d in sup.router.queue_depth)
+        sup.router.end_stream()
         assert (
             sup.router.stats.applied + sup.router.stats.rejected + sup.router.stats.duplicates
             == 20_000

@@ -11,9 +11,10 @@ from actors.scorer import ServeScorer
 from actors.supervisor import Supervisor
 from engine.config import EngineSettings
 from engine.decision.catalog import load_catalog
+from engine.decision.scorer import RANKER_APP, RANKER_DEPLOYMENT
 from engine.local import LocalEngine
 from engine.rules.spec import load_rules
-from models.deployment import RANKER_APP, deploy_ranker
+from models.deployment import deploy_ranker
 from models.learning import train_round
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
@@ -69,8 +70,8 @@ def test_shards_decide_through_serve_exactly_as_the_local_engine_and_log_by_day(
             local.submit(chunk)
             sup.router.submit(chunk)
             sup.router.drain()
-        local.flush()
-        sup.router.flush()
+        local.end_stream()
+        sup.router.end_stream()
         logged = ds.dataset(str(tmp_path / "decisions"), format="parquet", partitioning="hive")
         got = logged.to_table().sort_by([("ts", "ascending"), ("decision_id", "ascending")])
         want = local.decision_table()
@@ -100,7 +101,7 @@ def test_shards_decide_through_serve_exactly_as_the_local_engine_and_log_by_day(
             sim_responses.schema.get_field_index("ts"), field, pa.array(ts).cast(field.type)
         ).sort_by("ts")
         assert not sup.router.submit(sim_responses)  # no dead letters
-        sup.router.flush()
+        sup.router.end_stream()
         accepted_ids = set(
             sim_responses.filter(pa.compute.equal(sim_responses.column("response"), "accepted"))
             .column("customer_id")
@@ -133,7 +134,7 @@ def test_the_running_engine_retrains_from_its_outcomes_and_swaps_the_winner_in(
     bad = registry.register(fit(data.features, rare, spec.names, rounds=20), spec.names, {})
     registry.set_champion(bad.version)
     deploy_ranker(RankerConfig(registry=registry.uri, champion=bad.version), num_cpus=0.25)
-    status = serve.get_deployment_handle("ranker", app_name=RANKER_APP).status
+    status = serve.get_deployment_handle(RANKER_DEPLOYMENT, app_name=RANKER_APP).status
     swaps = status.remote().result(timeout_s=30)["swaps"]
     sup = Supervisor(
         EngineSettings(shards=2, allowed_lateness_s=60),
@@ -154,7 +155,7 @@ def test_the_running_engine_retrains_from_its_outcomes_and_swaps_the_winner_in(
             lo, hi = np.searchsorted(arrival, [sim.t0 + day * DAY, sim.t0 + (day + 1) * DAY])
             sup.router.submit(sim.events.slice(int(lo), int(hi - lo)))
             sup.router.drain()
-            sup.router.flush_logs()
+            sup.router.write_logs()
             logged = ds.dataset(str(tmp_path / "decisions"), format="parquet", partitioning="hive")
             new = [f for f in logged.files if f not in seen]
             seen.update(new)

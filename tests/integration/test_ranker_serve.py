@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 
 from actors.scorer import ServeScorer
-from engine.decision.scorer import RemoteScorer, ScoreRequest, ScorerUnavailable
+from engine.decision.scorer import (
+    RANKER_APP,
+    RANKER_DEPLOYMENT,
+    RemoteScorer,
+    ScoreRequest,
+    ScorerUnavailableError,
+)
 from engine.testing import FixedScorer
-from models.deployment import RANKER_APP, RANKER_DEPLOYMENT, deploy_ranker
+from models.deployment import deploy_ranker
 from models.ranker import RankerConfig
 from models.registry import ModelRegistry
 from tests.factories import SPEC, generated_rows, trained_model
@@ -56,10 +62,10 @@ def test_connect_warms_the_handle_and_a_missing_ranker_fails_fast(models) -> Non
     assert scorer.score(request(10)).versions == (a.version,)
 
     missing = ServeScorer(app_name="no-such-ranker", timeout_s=2.0, retry_after_s=30.0)
-    with pytest.raises(ScorerUnavailable, match="no-such-ranker"):
+    with pytest.raises(ScorerUnavailableError, match="no-such-ranker"):
         missing.connect(timeout_s=2.0)
     started = time.perf_counter()
-    with pytest.raises(ScorerUnavailable, match="retrying in"):
+    with pytest.raises(ScorerUnavailableError, match="retrying in"):
         missing.score(request(10))  # down: fails at once instead of waiting again
     assert time.perf_counter() - started < 0.5
 
@@ -120,7 +126,7 @@ def test_a_mismatched_model_is_refused_and_the_old_one_keeps_serving(models, tmp
     registry, a, _, handle = models
     deploy_ranker(RankerConfig(registry=registry.uri, champion=a.version), num_cpus=0.25)
     bad = trained_model(registry, seed=9)
-    meta = registry._path(bad.version, "meta.json")
+    meta = registry.path_of(bad.version, "meta.json")
     with registry.fs.open_input_stream(meta) as f:
         doc = json.loads(f.read())
     doc["feature_set_version"] = 99

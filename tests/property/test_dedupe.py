@@ -9,13 +9,16 @@ from hypothesis import strategies as st
 
 from engine.events.schema import ROUTED_SCHEMA
 from engine.state.buffer import EventBuffer, rows_holding
+from tests.pure import examples
 
 
-def routed(ids: list[int]) -> pa.RecordBatch:
+def routed(ids: list[int], first_ts: int = 0) -> pa.RecordBatch:
+    """A routed batch of ``ids``; event times count up from ``first_ts`` (the arrival order)."""
     n = len(ids)
     columns = {f.name: pa.nulls(n, f.type) for f in ROUTED_SCHEMA}
     columns["event_id"] = pa.array(ids, type=pa.uint64())
-    columns["ts"] = pa.array(np.arange(n), type=pa.int64()).cast(ROUTED_SCHEMA.field("ts").type)
+    ts = np.arange(first_ts, first_ts + n)
+    columns["ts"] = pa.array(ts, type=pa.int64()).cast(ROUTED_SCHEMA.field("ts").type)
     for name in ("customer_key", "key_group", "seq", "kind"):
         columns[name] = pa.array(np.zeros(n), type=ROUTED_SCHEMA.field(name).type)
     return pa.RecordBatch.from_arrays(
@@ -23,28 +26,29 @@ def routed(ids: list[int]) -> pa.RecordBatch:
     )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.lists(st.integers(0, 40), min_size=1, max_size=60), min_size=1, max_size=6))
 def test_each_event_id_is_kept_once_at_its_first_arrival(batches) -> None:
     buffer, seen = EventBuffer(dedupe_window_ms=10**12), set()
+    arrived = 0
+    first_arrivals = []  # arrival positions that must survive
     for ids in batches:
-        expected = []
-        for i in ids:
-            expected.append(i not in seen)
+        fresh = 0
+        for position, i in enumerate(ids, start=arrived):
+            if i not in seen:
+                first_arrivals.append(position)
+                fresh += 1
             seen.add(i)
-        pending_before = len(buffer._pending)
-        dropped = buffer.add(routed(ids))
-        assert dropped == len(ids) - sum(expected)
-        if any(expected):
-            alive = buffer._pending[-1][1]
-            kept = np.ones(len(ids), dtype=bool) if alive is None else alive
-            assert kept.tolist() == expected
-        else:
-            assert len(buffer._pending) == pending_before
+        dropped = buffer.add(routed(ids, first_ts=arrived))
+        assert dropped == len(ids) - fresh
+        arrived += len(ids)
     assert buffer.pending_rows == len(seen)
+    released = buffer.release(watermark_ms=arrived)
+    ts = released.table.column("ts").cast(pa.int64()).to_numpy()[released.rows]
+    assert sorted(ts.tolist()) == first_arrivals
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     st.lists(st.integers(0, 2**64 - 1), max_size=300),
     st.lists(st.integers(0, 2**64 - 1), max_size=40),

@@ -7,11 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.state.keyindex import KeyIndex
+from tests.pure import examples
 
 U64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     batches=st.lists(st.lists(U64, max_size=300), max_size=8),
     probes=st.lists(U64, max_size=200),
@@ -34,5 +35,5 @@ def test_sequential_keys_spread_over_the_table() -> None:
     keys = np.arange(100_000, dtype=np.uint64)  # no entropy in the top bits at all
     index.insert(keys, keys.astype(np.int64))
     np.testing.assert_array_equal(index.lookup(keys[::-1]), keys[::-1].astype(np.int64))
-    home = index._home(keys)
+    home = index.home_bucket(keys)
     assert np.bincount(home, minlength=1 << index.bits).max() <= 4  # no pile-up

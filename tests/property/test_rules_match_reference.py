@@ -18,6 +18,7 @@ from engine.rules.spec import parse_rules_text
 from engine.state.view import AGGREGATES
 from engine.testing import FixedScorer
 from tests.property.reference import ReferenceEngine
+from tests.pure import examples
 
 RULES = parse_rules_text("""
 rules:
@@ -183,7 +184,7 @@ def run_engine(
         start += size
         if start >= len(events):
             break
-    engine.flush()
+    engine.end_stream()
     return engine
 
 
@@ -218,7 +219,7 @@ def assert_same(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
             assert math.isclose(value, expected[name], rel_tol=1e-9, abs_tol=1e-9), (t, expected)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     events=streams(),
     shards=st.sampled_from([1, 2, 4]),
@@ -229,7 +230,7 @@ def test_vectorized_rules_equal_per_event_reference(events, shards, chunks) -> N
     assert_same(engine_triggers(events, shards, chunks), want)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=streams(), chunks=st.lists(st.integers(1, 40), max_size=6))
 def test_one_shard_and_four_shards_give_the_same_triggers(events, chunks) -> None:
     one = engine_triggers(events, 1, chunks)
@@ -255,7 +256,7 @@ def decisions_of(engine: LocalEngine) -> list[tuple[Any, ...]]:
     )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=streams(), chunks=st.lists(st.integers(1, 40), max_size=6))
 def test_one_shard_and_four_shards_make_the_same_decisions(events, chunks) -> None:
     one = run_engine(events, 1, chunks, CATALOG)
@@ -273,7 +274,7 @@ rules:
 """)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     events=streams(),
     shards=st.sampled_from([1, 3]),
@@ -291,7 +292,7 @@ def test_golden_record_aggregates_equal_per_event_reference(events, shards, chun
     for size in [*chunks, len(events)]:
         engine.submit_rows(events[start : start + size])
         start += size
-    engine.flush()
+    engine.end_stream()
     for customer_id, want in reference.customers.items():
         key, owner = engine.ingestor.owner_of(customer_id)
         record = engine.shards[owner].customer(key)

@@ -7,13 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.shard import sort_order
+from tests.pure import examples
 
 #: small spans take the packed value sort, wide ones the stable argsort, the widest lexsort
 SPANS = st.sampled_from([1, 1_000, 86_400_000, 2**40, 2**62])
 SLOT_TOPS = st.sampled_from([1, 100, 200_000, 2**30])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     st.integers(0, 400),
     SPANS,

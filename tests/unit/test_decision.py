@@ -12,8 +12,8 @@ from engine.decision.decider import arbitrate, replay_choices
 from engine.decision.features import CONTEXT_FIELDS, CONTEXT_PREFIX, build_features
 from engine.decision.log import DECISION_SCHEMA
 from engine.decision.policy import deliver_after, in_control_group, stable_uniform
-from engine.decision.scorer import ScorerUnavailable
-from engine.errors import RuleError
+from engine.decision.scorer import ScorerUnavailableError
+from engine.errors import CatalogError
 from engine.local import LocalEngine
 from engine.rules.spec import parse_rules_text
 from engine.testing import FixedScorer, by_offer
@@ -59,7 +59,7 @@ def decide(rows, catalog_text=None, scorer=None, shards=1):
     cat = parse_catalog_text(catalog_text or catalog())
     engine = LocalEngine(settings, RULES, cat, scorer or by_offer({"pass": 0.3, "roam": 0.3}))
     engine.submit_rows(sorted(rows, key=lambda r: r["ts"]))  # stable: keeps arrival order of ties
-    engine.flush()
+    engine.end_stream()
     return engine, engine.decision_table().to_pylist()
 
 
@@ -89,7 +89,7 @@ offers:
   - {id: d, answers: [r], channels: [sms], value: 1}
   - {id: d, answers: [r], channels: [sms], value: 1}
 """
-    with pytest.raises(RuleError) as err:
+    with pytest.raises(CatalogError) as err:
         parse_catalog_text(text, "offers.yaml")
     problems = err.value.problems
     assert any("policy: field 'control_share'" in p for p in problems)
@@ -182,13 +182,13 @@ def test_caps_hold_across_micro_batches_and_shards_alike(event) -> None:
     engine = LocalEngine(settings, RULES, parse_catalog_text(catalog()), scorer)
     for row in rows:  # one event per micro-batch
         engine.submit_rows([row])
-    engine.flush()
+    engine.end_stream()
     one_batch = [d["action"] for d in decide(rows)[1]]
     assert [d["action"] for d in engine.decision_table().to_pylist()] == one_batch
 
 
 class _FlakyScorer:
-    """Down (ScorerUnavailable) while ``down`` is set, else a fixed 0.3 for every offer."""
+    """Down (ScorerUnavailableError) while ``down`` is set, else a fixed 0.3 for every offer."""
 
     def __init__(self) -> None:
         self.down = True
@@ -196,7 +196,7 @@ class _FlakyScorer:
 
     def score(self, request):
         if self.down:
-            raise ScorerUnavailable("ranker kairos-ranker/ranker did not answer: TimeoutError")
+            raise ScorerUnavailableError("ranker kairos-ranker/ranker did not answer: TimeoutError")
         return self.working.score(request)
 
 
@@ -208,7 +208,7 @@ def test_without_the_model_decisions_fall_back_to_no_action_and_contact_nobody(e
     engine.submit_rows(rows[:4])  # the cap80 crossing and the trip of 2 March are released
     scorer.down = False
     engine.submit_rows(rows[4:])  # the trip of 3 March
-    engine.flush()
+    engine.end_stream()
     decisions = engine.decision_table().to_pylist()
     assert [(d["rule_id"], d["action"], d["reason"]) for d in decisions] == [
         ("cap80", NO_ACTION, "model_unavailable"),
@@ -465,7 +465,7 @@ def test_a_large_release_applied_in_bounded_parts_gives_the_same_triggers_and_de
         scorer = FixedScorer(lambda x, names: (x[:, 1] % 10) / 12)  # varies with pct_of_cap
         engine = LocalEngine(settings, rules, catalog_, scorer)
         engine.submit(stream)  # one call: the whole stream is one release
-        engine.flush()
+        engine.end_stream()
         triggers = pa.concat_tables(engine.triggers).sort_by(
             [("event_id", "ascending"), ("rule_id", "ascending")]
         )

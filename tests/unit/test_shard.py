@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.checkpoint import read_snapshot, write_snapshot
 from engine.config import EngineSettings
 from engine.errors import StateError
 from engine.local import LocalEngine
 from engine.rules.spec import parse_rules_text
-from engine.state.snapshot import read_snapshot, write_snapshot
+from engine.shard import ShardLogic
 from tests.conftest import ms
 
 PROFILE = {
@@ -24,7 +25,7 @@ PROFILE = {
 def run(settings, rules, rows):
     engine = LocalEngine(settings, rules)
     letters = engine.submit_rows(rows)
-    engine.flush()
+    engine.end_stream()
     return engine, engine.trigger_table().to_pylist(), letters
 
 
@@ -122,7 +123,7 @@ def test_replacing_rules_keeps_state_of_kept_rules(settings, rules, event) -> No
             event("usage", "c", ms(2026, 3, 2), mb=900.0),
         ]
     )
-    engine.flush()
+    engine.end_stream()
     assert len(engine.trigger_table()) == 1
     only_cap = parse_rules_text(
         "rules:\n  - {id: data_cap_nearing, type: threshold, on: usage, "
@@ -130,7 +131,7 @@ def test_replacing_rules_keeps_state_of_kept_rules(settings, rules, event) -> No
     )
     engine.set_rules(only_cap)
     engine.submit_rows([event("usage", "c", ms(2026, 3, 3), mb=50.0)])
-    engine.flush()
+    engine.end_stream()
     assert len(engine.trigger_table()) == 1  # same cycle, already fired: state survived the swap
 
 
@@ -147,8 +148,9 @@ def test_snapshot_round_trips_state_pending_events_and_seen_ids(tmp_path, rules,
     )  # held: within lateness
     shard = engine.shards[0]
     assert shard.buffer.pending_rows > 0
-    write_snapshot(shard, str(tmp_path / "s0"))
-    restored = read_snapshot(str(tmp_path / "s0"), settings, rules, 0, shard.key_range)
+    write_snapshot(shard.snapshot(), str(tmp_path / "s0"))
+    restored = ShardLogic(0, settings, rules, shard.key_range)
+    restored.restore(read_snapshot(str(tmp_path / "s0")))
     before, after = shard.store.to_arrow(), restored.store.to_arrow()
     assert before.schema.equals(after.schema, check_metadata=True)
     for name in before.column_names:  # NaN-aware equality, column by column
@@ -156,7 +158,7 @@ def test_snapshot_round_trips_state_pending_events_and_seen_ids(tmp_path, rules,
     assert restored.buffer.pending_rows == shard.buffer.pending_rows
     engine.shards[0] = restored
     engine.submit_rows([dict(first), event("usage", "c", ms(2026, 3, 2, 13), mb=60.0)])
-    engine.flush()
+    engine.end_stream()
     key = engine.ingestor.pseudonymizer.key_of("c")
     assert restored.customer(key)["cycle_usage_mb"] == 810.0  # the re-sent event was not doubled
     assert fired(engine.trigger_table().to_pylist(), "data_cap_nearing") != []
@@ -164,11 +166,11 @@ def test_snapshot_round_trips_state_pending_events_and_seen_ids(tmp_path, rules,
 
 def test_restoring_a_snapshot_of_other_key_groups_is_refused(tmp_path, settings, rules) -> None:
     engine = LocalEngine(settings, rules)
-    write_snapshot(engine.shards[0], str(tmp_path / "s"))
+    write_snapshot(engine.shards[0].snapshot(), str(tmp_path / "s"))
     with pytest.raises(StateError, match="key groups"):
-        read_snapshot(str(tmp_path / "s"), settings, rules, 1, engine.shards[1].key_range)
+        engine.shards[1].restore(read_snapshot(str(tmp_path / "s")))
     with pytest.raises(StateError, match="manifest"):
-        read_snapshot(str(tmp_path / "nothing"), settings, rules, 0, engine.shards[0].key_range)
+        read_snapshot(str(tmp_path / "nothing"))
 
 
 def test_state_is_columnar_and_small(settings, rules) -> None:
@@ -188,9 +190,7 @@ def test_a_quiet_stream_closes_its_watermark_so_nothing_waits_forever(rules, eve
         ]
     )
     assert engine.trigger_table().num_rows == 0  # held: within the hour of lateness
-    watermark = engine.ingestor.close_idle()
-    assert watermark == ms(2026, 3, 2, 10)
-    engine._collect(engine.shards[0].apply(None, watermark))
+    assert engine.release_watermark() == ms(2026, 3, 2, 10)
     assert fired(engine.trigger_table().to_pylist(), "data_cap_nearing") != []
     # from now on an event older than the newest seen is late, however small the gap
     letters = engine.submit_rows([event("usage", "c", ms(2026, 3, 2, 9, 59), mb=1.0)])
@@ -212,7 +212,7 @@ def test_a_micro_batch_of_several_routed_batches_equals_one_batch(settings, rule
         parts = [ingestor.ingest(rows_to_batch(g)[0]).parts[0] for g in groups]
         shard = ShardLogic(0, ingestor.settings, rules)
         result = shard.apply(parts, ingestor.watermark_ms)
-        done = shard.flush()
+        done = shard.end_stream()
         out = [*result.triggers.to_pylist(), *done.triggers.to_pylist()]
         return sorted((t["rule_id"], t["event_id"]) for t in out), result.duplicates
 

@@ -55,7 +55,7 @@ offers:
         rows.append(event("usage", c, ms(2026, 3, day, 12), mb=900.0))
     engine = LocalEngine(EngineSettings(shards=1), rules, catalog, by_offer({"pass": 0.9}))
     engine.submit_rows(sorted(rows, key=lambda r: r["ts"]))
-    engine.flush()
+    engine.end_stream()
     decisions = engine.decision_table()
     ids = {d["customer_key"]: f"{d['decision_id']:016x}" for d in decisions.to_pylist()}
     key = engine.ingestor.pseudonymizer.key_of

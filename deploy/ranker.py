@@ -1,0 +1,49 @@
+"""Composition of the ranker: a registry's champion deployed on Ray Serve, and its retrainer.
+
+The one place that starts a ranker (CLI, job, service, benchmarks): ``start_ranker`` deploys
+the registry's champion, training a first one on a simulated warm-up log when the registry
+has none. The gateway actor gets these as callables (``functools.partial``), so ``actors``
+never imports ``models``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.decision.catalog import Catalog
+from engine.rules.spec import RuleSet
+
+
+def start_ranker(
+    registry_uri: str,
+    rules: RuleSet | None = None,
+    catalog: Catalog | None = None,
+    *,
+    version: str | None = None,
+    replicas: int = 1,
+    num_cpus: float = 0.25,
+) -> str:
+    """Deploy the ranker application serving ``version`` (default: the registry's champion,
+    bootstrapped from ``rules`` and ``catalog`` when there is none); returns the version.
+    A running ranker with the same configuration is left alone."""
+    from models.bootstrap import ensure_champion
+    from models.deployment import deploy_ranker
+    from models.ranker import RankerConfig
+    from models.registry import ModelRegistry
+
+    registry = ModelRegistry(registry_uri)
+    if version is None:
+        if rules is None or catalog is None:
+            raise ValueError("bootstrapping a champion needs the rules and the catalog")
+        version = ensure_champion(registry, rules, catalog)
+    deploy_ranker(RankerConfig(registry=registry.uri, champion=version), replicas, num_cpus)
+    return version
+
+
+def make_retrainer(registry_uri: str, every: int, supervisor: Any, catalog: Catalog) -> Any:
+    """A ``deploy.retrain.Retrainer`` for a running engine: every ``every`` new outcomes it
+    trains a candidate and swaps a winner into the ranker."""
+    from deploy.retrain import Retrainer
+    from models.registry import ModelRegistry
+
+    return Retrainer(supervisor, ModelRegistry(registry_uri), catalog, every=every)
