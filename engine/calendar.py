@@ -11,8 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-DAY_MS = 86_400_000
-HOUR_MS = 3_600_000
+from engine.units import DAY_MS, HOUR_MS
 
 
 def local_ms(ts_ms: np.ndarray, tz_ids: np.ndarray, zone_names: list[str]) -> np.ndarray:

@@ -13,9 +13,10 @@ import pyarrow as pa
 from engine.decision.catalog import Catalog
 from engine.decision.features import feature_spec
 from engine.rules.spec import RuleSet
+from engine.units import DAY_MS
 from models.learning import train_round
 from models.registry import ModelRegistry
-from models.simulate import DAY_MS, Simulation, SimulationConfig
+from models.simulate import Simulation, SimulationConfig
 
 
 def ensure_champion(

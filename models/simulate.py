@@ -40,14 +40,13 @@ from engine.local import LocalEngine
 from engine.rules.spec import RuleSet
 from engine.synthetic import telco
 from engine.synthetic.response import OracleScorer, ResponseSimulator
+from engine.units import DAY_MS, HOUR_MS
 from models.learning import train_round
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
 from models.train import context_of, features_of
 
 POLICIES = ("blanket", "rules", "kairos", "oracle", "ceiling")
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
 
 
 @dataclass(frozen=True)

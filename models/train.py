@@ -27,6 +27,7 @@ from engine.decision.features import (
     build_features,
 )
 from engine.decision.log import decision_id_text
+from engine.units import DAY_MS
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "binary:logistic",
@@ -205,7 +206,7 @@ def recency_weights(ts: np.ndarray, cutoff_ms: int, half_life_days: float | None
     """
     if half_life_days is None:
         return np.ones(ts.size)
-    age_days = np.maximum(cutoff_ms - ts, 0) / 86_400_000
+    age_days = np.maximum(cutoff_ms - ts, 0) / DAY_MS
     return np.asarray(0.5 ** (age_days / half_life_days))
 
 

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.decision.policy import contacts_within
 from engine.errors import ConfigError
+from engine.rules.expr import haversine_km
+from engine.state.store import NEVER
+from engine.state.view import BatchView
+from engine.units import DAY_MS
 
 #: context fields, each a float32 per decision
 CONTEXT_FIELDS: tuple[str, ...] = (
@@ -34,6 +39,44 @@ CONTEXT_FIELDS: tuple[str, ...] = (
 )
 CONTEXT_PREFIX = "ctx_"
 FEATURE_SET_VERSION = 1
+#: days since the last contact when there was none, and its cap
+NO_CONTACT_DAYS = 365.0
+
+
+def context_features(
+    view: BatchView, rows: np.ndarray, ts: np.ndarray, contacts: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The CONTEXT_FIELDS of decisions at view ``rows`` (their trigger events, at ``ts``).
+
+    ``contacts`` holds each decision's contact times, newest first (the decision state as of
+    the start of the step). Every value is as of the trigger event; float32, NaN if unknown.
+    """
+
+    def col(name: str) -> np.ndarray:
+        return np.asarray(view.column(name)[rows], dtype=np.float64)
+
+    cap = col("plan_data_cap_mb")
+    lat, lon = (a[rows] for a in view.last_location())
+    newest = contacts[:, 0] if contacts.shape[1] else np.full(rows.size, NEVER)
+    since = np.where(newest > NEVER, (ts - newest) / DAY_MS, NO_CONTACT_DAYS)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = np.where(cap > 0, 100.0 * col("cycle_usage_mb") / cap, np.nan)
+    ctx = {
+        "plan_data_cap_mb": cap,
+        "pct_of_cap": pct,
+        "days_left": col("@days_left"),
+        "overage_cycles": col("overage_cycles"),
+        "tenure_months": col("tenure_months"),
+        "km_from_home": haversine_km(lat, lon, col("home_lat"), col("home_lon")),
+        "local_hour": col("@local_hour"),
+        "contacts_7d": contacts_within(contacts, ts, 7 * DAY_MS).astype(np.float64),
+        "days_since_contact": np.clip(since, 0.0, NO_CONTACT_DAYS),
+        "offers_accepted": col("offers_accepted"),
+        "offers_declined": col("offers_declined"),
+        "purchase_count": col("purchase_count"),
+        "cart_items": col("cart_items"),
+    }
+    return {k: ctx[k].astype(np.float32) for k in CONTEXT_FIELDS}
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from engine.decision.batch import DecisionBatch
+from engine.decision.catalog import NO_ACTION, Catalog
 from engine.decision.features import CONTEXT_FIELDS, CONTEXT_PREFIX
-from engine.events.schema import TS_TYPE
+from engine.decision.policy import REASON_LABELS, Reason
+from engine.events.schema import CHANNELS, TS_TYPE
 
 CANDIDATE_TYPE = pa.struct(
     [
@@ -92,3 +95,63 @@ def candidates_array(
         fields=list(CANDIDATE_TYPE),
     )
     return pa.ListArray.from_arrays(pa.array(offsets), items)
+
+
+def _reason(batch: DecisionBatch, has: np.ndarray) -> np.ndarray:
+    """Why each decision came out as it did: offer, no_candidate, explored (NO_ACTION drawn),
+    no_positive_value, model_unavailable, or control_group (which overrides the rest)."""
+    any_candidate = batch.candidates.any(axis=1)
+    reason = np.where(
+        has,
+        "offer",
+        np.where(
+            ~any_candidate,
+            "no_candidate",
+            np.where(batch.explored, "explored", "no_positive_value"),
+        ),
+    ).astype(object)
+    unavailable = (batch.reasons == Reason.MODEL_UNAVAILABLE).any(axis=1) & ~has
+    reason[unavailable] = "model_unavailable"
+    reason[batch.control] = "control_group"
+    return reason
+
+
+def decision_table(batch: DecisionBatch, catalog: Catalog) -> pa.Table:
+    """The decision-log rows of a decided batch, in its order."""
+    t = batch.size
+    values = np.array([o.spec.value for o in catalog.offers])
+    costs = np.array([o.spec.cost for o in catalog.offers])
+    expected = batch.score * values - costs
+    has = batch.chosen >= 0
+    pick = np.maximum(batch.chosen, 0)
+    names = np.array([*catalog.offer_ids, NO_ACTION], dtype=object)
+    action = names[np.where(has, batch.chosen, len(catalog.offers))]
+    channel_names = np.array([*CHANNELS, None], dtype=object)
+    chosen_channel = np.where(has, batch.via[np.arange(t), pick], -1)
+    columns: dict[str, pa.Array] = {
+        "decision_id": pa.array(batch.ids, type=pa.uint64()),
+        "customer_key": pa.array(batch.keys, type=pa.uint64()),
+        "ts": pa.array(batch.ts, type=pa.int64()).cast(TS_TYPE),
+        "rule_id": pa.array(batch.rule_ids, type=pa.string()),
+        "event_id": pa.array(batch.event_ids, type=pa.uint64()),
+        "action": pa.array(action, type=pa.string()),
+        "channel": pa.array(channel_names[chosen_channel], type=pa.string()),
+        "value": pa.array(np.where(has, values[pick], 0.0)),
+        "cost": pa.array(np.where(has, costs[pick], 0.0)),
+        "score": pa.array(
+            batch.score[np.arange(t), pick].astype(np.float32), mask=~has, type=pa.float32()
+        ),
+        "probability": pa.array(batch.probability),
+        "explored": pa.array(batch.explored),
+        "control": pa.array(batch.control),
+        "delivered": pa.array(has & ~batch.control),
+        "deliver_after": pa.array(batch.after, type=pa.int64()).cast(TS_TYPE),
+        "reason": pa.array(_reason(batch, has), type=pa.string()),
+        "model_version": pa.array(batch.versions, type=pa.string()),
+        "candidates": candidates_array(
+            catalog.offer_ids, batch.answered, batch.score, expected, REASON_LABELS[batch.reasons]
+        ),
+    }
+    for name in CONTEXT_FIELDS:
+        columns[CONTEXT_PREFIX + name] = pa.array(batch.context[name], type=pa.float32())
+    return pa.Table.from_pydict(columns, schema=DECISION_SCHEMA)

@@ -26,6 +26,7 @@ from engine.decision.catalog import PolicySpec
 from engine.events.schema import CHANNELS
 from engine.partition import mix64
 from engine.state.store import NEVER
+from engine.units import DAY_MS, HOUR_MS
 
 ALL_CHANNELS = (1 << len(CHANNELS)) - 1
 CHANNEL_BITS = np.array([1 << i for i in range(len(CHANNELS))], dtype=np.uint8)
@@ -69,10 +70,6 @@ def first_channel(allowed: np.ndarray, offer_channels: list[str]) -> np.ndarray:
         index = CHANNELS.index(name)
         out = np.where(allowed & CHANNEL_BITS[index], np.int8(index), out)
     return out
-
-
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
 
 
 def in_quiet_hours(local_hour: np.ndarray, policy: PolicySpec) -> np.ndarray:

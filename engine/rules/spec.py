@@ -33,6 +33,7 @@ from pydantic import (
 from engine.errors import RuleError
 from engine.events.schema import KIND_NAMES, EventKind
 from engine.rules.expr import Expression, Type, compile_expression
+from engine.units import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from engine.yamlfile import load_yaml
 
 #: what rule expressions can name; event fields are missing (NaN / empty) on other kinds
@@ -68,7 +69,7 @@ AGGREGATE_NAMES: dict[str, Type] = {
 VOCABULARY: dict[str, Type] = {**EVENT_NAMES, **PROFILE_NAMES, **AGGREGATE_NAMES}
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
+_UNIT_MS = {"ms": 1, "s": SECOND_MS, "m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS, None: SECOND_MS}
 RULE_ID = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"
 
 

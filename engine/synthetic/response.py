@@ -32,8 +32,8 @@ from engine.decision.scorer import ScoreRequest, ScoreResponse
 from engine.events.schema import RAW_SCHEMA, TS_TYPE
 from engine.governance.pseudonym import Pseudonymizer
 from engine.synthetic.telco import Population
+from engine.units import DAY_MS, HOUR_MS, MINUTE_MS
 
-DAY_MS = 86_400_000
 RECALLED = ("Nimbus X2",)
 FATIGUE = 0.6
 ACCEPT_SALT, DECLINE_SALT, OPTOUT_SALT, DELAY_SALT, ORGANIC_SALT = 11, 12, 13, 14, 15
@@ -167,7 +167,7 @@ class ResponseSimulator:
         )
         organic = stable_uniform(stream, ORGANIC_SALT + self.seed) < ORGANIC_SHARE * base
         delay = (
-            5 * 60_000 + stable_uniform(stream, DELAY_SALT + self.seed) * 12 * 3_600_000
+            5 * MINUTE_MS + stable_uniform(stream, DELAY_SALT + self.seed) * 12 * HOUR_MS
         ).astype(np.int64)
         for c, a, s in zip(idx.tolist(), at.tolist(), sent.tolist(), strict=True):
             if s:
@@ -188,7 +188,7 @@ class ResponseSimulator:
         for i in np.flatnonzero(opted_out):
             events.append(
                 self._event(
-                    idx[i], int(at[i] + 60_000), kind="consent", channel="all", granted=False
+                    idx[i], int(at[i] + MINUTE_MS), kind="consent", channel="all", granted=False
                 )
             )
         outcome = {"row": rows, "accepted": accepted, "opted_out": opted_out, "organic": organic}

@@ -14,8 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.events.schema import RAW_SCHEMA, TS_TYPE
-
-DAY_MS = 86_400_000
+from engine.units import DAY_MS, HOUR_MS
 
 #: name, lat, lon, time zone, weight
 CITIES = [
@@ -142,7 +141,7 @@ def events(
     # time of day: busier in the evening (two-peak mixture), uniform over the days
     day = rng.integers(0, days, rest)
     hour = np.where(rng.random(rest) < 0.6, rng.normal(19, 3, rest), rng.uniform(0, 24, rest)) % 24
-    ts = t0 + day * DAY_MS + (hour * 3_600_000).astype(np.int64) + 1000
+    ts = t0 + day * DAY_MS + (hour * HOUR_MS).astype(np.int64) + 1000
     kind = rng.choice(
         np.array(
             ["usage", "location", "page_view", "purchase", "cart_add", "checkout", "consent"],

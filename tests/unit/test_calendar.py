@@ -7,7 +7,8 @@ from datetime import datetime
 import numpy as np
 import pytest
 
-from engine.calendar import DAY_MS, billing_cycle, days_left, local_ms
+from engine.calendar import billing_cycle, days_left, local_ms
+from engine.units import DAY_MS
 from tests.conftest import ms
 
 

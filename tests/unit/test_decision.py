@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from engine.config import EngineSettings
+from engine.decision.arbitration import arbitrate, replay_choices
 from engine.decision.catalog import NO_ACTION, load_catalog, parse_catalog_text
-from engine.decision.decider import arbitrate, replay_choices
 from engine.decision.features import CONTEXT_FIELDS, CONTEXT_PREFIX, build_features
 from engine.decision.log import DECISION_SCHEMA
 from engine.decision.policy import deliver_after, in_control_group, stable_uniform
