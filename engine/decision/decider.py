@@ -32,7 +32,6 @@ from engine.decision.catalog import Catalog
 from engine.decision.features import FeatureSpec, build_features, context_features, feature_spec
 from engine.decision.log import decision_table, empty_decisions
 from engine.decision.policy import (
-    ALL_CHANNELS,
     Reason,
     allowed_channels,
     capped,
@@ -48,7 +47,7 @@ from engine.decision.scorer import (
     ScorerUnavailableError,
     check_response,
 )
-from engine.events.schema import CHANNELS
+from engine.events.schema import ALL_CHANNELS, CHANNELS
 from engine.state.store import NEVER, CustomerStore
 from engine.state.view import BatchView, RowsView
 

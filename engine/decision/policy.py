@@ -23,13 +23,10 @@ from enum import IntEnum
 import numpy as np
 
 from engine.decision.catalog import PolicySpec
-from engine.events.schema import CHANNELS
+from engine.events.schema import ALL_CHANNELS, CHANNEL_BITS, CHANNELS
 from engine.partition import mix64
 from engine.state.store import NEVER
 from engine.units import DAY_MS, HOUR_MS
-
-ALL_CHANNELS = (1 << len(CHANNELS)) - 1
-CHANNEL_BITS = np.array([1 << i for i in range(len(CHANNELS))], dtype=np.uint8)
 
 
 class Reason(IntEnum):
@@ -68,7 +65,7 @@ def first_channel(allowed: np.ndarray, offer_channels: list[str]) -> np.ndarray:
     out = np.full(allowed.shape, -1, dtype=np.int8)
     for name in reversed(offer_channels):  # earlier channels override later ones
         index = CHANNELS.index(name)
-        out = np.where(allowed & CHANNEL_BITS[index], np.int8(index), out)
+        out = np.where(allowed & CHANNEL_BITS[name], np.int8(index), out)
     return out
 
 

@@ -13,6 +13,8 @@ from enum import IntEnum
 import numpy as np
 import pyarrow as pa
 
+from engine.fields import PAYLOAD_TYPES, PROFILE_UPDATE_TYPES
+
 TS_TYPE = pa.timestamp("ms", tz="UTC")
 
 
@@ -40,34 +42,11 @@ class EventKind(IntEnum):
 
 KIND_NAMES: tuple[str, ...] = tuple(k.wire_name for k in EventKind)
 
-PROFILE_FIELDS: dict[str, pa.DataType] = {
-    "plan_data_cap_mb": pa.float64(),
-    "cycle_day": pa.int8(),
-    "home_lat": pa.float64(),
-    "home_lon": pa.float64(),
-    "tz": pa.string(),
-    "device_model": pa.string(),
-    "tenure_months": pa.int32(),
-    "channels": pa.list_(pa.string()),
-    #: billing history: cycles so far whose usage exceeded the cap; replaces the running count
-    "overage_cycles": pa.int16(),
-}
-
-PAYLOAD_FIELDS: dict[str, pa.DataType] = {
-    "mb": pa.float64(),
-    "lat": pa.float64(),
-    "lon": pa.float64(),
-    "amount": pa.float64(),
-    "item": pa.string(),
-    "page": pa.string(),
-    "decision_id": pa.string(),
-    "offer_id": pa.string(),
-    "response": pa.string(),
-    "channel": pa.string(),
-    "purpose": pa.string(),
-    "granted": pa.bool_(),
-    **PROFILE_FIELDS,
-}
+#: what a profile update may carry (``engine.fields``); overage_cycles is billing history: it
+#: replaces the running count
+PROFILE_FIELDS: dict[str, pa.DataType] = PROFILE_UPDATE_TYPES
+#: every payload column of an event (``engine.fields``)
+PAYLOAD_FIELDS: dict[str, pa.DataType] = PAYLOAD_TYPES
 
 
 @dataclass(frozen=True)
@@ -101,6 +80,9 @@ KIND_SPECS: dict[EventKind, KindSpec] = {
 RESPONSES = ("accepted", "declined")
 CHANNELS = ("sms", "email", "push", "app", "web", "call_center")
 CONSENT_CHANNELS = (*CHANNELS, "all")
+#: a channel's bit in the golden record's channel masks (reachable, consent granted/withdrawn)
+CHANNEL_BITS: dict[str, int] = {name: 1 << i for i, name in enumerate(CHANNELS)}
+ALL_CHANNELS = (1 << len(CHANNELS)) - 1
 
 RAW_SCHEMA = pa.schema(
     [

@@ -26,19 +26,9 @@ from engine.events.schema import (
     RESPONSES,
     EventKind,
 )
+from engine.fields import RANGES
 
-_RANGES: dict[str, tuple[float, float]] = {
-    "mb": (0.0, 1e7),
-    "lat": (-90.0, 90.0),
-    "lon": (-180.0, 180.0),
-    "amount": (0.0, 1e9),
-    "plan_data_cap_mb": (0.0, 1e9),
-    "cycle_day": (1, 31),
-    "home_lat": (-90.0, 90.0),
-    "home_lon": (-180.0, 180.0),
-    "tenure_months": (0, 2400),
-    "overage_cycles": (0, 1200),
-}
+_RANGES: dict[str, tuple[float, float]] = RANGES
 #: accepted event times: [1970-01-01, 2200-01-01) UTC, in epoch milliseconds
 TS_MIN_MS, TS_MAX_MS = 0, 7_258_118_400_000
 TS_RANGE_TEXT = "1970-01-01 .. 2200-01-01 (epoch milliseconds 0 .. 7258118400000)"

@@ -32,40 +32,16 @@ from pydantic import (
 
 from engine.errors import RuleError
 from engine.events.schema import KIND_NAMES, EventKind
+from engine.fields import expression_names
 from engine.rules.expr import Expression, Type, compile_expression
 from engine.units import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from engine.yamlfile import load_yaml
 
 #: what rule expressions can name; event fields are missing (NaN / empty) on other kinds
-EVENT_NAMES: dict[str, Type] = {
-    "mb": "num",
-    "lat": "num",
-    "lon": "num",
-    "amount": "num",
-    "item": "str",
-    "page": "str",
-    "offer_id": "str",
-    "response": "str",
-    "channel": "str",
-    "purpose": "str",
-}
-PROFILE_NAMES: dict[str, Type] = {
-    "plan_data_cap_mb": "num",
-    "cycle_day": "num",
-    "home_lat": "num",
-    "home_lon": "num",
-    "tz": "str",
-    "device_model": "str",
-    "tenure_months": "num",
-}
-AGGREGATE_NAMES: dict[str, Type] = {
-    "cycle_usage_mb": "num",
-    "overage_cycles": "num",
-    "purchase_count": "num",
-    "cart_items": "num",
-    "offers_accepted": "num",
-    "offers_declined": "num",
-}
+#: (``engine.fields``: the names of each role an expression can use)
+EVENT_NAMES: dict[str, Type] = dict(expression_names("event"))
+PROFILE_NAMES: dict[str, Type] = dict(expression_names("profile"))
+AGGREGATE_NAMES: dict[str, Type] = dict(expression_names("aggregate"))
 VOCABULARY: dict[str, Type] = {**EVENT_NAMES, **PROFILE_NAMES, **AGGREGATE_NAMES}
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

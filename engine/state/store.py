@@ -1,9 +1,10 @@
 """The golden record store: one typed numpy column per attribute, one slot per customer.
 
-Customers are found by a sorted index over their 64-bit keys (``np.searchsorted``), so
-looking up a whole batch is one vector operation. Text attributes (time zone, device model)
-are stored as small integer ids into a string pool. Per-rule state lives in extra int64
-columns keyed by rule. The store snapshots to one Arrow table and restores from it.
+Customers are found through an open-addressing hash index over their 64-bit keys
+(``KeyIndex``), so looking up a whole batch is a few vector operations. Profile and
+aggregate columns take their dtype and default from ``engine.fields``. Text attributes (time
+zone, device model) are stored as small integer ids into a string pool. Per-rule state lives
+in extra int64 columns keyed by rule. The store snapshots to one Arrow table and restores from it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.errors import StateError
+from engine.fields import BY_NAME, names
 from engine.state.keyindex import KeyIndex
 
 NEVER = np.iinfo(np.int64).min // 4  # "no time yet" for event-time columns (ms)
@@ -26,16 +28,17 @@ class Column:
     doc: str
 
 
+def _field_column(name: str) -> Column:
+    """The golden-record column of a profile or aggregate field (``engine.fields``)."""
+    f = BY_NAME[name]
+    if f.store is None:
+        raise StateError(f"field '{name}' has no golden-record column")
+    return Column(f.store, f.default, f.doc)
+
+
 COLUMNS: dict[str, Column] = {
     # profile (from profile_update events)
-    "plan_data_cap_mb": Column(np.dtype(np.float64), np.nan, "monthly data cap in MB"),
-    "cycle_day": Column(np.dtype(np.int8), 1, "day of month the billing cycle starts"),
-    "home_lat": Column(np.dtype(np.float64), np.nan, "home latitude"),
-    "home_lon": Column(np.dtype(np.float64), np.nan, "home longitude"),
-    "tz": Column(np.dtype(np.int16), 0, "time zone, id into the string pool (0 = UTC)"),
-    "device_model": Column(np.dtype(np.int16), 1, "device model, id into the string pool"),
-    "tenure_months": Column(np.dtype(np.float32), np.nan, "months as a customer"),
-    "channels": Column(np.dtype(np.uint8), 0, "bitmask of reachable channels"),
+    **{name: _field_column(name) for name in names("profile")},
     # consent (marketing purpose), bitmasks over channels
     "consent_granted": Column(np.dtype(np.uint8), 0, "channels with consent granted"),
     "consent_withdrawn": Column(np.dtype(np.uint8), 0, "channels with consent withdrawn"),
@@ -43,28 +46,14 @@ COLUMNS: dict[str, Column] = {
     "cycle_id": Column(
         np.dtype(np.int32), -1, "billing cycle (months since 1970) of cycle_usage_mb"
     ),
-    "cycle_usage_mb": Column(np.dtype(np.float64), 0.0, "data used in that billing cycle"),
-    "overage_cycles": Column(np.dtype(np.int16), 0, "past cycles whose usage exceeded the cap"),
-    "purchase_count": Column(np.dtype(np.int32), 0, "purchases made"),
-    "cart_items": Column(np.dtype(np.int16), 0, "items added to the cart since the last checkout"),
-    "offers_accepted": Column(np.dtype(np.int16), 0, "offers the customer accepted"),
-    "offers_declined": Column(np.dtype(np.int16), 0, "offers the customer declined"),
+    **{name: _field_column(name) for name in names("aggregate")},
     "last_lat": Column(np.dtype(np.float32), np.nan, "last known latitude"),
     "last_lon": Column(np.dtype(np.float32), np.nan, "last known longitude"),
     "last_event_ms": Column(np.dtype(np.int64), NEVER, "event time of the newest applied event"),
     "event_count": Column(np.dtype(np.int32), 0, "events applied"),
 }
 
-PROFILE_COLUMNS = (
-    "plan_data_cap_mb",
-    "cycle_day",
-    "home_lat",
-    "home_lon",
-    "tz",
-    "device_model",
-    "tenure_months",
-    "channels",
-)
+PROFILE_COLUMNS = names("profile")
 STRING_COLUMNS = ("tz", "device_model")
 RULE_PREFIX = "rule:"
 DECISION_PREFIX = "decision:"

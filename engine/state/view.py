@@ -16,25 +16,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.calendar import billing_cycle, days_left, local_day, local_hour, local_ms
-from engine.events.schema import CHANNELS, ROUTED_SCHEMA, EventKind
+from engine.events.schema import ALL_CHANNELS, CHANNEL_BITS, ROUTED_SCHEMA, EventKind
+from engine.fields import expression_names, names
 from engine.state.store import PROFILE_COLUMNS, STRING_COLUMNS, CustomerStore
 
-_STRING_EVENT_FIELDS = ("item", "page", "offer_id", "response", "channel", "purpose")
-_NUMERIC_EVENT_FIELDS = ("mb", "lat", "lon", "amount")
-AGGREGATES = (
-    "cycle_usage_mb",
-    "overage_cycles",
-    "purchase_count",
-    "cart_items",
-    "offers_accepted",
-    "offers_declined",
-)
+_EVENT_NAMES = expression_names("event")
+_STRING_EVENT_FIELDS = tuple(n for n, t in _EVENT_NAMES.items() if t == "str")
+_NUMERIC_EVENT_FIELDS = tuple(n for n, t in _EVENT_NAMES.items() if t == "num")
+AGGREGATES = names("aggregate")
 #: running counts of 0/1 increments per row
 _COUNTS = ("overage_cycles", "purchase_count", "offers_accepted", "offers_declined")
 #: counts a profile update may set outright (from the billing system's history)
 SEEDED_COUNTS = ("overage_cycles",)
-CHANNEL_BITS = {name: 1 << i for i, name in enumerate(CHANNELS)}
-ALL_CHANNELS = (1 << len(CHANNELS)) - 1
 
 
 def _nulls(name: str, size: int) -> np.ndarray:
