@@ -92,7 +92,7 @@ class GatewayActor:
             catalog=catalog,
             scorer=ServeScorer() if catalog else None,
             decision_uri=str(root / "decisions") if catalog else None,
-            outcome_uri=str(root / "outcomes") if catalog else None,
+            response_uri=str(root / "responses") if catalog else None,
             observer=self._observe,
             idle_release_ms=config.idle_release_ms,
         )

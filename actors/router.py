@@ -21,7 +21,7 @@ import ray
 
 from engine.batcher import MicroBatcher, RouterStats, Send
 from engine.clock import Clock, SystemClock
-from engine.decision.outcome import outcome_table
+from engine.decision.response import response_table
 from engine.events.deadletter import DeadLetter, dead_letter_table
 from engine.ingest import Ingestor
 from engine.sink import ParquetSink
@@ -48,7 +48,7 @@ class Router:
         clock: Clock | None = None,
         dead_letter_sink: ParquetSink | None = None,
         decision_sink: Any | None = None,
-        outcome_sink: ParquetSink | None = None,
+        response_sink: ParquetSink | None = None,
         observer: Callable[[int, dict[str, Any], float], None] | None = None,
         idle_release_ms: float | None = None,
     ) -> None:
@@ -58,7 +58,7 @@ class Router:
         self.observer = observer
         self.decision_sink = decision_sink
         #: offer responses as they are ingested: what retraining joins the decision log with
-        self.outcome_sink = outcome_sink
+        self.response_sink = response_sink
         self.settings = ingestor.settings
         self.shards = shards
         self.sink = sink
@@ -85,10 +85,10 @@ class Router:
         result = self.ingestor.ingest(batch, positions)
         self._record_rejects(result.dead_letters)
         self.stats.ingested += result.accepted
-        if self.outcome_sink is not None and result.accepted:
-            outcomes = outcome_table(result.routed)
-            self.stats.outcomes += outcomes.num_rows
-            self.outcome_sink.write(outcomes)
+        if self.response_sink is not None and result.accepted:
+            responses = response_table(result.routed)
+            self.stats.responses += responses.num_rows
+            self.response_sink.write(responses)
         self._carry_out(self.batcher.add(result.parts))
         self._harvest(block=False)
         return result.dead_letters
@@ -170,10 +170,10 @@ class Router:
         return self.batcher.in_flight
 
     def write_logs(self) -> None:
-        """Write what the sinks buffer (triggers, decisions, outcomes, dead letters), so readers
+        """Write what the sinks buffer (triggers, decisions, responses, dead letters), so readers
         see everything so far. Applies nothing: works while shards or the ranker stop."""
-        if self.outcome_sink is not None:
-            self.outcome_sink.write_buffered()
+        if self.response_sink is not None:
+            self.response_sink.write_buffered()
         if self.dead_letter_sink is not None:
             self.dead_letter_sink.write_buffered()
         sinks = (self.decision_sink, self.sink)

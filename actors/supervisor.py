@@ -38,12 +38,12 @@ class Supervisor:
         catalog: Catalog | None = None,
         scorer: OfferScorer | None = None,
         decision_uri: str | None = None,
-        outcome_uri: str | None = None,
+        response_uri: str | None = None,
         observer: Any | None = None,
         idle_release_ms: float | None = None,
     ) -> None:
         """``catalog`` and ``scorer`` (e.g. a ServeScorer) switch decisions on; they are
-        logged under ``decision_uri`` by day, and offer responses under ``outcome_uri``.
+        logged under ``decision_uri`` by day, and offer responses under ``response_uri``.
         ``idle_release_ms``: a live service releases the watermark when input goes quiet."""
         self.settings = settings
         self.rules = rules
@@ -77,13 +77,13 @@ class Supervisor:
             self.sink,
             dead_letter_sink=dead,
             decision_sink=self.decision_sink,
-            outcome_sink=ParquetSink(outcome_uri, prefix="outcomes") if outcome_uri else None,
+            response_sink=ParquetSink(response_uri, prefix="responses") if response_uri else None,
             observer=observer,
             idle_release_ms=idle_release_ms,
         )
         self.namespace_prefix = namespace_prefix
         self.decision_uri = decision_uri
-        self.outcome_uri = outcome_uri
+        self.response_uri = response_uri
 
     def set_rules(self, document: dict[str, Any], source: str = "rules") -> RuleSet:
         """Validate then swap the rules on every shard between micro-batches; state is kept.

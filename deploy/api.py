@@ -105,7 +105,7 @@ class DecideRequest(BaseModel):
 
 class Candidate(BaseModel):
     offer_id: str
-    score: float | None
+    propensity: float | None
     expected_value: float | None
     excluded: str | None = Field(description="Policy reason it was not a candidate, or null.")
 
@@ -121,7 +121,10 @@ class DecideResponse(BaseModel):
     control: bool
     explored: bool
     probability: float = Field(description="Probability of the action under the policy.")
-    score: float | None
+    propensity: float | None = Field(
+        description="The model's probability that the customer accepts the offer (null for "
+        "NO_ACTION)."
+    )
     model_version: str | None
     candidates: list[Candidate]
 
@@ -319,7 +322,7 @@ class KairosApi:
             control=row["control"],
             explored=row["explored"],
             probability=row["probability"],
-            score=row["score"],
+            propensity=row["propensity"],
             model_version=row["model_version"],
             candidates=[Candidate(**c) for c in row["candidates"]],
         )

@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deploy import learning, service
+from deploy import cli_decisions, service
 from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog
@@ -29,9 +29,9 @@ app = typer.Typer(
 )
 rules_app = typer.Typer(help="Work with rule files.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
-app.add_typer(learning.offers_app, name="offers")
-app.command()(learning.simulate)
-app.command()(learning.train)
+app.add_typer(cli_decisions.offers_app, name="offers")
+app.command()(cli_decisions.simulate)
+app.command()(cli_decisions.train)
 app.command("serve")(service.serve)
 console = Console()
 err = Console(stderr=True)
@@ -45,7 +45,7 @@ def _settings(**overrides: Any) -> EngineSettings:
 
 
 def _events_file(path: Path) -> Any:
-    from engine.replay import read_events
+    from engine.eventfile import read_events
 
     return read_events(str(path))
 
@@ -186,7 +186,7 @@ def generate(
     seed: int = 7,
 ) -> None:
     """Generate a seeded synthetic telco population and a month of its events as Parquet."""
-    from engine.replay import write_events
+    from engine.eventfile import write_events
     from engine.synthetic.telco import events as make_events
     from engine.synthetic.telco import population
 
@@ -272,7 +272,7 @@ def _closed_loop(rules: RuleSet, catalog: Catalog, customers: int, out: Path) ->
         table.add_column(column, justify="left" if column == "policy" else "right")
     rows = [
         ("blanket", results["blanket"]),
-        ("kairos, cap", learning.scoped(results["kairos"], learning.BLANKET_SCOPE)),
+        ("kairos, cap", cli_decisions.scoped(results["kairos"], cli_decisions.BLANKET_SCOPE)),
         ("kairos, all", results["kairos"]),
     ]
     for name, r in rows:

@@ -35,7 +35,7 @@ def _replay(args: argparse.Namespace) -> dict[str, Any]:
     rules = load_rules(args.rules)
     catalog = load_catalog(args.offers_file) if args.offers else None
     if args.file:
-        from engine.replay import read_events
+        from engine.eventfile import read_events
 
         source = read_events(args.file)
         table, unreadable, lines = source.table, source.dead_letters, source.positions

@@ -41,9 +41,9 @@ def start_ranker(
 
 
 def make_retrainer(registry_uri: str, every: int, supervisor: Any, catalog: Catalog) -> Any:
-    """A ``deploy.retrain.Retrainer`` for a running engine: every ``every`` new outcomes it
-    trains a candidate and swaps a winner into the ranker."""
-    from deploy.retrain import Retrainer
+    """A ``deploy.retraining.Retrainer`` for a running engine: every ``every`` new offer
+    responses it trains a candidate and swaps a winner into the ranker."""
+    from deploy.retraining import Retrainer
     from models.registry import ModelRegistry
 
     return Retrainer(supervisor, ModelRegistry(registry_uri), catalog, every=every)

@@ -42,7 +42,7 @@ class ServiceConfig(BaseModel):
     )
     max_body_bytes: int = Field(16 << 20, ge=1024, description="Larger bodies get 413.")
     retrain_every: int = Field(
-        0, ge=0, description="Retrain the ranker every N new outcomes (0: never)."
+        0, ge=0, description="Retrain the ranker every N new offer responses (0: never)."
     )
     ranker_cpus: float = Field(0.25, gt=0)
 
@@ -105,7 +105,7 @@ def serve(
     shards: Annotated[int, typer.Option(min=1, help="Shard actors.")] = 2,
     replicas: Annotated[int, typer.Option(min=1, help="API replicas.")] = 2,
     retrain_every: Annotated[
-        int, typer.Option(min=0, help="Retrain the ranker every N new outcomes (0: never).")
+        int, typer.Option(min=0, help="Retrain the ranker every N new offer responses (0: never).")
     ] = 0,
     dashboard: Annotated[bool, typer.Option(help="Start the Ray dashboard (local Ray).")] = True,
     metrics_port: Annotated[

@@ -70,7 +70,7 @@ class RouterStats:
     duplicates: int = 0
     triggers: int = 0
     decisions: int = 0
-    outcomes: int = 0
+    responses: int = 0
     micro_batches: int = 0
     triggers_by_rule: Counter[str] = field(default_factory=Counter)
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
@@ -106,7 +106,7 @@ class RouterStats:
             "p50_ms": self.percentile(50),
             "p99_ms": self.percentile(99),
             "decisions": self.decisions,
-            "outcomes": self.outcomes,
+            "responses": self.responses,
             "decide_p50_ms": self.percentile(50, self.decide_ms),
             "decide_p99_ms": self.percentile(99, self.decide_ms),
         }

@@ -4,7 +4,7 @@
 metrics, and calls this object, which owns the work: ingest a request's events and build its
 report (with per-kind counts), and on every tick collect finished calls, send due
 micro-batches, release the watermark when input went quiet (all inside ``Feed.poll``), and
-retrain when enough outcomes arrived. The feed (a Router) and the retrainer come in through
+retrain when enough offer responses arrived. The feed (a Router) and the retrainer come in through
 the protocols below, so tests drive this object with plain fakes and a ``ManualClock``.
 """
 
@@ -36,7 +36,7 @@ class Feed(Protocol):
 
 
 class Retrainer(Protocol):
-    """Retrains the ranker from the engine's own logs (``deploy.retrain.Retrainer``)."""
+    """Retrains the ranker from the engine's own logs (``deploy.retraining.Retrainer``)."""
 
     def due(self) -> bool: ...
 

@@ -36,7 +36,7 @@ from engine.decision.scorer import RANKER_APP, RANKER_DEPLOYMENT, ScoreRequest
 from engine.rules.spec import load_rules
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
-from models.train import fit
+from models.training import fit
 
 
 def matrix(rows: int, seed: int = 0) -> ScoreRequest:

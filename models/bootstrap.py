@@ -14,7 +14,7 @@ from engine.decision.catalog import Catalog
 from engine.decision.features import feature_spec
 from engine.rules.spec import RuleSet
 from engine.units import DAY_MS
-from models.learning import train_round
+from models.promotion import train_round
 from models.registry import ModelRegistry
 from models.simulate import Simulation, SimulationConfig
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from engine.decision.catalog import NO_ACTION, Catalog
 from engine.decision.features import FeatureSpec, build_features
-from models.train import context_of
+from models.training import context_of
 
 Predict = Callable[[np.ndarray], np.ndarray]
 

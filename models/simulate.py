@@ -41,10 +41,10 @@ from engine.rules.spec import RuleSet
 from engine.synthetic import telco
 from engine.synthetic.response import OracleScorer, ResponseSimulator
 from engine.units import DAY_MS, HOUR_MS
-from models.learning import train_round
+from models.promotion import train_round
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
-from models.train import context_of, features_of
+from models.training import context_of, features_of
 
 POLICIES = ("blanket", "rules", "kairos", "oracle", "ceiling")
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from engine.decision.features import CONTEXT_FIELDS, FeatureSpec, build_features
 from models.registry import ModelArtifact, ModelRegistry
-from models.train import fit
+from models.training import fit
 
 SPEC = FeatureSpec(("away", "cap80"), ("pass", "roam", "upgrade"))
 

@@ -3,7 +3,7 @@
 The offer with the highest expected value (propensity x value - cost) is chosen when that value
 is positive, else NO_ACTION; with probability ``exploration`` a uniform choice among the
 candidates and NO_ACTION instead. The probability of the chosen action is logged. Every draw
-comes from a stable hash of the decision id, so ``replay_choices`` recomputes each logged
+comes from a stable hash of the decision id, so ``reproduce_choices`` recomputes each logged
 choice from the log alone.
 """
 
@@ -65,7 +65,7 @@ def arbitrate(
     return Arbitration(chosen.astype(np.int64), probability, explored, greedy)
 
 
-def replay_choices(decisions: pa.Table, exploration: float, seed: int) -> np.ndarray:
+def reproduce_choices(decisions: pa.Table, exploration: float, seed: int) -> np.ndarray:
     """Recompute every logged choice from the log alone: its candidates, expected values and
     decision id. Equal to the logged ``action`` column when the log is faithful."""
     n = decisions.num_rows

@@ -3,7 +3,7 @@
 One row per decision (a trigger some offer answers, or an inbound request), one column per
 offer of the catalog. The decider fills it in named steps: which offers answer
 (``answered``), the exclusions in order (``exclude``: the first reason wins), the context and
-the scores, the choice; ``engine.decision.log.decision_table`` turns it into log rows.
+the propensities, the choice; ``engine.decision.log.decision_table`` turns it into log rows.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class DecisionBatch:
     #: int8 (t x offers): why an answering offer is not a candidate (0: it is one)
     reasons: np.ndarray = field(init=False)
     context: dict[str, np.ndarray] = field(default_factory=dict)
-    score: np.ndarray = field(init=False)  #: propensity (t x offers), NaN where not scored
+    propensity: np.ndarray = field(init=False)  #: (t x offers), NaN where not scored
     versions: np.ndarray = field(init=False)  #: object: the model version per decision
     chosen: np.ndarray = field(init=False)  #: offer index, -1 for NO_ACTION
     probability: np.ndarray = field(init=False)
@@ -42,7 +42,7 @@ class DecisionBatch:
     def __post_init__(self) -> None:
         t = self.size
         self.reasons = np.zeros(self.answered.shape, dtype=np.int8)
-        self.score = np.full(self.answered.shape, np.nan)
+        self.propensity = np.full(self.answered.shape, np.nan)
         self.versions = np.full(t, None, dtype=object)
         self.chosen = np.full(t, -1, dtype=np.int64)
         self.probability = np.ones(t)

@@ -227,7 +227,7 @@ class Decider:
         return [(Reason.COOLDOWN, cooling), (Reason.FREQUENCY_CAP, cap[:, None])]
 
     def _score(self, batch: DecisionBatch) -> None:
-        """One scoring request for every candidate pair: ``batch.score`` (NaN where not
+        """One scoring request for every candidate pair: ``batch.propensity`` (NaN where not
         scored) and ``batch.versions``. Without a model, the candidates are excluded."""
         ti, oj = np.nonzero(batch.candidates)
         if ti.size == 0:
@@ -248,7 +248,7 @@ class Decider:
             batch.exclude(Reason.MODEL_UNAVAILABLE, np.ones((1, 1), dtype=bool))
             return
         check_response(request, response)
-        batch.score[ti, oj] = response.propensity
+        batch.propensity[ti, oj] = response.propensity
         batch.versions[ti] = response.version_of_rows()
 
     def _choose(self, batch: DecisionBatch) -> None:
@@ -261,7 +261,7 @@ class Decider:
             if r > 0:  # earlier rounds may have delivered: re-check caps and cooldowns
                 for reason, mask in self._contact_limits(batch.slots[sel], batch.ts[sel]):
                     batch.exclude(reason, mask, where=sel)
-            expected = batch.score[sel] * self._values - self._costs
+            expected = batch.propensity[sel] * self._values - self._costs
             available = batch.candidates[sel]
             arb = arbitrate(expected, available, batch.ids[sel], policy.exploration, policy.seed)
             batch.chosen[sel], batch.probability[sel] = arb.chosen, arb.probability

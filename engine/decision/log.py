@@ -1,7 +1,7 @@
 """The decision log: one row per decision, as an Arrow table (written to Parquet by a sink).
 
 A row holds what was decided and everything needed to learn from it and to audit it: the
-trigger, every candidate offer with its score or the policy reason it was excluded, the chosen
+trigger, every candidate offer with its propensity or the policy reason it was excluded, the chosen
 action and the probability with which it was chosen (for off-policy evaluation), the model
 version, the control-group flag, and the context the features were built from.
 """
@@ -20,8 +20,8 @@ from engine.events.schema import CHANNELS, TS_TYPE
 CANDIDATE_TYPE = pa.struct(
     [
         pa.field("offer_id", pa.string()),
-        pa.field("score", pa.float32()),  # propensity; null when excluded
-        pa.field("expected_value", pa.float64()),  # score * value - cost; null when excluded
+        pa.field("propensity", pa.float32()),  # null when excluded
+        pa.field("expected_value", pa.float64()),  # propensity * value - cost; null when excluded
         pa.field("excluded", pa.string()),  # policy reason; null when it was a candidate
     ]
 )
@@ -37,7 +37,7 @@ DECISION_SCHEMA = pa.schema(
         pa.field("channel", pa.string()),  # null for NO_ACTION
         pa.field("value", pa.float64()),  # the action's value if accepted (0 for NO_ACTION)
         pa.field("cost", pa.float64()),  # its contact cost
-        pa.field("score", pa.float32()),  # its propensity (null for NO_ACTION)
+        pa.field("propensity", pa.float32()),  # the action's (null for NO_ACTION)
         pa.field("probability", pa.float64()),  # probability the policy chose this action
         pa.field("explored", pa.bool_()),
         pa.field("control", pa.bool_()),
@@ -74,7 +74,7 @@ def parse_decision_id(text: str) -> int:
 def candidates_array(
     offer_ids: tuple[str, ...],
     answered: np.ndarray,
-    score: np.ndarray,
+    propensity: np.ndarray,
     expected: np.ndarray,
     reason_labels: np.ndarray,
 ) -> pa.ListArray:
@@ -88,7 +88,7 @@ def candidates_array(
     items = pa.StructArray.from_arrays(
         [
             pa.array(np.array(offer_ids, dtype=object)[cols], type=pa.string()),
-            pa.array(score[rows, cols].astype(np.float32), mask=~kept),
+            pa.array(propensity[rows, cols].astype(np.float32), mask=~kept),
             pa.array(expected[rows, cols], mask=~kept),
             pa.array(excluded, type=pa.string()),
         ],
@@ -121,7 +121,7 @@ def decision_table(batch: DecisionBatch, catalog: Catalog) -> pa.Table:
     t = batch.size
     values = np.array([o.spec.value for o in catalog.offers])
     costs = np.array([o.spec.cost for o in catalog.offers])
-    expected = batch.score * values - costs
+    expected = batch.propensity * values - costs
     has = batch.chosen >= 0
     pick = np.maximum(batch.chosen, 0)
     names = np.array([*catalog.offer_ids, NO_ACTION], dtype=object)
@@ -138,8 +138,8 @@ def decision_table(batch: DecisionBatch, catalog: Catalog) -> pa.Table:
         "channel": pa.array(channel_names[chosen_channel], type=pa.string()),
         "value": pa.array(np.where(has, values[pick], 0.0)),
         "cost": pa.array(np.where(has, costs[pick], 0.0)),
-        "score": pa.array(
-            batch.score[np.arange(t), pick].astype(np.float32), mask=~has, type=pa.float32()
+        "propensity": pa.array(
+            batch.propensity[np.arange(t), pick].astype(np.float32), mask=~has, type=pa.float32()
         ),
         "probability": pa.array(batch.probability),
         "explored": pa.array(batch.explored),
@@ -149,7 +149,11 @@ def decision_table(batch: DecisionBatch, catalog: Catalog) -> pa.Table:
         "reason": pa.array(_reason(batch, has), type=pa.string()),
         "model_version": pa.array(batch.versions, type=pa.string()),
         "candidates": candidates_array(
-            catalog.offer_ids, batch.answered, batch.score, expected, REASON_LABELS[batch.reasons]
+            catalog.offer_ids,
+            batch.answered,
+            batch.propensity,
+            expected,
+            REASON_LABELS[batch.reasons],
         ),
     }
     for name in CONTEXT_FIELDS:

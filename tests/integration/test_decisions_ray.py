@@ -15,7 +15,7 @@ from engine.decision.scorer import RANKER_APP, RANKER_DEPLOYMENT
 from engine.local import LocalEngine
 from engine.rules.spec import load_rules
 from models.deployment import deploy_ranker
-from models.learning import train_round
+from models.promotion import train_round
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
 from models.simulate import Simulation, SimulationConfig, with_exploration
@@ -79,8 +79,8 @@ def test_shards_decide_through_serve_exactly_as_the_local_engine_and_log_by_day(
         for column in ("decision_id", "action", "channel", "probability", "delivered", "reason"):
             assert got.column(column).to_pylist() == want.column(column).to_pylist(), column
         np.testing.assert_allclose(
-            got.column("score").to_numpy(zero_copy_only=False),
-            want.column("score").to_numpy(zero_copy_only=False),
+            got.column("propensity").to_numpy(zero_copy_only=False),
+            want.column("propensity").to_numpy(zero_copy_only=False),
             rtol=1e-6,
         )
         days = {p.split("day=")[1][:10] for p in logged.files}
@@ -121,9 +121,9 @@ def test_the_running_engine_retrains_from_its_outcomes_and_swaps_the_winner_in(
     engine's own logs and swaps the better model into Serve."""
     from ray import serve
 
-    from deploy.retrain import Retrainer
+    from deploy.retraining import Retrainer
     from engine.decision.features import feature_spec
-    from models.train import fit, training_set
+    from models.training import fit, training_set
 
     sim, rules, shipped, _, log = world
     catalog = with_exploration(shipped, 0.5)  # the bad champion's log must still hold offers
@@ -144,7 +144,7 @@ def test_the_running_engine_retrains_from_its_outcomes_and_swaps_the_winner_in(
         catalog=catalog,
         scorer=ServeScorer(),
         decision_uri=str(tmp_path / "decisions"),
-        outcome_uri=str(tmp_path / "outcomes"),
+        response_uri=str(tmp_path / "responses"),
     )
     retrainer = Retrainer(sup, registry, catalog, every=100)
     answered = sim.simulator()
@@ -171,7 +171,7 @@ def test_the_running_engine_retrains_from_its_outcomes_and_swaps_the_winner_in(
                 sup.router.submit(responses)
             retrainer.maybe_retrain()
         retrainer.maybe_retrain(force=True)  # and once more at the end of the stream
-        assert sup.router.stats.outcomes > 100
+        assert sup.router.stats.responses > 100
         trained = [r for r in retrainer.history if r.artifact is not None]
         assert trained, [r.reason for r in retrainer.history]
         promoted = [r for r in trained if r.promoted]

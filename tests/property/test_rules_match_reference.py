@@ -250,7 +250,7 @@ def decisions_of(engine: LocalEngine) -> list[tuple[Any, ...]]:
             d["explored"],
             d["control"],
             d["deliver_after"],
-            tuple((c["offer_id"], c["excluded"], c["score"]) for c in d["candidates"]),
+            tuple((c["offer_id"], c["excluded"], c["propensity"]) for c in d["candidates"]),
         )
         for d in rows
     )

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from engine.config import EngineSettings
-from engine.decision.arbitration import arbitrate, replay_choices
+from engine.decision.arbitration import arbitrate, reproduce_choices
 from engine.decision.catalog import NO_ACTION, load_catalog, parse_catalog_text
 from engine.decision.features import CONTEXT_FIELDS, CONTEXT_PREFIX, build_features
 from engine.decision.log import DECISION_SCHEMA
@@ -112,7 +112,7 @@ def test_the_offer_with_the_highest_expected_value_wins_over_a_likelier_one(even
     _, decisions = decide(rows, scorer=by_offer({"pass": 0.5, "upgrade": 0.2}))
     (d,) = decisions
     assert d["action"] == "upgrade" and d["channel"] == "sms" and d["delivered"]
-    assert d["score"] == pytest.approx(0.2) and d["probability"] == 1.0
+    assert d["propensity"] == pytest.approx(0.2) and d["probability"] == 1.0
     evs = {c["offer_id"]: c["expected_value"] for c in d["candidates"]}
     assert evs == pytest.approx({"pass": 2.5, "upgrade": 4.3})
 
@@ -125,7 +125,7 @@ def test_no_action_when_no_offer_beats_doing_nothing(event) -> None:
     _, decisions = decide(rows, scorer=by_offer({"pass": 0.05, "upgrade": 0.01}))
     (d,) = decisions
     assert d["action"] == NO_ACTION and d["reason"] == "no_positive_value"
-    assert not d["delivered"] and d["channel"] is None and d["score"] is None
+    assert not d["delivered"] and d["channel"] is None and d["propensity"] is None
 
 
 def test_exploration_logs_the_probability_of_the_action_taken() -> None:
@@ -216,7 +216,7 @@ def test_without_the_model_decisions_fall_back_to_no_action_and_contact_nobody(e
         ("away", "roam", "offer"),  # nothing was sent on 2 March, so no cap holds it back
     ]
     for d in decisions[:2]:
-        assert not d["delivered"] and d["score"] is None and d["model_version"] is None
+        assert not d["delivered"] and d["propensity"] is None and d["model_version"] is None
         assert {c["excluded"] for c in d["candidates"]} == {"model_unavailable"}
     assert engine.shards[0].decider.unavailable == 1
 
@@ -320,7 +320,7 @@ def test_replaying_the_log_with_its_seed_reproduces_every_choice(event) -> None:
     table = pa.Table.from_pylist(decisions, schema=DECISION_SCHEMA)
     assert sum(d["explored"] for d in decisions) > 20
     np.testing.assert_array_equal(
-        replay_choices(table, 0.3, 0), np.array([d["action"] for d in decisions], dtype=object)
+        reproduce_choices(table, 0.3, 0), np.array([d["action"] for d in decisions], dtype=object)
     )
 
 
@@ -484,7 +484,7 @@ def test_a_large_release_applied_in_bounded_parts_gives_the_same_triggers_and_de
         exact = ["decision_id", "rule_id", "action", "channel", "delivered", "probability",
                  "reason", "deliver_after", "control"]  # fmt: skip
         assert parts_d.select(exact).equals(whole_d.select(exact))
-        for name in ("ctx_pct_of_cap", "ctx_days_left", "score"):
+        for name in ("ctx_pct_of_cap", "ctx_days_left", "propensity"):
             np.testing.assert_allclose(
                 parts_d[name].to_numpy(zero_copy_only=False).astype(float),
                 whole_d[name].to_numpy(zero_copy_only=False).astype(float),

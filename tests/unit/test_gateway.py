@@ -42,18 +42,18 @@ class FakeFeed:
 
 @dataclass
 class FakeRetrainer:
-    outcomes: int = 0
+    responses: int = 0
     fail: bool = False
     runs: int = 0
 
     def due(self) -> bool:
-        return self.outcomes >= 10
+        return self.responses >= 10
 
     def maybe_retrain(self, force: bool = False) -> Any:
         if self.fail:
             raise RuntimeError("registry unreachable")
         self.runs += 1
-        self.outcomes = 0
+        self.responses = 0
         return "trained"
 
 
@@ -97,7 +97,7 @@ def test_retraining_runs_when_due_and_a_failure_is_kept_not_raised() -> None:
     retrainer = FakeRetrainer()
     logic = GatewayLogic(FakeFeed(), retrainer)
     assert not logic.retrain_due()
-    retrainer.outcomes = 10
+    retrainer.responses = 10
     assert logic.retrain_due()
     assert logic.retrain() == "trained"
     assert logic.retrained == ["trained"] and logic.retrain_error is None

@@ -1,5 +1,5 @@
-"""Retraining while the engine runs: every N new outcomes, train a candidate from the decision
-log and the outcomes so far; if the promotion gate passes, swap it into the running ranker
+"""Retraining while the engine runs: every N new offer responses, train a candidate from the
+decision log and the responses so far; if the promotion gate passes, swap it into the running ranker
 through Serve's ``reconfigure()`` (an in-place update: no request is lost)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pyarrow.dataset as ds
 from actors.supervisor import Supervisor
 from engine.decision.catalog import Catalog
 from engine.decision.log import DECISION_SCHEMA
-from engine.decision.outcome import OUTCOME_SCHEMA
+from engine.decision.response import RESPONSE_SCHEMA
 from engine.errors import ConfigError
 from models.deployment import deploy_ranker
-from models.learning import TrainResult, train_round
+from models.promotion import TrainResult, train_round
 from models.ranker import RankerConfig
 from models.registry import ModelRegistry
 
@@ -31,7 +31,7 @@ def _read(uri: str | None, schema: pa.Schema, hive: bool) -> pa.Table:
 
 
 class Retrainer:
-    """Watches one running engine's outcomes and keeps its ranker's champion current."""
+    """Watches one running engine's offer responses and keeps its ranker's champion current."""
 
     def __init__(
         self,
@@ -42,8 +42,8 @@ class Retrainer:
         replicas: int = 1,
         num_cpus: float = 0.25,
     ) -> None:
-        if supervisor.decision_uri is None or supervisor.outcome_uri is None:
-            raise ConfigError("retraining needs the engine's decision log and outcome log")
+        if supervisor.decision_uri is None or supervisor.response_uri is None:
+            raise ConfigError("retraining needs the engine's decision log and response log")
         self.supervisor = supervisor
         self.registry = registry
         self.catalog = catalog
@@ -54,21 +54,21 @@ class Retrainer:
         self.history: list[TrainResult] = []
 
     def due(self) -> bool:
-        return self.supervisor.router.stats.outcomes - self.trained_at >= self.every
+        return self.supervisor.router.stats.responses - self.trained_at >= self.every
 
     def maybe_retrain(self, force: bool = False) -> TrainResult | None:
-        """Train when ``every`` new outcomes arrived (or ``force``); swap the winner in."""
+        """Train when ``every`` new responses arrived (or ``force``); swap the winner in."""
         if not (force or self.due()):
             return None
         router = self.supervisor.router
-        self.trained_at = router.stats.outcomes
+        self.trained_at = router.stats.responses
         router.drain()
         router.write_logs()
         decisions = _read(self.supervisor.decision_uri, DECISION_SCHEMA, hive=True)
-        outcomes = _read(self.supervisor.outcome_uri, OUTCOME_SCHEMA, hive=False)
+        responses = _read(self.supervisor.response_uri, RESPONSE_SCHEMA, hive=False)
         cutoff = self.supervisor.ingestor.watermark_ms  # event time, as far as it has gone
         result = train_round(
-            decisions, outcomes, self.catalog, self.registry, cutoff, seed=len(self.history)
+            decisions, responses, self.catalog, self.registry, cutoff, seed=len(self.history)
         )
         self.history.append(result)
         if result.promoted and result.artifact is not None:

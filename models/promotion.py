@@ -28,7 +28,7 @@ from models.offpolicy import (
 )
 from models.ranker import predictor
 from models.registry import ModelArtifact, ModelRegistry
-from models.train import (
+from models.training import (
     classification_metrics,
     fit,
     outcomes,

@@ -211,8 +211,8 @@ def train(
     import pyarrow.dataset as ds
 
     from engine.clock import utc_ms
-    from engine.replay import read_events
-    from models.learning import train_round
+    from engine.eventfile import read_events
+    from models.promotion import train_round
     from models.registry import ModelRegistry
 
     try:

@@ -13,11 +13,11 @@ from engine.decision.scorer import ScoreRequest
 from engine.local import LocalEngine
 from engine.rules.spec import load_rules
 from engine.testing import by_offer
-from models.learning import train_round
 from models.offpolicy import LoggedBandit, evaluate_policy, improvement
+from models.promotion import train_round
 from models.registry import ModelRegistry
 from models.simulate import Simulation, SimulationConfig, fit_truth
-from models.train import (
+from models.training import (
     auc,
     calibration_error,
     context_of,
