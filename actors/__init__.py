@@ -1,1 +1,1 @@
-"""Ray actors: shard, router, trigger sink and supervisor. Every ray.* call lives here."""
+"""Ray actors and every ray.* call: shard, router, sinks, supervisor, gateway, Serve scorer."""

@@ -1,10 +1,15 @@
 """ShardLogic: everything a shard does, without Ray. The ShardActor is a thin wrapper.
 
-``apply(batch, watermark)`` queues a routed micro-batch (dropping duplicate event ids),
-releases the events the watermark has passed in (customer, event time, arrival) order,
-evaluates the rules against each event's as-of state, updates the golden records, and
-returns the triggers. Rules can be replaced between micro-batches; rule state of rules that
-keep their id and type carries over.
+``apply(batch, watermark)`` queues a routed micro-batch (dropping duplicate event ids) and
+releases the events the watermark has passed; it applies them in steps (at most
+``decision_step_max_events`` when decisions are on), each in (customer, event time, arrival)
+order: the rules are evaluated against each event's as-of state, the triggers some offer
+answers are decided (``engine.decision.decider``), and the golden records are updated. It
+returns the triggers and the decisions. ``end_stream()`` releases everything pending.
+
+Rules and the catalog can be replaced between micro-batches (state of rules that keep their id
+and type carries over, and so does contact history). ``snapshot()`` returns everything the shard
+holds as a value (``engine.snapshot.ShardSnapshot``); ``restore()`` takes one back.
 """
 
 from __future__ import annotations

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from engine.config import EngineSettings
 from engine.rules.spec import RuleSet, load_rules
+from engine.testing import EventFactory, utc_ms
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,24 +31,13 @@ def rules() -> RuleSet:
 
 def ms(*args: int) -> int:
     """Epoch ms of a UTC date-time: ms(2026, 3, 1, 12) is noon on 1 March 2026."""
-    return int(datetime(*args, tzinfo=UTC).timestamp() * 1000)  # type: ignore[misc]
+    return utc_ms(*args)
 
 
 @pytest.fixture
-def event() -> Callable[..., dict[str, Any]]:
+def event() -> EventFactory:
     """Factory of wire events with fresh ids: event("usage", "c1", ts, mb=100)."""
-    counter = iter(range(1, 10**9))
-
-    def make(kind: str, customer: str, ts: int, **fields: Any) -> dict[str, Any]:
-        return {
-            "event_id": next(counter),
-            "customer_id": customer,
-            "kind": kind,
-            "ts": ts,
-            **fields,
-        }
-
-    return make
+    return EventFactory()
 
 
 def free_port() -> int:

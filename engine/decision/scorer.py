@@ -1,8 +1,9 @@
 """The OfferScorer port: how a shard asks a model for propensities, without knowing the model.
 
-A shard sends one request per micro-batch: the feature matrix of every (decision, candidate
-offer) pair, and the customer key of each row (the ranker splits champion and challenger by
-a stable customer hash). The answer is a propensity (probability of acceptance) per row and
+A shard sends one request per decision step (a micro-batch, or a part of one of at most
+``decision_step_max_events`` events): the feature matrix of every (decision, candidate offer)
+pair, and the customer key of each row (the ranker splits champion and challenger by a stable
+customer hash). The answer is a propensity (probability of acceptance) per row and
 which model version scored it.
 """
 

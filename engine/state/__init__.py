@@ -1,1 +1,1 @@
-"""The columnar customer store (golden records) and its Arrow snapshots."""
+"""The columnar customer store (golden records), its event buffer and the per-batch view."""
