@@ -193,9 +193,8 @@ class GatewayActor:
             parse_catalog(document, "offers")
             with self.lock:
                 catalog = self.supervisor.set_catalog(document, "offers")
-                retrainer = self.logic.retrainer
-                if retrainer is not None and hasattr(retrainer, "catalog"):
-                    retrainer.catalog = catalog
+                if self.logic.retrainer is not None:  # train for the offers now served
+                    self.logic.retrainer.set_catalog(catalog)
         except CatalogError as exc:
             return {"ok": False, "errors": exc.problems}
         return {"ok": True, "offers": len(catalog.offers)}

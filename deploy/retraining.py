@@ -53,6 +53,10 @@ class Retrainer:
         self.trained_at = 0
         self.history: list[TrainResult] = []
 
+    def set_catalog(self, catalog: Catalog) -> None:
+        """Train for this catalog from now on (the running one was swapped)."""
+        self.catalog = catalog
+
     def due(self) -> bool:
         return self.supervisor.router.stats.responses - self.trained_at >= self.every
 

@@ -42,6 +42,8 @@ class Retrainer(Protocol):
 
     def maybe_retrain(self, force: bool = False) -> Any: ...
 
+    def set_catalog(self, catalog: Any) -> None: ...
+
 
 def letter_json(letter: DeadLetter) -> dict[str, Any]:
     """A dead letter as the API reports it."""

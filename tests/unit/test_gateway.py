@@ -49,6 +49,9 @@ class FakeRetrainer:
     def due(self) -> bool:
         return self.responses >= 10
 
+    def set_catalog(self, catalog: Any) -> None:
+        pass
+
     def maybe_retrain(self, force: bool = False) -> Any:
         if self.fail:
             raise RuntimeError("registry unreachable")
