@@ -144,6 +144,10 @@ class GatewayActor:
         m = metrics()
         m.micro_batch_ms.observe(latency_ms)
         m.count(m.triggers, stats["triggers_by_rule"], "rule")
+        failed = stats.get("failed")
+        if failed is not None and failed.num_rows:
+            kinds = failed.column("kind").to_pylist()
+            m.count(m.failed, {k: kinds.count(k) for k in set(kinds)}, "kind")
 
     def _tick(self) -> None:
         """Deadlines, idle release and retraining, on the gateway's own clock."""

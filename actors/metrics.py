@@ -35,6 +35,12 @@ class Metrics:
             description="Events rejected (dead-lettered), by kind ('unknown' when unreadable).",
             tag_keys=("kind",),
         )
+        self.failed = Counter(
+            "kairos_events_failed_total",
+            description="Events of shard steps that failed, dead-lettered whole with the error, "
+            "by kind.",
+            tag_keys=("kind",),
+        )
         self.triggers = Counter(
             "kairos_triggers_total", description="Triggers fired, by rule.", tag_keys=("rule",)
         )

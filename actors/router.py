@@ -10,6 +10,7 @@ tables go from the shard straight to the sinks as object refs.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from engine.ingest import Ingestor
 from engine.sink import ParquetSink
 
 __all__ = ["Router", "RouterStats"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,6 +143,12 @@ class Router:
             self.sink.write.remote(call.triggers_ref)
         if stats["decisions"] and self.decision_sink is not None:
             self.decision_sink.write.remote(call.decisions_ref)
+        failed = stats.get("failed")
+        if failed is not None and failed.num_rows:
+            log.error("shard %d: %d events of a failed step dead-lettered: %s", shard,
+                      failed.num_rows, failed.column("reason")[0])  # fmt: skip
+            if self.dead_letter_sink is not None:
+                self.dead_letter_sink.write(failed)
 
     def _harvest(self, block: bool) -> None:
         for shard, queue in enumerate(self._in_flight):

@@ -32,6 +32,8 @@ def _stats(result: ApplyResult, started: float) -> dict[str, Any]:
         "decide_ms": result.decide_ms,
         "decide_ms_parts": result.decide_ms_parts,
         "apply_ms": (time.perf_counter() - started) * 1000,
+        #: dead letters of failed steps (usually empty): the router writes them
+        "failed": result.failed,
     }
 
 

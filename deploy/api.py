@@ -26,19 +26,33 @@ import ray
 import yaml
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from fastapi.routing import APIRoute
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.gateway import GatewayActor
 from deploy.service import ServiceConfig
 from engine.decision.catalog import NO_ACTION
 from engine.decision.scorer import RANKER_APP
-from engine.errors import EventError
+from engine.errors import EventError, PayloadTooLargeError
 from engine.events.codec import decode_json, decode_msgpack, event_id_from_text, rows_to_batch
 from engine.events.schema import CHANNELS, KIND_NAMES, PAYLOAD_FIELDS
 from engine.ingest import Ingestor
+from engine.limits import (
+    MAX_DOCUMENT_BYTES,
+    MAX_DOCUMENT_DEPTH,
+    MAX_ERRORS_LISTED,
+    MAX_EVENTS_PER_REQUEST,
+    MAX_ID_CHARS,
+    TS_RANGE_TEXT,
+    depth_over,
+    time_in_range,
+)
 from engine.state.store import PROFILE_COLUMNS
+from engine.yamlfile import DocumentLimitError, load_yaml
 
 log = logging.getLogger("ray.serve")
 API_APP = "kairos"
@@ -80,25 +94,81 @@ class EventErrorItem(BaseModel):
 
 class IngestReport(BaseModel):
     accepted: int
-    rejected: int
-    errors: list[EventErrorItem]
+    rejected: int = Field(description="Every rejected event, counted.")
+    errors: list[EventErrorItem] = Field(
+        description=f"The first {MAX_ERRORS_LISTED} rejected events, by index in the request."
+    )
+    errors_truncated: bool = Field(description="More events were rejected than are listed.")
+
+
+#: an RFC 3339 date-time (ISO 8601 with T and a zone), its year safely inside the accepted
+#: range (1971 .. 2189)
+TS_PATTERN = (
+    r"^(197[1-9]|19[89][0-9]|20[0-9]{2}|21[0-8][0-9])-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
+    r"(Z|[+-](0[0-9]|1[0-3]):[0-5][0-9])$"
+)
+
+
+def _unicode(value: str | None) -> str | None:
+    """Text UTF-8 can carry (JSON can hold lone surrogates; identifiers are hashed as UTF-8)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("not valid Unicode text (a lone surrogate)") from None
+    return value
+
+
+#: a text field of a request: UTF-8-encodable
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class DecideContext(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    page: str | None = Field(None, max_length=2048, description="The page or screen the "
-                             "customer is on; offer eligibility can use it as `page`.")  # fmt: skip
-    ts: datetime | None = Field(None, description="Time of the request (default: now).")
+    page: Text | None = Field(
+        None,
+        max_length=2048,
+        description="The page or screen the customer is on; offer eligibility can use it as "
+        "`page`.",
+    )
+    ts: str | None = Field(
+        None,
+        pattern=TS_PATTERN,
+        json_schema_extra={"format": "date-time"},
+        description="Time of the request, ISO 8601 with a zone (default: now), within "
+        f"{TS_RANGE_TEXT}.",
+    )
+
+    @field_validator("ts")
+    @classmethod
+    def _in_range(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                moment = datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError("not an ISO 8601 date-time") from None
+            if moment.tzinfo is None:
+                raise ValueError("has no time zone (add Z or an offset)")
+            if not time_in_range(round(moment.timestamp() * 1000)):
+                raise ValueError(f"is outside {TS_RANGE_TEXT}")
+        return value
+
+    def ts_ms(self) -> int:
+        """The request's time in epoch ms (now when it gave none)."""
+        if self.ts is None:
+            return int(time.time() * 1000)
+        return round(datetime.fromisoformat(self.ts).timestamp() * 1000)
 
 
 class DecideRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    customer_id: Annotated[str, Field(min_length=1, max_length=256)]
+    customer_id: Annotated[Text, Field(min_length=1, max_length=MAX_ID_CHARS)]
     channel: Literal[CHANNELS]  # type: ignore[valid-type]
     context: DecideContext = Field(default_factory=DecideContext)
-    request_id: Annotated[str | None, Field(max_length=256)] = Field(
+    request_id: Annotated[Text | None, Field(max_length=MAX_ID_CHARS)] = Field(
         None, description="Idempotency: a retried request with the same id gets the same draws."
     )
 
@@ -131,7 +201,15 @@ class DecideResponse(BaseModel):
 
 class Problems(BaseModel):
     detail: str
-    errors: list[str]
+    errors: list[str] = Field(default_factory=list, description="Every problem found.")
+
+
+#: what every document-taking endpoint may answer besides 200 and 422
+DOC_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "The body does not parse as JSON or YAML."},
+    413: {"description": f"The document is over {MAX_DOCUMENT_BYTES:,} bytes."},
+    415: {"description": "Another content type than JSON or YAML."},
+}
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -149,24 +227,38 @@ async def _body(request: Request, limit: int) -> bytes:
     return body
 
 
+def safe_text(value: object, limit: int = 1_000) -> str:
+    """Text any JSON encoder takes: lone surrogates escaped, at most ``limit`` characters."""
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _document(body: bytes, media: str) -> Any:
-    """A rules or offers document from a JSON or YAML body."""
+    """A rules or offers document from a JSON or YAML body, parsed as files are
+    (``engine.yamlfile``: YAML 1.2, no aliases) within the document limits: 413 over the
+    size, 422 over the depth or with aliases, 400 when it does not parse."""
+    if media not in JSON_TYPES and media not in YAML_TYPES and media != "":
+        raise HTTPException(415, f"content type {media!r} is not supported: use JSON or YAML")
+    if len(body) > MAX_DOCUMENT_BYTES:
+        raise HTTPException(
+            413,
+            f"document of {len(body):,} bytes: the limit is {MAX_DOCUMENT_BYTES:,} "
+            "(max_document_bytes)",
+        )
+    too_deep = f"document nests deeper than {MAX_DOCUMENT_DEPTH} levels (max_document_depth)"
     try:
-        if media in JSON_TYPES:
-            return json.loads(body)
-        if media in YAML_TYPES or media == "":
-            return yaml.safe_load(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise HTTPException(400, f"body is not valid {media or 'YAML'}: {exc}") from exc
-    raise HTTPException(415, f"content type {media!r} is not supported: use JSON or YAML")
-
-
-def _ms(value: datetime | None) -> int:
-    if value is None:
-        return int(time.time() * 1000)
-    if value.tzinfo is None:
-        raise HTTPException(422, "context.ts has no time zone (add Z or an offset)")
-    return round(value.timestamp() * 1000)
+        if media not in JSON_TYPES:
+            return load_yaml(body)
+        document = json.loads(body)
+    except DocumentLimitError as exc:
+        raise HTTPException(413 if exc.too_large else 422, safe_text(exc)) from exc
+    except RecursionError as exc:
+        raise HTTPException(422, too_deep) from exc
+    except (ValueError, yaml.YAMLError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise HTTPException(400, f"body is not valid {media or 'YAML'}: {safe_text(exc)}") from exc
+    if depth_over(document, MAX_DOCUMENT_DEPTH):
+        raise HTTPException(422, too_deep)
+    return document
 
 
 DOC_BODY = {
@@ -176,14 +268,26 @@ DOC_BODY = {
         for media in ("application/json", "application/yaml")
     },
 }
+_SCALAR = {"type": ["string", "number", "integer", "boolean", "null"]}
+#: an event as the body's structure sees it: a map of scalars and lists of scalars
+_EVENT_MAP = {
+    "type": "object",
+    "additionalProperties": {"anyOf": [_SCALAR, {"type": "array", "items": _SCALAR}]},
+}
+#: the body is any event map, or an array of them: each event is checked on its own against
+#: WireEvent, and one that fails is a dead letter in the 202 answer (valid events next to it are
+#: taken). A body that is not a map or an array of maps is refused whole (400).
 EVENTS_BODY = {
     "required": True,
+    "description": "An event, or an array of at most "
+    f"{MAX_EVENTS_PER_REQUEST:,} events; each is validated on its own against the WireEvent "
+    "schema and reported by index in the answer.",
     "content": {
         media: {
             "schema": {
                 "oneOf": [
-                    {"$ref": "#/components/schemas/WireEvent"},
-                    {"type": "array", "items": {"$ref": "#/components/schemas/WireEvent"}},
+                    _EVENT_MAP,
+                    {"type": "array", "maxItems": MAX_EVENTS_PER_REQUEST, "items": _EVENT_MAP},
                 ]
             }
         }
@@ -197,6 +301,34 @@ api = FastAPI(
     description="Real-time customer engagement: events in, golden records, moments, next best "
     "actions out.",
 )
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's answer, except that a 405 lists in ``Allow`` every method the path has (one
+    route per method: Starlette would name only the first route's)."""
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        path = request.url.path
+        routes = [r for r in api.routes if isinstance(r, APIRoute) and r.path_regex.match(path)]
+        methods = sorted({m for r in routes for m in (r.methods or ())})
+        headers["Allow"] = ", ".join(methods)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each problem's place and reason; the input itself is never echoed (it may
+    be personal data, NaN or a lone surrogate, which JSON cannot carry)."""
+    problems = [
+        {
+            "loc": [p if isinstance(p, int) else safe_text(p, 80) for p in e.get("loc", ())],
+            "msg": safe_text(e.get("msg", ""), 300),
+            "type": safe_text(e.get("type", ""), 80),
+        }
+        for e in exc.errors()[:MAX_ERRORS_LISTED]
+    ]
+    return JSONResponse({"detail": problems}, status_code=422)
 
 
 def _add_event_schema(openapi: dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +403,7 @@ class KairosApi:
             400: {"description": "The body cannot be read (not msgpack / JSON, not events)."},
             413: {"description": "The body is over the size limit."},
             415: {"description": "Another content type than msgpack or JSON."},
+            422: {"description": f"More than {MAX_EVENTS_PER_REQUEST:,} events."},
         },
         openapi_extra={"requestBody": EVENTS_BODY},
         summary="Ingest a batch of events",
@@ -289,8 +422,10 @@ class KairosApi:
         body = await _body(request, self.config.max_body_bytes)
         try:
             rows = decode_msgpack(body) if media in MSGPACK_TYPES else decode_json(body)
+        except PayloadTooLargeError as exc:  # too many events: the body may be small
+            raise HTTPException(422, str(exc)) from exc
         except EventError as exc:
-            raise HTTPException(400, str(exc)) from exc
+            raise HTTPException(400, safe_text(exc)) from exc
         batch, positions, letters = rows_to_batch(rows)
         report = await self.gateway.submit.remote(batch, positions, letters)
         return JSONResponse(report, status_code=202)
@@ -299,7 +434,10 @@ class KairosApi:
     @api.post(
         "/v1/decide",
         response_model=DecideResponse,
-        responses={503: {"description": "Decisions are off (no offer catalog)."}},
+        responses={
+            400: {"description": "The body is not JSON."},
+            503: {"description": "Decisions are off (no offer catalog)."},
+        },
         summary="The next best action for a customer on a channel, now",
     )
     async def decide(self, body: DecideRequest) -> DecideResponse:
@@ -310,7 +448,7 @@ class KairosApi:
         rid = body.request_id
         request_id = event_id_from_text(rid) if rid else secrets.randbits(63)
         row = await self._decide_batch(
-            (body.customer_id, body.channel, _ms(body.context.ts), request_id, body.context.page)
+            (body.customer_id, body.channel, body.context.ts_ms(), request_id, body.context.page)
         )
         return DecideResponse(
             decision_id=f"{row['decision_id']:016x}",
@@ -390,7 +528,10 @@ class KairosApi:
 
     @api.put(
         "/v1/rules",
-        responses={422: {"model": Problems, "description": "Invalid: the running rules stay."}},
+        responses={
+            **DOC_ERRORS,
+            422: {"model": Problems, "description": "Invalid: the running rules stay."},
+        },
         openapi_extra={"requestBody": DOC_BODY},
         summary="Replace the rules while the engine runs",
     )
@@ -409,7 +550,10 @@ class KairosApi:
 
     @api.put(
         "/v1/offers",
-        responses={422: {"model": Problems, "description": "Invalid: the running catalog stays."}},
+        responses={
+            **DOC_ERRORS,
+            422: {"model": Problems, "description": "Invalid: the running catalog stays."},
+        },
         openapi_extra={"requestBody": DOC_BODY},
         summary="Replace the offer catalog while the engine runs",
     )

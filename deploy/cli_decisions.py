@@ -212,6 +212,7 @@ def train(
 
     from engine.clock import utc_ms
     from engine.eventfile import read_events
+    from engine.limits import TS_RANGE_TEXT, time_in_range
     from models.promotion import train_round
     from models.registry import ModelRegistry
 
@@ -226,6 +227,8 @@ def train(
     else:
         try:
             cutoff_ms = utc_ms(datetime.fromisoformat(cutoff))
+            if not time_in_range(cutoff_ms):
+                raise ValueError(f"outside {TS_RANGE_TEXT}")
         except ValueError as exc:  # not ISO, or naive (local time would depend on the machine)
             raise EngineError(
                 f"--cutoff {cutoff!r} is not an ISO date-time with a zone (e.g. 2026-03-01T00:00Z)"

@@ -72,6 +72,8 @@ class RouterStats:
     decisions: int = 0
     responses: int = 0
     micro_batches: int = 0
+    #: events of shard steps that failed, dead-lettered whole with the error
+    failed: int = 0
     triggers_by_rule: Counter[str] = field(default_factory=Counter)
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
     #: the newest micro-batches' latencies
@@ -89,6 +91,11 @@ class RouterStats:
         self.triggers_by_rule.update(shard_stats["triggers_by_rule"])
         self.decisions += shard_stats["decisions"]
         self.decide_ms.extend(shard_stats["decide_ms_parts"])
+        failed = shard_stats.get("failed")
+        if failed is not None and failed.num_rows:
+            self.failed += failed.num_rows
+            self.rejected += failed.num_rows
+            self.rejected_by_reason["shard_failed"] += failed.num_rows
 
     def percentile(self, q: float, values: deque[float] | None = None) -> float:
         values = self.latencies_ms if values is None else values
@@ -102,6 +109,7 @@ class RouterStats:
             "duplicates": self.duplicates,
             "triggers": self.triggers,
             "micro_batches": self.micro_batches,
+            "failed": self.failed,
             "triggers_by_rule": dict(self.triggers_by_rule),
             "p50_ms": self.percentile(50),
             "p99_ms": self.percentile(99),

@@ -15,6 +15,10 @@ class EventError(EngineError):
     """An event or a batch of events cannot be decoded or validated."""
 
 
+class PayloadTooLargeError(EventError):
+    """A request holds more than a limit allows (``engine.limits``); nothing of it is taken."""
+
+
 class DocumentError(EngineError):
     """A configuration document (rules, offer catalog) is invalid.
 

@@ -34,6 +34,9 @@ class Field:
     doc: str = ""
     #: a profile update may carry it (billing history seeds an aggregate this way)
     on_profile_update: bool = False
+    #: characters of a text value (of each item of a list); items of a list value
+    max_chars: int | None = None
+    max_items: int | None = None
 
 
 def _f64() -> np.dtype:
@@ -46,13 +49,14 @@ FIELDS: tuple[Field, ...] = (
     Field("lat", "event", pa.float64(), "num", (-90.0, 90.0), doc="latitude of a ping"),
     Field("lon", "event", pa.float64(), "num", (-180.0, 180.0), doc="longitude of a ping"),
     Field("amount", "event", pa.float64(), "num", (0.0, 1e9), doc="money spent"),
-    Field("item", "event", pa.string(), "str", doc="product or SKU"),
-    Field("page", "event", pa.string(), "str", doc="page or screen viewed"),
-    Field("decision_id", "event", pa.string(), None, doc="the decision an offer response answers"),
-    Field("offer_id", "event", pa.string(), "str", doc="the offer responded to"),
-    Field("response", "event", pa.string(), "str", doc="accepted or declined"),
-    Field("channel", "event", pa.string(), "str", doc="consent: a channel, or all"),
-    Field("purpose", "event", pa.string(), "str", doc="consent: the purpose"),
+    Field("item", "event", pa.string(), "str", doc="product or SKU", max_chars=256),
+    Field("page", "event", pa.string(), "str", doc="page or screen viewed", max_chars=2048),
+    Field("decision_id", "event", pa.string(), None, doc="the decision a response answers",
+          max_chars=64),
+    Field("offer_id", "event", pa.string(), "str", doc="the offer responded to", max_chars=64),
+    Field("response", "event", pa.string(), "str", doc="accepted or declined", max_chars=32),
+    Field("channel", "event", pa.string(), "str", doc="consent: a channel, or all", max_chars=32),
+    Field("purpose", "event", pa.string(), "str", doc="consent: the purpose", max_chars=64),
     Field("granted", "event", pa.bool_(), None, doc="consent: granted or withdrawn"),
     # -- profile (profile updates) --------------------------------------------------------------
     Field("plan_data_cap_mb", "profile", pa.float64(), "num", (0.0, 1e9), _f64(), np.nan,
@@ -64,13 +68,13 @@ FIELDS: tuple[Field, ...] = (
     Field("home_lon", "profile", pa.float64(), "num", (-180.0, 180.0), _f64(), np.nan,
           "home longitude", True),
     Field("tz", "profile", pa.string(), "str", None, np.dtype(np.int16), 0,
-          "time zone, id into the string pool (0 = UTC)", True),
+          "time zone, id into the string pool (0 = UTC)", True, max_chars=64),
     Field("device_model", "profile", pa.string(), "str", None, np.dtype(np.int16), 1,
-          "device model, id into the string pool", True),
+          "device model, id into the string pool", True, max_chars=128),
     Field("tenure_months", "profile", pa.int32(), "num", (0, 2400), np.dtype(np.float32), np.nan,
           "months as a customer", True),
     Field("channels", "profile", pa.list_(pa.string()), None, None, np.dtype(np.uint8), 0,
-          "bitmask of reachable channels", True),
+          "bitmask of reachable channels", True, max_chars=32, max_items=16),
     # -- aggregates ---------------------------------------------------------------------------
     Field("cycle_usage_mb", "aggregate", None, "num", None, _f64(), 0.0,
           "data used in the current billing cycle"),
@@ -112,6 +116,9 @@ PAYLOAD_TYPES: dict[str, pa.DataType] = {
 PROFILE_UPDATE_TYPES: dict[str, pa.DataType] = {
     f.name: f.wire for f in FIELDS if f.on_profile_update and f.wire is not None
 }
+#: longest text value of each text wire field (of each item, for a list), and most list items
+MAX_CHARS: dict[str, int] = {f.name: f.max_chars for f in FIELDS if f.max_chars is not None}
+MAX_ITEMS: dict[str, int] = {f.name: f.max_items for f in FIELDS if f.max_items is not None}
 #: accepted ranges of numeric wire fields
 RANGES: dict[str, tuple[float, float]] = {
     f.name: f.range for f in FIELDS if f.range is not None and f.wire is not None

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from engine.events.deadletter import DeadLetter
 from engine.events.schema import KIND_NAMES
+from engine.limits import MAX_ERRORS_LISTED
 
 
 class Feed(Protocol):
@@ -104,7 +105,8 @@ class GatewayLogic:
     ) -> Submitted:
         """Ingest one request's events; ``letters`` are rows the API could not coerce.
 
-        The report lists every rejected event with its index in the request."""
+        The report counts every rejected event and lists the first MAX_ERRORS_LISTED of them
+        (by index in the request), so an answer stays small whatever the request."""
         if letters:
             self.feed.reject(list(letters))
         dead = self.feed.submit(batch, np.asarray(positions, dtype=np.int64))
@@ -112,7 +114,8 @@ class GatewayLogic:
         report = {
             "accepted": batch.num_rows - len(dead),
             "rejected": len(rejected),
-            "errors": [letter_json(d) for d in rejected],
+            "errors": [letter_json(d) for d in rejected[:MAX_ERRORS_LISTED]],
+            "errors_truncated": len(rejected) > MAX_ERRORS_LISTED,
         }
         return Submitted(
             report, accepted_by_kind(batch, positions, dead), rejected_by_kind(rejected)

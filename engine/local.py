@@ -44,6 +44,8 @@ class LocalEngine:
         self.triggers: list[pa.Table] = []
         self.decisions: list[pa.Table] = []
         self.dead_letters: list[DeadLetter] = []
+        #: dead letters of shard steps that failed (see ``ShardLogic._step``)
+        self.failed: list[pa.Table] = []
 
     def submit(self, batch: pa.RecordBatch | pa.Table) -> list[DeadLetter]:
         """Ingest one raw batch and apply it; returns its dead letters."""
@@ -108,6 +110,8 @@ class LocalEngine:
             self.triggers.append(result.triggers)
         if result.decisions.num_rows:
             self.decisions.append(result.decisions)
+        if result.failed.num_rows:
+            self.failed.append(result.failed)
 
     def decision_table(self) -> pa.Table:
         """Every decision so far, sorted by (event time, decision id)."""

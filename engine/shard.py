@@ -29,8 +29,10 @@ from engine.decision.decider import Decider
 from engine.decision.log import DECISION_SCHEMA, decision_id_text, empty_decisions
 from engine.decision.scorer import OfferScorer
 from engine.errors import EngineError
+from engine.events.deadletter import DEAD_LETTER_SCHEMA
 from engine.events.schema import CHANNELS, ROUTED_SCHEMA, TS_TYPE, EventKind, sparse_routed
 from engine.ingest import NO_WATERMARK
+from engine.limits import TS_RANGE_TEXT, time_in_range
 from engine.rules.evaluate import candidates, cooldown, once_per_period, period_of
 from engine.rules.spec import RuleSet
 from engine.snapshot import ShardSnapshot
@@ -109,6 +111,28 @@ class ApplyResult:
     #: per part of the release that had decisions: its trigger-to-decision time
     decide_ms_parts: list[float] = field(default_factory=list)
     triggers_by_rule: dict[str, int] = field(default_factory=dict)
+    #: dead letters of the events of steps that failed (applied by no one; see ``apply``)
+    failed: pa.Table = field(default_factory=DEAD_LETTER_SCHEMA.empty_table)
+
+
+def failed_letters(released: Released, error: BaseException) -> pa.Table:
+    """The events of a failed step as dead letters, each with the error."""
+    rows = released.rows
+    table = released.table
+    kinds = np.asarray(table.column("kind").to_numpy(zero_copy_only=False))[rows]
+    names = np.array([k.wire_name for k in EventKind], dtype=object)
+    reason = f"shard_failed: {type(error).__name__}: {error}"[:500]
+    return pa.table(
+        {
+            "index": pa.array(np.asarray(table.column("seq").to_numpy())[rows].astype(np.int64)),
+            "event_id": pa.array(np.asarray(table.column("event_id").to_numpy())[rows]),
+            "kind": pa.array(names[kinds], type=pa.string()),
+            "field": pa.nulls(rows.size, pa.string()),
+            "value": pa.nulls(rows.size, pa.string()),
+            "reason": pa.array([reason] * rows.size, type=pa.string()),
+        },
+        schema=DEAD_LETTER_SCHEMA,
+    )
 
 
 def release_parts(released: Released, limit: int) -> list[Released]:
@@ -131,6 +155,7 @@ def release_parts(released: Released, limit: int) -> list[Released]:
 def _merge(parts: list[ApplyResult]) -> ApplyResult:
     if len(parts) == 1:
         return parts[0]
+    failed = [p.failed for p in parts if p.failed.num_rows]
     triggers = [p.triggers for p in parts if p.triggers.num_rows]
     decisions = [p.decisions for p in parts if p.decisions.num_rows]
     by_rule: dict[str, int] = {}
@@ -144,6 +169,7 @@ def _merge(parts: list[ApplyResult]) -> ApplyResult:
         decide_ms=sum(p.decide_ms for p in parts),
         decide_ms_parts=[ms for p in parts for ms in p.decide_ms_parts],
         triggers_by_rule=by_rule,
+        failed=pa.concat_tables(failed) if failed else parts[0].failed,
     )
 
 
@@ -202,6 +228,7 @@ class ShardLogic:
             "triggers": 0,
             "decisions": 0,
             "delivered": 0,
+            "failed": 0,
         }
         self.recent_triggers = Recent(TRIGGER_SCHEMA)
         self.recent_decisions = Recent(DECISION_SCHEMA)
@@ -264,13 +291,14 @@ class ShardLogic:
         limit = self.settings.micro_batch_max_events
         if self.decider is not None:  # bounded trigger-to-decision time
             limit = min(limit, self.settings.decision_step_max_events)
-        result = _merge([self._process(part) for part in release_parts(released, limit)])
+        result = _merge([self._step(part) for part in release_parts(released, limit)])
         result.received = received
         result.duplicates = duplicates
         result.pending = self.buffer.pending_rows
         self.counters["received"] += received
         self.counters["duplicates"] += duplicates
         self.counters["applied"] += result.applied
+        self.counters["failed"] += result.failed.num_rows
         self.counters["triggers"] += result.triggers.num_rows
         self.recent_triggers.add(result.triggers)
         self._count_decisions(result.decisions)
@@ -307,6 +335,8 @@ class ShardLogic:
             raise EngineError(f"unknown channel(s) {unknown}; known: {', '.join(CHANNELS)}")
         channel_ix = np.array([CHANNELS.index(c) for c in channels], dtype=np.int8)
         ts = np.asarray(ts_ms, dtype=np.int64)
+        if ts.size and not (time_in_range(int(ts.min())) and time_in_range(int(ts.max()))):
+            raise EngineError(f"an inbound decision's time is outside {TS_RANGE_TEXT}")
         slots = self.store.slots_for(keys)
         order = sort_order(slots, ts)  # a view is in (customer, time) order
         columns = {
@@ -329,6 +359,20 @@ class ShardLogic:
         """Release and apply every pending event (the stream has ended)."""
         return self.apply(None, END_OF_STREAM)
 
+    def _step(self, released: Released) -> ApplyResult:
+        """Apply one step; if it fails, its events are returned as dead letters with the error
+        instead of being lost (they were acknowledged upstream), and the shard goes on.
+
+        Bad events never get here (validation dead-letters them at ingest, and a rule or
+        catalog that validates runs on representative events); this is the last line. The
+        rules' state is written only after the step's decisions and golden-record write-back,
+        so a failing step leaves it as it was.
+        """
+        try:
+            return self._process(released)
+        except Exception as exc:  # any failure of one step: keep its events, keep the shard
+            return ApplyResult(empty_triggers(), failed=failed_letters(released, exc))
+
     def _process(self, released: Released) -> ApplyResult:
         if released.num_rows == 0:
             return ApplyResult(empty_triggers())
@@ -342,8 +386,9 @@ class ShardLogic:
         tables = []
         counts: dict[str, int] = {}
         fired: list[tuple[str, np.ndarray]] = []
+        marks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # written last
         for rule in self.rules.rules:
-            fired_rows = self._fire(rule, view)
+            fired_rows = self._fire(rule, view, marks)
             counts[rule.id] = int(fired_rows.size)
             if fired_rows.size == 0:
                 continue
@@ -364,6 +409,8 @@ class ShardLogic:
         decisions = self.decider.decide(view, fired) if self.decider else empty_decisions()
         decide_ms = (time.perf_counter() - started) * 1000
         view.write_back()
+        for state, slots, mark in marks:
+            state[slots] = mark
         triggers = pa.concat_tables(tables) if tables else empty_triggers()
         return ApplyResult(
             triggers,
@@ -374,7 +421,10 @@ class ShardLogic:
             triggers_by_rule=counts,
         )
 
-    def _fire(self, rule: Any, view: BatchView) -> np.ndarray:
+    def _fire(
+        self, rule: Any, view: BatchView, marks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ) -> np.ndarray:
+        """The view rows where ``rule`` fires; what its state becomes goes to ``marks``."""
         rows = candidates(rule, view)
         if rows.size == 0:
             return rows
@@ -390,7 +440,7 @@ class ShardLogic:
             # fired rows are sorted by customer then time: keep each customer's last
             last = np.ones(fired.size, dtype=bool)
             last[:-1] = view.slot[fired[1:]] != view.slot[fired[:-1]]
-            state[view.slot[fired[last]]] = mark[last]
+            marks.append((state, view.slot[fired[last]], mark[last]))
         return fired
 
     # -- snapshots ----------------------------------------------------------------------------

@@ -25,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine.errors import CatalogError, RuleError
 from engine.events.schema import CHANNELS
+from engine.limits import MAX_NUMBER, unencodable_text
 from engine.rules.expr import Expression, compile_expression
+from engine.rules.probe import probe
 from engine.rules.spec import RULE_ID, VOCABULARY, ExprText, parse_duration_ms
 from engine.yamlfile import load_yaml
 
@@ -77,7 +79,7 @@ class PolicySpec(BaseModel):
     exploration: Annotated[float, Field(ge=0, le=0.5)] = 0.05
     attribution_window: str | float = "72h"
     #: salt of the stable hashes (control group, exploration draws)
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=1 << 32)] = 0
 
     _check = field_validator("attribution_window")(_duration)
 
@@ -100,8 +102,8 @@ class OfferSpec(BaseModel):
     answers: list[Annotated[str, Field(pattern=RULE_ID)]] = Field(min_length=1)
     eligible: ExprText | None = None
     channels: list[str] = Field(min_length=1)
-    value: Annotated[float, Field(ge=0)]
-    cost: Annotated[float, Field(ge=0)] = 0.0
+    value: Annotated[float, Field(ge=0, le=MAX_NUMBER)]
+    cost: Annotated[float, Field(ge=0, le=MAX_NUMBER)] = 0.0
     cooldown: str | float = "7d"
     enabled: bool = True
 
@@ -166,6 +168,11 @@ class Catalog:
 
 def parse_catalog(document: Any, source: str = "<catalog>") -> Catalog:
     """Validate a parsed YAML document; every problem is reported, then raised as CatalogError."""
+    bad_text = unencodable_text(document)
+    if bad_text:
+        raise CatalogError(
+            f"{source}: text that is not valid Unicode (a lone surrogate) at {bad_text}"
+        )
     if not isinstance(document, Mapping) or "offers" not in document:
         raise CatalogError(f"{source}: expected a mapping with an 'offers' list at the top")
     problems = [
@@ -201,6 +208,7 @@ def parse_catalog(document: Any, source: str = "<catalog>") -> Catalog:
         if spec.eligible is not None:
             try:
                 eligible = compile_expression(spec.eligible, VOCABULARY, "bool")
+                probe(eligible)
             except RuleError as exc:
                 problems.append(f"{source}: offer '{spec.id}': field 'eligible': {exc}")
                 continue

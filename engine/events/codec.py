@@ -17,9 +17,16 @@ from typing import Any
 import msgpack
 import pyarrow as pa
 
-from engine.errors import EventError
-from engine.events.deadletter import DeadLetter, show_value
+from engine.errors import EventError, PayloadTooLargeError
+from engine.events.deadletter import DeadLetter, label, show_value
 from engine.events.schema import PAYLOAD_FIELDS, RAW_SCHEMA
+from engine.fields import MAX_CHARS, MAX_ITEMS
+from engine.limits import (
+    MAX_EVENT_DEPTH,
+    MAX_EVENTS_PER_REQUEST,
+    MAX_FIELDS_PER_EVENT,
+    MAX_ID_CHARS,
+)
 
 _U64_MAX = (1 << 64) - 1
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
@@ -88,13 +95,23 @@ def _int_range(typ: pa.DataType) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
+def _short(field: str, value: str) -> str:
+    limit = MAX_CHARS.get(field)
+    if limit is not None and len(value) > limit:
+        raise ValueError(f"longer than {limit} characters (the limit for '{field}')")
+    return _text(value)
+
+
 def _coerce(field: str, typ: pa.DataType, value: Any) -> Any:
     if value is None:
         return None
     if pa.types.is_floating(typ):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise TypeError(f"expected a number, got {type(value).__name__}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float: out of every field's range
+            raise ValueError("out of range (too large for a number)") from None
     if pa.types.is_integer(typ):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -111,11 +128,14 @@ def _coerce(field: str, typ: pa.DataType, value: Any) -> Any:
     if pa.types.is_string(typ):
         if not isinstance(value, str):
             raise TypeError(f"expected a string, got {type(value).__name__}")
-        return _text(value)
+        return _short(field, value)
     if pa.types.is_list(typ):
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise TypeError("expected a list of strings")
-        return [_text(v) for v in value]
+        most = MAX_ITEMS.get(field)
+        if most is not None and len(value) > most:
+            raise ValueError(f"more than {most} items (the limit for '{field}')")
+        return [_short(field, v) for v in value]
     raise TypeError(f"unsupported type {typ} for field {field}")  # pragma: no cover
 
 
@@ -128,26 +148,37 @@ def _coerce_row(index: int, row: Any) -> tuple[dict[str, Any] | None, DeadLetter
     raw_kind = row.get("kind")
     kind = raw_kind if isinstance(raw_kind, str) and _is_text(raw_kind) else None
 
-    def bad(field: str, reason: str) -> tuple[None, DeadLetter]:
-        value = show_value(field, row.get(field))
+    def bad(field: Any, reason: str) -> tuple[None, DeadLetter]:
+        name = label(field)  # a key may be anything: the letter holds printable text
+        value = show_value(name, row.get(field))
         return None, DeadLetter(
-            index, f"field '{field}' = {value}: {reason}", field, value, event_id, kind
+            index, f"field '{name}' = {value}: {reason}", name, value, event_id, kind
         )
 
+    if len(row) > MAX_FIELDS_PER_EVENT:
+        return None, DeadLetter(
+            index, f"{len(row)} fields: an event has at most {MAX_FIELDS_PER_EVENT}", None, None
+        )
     if isinstance(raw_id, int) and not isinstance(raw_id, bool) and 0 <= raw_id <= _U64_MAX:
         event_id = raw_id
-    elif isinstance(raw_id, str) and raw_id and _is_text(raw_id):
+    elif isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_CHARS and _is_text(raw_id):
         event_id = event_id_from_text(raw_id)
     else:
-        return bad("event_id", "missing, or not an unsigned 64-bit integer or a non-empty string")
+        return bad(
+            "event_id",
+            "missing, or not an unsigned 64-bit integer or a non-empty string of at most "
+            f"{MAX_ID_CHARS} characters",
+        )
     out["event_id"] = event_id
     customer = row.get("customer_id")
     if isinstance(customer, int) and not isinstance(customer, bool):
         customer = str(customer)
     if not isinstance(customer, str) or not customer or not _is_text(customer):
         return bad("customer_id", "missing or not a non-empty string")
+    if len(customer) > MAX_ID_CHARS:
+        return bad("customer_id", f"longer than {MAX_ID_CHARS} characters")
     out["customer_id"] = customer
-    if kind is None or not _is_text(kind):
+    if kind is None or len(kind) > MAX_ID_CHARS:
         return bad("kind", "missing or not a string")
     out["kind"] = kind
     if "ts" not in row:
@@ -159,7 +190,7 @@ def _coerce_row(index: int, row: Any) -> tuple[dict[str, Any] | None, DeadLetter
     for field, value in row.items():
         if field in _HEADER:
             continue
-        typ = PAYLOAD_FIELDS.get(field)
+        typ = PAYLOAD_FIELDS.get(field) if isinstance(field, str) else None
         if typ is None:
             return bad(field, "unknown field")
         try:
@@ -195,29 +226,80 @@ def rows_to_batch(rows: Sequence[Any]) -> tuple[pa.RecordBatch, list[int], list[
 
 
 def decode_msgpack(payload: bytes) -> list[Any]:
-    """One event (a map) or a batch (an array of maps) from msgpack bytes."""
+    """One event (a map) or a batch (an array of maps) from msgpack bytes.
+
+    EventError when the body is not msgpack or nests too deeply; PayloadTooLargeError when it
+    holds more than MAX_EVENTS_PER_REQUEST events.
+    """
     try:
         obj = msgpack.unpackb(payload, raw=False, timestamp=0, strict_map_key=True)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
         raise EventError(f"body is not valid msgpack: {exc}") from exc
+    except (TypeError, OverflowError, RecursionError, MemoryError) as exc:  # odd keys, ext types
+        raise EventError(f"body is not valid msgpack: {type(exc).__name__}: {exc}") from exc
     return _as_rows(obj)
 
 
+def _json_int(text: str) -> int | float:
+    """JSON integers as ints, except ones too long for any field: those become +-inf, which
+    every numeric check refuses by field (Python refuses to parse 4,300+ digits at all)."""
+    if len(text) <= 40:
+        return int(text)
+    return -math.inf if text.startswith("-") else math.inf
+
+
 def decode_json(payload: bytes) -> list[Any]:
-    """One event (an object) or a batch (an array of objects) from JSON bytes."""
+    """One event (an object) or a batch (an array of objects) from JSON bytes; see
+    ``decode_msgpack`` for the errors."""
     try:
-        obj = json.loads(payload)
+        obj = json.loads(payload, parse_int=_json_int)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EventError(f"body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise EventError(
+            f"body nests deeper than {MAX_EVENT_DEPTH} levels (limit max_event_depth)"
+        ) from exc
+    except (ValueError, MemoryError) as exc:
+        raise EventError(f"body is not valid JSON: {type(exc).__name__}: {exc}") from exc
     return _as_rows(obj)
 
 
 def _as_rows(obj: Any) -> list[Any]:
     if isinstance(obj, Mapping):
-        return [obj]
-    if isinstance(obj, list):
-        return obj
-    raise EventError(f"expected an event (a map) or a batch (an array), got {type(obj).__name__}")
+        rows = [obj]
+    elif isinstance(obj, list):
+        rows = obj
+    else:
+        raise EventError(
+            f"expected an event (a map) or a batch (an array), got {type(obj).__name__}"
+        )
+    if len(rows) > MAX_EVENTS_PER_REQUEST:
+        raise PayloadTooLargeError(
+            f"{len(rows):,} events in one request: the limit is {MAX_EVENTS_PER_REQUEST:,} "
+            "(max_events_per_request); send them in several requests"
+        )
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise EventError(
+                f"item {i} of the batch is a {type(row).__name__}, not an event map: a body is an "
+                "event map or an array of event maps"
+            )
+        for value in row.values():
+            if _nested(value):
+                raise EventError(
+                    f"event {i} nests deeper than {MAX_EVENT_DEPTH} levels (max_event_depth): "
+                    "an event's values are numbers, strings, booleans or lists of them"
+                )
+    return rows
+
+
+def _nested(value: Any) -> bool:
+    """Is an event's value a map, or a list holding a container?"""
+    if isinstance(value, Mapping):
+        return True
+    return isinstance(value, list | tuple) and any(
+        isinstance(v, list | tuple | Mapping) for v in value
+    )
 
 
 def _wire_value(value: Any) -> Any:

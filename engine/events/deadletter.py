@@ -41,12 +41,20 @@ class DeadLetter:
         return asdict(self)
 
 
+def label(name: object) -> str:
+    """A field name as printable, encodable text of at most 80 characters: a key may be any
+    value, a lone surrogate or a megabyte long, and a dead letter must still be writable."""
+    text = name if isinstance(name, str) else repr(name)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 3] + "..."
+
+
 def show_value(field: str, value: object) -> str:
     """The value as it may appear in a dead letter: personal fields are withheld, long ones cut."""
     if field in _PERSONAL:
         return "<withheld>"
-    text = repr(value)
-    return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 3] + "..."
+    text = label(value if not isinstance(value, str) else repr(value))
+    return text
 
 
 def dead_letter_table(letters: Iterable[DeadLetter]) -> pa.Table:

@@ -27,11 +27,10 @@ from engine.events.schema import (
     EventKind,
 )
 from engine.fields import RANGES
+from engine.limits import TS_MAX_MS, TS_MIN_MS, TS_RANGE_TEXT
 
 _RANGES: dict[str, tuple[float, float]] = RANGES
 #: accepted event times: [1970-01-01, 2200-01-01) UTC, in epoch milliseconds
-TS_MIN_MS, TS_MAX_MS = 0, 7_258_118_400_000
-TS_RANGE_TEXT = "1970-01-01 .. 2200-01-01 (epoch milliseconds 0 .. 7258118400000)"
 _CHOICES: dict[str, tuple[str, ...]] = {"response": RESPONSES, "channel": CONSENT_CHANNELS}
 #: _ALLOWED[field][kind code]: may a kind carry the field
 _ALLOWED: dict[str, np.ndarray] = {
@@ -44,7 +43,7 @@ _ALLOWED: dict[str, np.ndarray] = {
 def is_time_zone(name: str) -> bool:
     try:
         zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long
         return False
     return True
 

@@ -13,6 +13,7 @@ Missing numbers are NaN; a comparison involving NaN is false, as in SQL.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from engine.errors import RuleError
+from engine.limits import MAX_EXPRESSION_CHARS, MAX_EXPRESSION_DEPTH, MAX_NUMBER
 
 Type = Literal["num", "bool", "str"]
 Array = np.ndarray
@@ -140,9 +142,11 @@ class _Compiler:
     def compile(self, node: ast.AST) -> tuple[Type, Compiled]:
         if isinstance(node, ast.Constant):
             value = node.value
+            if isinstance(value, int | float) and not _in_range(value):
+                raise self.fail(node, f"a number beyond +-{MAX_NUMBER:g} (limit max_number)")
             if isinstance(value, bool | int | float | str):
                 return _constant(value)
-            raise self.fail(node, f"unsupported constant {value!r}")
+            raise self.fail(node, f"unsupported constant of type {type(value).__name__}")
         if isinstance(node, ast.Name):
             if node.id in _CONSTANT_NAMES:
                 return _constant(_CONSTANT_NAMES[node.id])
@@ -283,6 +287,26 @@ class _Compiler:
 _NOUN = {"num": "number", "bool": "condition", "str": "string"}
 
 
+def _in_range(value: float) -> bool:
+    """A finite number within +-MAX_NUMBER (compared as int first: huge ints overflow floats)."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return abs(value) <= MAX_NUMBER
+    return math.isfinite(value) and abs(value) <= MAX_NUMBER
+
+
+def _depth(node: ast.AST) -> int:
+    """Depth of a syntax tree, iteratively (the compiler below recurses: bounded by this)."""
+    deepest = 0
+    stack = [(node, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(item))
+    return deepest
+
+
 def compile_expression(
     source: str, vocabulary: Mapping[str, Type], want: Type | None = None
 ) -> Expression:
@@ -290,10 +314,22 @@ def compile_expression(
     text = str(source).strip()
     if not text:
         raise RuleError("empty expression")
+    if len(text) > MAX_EXPRESSION_CHARS:
+        raise RuleError(
+            f"expression of {len(text):,} characters: the limit is {MAX_EXPRESSION_CHARS:,} "
+            "(max_expression_chars)"
+        )
+    too_deep = RuleError(
+        f"expression nests deeper than {MAX_EXPRESSION_DEPTH} levels (max_expression_depth)"
+    )
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as exc:
         raise RuleError(f"syntax error at column {exc.offset}: {exc.msg}") from exc
+    except (RecursionError, MemoryError, ValueError) as exc:  # the parser's own limits
+        raise too_deep from exc
+    if _depth(tree.body) > MAX_EXPRESSION_DEPTH:
+        raise too_deep
     compiler = _Compiler(text, vocabulary)
     typ, fn = compiler.compile(tree.body)
     if want is not None and typ != want:

@@ -13,6 +13,7 @@ Each has ``on`` (event kinds), an optional ``when`` and ``emit`` (numbers the tr
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from pydantic import (
 from engine.errors import RuleError
 from engine.events.schema import KIND_NAMES, EventKind
 from engine.fields import expression_names
+from engine.limits import MAX_DURATION_MS, unencodable_text
 from engine.rules.expr import Expression, Type, compile_expression
+from engine.rules.probe import probe
 from engine.units import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from engine.yamlfile import load_yaml
 
@@ -50,15 +53,25 @@ RULE_ID = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"
 
 
 def parse_duration_ms(value: str | float) -> int:
-    """'24h', '30m', '90s', '7d', '250ms' or a number of seconds, as milliseconds."""
+    """'24h', '30m', '90s', '7d', '250ms' or a number of seconds, as milliseconds; ValueError
+    unless it is within [0, MAX_DURATION_MS] (ten years), so every duration fits the engine's
+    int64 event-time arithmetic."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 24h, 30m or 90s")
     if isinstance(value, int | float):
-        return round(value * 1000)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"'{value}' is not a duration such as 24h, 30m, 90s or 7d")
-    return round(float(match.group(1)) * _UNIT_MS[match.group(2)])
+        seconds = float(value) if abs(value) < 1e300 else math.inf
+        ms = seconds * 1000
+    else:
+        text = str(value)
+        match = _DURATION.match(text) if len(text) <= 64 else None
+        if not match:
+            raise ValueError(f"'{text[:64]}' is not a duration such as 24h, 30m, 90s or 7d")
+        ms = float(match.group(1)) * _UNIT_MS[match.group(2)]
+    if not (math.isfinite(ms) and 0 <= ms <= MAX_DURATION_MS):
+        raise ValueError(
+            f"duration {str(value)[:64]!r} is outside 0 .. 3650d (the limit max_duration_ms)"
+        )
+    return round(ms)
 
 
 def _number_as_text(value: Any) -> Any:
@@ -114,7 +127,7 @@ class ConditionSpec(_RuleBase):
 class LocationSpec(_RuleBase):
     type: Literal["location"]
     on: list[str] = Field(default_factory=lambda: ["location"])
-    min_distance_km: Annotated[float, Field(gt=0)]
+    min_distance_km: Annotated[float, Field(gt=0, le=20_100)]  # half the Earth's circumference
     cooldown: str | float = "24h"
 
     @field_validator("cooldown")
@@ -189,10 +202,12 @@ def _compile(spec: ThresholdSpec | ConditionSpec | LocationSpec, where: str) -> 
         if text is None:
             return None
         try:
-            return compile_expression(text, VOCABULARY, want)
+            compiled = compile_expression(text, VOCABULARY, want)
+            probe(compiled)  # it runs on representative events, or it is refused now
         except RuleError as exc:
             problems.append(f"{where}: rule '{spec.id}': field '{fieldname}': {exc}")
             return None
+        return compiled
 
     when = expr("when", spec.when, "bool")
     emit: dict[str, Expression] = {}
@@ -247,6 +262,11 @@ def _field_path(loc: tuple[Any, ...]) -> tuple[int | None, str]:
 
 def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
     """Validate and compile a parsed YAML document; every problem is reported, then raised."""
+    bad_text = unencodable_text(document)
+    if bad_text:
+        raise RuleError(
+            f"{source}: text that is not valid Unicode (a lone surrogate) at {bad_text}"
+        )
     if not isinstance(document, Mapping) or "rules" not in document:
         raise RuleError(f"{source}: expected a mapping with a 'rules' list at the top")
     raw_rules = document["rules"]

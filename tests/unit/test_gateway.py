@@ -110,3 +110,15 @@ def test_retraining_runs_when_due_and_a_failure_is_kept_not_raised() -> None:
     retrainer.fail = False
     logic.retrain()
     assert logic.retrain_error is None
+
+
+def test_an_answer_lists_at_most_the_first_errors_and_counts_them_all() -> None:
+    from engine.limits import MAX_ERRORS_LISTED
+
+    n = MAX_ERRORS_LISTED * 3
+    logic = GatewayLogic(FakeFeed(bad=set(range(n))))
+    done = logic.submit(batch(["usage"] * n), list(range(n)), [])
+    assert done.report["rejected"] == n and done.report["accepted"] == 0
+    assert [e["index"] for e in done.report["errors"]] == list(range(MAX_ERRORS_LISTED))
+    assert done.report["errors_truncated"]
+    assert done.rejected_by_kind == {"usage": n}
