@@ -92,7 +92,7 @@ def cases() -> list[tuple[str, str, str, bytes, dict[str, str]]]:
          json.dumps({"rules": [{**rule, "when": "mb > 1" + "0" * 400}]}).encode(), JSON),
         ("offers: eligible = 'not ' x 5000", "PUT", "/v1/offers",
          json.dumps({"offers": [{**offer, "eligible": "not " * 5000 + "true"}]}).encode(), JSON),
-        ("events: 1 MB msgpack of 1,000,000 ints", "POST", "/v1/events",
+        ("events: msgpack array of 1,000,000 ints", "POST", "/v1/events",
          msgpack.packb(list(range(1_000_000))), MSGPACK),
         ("rules: 390-byte YAML alias bomb", "PUT", "/v1/rules", bomb.encode(), YAML),
         ("events: 15 customer ids of 1 MB", "POST", "/v1/events",
@@ -141,6 +141,15 @@ class Background:
         return max(overlapping, default=0.0)
 
 
+def _replicas(serve: Any) -> dict[str, int]:
+    """Replicas of the API deployment by state (a restart shows as STARTING or a new count)."""
+    app = serve.status().applications.get("kairos")
+    if app is None:
+        return {}
+    states = app.deployments["api"].replica_states
+    return {str(k): int(v) for k, v in states.items()}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -168,6 +177,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     gateway = ray.get_actor(config.gateway_name, namespace=config.namespace)
     gateway_id = gateway._actor_id.hex()  # noqa: SLF001 (the same actor must answer at the end)
+    replicas_before = _replicas(serve)
     background = Background(url)
     background.start()
     time.sleep(2)
@@ -200,6 +210,7 @@ def main() -> None:
         ],
         "background_accepted": background.accepted,
         "gateway_restarted": same_gateway._actor_id.hex() != gateway_id,  # noqa: SLF001
+        "api_replicas_before_after": [replicas_before, _replicas(serve)],
         "shard_failed_events": stats["failed"],
     }
     if args.json:
