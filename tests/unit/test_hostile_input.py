@@ -11,6 +11,7 @@ import time
 import msgpack
 import numpy as np
 import pytest
+import yaml
 
 from engine.config import EngineSettings
 from engine.decision.catalog import parse_catalog_text
@@ -153,11 +154,8 @@ def test_deep_or_huge_yaml_is_a_yaml_error_naming_the_limit() -> None:
         load_yaml("a: " + "[" * 900 + "]" * 900)
     with pytest.raises(DocumentLimitError, match="max_document_bytes"):
         load_yaml("a: " + "x" * (2 << 20))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(yaml.YAMLError, match="ValueError"):  # Python refuses 4,300+ digits
         load_yaml("a: " + "9" * 5000)
-    assert "YAMLError" in type(info.value).__mro__[-3].__name__ or isinstance(
-        info.value, __import__("yaml").YAMLError
-    )
 
 
 def test_the_shipped_rules_parse_the_same_as_a_file_and_as_a_body() -> None:

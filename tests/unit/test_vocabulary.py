@@ -75,3 +75,13 @@ def test_schemas_store_and_validation_derive_from_the_table() -> None:
         or (f.wire is not None and pa.types.is_floating(f.wire))
     }  # fmt: skip
     assert set(VALIDATION_RANGES) == numeric_wire  # every number on the wire has a range
+
+
+def test_every_text_field_on_the_wire_has_a_length_limit() -> None:
+    for f in FIELDS:
+        if f.wire is None:
+            continue
+        text = pa.types.is_string(f.wire) or pa.types.is_list(f.wire)
+        assert (f.max_chars is not None) == text, f.name
+        if pa.types.is_list(f.wire):
+            assert f.max_items is not None, f.name
