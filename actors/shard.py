@@ -12,12 +12,12 @@ import ray
 
 from actors.metrics import metrics
 from actors.runtime import peak_rss_mb
-from engine.checkpoint import read_snapshot, write_snapshot
 from engine.config import EngineSettings
 from engine.decision.catalog import parse_catalog
 from engine.decision.scorer import OfferScorer, RemoteScorer, ScorerUnavailableError
 from engine.rules.spec import parse_rules
 from engine.shard import ApplyResult, ShardLogic
+from engine.snapshot import ShardSnapshot
 
 
 def _stats(result: ApplyResult, started: float) -> dict[str, Any]:
@@ -146,11 +146,11 @@ class ShardActor:
             **self.logic.counters,
         }
 
-    def snapshot(self, uri: str) -> str:
-        """Write this shard's snapshot under ``uri``; returns the URI."""
-        return write_snapshot(self.logic.snapshot(), uri)
+    def snapshot(self) -> ShardSnapshot:
+        """Everything this shard holds, as a value (the caller drained its calls first)."""
+        return self.logic.snapshot()
 
-    def restore(self, uri: str) -> int:
-        """Restore the snapshot under ``uri``; returns the customers it holds."""
-        self.logic.restore(read_snapshot(uri))
+    def restore(self, snapshot: ShardSnapshot) -> int:
+        """Take ``snapshot``'s state (for this shard's key groups); returns its customers."""
+        self.logic.restore(snapshot)
         return self.logic.customers

@@ -1,6 +1,7 @@
 """Supervisor: creates the shard actors over key-group ranges, the sink and the router.
 
-Also the one place that broadcasts rule changes and coordinates snapshots across shards.
+Also the one place that broadcasts rule changes and coordinates checkpoints across shards
+(``checkpoint`` / ``restore``, onto any number of shards).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from actors.router import Router
 from actors.runtime import ALLOCATOR_ENV
 from actors.shard import ShardActor
 from actors.sink import DecisionSinkActor, TriggerSinkActor
+from engine.checkpoint import read_checkpoint, rescale, write_checkpoint
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, parse_catalog
 from engine.decision.scorer import OfferScorer
@@ -132,27 +134,27 @@ class Supervisor:
         owner = int(self.ingestor.shard_map.shard_of_keys(np.array([key], dtype=np.uint64))[0])
         return ray.get(self.shards[owner].customer.remote(key))  # type: ignore[no-any-return]
 
-    def snapshot(self, uri: str) -> list[str]:
-        """Snapshot every shard after draining the router: a consistent cut of the stream."""
+    def checkpoint(self, root: str, epoch: int, extra: dict[str, Any] | None = None) -> str:
+        """Checkpoint ``epoch`` under ``root``: drain the router (no call in flight: an aligned
+        cut of the stream), take every shard's snapshot value, write them with the ingest
+        position (``engine.checkpoint``) and make it CURRENT. Returns its folder."""
         self.router.drain()
-        return list(
-            ray.get(
-                [
-                    s.snapshot.remote(f"{uri.rstrip('/')}/shard-{i}")
-                    for i, s in enumerate(self.shards)
-                ]
-            )
-        )
+        snapshots = ray.get([s.snapshot.remote() for s in self.shards])
+        position = {"position": self.ingestor.position(), **(extra or {})}
+        return write_checkpoint(root, epoch, snapshots, position)
 
-    def restore(self, uri: str) -> int:
-        return sum(
-            ray.get(
-                [
-                    s.restore.remote(f"{uri.rstrip('/')}/shard-{i}")
-                    for i, s in enumerate(self.shards)
-                ]
-            )
+    def restore(self, root: str) -> int:
+        """Restore the CURRENT checkpoint under ``root``, on as many shards as this engine has
+        (a checkpoint of another shard count is rescaled by key group). Returns the customers."""
+        document, snapshots = read_checkpoint(root)
+        ranges = [self.ingestor.shard_map.range_of(i) for i in range(len(self.shards))]
+        if [tuple(s.key_range) for s in snapshots] != ranges:
+            snapshots = rescale(snapshots, ranges, self.settings.key_groups)
+        self.ingestor.resume(document["position"])
+        restored = ray.get(
+            [shard.restore.remote(s) for shard, s in zip(self.shards, snapshots, strict=True)]
         )
+        return sum(restored)
 
     def shutdown(self) -> None:
         sinks = [a for a in (self.sink, self.decision_sink) if a is not None]

@@ -1,58 +1,245 @@
-"""Shard snapshots on storage: one Arrow IPC file per table and a manifest, via pyarrow.fs.
+"""Shard snapshots on storage, and whole checkpoints of an engine, via pyarrow.fs.
 
-A local folder by default; object storage works the same. The manifest is written last: a
-folder without one is an incomplete snapshot and is refused.
+A shard snapshot is a folder: one Arrow IPC file per table and ``manifest.json`` with the
+snapshot's metadata and the SHA-256 of every file, written last; a folder without it is an
+incomplete snapshot and is refused, and so is a file whose digest does not match.
+
+A checkpoint is one snapshot per shard of an aligned cut (the router drained: no micro-batch in
+flight) under ``<root>/chk-<epoch>/shard-<i>``, then ``<root>/chk-<epoch>/CHECKPOINT.json``
+(shard folders with their key ranges and digests, the caller's source positions and versions),
+then ``<root>/CURRENT`` naming the folder, replaced atomically. Readers follow ``CURRENT`` only,
+so a checkpoint that did not finish is never used. The last ``keep`` checkpoints are kept.
+
+``rescale`` turns the snapshots of N shards into snapshots for M shards (other key-group
+ranges): every row goes to the shard that owns its customer's key group.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 from pyarrow import ipc
 
 from engine.errors import StateError
+from engine.partition import key_groups_of
 from engine.sink import resolve
 from engine.snapshot import TABLES, ShardSnapshot
+from engine.state.store import STRING_COLUMNS, StringPool
 
 MANIFEST = "manifest.json"
+CHECKPOINT = "CHECKPOINT.json"
+CURRENT = "CURRENT"
 
 
-def _write(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
-    with fs.open_output_stream(path) as out, ipc.new_file(out, table.schema) as writer:
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
+    return bytes(sink.getvalue())
 
 
-def _read(fs: pafs.FileSystem, path: str) -> pa.Table:
-    with fs.open_input_file(path) as source:
-        return ipc.open_file(source).read_all()
+def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as source:
+        return bytes(source.read())
 
 
 def write_snapshot(snapshot: ShardSnapshot, uri: str) -> str:
-    """Write ``snapshot`` under ``uri`` (a folder); returns the URI."""
+    """Write ``snapshot`` under ``uri`` (a folder), its manifest with digests last; returns it."""
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)
+    digests = {}
     for name, table in snapshot.tables.items():
-        _write(fs, f"{path}/{name}.arrow", table)
-    with fs.open_output_stream(f"{path}/{MANIFEST}") as out:
-        out.write(json.dumps(snapshot.metadata).encode())
+        data = _table_bytes(table)
+        digests[name] = hashlib.sha256(data).hexdigest()
+        _write_bytes(fs, f"{path}/{name}.arrow", data)
+    manifest = {**snapshot.metadata, "sha256": digests}
+    _write_bytes(fs, f"{path}/{MANIFEST}", json.dumps(manifest).encode())
     return uri
 
 
 def read_snapshot(uri: str) -> ShardSnapshot:
-    """The snapshot under ``uri``; StateError when it is incomplete or of another format."""
+    """The snapshot under ``uri``; StateError when it is incomplete, altered or of another
+    format."""
     fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(f"{path}/{MANIFEST}") as src:
-            metadata = json.loads(src.read())
-    except (FileNotFoundError, OSError) as exc:
+        metadata = json.loads(_read_bytes(fs, f"{path}/{MANIFEST}"))
+    except (FileNotFoundError, OSError, ValueError) as exc:
         raise StateError(f"{uri}: no complete snapshot ({MANIFEST} missing)") from exc
-    try:
-        tables = {name: _read(fs, f"{path}/{name}.arrow") for name in TABLES}
-    except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
-        raise StateError(f"{uri}: a snapshot table cannot be read: {exc}") from exc
+    digests = metadata.get("sha256", {})
+    tables = {}
+    for name in TABLES:
+        try:
+            data = _read_bytes(fs, f"{path}/{name}.arrow")
+        except (FileNotFoundError, OSError) as exc:
+            raise StateError(f"{uri}: snapshot table {name} cannot be read: {exc}") from exc
+        if digests.get(name) != hashlib.sha256(data).hexdigest():
+            raise StateError(f"{uri}: snapshot table {name} does not match its digest")
+        try:
+            tables[name] = ipc.open_file(pa.BufferReader(data)).read_all()
+        except pa.ArrowInvalid as exc:  # pragma: no cover (the digest matched)
+            raise StateError(f"{uri}: snapshot table {name} cannot be read: {exc}") from exc
     try:
         return ShardSnapshot.from_parts(metadata, tables)
     except StateError as exc:
         raise StateError(f"{uri}: {exc}") from exc
+
+
+# -- checkpoints of a whole engine --------------------------------------------------------------
+def write_checkpoint(
+    root: str,
+    epoch: int,
+    snapshots: Sequence[ShardSnapshot],
+    extra: Mapping[str, Any] | None = None,
+    keep: int = 3,
+) -> str:
+    """Write an aligned cut's snapshots as checkpoint ``epoch`` and make it CURRENT.
+
+    ``extra`` (source positions, rule, catalog and model versions) goes into the checkpoint's
+    manifest. Returns the checkpoint folder's URI. The previous CURRENT stays valid until the
+    last step, the atomic replacement of CURRENT."""
+    fs, path = resolve(root)
+    name = f"chk-{epoch:012d}"
+    folder = f"{root.rstrip('/')}/{name}"
+    shards = []
+    for i, snapshot in enumerate(snapshots):
+        write_snapshot(snapshot, f"{folder}/shard-{i}")
+        manifest = _read_bytes(fs, f"{path}/{name}/shard-{i}/{MANIFEST}")
+        shards.append(
+            {
+                "folder": f"shard-{i}",
+                "shard_id": snapshot.shard_id,
+                "key_range": list(snapshot.key_range),
+                "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+            }
+        )
+    document = {"epoch": epoch, "shards": shards, **dict(extra or {})}
+    _write_bytes(fs, f"{path}/{name}/{CHECKPOINT}", json.dumps(document).encode())
+    _replace(fs, f"{path}/{CURRENT}", name.encode())
+    _forget_old(fs, path, keep, current=name)
+    return folder
+
+
+def _replace(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``path`` so a reader sees the old or the new content, never a part: a temporary
+    file renamed over it locally (rename is atomic); one PUT on object storage (atomic too)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        _write_bytes(fs, temporary, data)
+        fs.move(temporary, path)
+    else:
+        _write_bytes(fs, path, data)
+
+
+def _forget_old(fs: pafs.FileSystem, path: str, keep: int, current: str) -> None:
+    selector = pafs.FileSelector(path, allow_not_found=True)
+    folders = sorted(
+        info.base_name
+        for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("chk-")
+    )
+    for name in folders[: max(0, len(folders) - keep)]:
+        if name != current:
+            fs.delete_dir(f"{path}/{name}")
+
+
+def read_checkpoint(root: str) -> tuple[dict[str, Any], list[ShardSnapshot]]:
+    """The CURRENT checkpoint under ``root``: its manifest and its snapshots, every file
+    checked against its digest. StateError when there is none or it is damaged."""
+    fs, path = resolve(root)
+    try:
+        name = _read_bytes(fs, f"{path}/{CURRENT}").decode().strip()
+        document = json.loads(_read_bytes(fs, f"{path}/{name}/{CHECKPOINT}"))
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise StateError(f"{root}: no complete checkpoint ({CURRENT} missing or broken)") from exc
+    snapshots = []
+    for shard in document["shards"]:
+        folder = f"{path}/{name}/{shard['folder']}"
+        try:
+            manifest = _read_bytes(fs, f"{folder}/{MANIFEST}")
+        except (FileNotFoundError, OSError) as exc:
+            raise StateError(f"{root}: {name}/{shard['folder']} has no manifest") from exc
+        if hashlib.sha256(manifest).hexdigest() != shard["manifest_sha256"]:
+            raise StateError(f"{root}: {name}/{shard['folder']} does not match the checkpoint")
+        snapshots.append(read_snapshot(f"{root.rstrip('/')}/{name}/{shard['folder']}"))
+    return document, snapshots
+
+
+# -- rescaling ------------------------------------------------------------------------------------
+def rescale(
+    snapshots: Sequence[ShardSnapshot], ranges: Sequence[tuple[int, int]], key_groups: int
+) -> list[ShardSnapshot]:
+    """Snapshots for shards owning ``ranges`` of key groups, from snapshots of any other split.
+
+    Golden records, pending events and recent rows go to the shard owning their customer's key
+    group. Seen event ids carry no customer: every new shard gets all of them (event ids are
+    unique per event, so the extra ids never match another customer's event). Each new shard
+    starts at the lowest watermark of the old ones (nothing is released early) and with its
+    counters at zero (the old totals are the sum of the old snapshots' counters).
+    """
+    covered = sorted((int(a), int(b)) for s in snapshots for a, b in [s.key_range])
+    if (
+        covered[0][0] != 0
+        or covered[-1][1] != key_groups
+        or any(prev[1] != nxt[0] for prev, nxt in itertools.pairwise(covered))
+    ):
+        raise StateError(f"the snapshots cover key groups {covered}, not 0..{key_groups}")
+    merged = {name: pa.concat_tables([s.tables[name] for s in snapshots]) for name in TABLES}
+    customers = _unify_pool(snapshots)
+    watermark = min(s.watermark_ms for s in snapshots)
+    out = []
+    for shard_id, (start, stop) in enumerate(ranges):
+
+        def mine(table: pa.Table, start: int = start, stop: int = stop) -> pa.Table:
+            keys = np.asarray(table.column("customer_key").to_numpy(), dtype=np.uint64)
+            groups = key_groups_of(keys, key_groups)
+            return table.filter(pa.array((groups >= start) & (groups < stop)))
+
+        out.append(
+            ShardSnapshot(
+                shard_id=shard_id,
+                key_range=(start, stop),
+                watermark_ms=watermark,
+                counters={},
+                customers=mine(customers),
+                pending=mine(merged["pending"]),
+                seen=merged["seen"],
+                recent_triggers=mine(merged["recent_triggers"]),
+                recent_decisions=mine(merged["recent_decisions"]),
+            )
+        )
+    return out
+
+
+def _unify_pool(snapshots: Sequence[ShardSnapshot]) -> pa.Table:
+    """The customers of every snapshot in one table. Each shard interns its text columns (time
+    zone, device model) in its own string pool: ids are translated into one merged pool."""
+    pool = StringPool()
+    parts = []
+    for snapshot in snapshots:
+        table = snapshot.customers
+        meta = table.schema.metadata or {}
+        values = meta.get(b"kairos.strings", b"UTC\x1f").decode().split("\x1f")
+        for column in STRING_COLUMNS:
+            ids = np.asarray(table.column(column).to_numpy())
+            strings = np.array(values, dtype=object)[ids]
+            table = table.set_column(
+                table.column_names.index(column),
+                column,
+                pa.array(pool.ids_of(list(strings)), type=table.schema.field(column).type),
+            )
+        parts.append(table.replace_schema_metadata(None))
+    merged = pa.concat_tables(parts)
+    return merged.replace_schema_metadata({b"kairos.strings": "\x1f".join(pool.values).encode()})

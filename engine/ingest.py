@@ -64,6 +64,25 @@ class Ingestor:
         self.late_count = 0
         self.invalid_count = 0
 
+    def position(self) -> dict[str, int]:
+        """Where the stream stands (sequence, newest event time, idle floor, counts): what a
+        checkpoint keeps so ingest resumes exactly where it was (``resume``)."""
+        return {
+            "next_seq": self._next_seq,
+            "max_ts": self._max_ts,
+            "floor": self._floor,
+            "late_count": self.late_count,
+            "invalid_count": self.invalid_count,
+        }
+
+    def resume(self, position: dict[str, int]) -> None:
+        """Continue from a ``position`` (taken with any number of shards)."""
+        self._next_seq = int(position["next_seq"])
+        self._max_ts = int(position["max_ts"])
+        self._floor = int(position["floor"])
+        self.late_count = int(position.get("late_count", 0))
+        self.invalid_count = int(position.get("invalid_count", 0))
+
     @property
     def watermark_ms(self) -> int:
         """Events older than this are late; events up to it may be released in order."""

@@ -116,7 +116,8 @@ class ApplyResult:
 
 
 def failed_letters(released: Released, error: BaseException) -> pa.Table:
-    """The events of a failed step as dead letters, each with the error."""
+    """The events of a failed step as dead letters, each with the error; ``index`` is the
+    event's arrival sequence number (its position in the stream, not in a request)."""
     rows = released.rows
     table = released.table
     kinds = np.asarray(table.column("kind").to_numpy(zero_copy_only=False))[rows]

@@ -100,7 +100,7 @@ rules:
         sup.shutdown()
 
 
-def test_customer_record_is_read_from_its_owning_shard_and_snapshots_restore(
+def test_customer_record_is_read_from_its_owning_shard_and_checkpoints_restore_on_any_shards(
     ray_cluster, stream, rules, tmp_path
 ) -> None:
     settings = EngineSettings(shards=2, allowed_lateness_s=10)
@@ -112,17 +112,24 @@ def test_customer_record_is_read_from_its_owning_shard_and_snapshots_restore(
         assert record is not None and record["event_count"] >= 1
         assert record["plan_data_cap_mb"] > 0 and record["tz"].startswith("Europe/")
         assert sup.customer("+490000000000") is None
-        paths = sup.snapshot(str(tmp_path / "snap"))
-        assert len(paths) == 2
+        sup.checkpoint(str(tmp_path / "chk"), epoch=1)
         before = sup.shard_stats()
+        position = sup.ingestor.position()
     finally:
         sup.shutdown()
-    fresh = Supervisor(settings, rules, shard_cpus=0.25, namespace_prefix="it-restore")
-    try:
-        assert fresh.restore(str(tmp_path / "snap")) == sum(s["customers"] for s in before)
-        assert fresh.customer(someone) == record
-    finally:
-        fresh.shutdown()
+    for shards in (2, 4):  # the same shard count, and a rescale from 2 onto 4
+        fresh = Supervisor(
+            EngineSettings(shards=shards, allowed_lateness_s=10),
+            rules,
+            shard_cpus=0.25,
+            namespace_prefix=f"it-restore-{shards}",
+        )
+        try:
+            assert fresh.restore(str(tmp_path / "chk")) == sum(s["customers"] for s in before)
+            assert fresh.customer(someone) == record
+            assert fresh.ingestor.position() == position
+        finally:
+            fresh.shutdown()
 
 
 def test_a_micro_batch_closes_on_its_deadline_and_calls_in_flight_stay_bounded(

@@ -1,0 +1,77 @@
+"""Checkpoints on storage: CURRENT only ever names a complete checkpoint, files are checked
+against their digests, and old checkpoints are pruned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.checkpoint import CURRENT, read_checkpoint, read_snapshot, write_checkpoint
+from engine.config import EngineSettings
+from engine.errors import StateError
+from engine.local import LocalEngine
+from tests.conftest import ms
+
+PROFILE = {"plan_data_cap_mb": 1000.0, "cycle_day": 5, "tz": "Europe/Berlin"}
+
+
+def engine_after(rules, event, n: int) -> LocalEngine:
+    engine = LocalEngine(EngineSettings(shards=2, allowed_lateness_s=3600), rules)
+    rows = [event("profile_update", f"c{i}", ms(2026, 3, 1), **PROFILE) for i in range(n)]
+    rows += [event("usage", f"c{i}", ms(2026, 3, 2, 10), mb=850.0) for i in range(n)]
+    engine.submit_rows(rows)
+    return engine
+
+
+def test_a_checkpoint_round_trips_and_current_names_the_newest(tmp_path, rules, event) -> None:
+    root = str(tmp_path / "chk")
+    engine = engine_after(rules, event, 20)
+    snapshots = [s.snapshot() for s in engine.shards]
+    write_checkpoint(root, 1, snapshots, {"position": engine.ingestor.position()})
+    engine.submit_rows([event("usage", "c1", ms(2026, 3, 2, 11), mb=1.0)])
+    write_checkpoint(root, 2, [s.snapshot() for s in engine.shards], {"position": {"x": 2}})
+    document, restored = read_checkpoint(root)
+    assert document["epoch"] == 2 and document["position"] == {"x": 2}
+    assert [s.key_range for s in restored] == [s.key_range for s in engine.shards]
+    assert sum(s.customers.num_rows for s in restored) == 20
+    assert sum(s.pending.num_rows for s in restored) == 1  # the 11:00 event, within lateness
+
+
+def test_an_interrupted_checkpoint_is_never_used(tmp_path, rules, event) -> None:
+    root = str(tmp_path / "chk")
+    engine = engine_after(rules, event, 5)
+    write_checkpoint(root, 1, [s.snapshot() for s in engine.shards])
+    # a crash after the shard snapshots of epoch 2, before its manifest and CURRENT
+    from engine.checkpoint import write_snapshot
+
+    write_snapshot(engine.shards[0].snapshot(), f"{root}/chk-{2:012d}/shard-0")
+    document, _ = read_checkpoint(root)
+    assert document["epoch"] == 1
+    assert (Path(root) / CURRENT).read_text() == f"chk-{1:012d}"
+
+
+def test_a_damaged_file_is_refused(tmp_path, rules, event) -> None:
+    root = str(tmp_path / "chk")
+    engine = engine_after(rules, event, 5)
+    folder = write_checkpoint(root, 1, [s.snapshot() for s in engine.shards])
+    customers = Path(folder) / "shard-0" / "customers.arrow"
+    data = bytearray(customers.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    customers.write_bytes(bytes(data))
+    with pytest.raises(StateError, match="digest"):
+        read_checkpoint(root)
+    with pytest.raises(StateError, match="digest"):
+        read_snapshot(str(Path(folder) / "shard-0"))
+
+
+def test_no_checkpoint_is_a_state_error_and_old_ones_are_pruned(tmp_path, rules, event) -> None:
+    root = str(tmp_path / "chk")
+    with pytest.raises(StateError, match="no complete checkpoint"):
+        read_checkpoint(root)
+    engine = engine_after(rules, event, 3)
+    for epoch in range(1, 6):
+        write_checkpoint(root, epoch, [s.snapshot() for s in engine.shards], keep=2)
+    kept = sorted(p.name for p in Path(root).iterdir() if p.name.startswith("chk-"))
+    assert kept == [f"chk-{4:012d}", f"chk-{5:012d}"]
+    assert read_checkpoint(root)[0]["epoch"] == 5
