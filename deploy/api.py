@@ -204,12 +204,14 @@ class Problems(BaseModel):
     errors: list[str] = Field(default_factory=list, description="Every problem found.")
 
 
-#: what every document-taking endpoint may answer besides 200 and 422
-DOC_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "The body does not parse as JSON or YAML."},
-    413: {"description": f"The document is over {MAX_DOCUMENT_BYTES:,} bytes."},
-    415: {"description": "Another content type than JSON or YAML."},
-}
+def _document_responses(invalid: str) -> dict[int | str, dict[str, Any]]:
+    """What a document-taking endpoint (PUT rules, offers) answers besides 200."""
+    return {
+        400: {"description": "The body does not parse as JSON or YAML."},
+        413: {"description": f"The document is over {MAX_DOCUMENT_BYTES:,} bytes."},
+        415: {"description": "Another content type than JSON or YAML."},
+        422: {"model": Problems, "description": f"Invalid: {invalid}."},
+    }
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -217,13 +219,18 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def _body(request: Request, limit: int, name: str = "max_body_bytes") -> bytes:
+    """The body, refused with 413 (naming the limit) before it is read when it declares more
+    than ``limit`` bytes, and after it is read when it turns out larger."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"body of {declared} bytes is over the limit of {limit} bytes")
-    body = await request.body()
-    if len(body) > limit:
-        raise HTTPException(413, f"body of {len(body)} bytes is over the limit of {limit} bytes")
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    if size is None or size <= limit:
+        body = await request.body()
+        size = len(body)
+    if size > limit:
+        raise HTTPException(
+            413, f"body of {size:,} bytes is over the limit of {limit:,} bytes ({name})"
+        )
     return body
 
 
@@ -233,18 +240,14 @@ def safe_text(value: object, limit: int = 1_000) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _document(body: bytes, media: str) -> Any:
+async def _document(request: Request) -> Any:
     """A rules or offers document from a JSON or YAML body, parsed as files are
     (``engine.yamlfile``: YAML 1.2, no aliases) within the document limits: 413 over the
-    size, 422 over the depth or with aliases, 400 when it does not parse."""
+    size (before it is read), 422 over the depth or with aliases, 400 when it does not parse."""
+    media = _media_type(request)
     if media not in JSON_TYPES and media not in YAML_TYPES and media != "":
         raise HTTPException(415, f"content type {media!r} is not supported: use JSON or YAML")
-    if len(body) > MAX_DOCUMENT_BYTES:
-        raise HTTPException(
-            413,
-            f"document of {len(body):,} bytes: the limit is {MAX_DOCUMENT_BYTES:,} "
-            "(max_document_bytes)",
-        )
+    body = await _body(request, MAX_DOCUMENT_BYTES, "max_document_bytes")
     too_deep = f"document nests deeper than {MAX_DOCUMENT_DEPTH} levels (max_document_depth)"
     try:
         if media not in JSON_TYPES:
@@ -528,17 +531,14 @@ class KairosApi:
 
     @api.put(
         "/v1/rules",
-        responses={
-            **DOC_ERRORS,
-            422: {"model": Problems, "description": "Invalid: the running rules stay."},
-        },
+        responses=_document_responses("the running rules stay"),
         openapi_extra={"requestBody": DOC_BODY},
         summary="Replace the rules while the engine runs",
     )
     async def put_rules(self, request: Request) -> JSONResponse:
         """A rule document (JSON or YAML, as in rules.yaml); swapped between micro-batches
         without losing state. Rejected whole, with every problem, if anything is wrong."""
-        document = _document(await _body(request, self.config.max_body_bytes), _media_type(request))
+        document = await _document(request)
         return self._outcome(await self.gateway.set_rules.remote(document), "rules")
 
     @api.get("/v1/offers", summary="The running offer catalog")
@@ -550,15 +550,12 @@ class KairosApi:
 
     @api.put(
         "/v1/offers",
-        responses={
-            **DOC_ERRORS,
-            422: {"model": Problems, "description": "Invalid: the running catalog stays."},
-        },
+        responses=_document_responses("the running catalog stays"),
         openapi_extra={"requestBody": DOC_BODY},
         summary="Replace the offer catalog while the engine runs",
     )
     async def put_offers(self, request: Request) -> JSONResponse:
-        document = _document(await _body(request, self.config.max_body_bytes), _media_type(request))
+        document = await _document(request)
         return self._outcome(await self.gateway.set_offers.remote(document), "offers")
 
     @staticmethod

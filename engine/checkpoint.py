@@ -58,6 +58,12 @@ def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
 
 def write_snapshot(snapshot: ShardSnapshot, uri: str) -> str:
     """Write ``snapshot`` under ``uri`` (a folder), its manifest with digests last; returns it."""
+    _write_snapshot(snapshot, uri)
+    return uri
+
+
+def _write_snapshot(snapshot: ShardSnapshot, uri: str) -> bytes:
+    """``write_snapshot``; returns the manifest's bytes (a checkpoint digests them)."""
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)
     digests = {}
@@ -65,9 +71,9 @@ def write_snapshot(snapshot: ShardSnapshot, uri: str) -> str:
         data = _table_bytes(table)
         digests[name] = hashlib.sha256(data).hexdigest()
         _write_bytes(fs, f"{path}/{name}.arrow", data)
-    manifest = {**snapshot.metadata, "sha256": digests}
-    _write_bytes(fs, f"{path}/{MANIFEST}", json.dumps(manifest).encode())
-    return uri
+    manifest = json.dumps({**snapshot.metadata, "sha256": digests}).encode()
+    _write_bytes(fs, f"{path}/{MANIFEST}", manifest)
+    return manifest
 
 
 def read_snapshot(uri: str) -> ShardSnapshot:
@@ -115,8 +121,7 @@ def write_checkpoint(
     folder = f"{root.rstrip('/')}/{name}"
     shards = []
     for i, snapshot in enumerate(snapshots):
-        write_snapshot(snapshot, f"{folder}/shard-{i}")
-        manifest = _read_bytes(fs, f"{path}/{name}/shard-{i}/{MANIFEST}")
+        manifest = _write_snapshot(snapshot, f"{folder}/shard-{i}")
         shards.append(
             {
                 "folder": f"shard-{i}",
