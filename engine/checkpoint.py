@@ -160,6 +160,32 @@ def _forget_old(fs: pafs.FileSystem, path: str, keep: int, current: str) -> None
             fs.delete_dir(f"{path}/{name}")
 
 
+def checkpoints(root: str) -> list[dict[str, Any]]:
+    """The manifests of the complete checkpoints kept under ``root``, oldest first, up to
+    CURRENT (a later, unfinished one is not complete). The oldest one's source position is as
+    far back as a recovery may need the source."""
+    fs, path = resolve(root)
+    try:
+        current = _read_bytes(fs, f"{path}/{CURRENT}").decode().strip()
+    except (FileNotFoundError, OSError):
+        return []
+    selector = pafs.FileSelector(path, allow_not_found=True)
+    names = sorted(
+        info.base_name
+        for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("chk-")
+    )
+    out = []
+    for name in names:
+        if name > current:
+            continue
+        try:
+            out.append(json.loads(_read_bytes(fs, f"{path}/{name}/{CHECKPOINT}")))
+        except (FileNotFoundError, OSError, ValueError):
+            continue  # an unfinished checkpoint
+    return out
+
+
 def read_checkpoint(root: str) -> tuple[dict[str, Any], list[ShardSnapshot]]:
     """The CURRENT checkpoint under ``root``: its manifest and its snapshots, every file
     checked against its digest. StateError when there is none or it is damaged."""

@@ -41,3 +41,12 @@ class CatalogError(DocumentError):
 
 class StateError(EngineError):
     """A snapshot cannot be written or restored."""
+
+
+class WorkerLostError(EngineError):
+    """A worker of the engine (a shard, a sink) died or cannot be reached: the engine recovers
+    from its CURRENT checkpoint and the source is replayed from the checkpoint's position."""
+
+
+class SourceError(EngineError):
+    """A source cannot be read, or is not the one a checkpoint was taken of."""

@@ -2,7 +2,9 @@
 
 For tests, for trying rules on a file, and as the executable definition of what the Ray
 deployment does: the same stream through LocalEngine and through the actors gives the same
-triggers.
+triggers. With a ``checkpoint_root`` it is an ``engine.pipeline.Engine``: checkpoints go to
+storage like the actors', and its outputs (triggers, decisions, dead letters) are kept per
+epoch like the sinks' files, so ``recover`` drops what came after CURRENT.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from engine.checkpoint import checkpoints, read_checkpoint, rescale, write_checkpoint
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog
 from engine.decision.log import DECISION_SCHEMA
 from engine.decision.scorer import OfferScorer
+from engine.errors import StateError
 from engine.events.codec import rows_to_batch
 from engine.events.deadletter import DeadLetter
 from engine.ingest import Ingestor
@@ -34,22 +38,46 @@ class LocalEngine:
         rules: RuleSet,
         catalog: Catalog | None = None,
         scorer: OfferScorer | None = None,
+        checkpoint_root: str | None = None,
     ) -> None:
         self.settings = settings
+        self.rules = rules
+        self.catalog = catalog
+        self.scorer = scorer
         self.ingestor = Ingestor(settings)
-        self.shards = [
-            ShardLogic(i, settings, rules, self.ingestor.shard_map.range_of(i), catalog, scorer)
-            for i in range(settings.shards)
-        ]
+        self.shards: list[ShardLogic] = []
+        self.lose_state()
+        #: where checkpoints go (None: ``checkpoint`` and ``recover`` are not available)
+        self.checkpoint_root = checkpoint_root
+        #: the outputs' lengths at each checkpoint: what ``recover`` keeps
+        self._marks: dict[int, tuple[int, int, int, int]] = {}
         self.triggers: list[pa.Table] = []
         self.decisions: list[pa.Table] = []
         self.dead_letters: list[DeadLetter] = []
         #: dead letters of shard steps that failed (see ``ShardLogic._step``)
         self.failed: list[pa.Table] = []
 
-    def submit(self, batch: pa.RecordBatch | pa.Table) -> list[DeadLetter]:
+    def lose_state(self) -> None:
+        """Forget everything held in memory (ingest position, every shard), as a crash of the
+        process would; outputs, like files, stay. Then ``recover`` restores from CURRENT."""
+        self.ingestor = Ingestor(self.settings)
+        self.shards = [
+            ShardLogic(
+                i,
+                self.settings,
+                self.rules,
+                self.ingestor.shard_map.range_of(i),
+                self.catalog,
+                self.scorer,
+            )
+            for i in range(self.settings.shards)
+        ]
+
+    def submit(
+        self, batch: pa.RecordBatch | pa.Table, positions: np.ndarray | None = None
+    ) -> list[DeadLetter]:
         """Ingest one raw batch and apply it; returns its dead letters."""
-        result = self.ingestor.ingest(batch)
+        result = self.ingestor.ingest(batch, positions)
         self.dead_letters.extend(result.dead_letters)
         parts = result.parts
         watermark = self.ingestor.watermark_ms
@@ -67,6 +95,52 @@ class LocalEngine:
         for shard_id, shard in enumerate(self.shards):
             self._collect(shard.apply(parts.get(shard_id), self.ingestor.watermark_ms))
         return [*letters, *result.dead_letters]
+
+    def reject(self, letters: list[DeadLetter]) -> None:
+        """Dead-letter records that could not be read (``engine.pipeline.Engine``)."""
+        self.dead_letters.extend(letters)
+
+    def poll(self) -> None:
+        """Nothing waits: every submit applies at once (``engine.pipeline.Engine``)."""
+
+    # -- checkpoints (engine.pipeline.Engine) --------------------------------------------------
+    def _root(self) -> str:
+        if self.checkpoint_root is None:
+            raise StateError("this LocalEngine has no checkpoint_root")
+        return self.checkpoint_root
+
+    def checkpoint(self, epoch: int, extra: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Checkpoint ``epoch``: every shard's snapshot and the ingest position, CURRENT
+        replaced; the outputs so far are committed. Returns the oldest kept one's ``extra``."""
+        root = self._root()
+        snapshots = [shard.snapshot() for shard in self.shards]
+        write_checkpoint(root, epoch, snapshots, {"position": self.ingestor.position(), **extra})
+        self._marks[epoch] = self._lengths()
+        kept = checkpoints(root)
+        return kept[0] if kept else {}
+
+    def _lengths(self) -> tuple[int, int, int, int]:
+        return len(self.triggers), len(self.decisions), len(self.dead_letters), len(self.failed)
+
+    def recover(self) -> Mapping[str, Any] | None:
+        """Restore every shard and the ingest position from CURRENT (rescaled if it was taken
+        on another shard count) and drop the outputs made after it. None: no checkpoint."""
+        try:
+            document, snapshots = read_checkpoint(self._root())
+        except StateError:
+            if self.checkpoint_root is not None and not checkpoints(self.checkpoint_root):
+                return None
+            raise
+        ranges = [shard.key_range for shard in self.shards]
+        if [tuple(s.key_range) for s in snapshots] != ranges:
+            snapshots = rescale(snapshots, ranges, self.settings.key_groups)
+        self.ingestor.resume(document["position"])
+        for shard, snapshot in zip(self.shards, snapshots, strict=True):
+            shard.restore(snapshot)
+        triggers, decisions, letters, failed = self._marks.get(int(document["epoch"]), (0,) * 4)
+        del self.triggers[triggers:], self.decisions[decisions:]
+        del self.dead_letters[letters:], self.failed[failed:]
+        return document
 
     def release_watermark(self) -> int:
         """The input went quiet: close the watermark up to the newest event and apply what it

@@ -1,0 +1,200 @@
+"""Pipeline: a source into an engine, with periodic checkpoints and recovery, without Ray.
+
+The pipeline reads its ``Source`` in order and submits each stretch to the ``Engine``; every
+``interval_s`` (and at the end of a bounded source) it takes a checkpoint: the engine drains its
+calls (an aligned cut), snapshots every shard, pre-commits its sinks, writes the manifest with
+the source position after the last record submitted, makes it CURRENT and commits the sinks.
+The source may then drop what is behind the oldest kept checkpoint.
+
+When a worker dies (``WorkerLostError``) the engine restores every shard from CURRENT, its
+sinks drop what they wrote after it, and the source is sent back to CURRENT's position: the
+stretch since the checkpoint is applied again, once, with the same results (the engine is
+deterministic given its input order). ``engine.supervisor``-style engines on Ray and
+``LocalEngine`` both implement ``Engine``; this class is the same for both, so the recovery logic
+is tested without Ray (``tests/property/test_recovery.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from engine.clock import Clock, SystemClock
+from engine.errors import SourceError, WorkerLostError
+from engine.events.deadletter import DeadLetter
+from engine.source import Source
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """What a pipeline drives: ``actors.supervisor.Supervisor`` on Ray, ``LocalEngine`` here."""
+
+    def submit(self, batch: pa.Table, positions: np.ndarray) -> list[DeadLetter]: ...
+
+    def reject(self, letters: list[DeadLetter]) -> None: ...
+
+    def poll(self) -> None: ...
+
+    def end_stream(self) -> None: ...
+
+    def checkpoint(self, epoch: int, extra: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Take checkpoint ``epoch`` with ``extra`` in its manifest, make it CURRENT, commit
+        the sinks; returns the ``extra`` of the oldest checkpoint kept."""
+        ...
+
+    def recover(self) -> Mapping[str, Any] | None:
+        """Restore every shard and sink from CURRENT; its manifest (None: there is none and
+        the engine is empty)."""
+        ...
+
+
+@dataclass
+class Recovery:
+    """One recovery: what failed, where the source went back to, how long it took."""
+
+    error: str
+    epoch: int
+    position: int
+    seconds: float
+
+
+@dataclass
+class Pipeline:
+    """Drives ``engine`` from ``source`` with checkpoints every ``interval_s`` (None: only at
+    the end of a bounded source) and recovery from lost workers."""
+
+    source: Source
+    engine: Engine
+    interval_s: float | None = 10.0
+    clock: Clock = field(default_factory=SystemClock)
+    #: events per read
+    chunk: int = 100_000
+    #: recoveries in a row without progress before giving up
+    max_attempts: int = 5
+    epoch: int = 0
+    recoveries: list[Recovery] = field(default_factory=list)
+    _last_checkpoint: float = 0.0
+    _failures_in_a_row: int = 0
+
+    # -- start ------------------------------------------------------------------------------
+    def start(self) -> Mapping[str, Any] | None:
+        """Restore from CURRENT when there is one (and send the source to its position), else
+        take checkpoint 0 of the empty engine, so a recovery always has one. Returns the
+        manifest restored from."""
+        document = self.engine.recover()
+        if document is None:
+            self.epoch = 0
+            self.source.seek(0)
+            self._checkpoint()
+            return None
+        self._resume_from(document)
+        return document
+
+    def _resume_from(self, document: Mapping[str, Any]) -> None:
+        source = document.get("source", {})
+        if source.get("name") not in (None, self.source.name):
+            raise SourceError(
+                f"the checkpoint was taken of {source.get('name')!r}, not of {self.source.name!r}"
+            )
+        self.epoch = int(document["epoch"])
+        self.source.seek(int(source.get("position", 0)))
+        self._last_checkpoint = self.clock.monotonic()
+
+    # -- running ----------------------------------------------------------------------------
+    def step(self) -> int:
+        """Read and submit one stretch (or, with nothing to read, let the engine poll); take a
+        checkpoint when one is due. Returns the events read. Recovers from a lost worker."""
+        try:
+            read = self._step()
+        except WorkerLostError as exc:
+            self.recover(exc)
+            return 0
+        self._failures_in_a_row = 0
+        return read
+
+    def _step(self) -> int:
+        batch = self.source.read(self.chunk)
+        if batch is None:
+            self.engine.poll()
+        else:
+            if batch.letters:
+                self.engine.reject(list(batch.letters))
+            self.engine.submit(batch.events, batch.positions)
+        if self.interval_s is not None and self._since_checkpoint() >= self.interval_s:
+            self._checkpoint()
+        return 0 if batch is None else batch.events.num_rows
+
+    def _since_checkpoint(self) -> float:
+        return self.clock.monotonic() - self._last_checkpoint
+
+    def run(self) -> None:
+        """A bounded source to its end: read it all, release what waits for the watermark,
+        take a last checkpoint (so ``--resume`` of a finished run does nothing)."""
+        while not self.source.exhausted:
+            self.step()
+        while True:
+            try:
+                self.engine.end_stream()
+                self._checkpoint()
+                return
+            except WorkerLostError as exc:
+                self.recover(exc)
+                while not self.source.exhausted:
+                    self.step()
+
+    def checkpoint(self) -> None:
+        """Take a checkpoint now (a clean stop); recovers and retries after a lost worker."""
+        while True:
+            try:
+                self._checkpoint()
+                return
+            except WorkerLostError as exc:
+                self.recover(exc)
+
+    def _checkpoint(self) -> None:
+        epoch = self.epoch + 1
+        extra = {"source": {"name": self.source.name, "position": self.source.position}}
+        oldest = self.engine.checkpoint(epoch, extra)
+        self.epoch = epoch
+        self._last_checkpoint = self.clock.monotonic()
+        position = oldest.get("source", {}).get("position")
+        if position is not None:
+            self.source.release(int(position))
+
+    # -- recovery ---------------------------------------------------------------------------
+    def recover(self, error: BaseException) -> Recovery:
+        """Restore the engine from CURRENT and send the source back to its position."""
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row > self.max_attempts:
+            raise WorkerLostError(
+                f"gave up after {self.max_attempts} recoveries in a row: {error}"
+            ) from error
+        started = self.clock.monotonic()
+        log.warning("a worker was lost (%s); restoring from the last checkpoint", error)
+        while True:
+            try:
+                document = self.engine.recover()
+                break
+            except WorkerLostError as again:  # a worker still restarting: try again
+                self._failures_in_a_row += 1
+                if self._failures_in_a_row > self.max_attempts:
+                    raise
+                log.warning("recovery failed (%s); trying again", again)
+        if document is None:
+            raise WorkerLostError("no checkpoint to recover from") from error
+        self._resume_from(document)
+        recovery = Recovery(
+            str(error), self.epoch, self.source.position, self.clock.monotonic() - started
+        )
+        self.recoveries.append(recovery)
+        log.warning(
+            "recovered from checkpoint %d in %.2f s; replaying from position %d",
+            recovery.epoch, recovery.seconds, recovery.position,
+        )  # fmt: skip
+        return recovery
