@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit integration bench loadtest serve install clean
+.PHONY: demo test test-faults check lint typecheck unit integration bench loadtest serve install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,11 @@ unit: $(STAMP)
 
 # One local Ray cluster (with Serve) shared by the whole process
 integration: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/pytest tests/integration tests/e2e -q
+	RAY_AUTH_MODE=disabled $(BIN)/pytest tests/integration tests/faults tests/e2e -q -m "not faults"
+
+# The long fault-injection runs (actors killed during 2M-event replays, ...); CI runs them too
+test-faults: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/pytest tests/faults -q -m faults
 
 # The fast inner loop: lint, types, unit tests and a fifth of the property examples (< 1 min)
 check: lint typecheck

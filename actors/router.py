@@ -23,6 +23,7 @@ import ray
 from engine.batcher import MicroBatcher, RouterStats, Send
 from engine.clock import Clock, SystemClock
 from engine.decision.response import response_table
+from engine.errors import WorkerLostError
 from engine.events.deadletter import DeadLetter, dead_letter_table
 from engine.ingest import Ingestor
 from engine.sink import ParquetSink
@@ -64,20 +65,32 @@ class Router:
         self.settings = ingestor.settings
         self.shards = shards
         self.sink = sink
-        self.batcher = MicroBatcher(
-            len(shards),
-            self.settings.micro_batch_max_events,
-            self.settings.micro_batch_deadline_ms,
-            self.settings.max_in_flight_per_shard,
-            clock or SystemClock(),
-            idle_release_ms,
-        )
-        self._in_flight: list[deque[_InFlight]] = [deque() for _ in shards]
-        self.stats = RouterStats()
+        self._clock = clock or SystemClock()
+        self._idle_release_ms = idle_release_ms
+        self.reset()
         #: the first dead letters, for display; all of them go to ``dead_letter_sink``
         self.dead_letters: list[DeadLetter] = []
         self._keep_dead_letters = 1_000
         self.dead_letter_sink = dead_letter_sink
+
+    def reset(
+        self, counters: dict[str, Any] | None = None, incarnations: list[str] | None = None
+    ) -> None:
+        """Forget every open micro-batch and call in flight (a recovery: the shards were
+        restored to a checkpoint) and start from a checkpoint's ``counters``. ``incarnations``
+        are the shards' now: a finished call from another incarnation means the shard restarted
+        (empty) since, and raises WorkerLostError."""
+        self.batcher = MicroBatcher(
+            len(self.shards),
+            self.settings.micro_batch_max_events,
+            self.settings.micro_batch_deadline_ms,
+            self.settings.max_in_flight_per_shard,
+            self._clock,
+            self._idle_release_ms,
+        )
+        self._in_flight: list[deque[_InFlight]] = [deque() for _ in self.shards]
+        self.stats = RouterStats.from_counters(counters or {})
+        self.incarnations = incarnations
 
     # -- input --------------------------------------------------------------------------------
     def submit(
@@ -134,7 +147,12 @@ class Router:
             queue.append(_InFlight(stats_ref, triggers_ref, decisions_ref, send.opened))
 
     def _finish(self, shard: int, call: _InFlight) -> None:
-        stats = ray.get(call.stats_ref)
+        try:
+            stats = ray.get(call.stats_ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            raise WorkerLostError(f"shard {shard} was lost: {type(exc).__name__}") from exc
+        if self.incarnations is not None and stats["incarnation"] != self.incarnations[shard]:
+            raise WorkerLostError(f"shard {shard} restarted since the last checkpoint")
         latency_ms = (self.batcher.clock.monotonic() - call.opened) * 1000
         self.stats.finished(stats, latency_ms)
         if self.observer is not None:
@@ -187,12 +205,13 @@ class Router:
         sinks = (self.decision_sink, self.sink)
         ray.get([s.write_buffered.remote() for s in sinks if s is not None])
 
-    def end_stream(self) -> dict[str, Any]:
-        """End of stream: shards release everything pending; every log is written. Returns
-        the trigger sink's summary."""
+    def end_stream(self, write_logs: bool = True) -> dict[str, Any]:
+        """End of stream: shards release everything pending; every log is written (unless a
+        checkpoint is to commit them). Returns the trigger sink's summary."""
         self._carry_out(self.batcher.end_stream())
         self._harvest(block=True)
-        self.write_logs()
+        if write_logs:
+            self.write_logs()
         if self.sink is not None:
             return dict(ray.get(self.sink.summary.remote()))
         return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,9 @@ from engine.shard import ApplyResult, ShardLogic
 from engine.snapshot import ShardSnapshot
 
 
-def _stats(result: ApplyResult, started: float) -> dict[str, Any]:
+def _stats(result: ApplyResult, started: float, incarnation: str) -> dict[str, Any]:
     return {
+        "incarnation": incarnation,
         "received": result.received,
         "applied": result.applied,
         "duplicates": result.duplicates,
@@ -53,6 +55,19 @@ class ShardActor:
         rules = parse_rules(rules_document, "rules")
         catalog = parse_catalog(catalog_document, "offers") if catalog_document else None
         self.logic = ShardLogic(shard_id, settings, rules, key_range, catalog, scorer)
+        self._catalog, self._scorer = catalog, scorer
+        #: new at every start (Ray restarts a dead shard empty): the router notices a restart
+        #: that came between two calls by this changing, and the engine recovers
+        self.incarnation = uuid.uuid4().hex
+
+    def reassign(self, shard_id: int, key_range: tuple[int, int]) -> None:
+        """Become shard ``shard_id`` over ``key_range``, empty (a spare taking over a dead
+        shard; ``restore`` and the current rules and catalog follow)."""
+        logic = self.logic
+        catalog = self._catalog if logic.decider is not None else None
+        self.logic = ShardLogic(
+            shard_id, logic.settings, logic.rules, key_range, catalog, self._scorer
+        )
 
     def connect_scorer(self) -> str | None:
         """Connect the scorer ahead of the first decision; None when ready (or no scorer),
@@ -76,7 +91,7 @@ class ShardActor:
         started = time.perf_counter()
         result = self.logic.apply(batch, watermark_ms)
         self._observe(result.decisions)
-        return result.triggers, result.decisions, _stats(result, started)
+        return result.triggers, result.decisions, _stats(result, started, self.incarnation)
 
     def _observe(self, decisions: pa.Table) -> None:
         m = metrics()
@@ -114,7 +129,7 @@ class ShardActor:
         started = time.perf_counter()
         result = self.logic.end_stream()
         self._observe(result.decisions)
-        return result.triggers, result.decisions, _stats(result, started)
+        return result.triggers, result.decisions, _stats(result, started, self.incarnation)
 
     def set_catalog(self, catalog_document: dict[str, Any] | None) -> int:
         """Replace the offer catalog (validated by the caller; again here); contacts are kept."""
@@ -134,6 +149,7 @@ class ShardActor:
         store = self.logic.store
         decider = self.logic.decider
         return {
+            "incarnation": self.incarnation,
             "peak_rss_mb": peak_rss_mb(),
             "shard": self.logic.shard_id,
             "customers": store.size,

@@ -1,29 +1,57 @@
-"""Supervisor: creates the shard actors over key-group ranges, the sink and the router.
+"""Supervisor: creates the shard actors over key-group ranges, the sinks and the router.
 
-Also the one place that broadcasts rule changes and coordinates checkpoints across shards
-(``checkpoint`` / ``restore``, onto any number of shards).
+Also the one place that broadcasts rule changes and coordinates checkpoints across shards. With a
+``checkpoint_root`` it is an ``engine.pipeline.Engine``: ``checkpoint`` takes an aligned cut
+(the router drained), snapshots every shard, pre-commits the sinks, writes the manifest and
+CURRENT, then commits the sinks; ``recover`` waits for restarted actors (shards and sinks restart
+by themselves, empty), restores every shard from CURRENT (rescaled when it was taken on another
+shard count), settles the sinks and resets the router. Ray errors of lost actors become
+``WorkerLostError``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from actors.router import Router
 from actors.runtime import ALLOCATOR_ENV
 from actors.shard import ShardActor
 from actors.sink import DecisionSinkActor, TriggerSinkActor
-from engine.checkpoint import read_checkpoint, rescale, write_checkpoint
+from engine.checkpoint import checkpoints, read_checkpoint, rescale, write_checkpoint
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, parse_catalog
 from engine.decision.scorer import OfferScorer
+from engine.errors import StateError, WorkerLostError
+from engine.events.deadletter import DeadLetter
 from engine.ingest import Ingestor
 from engine.rules.spec import RuleSet, parse_rules
 from engine.sink import ParquetSink
 
+log = logging.getLogger(__name__)
 _WORKER_ENV = {"env_vars": ALLOCATOR_ENV}
+#: sinks come back after a crash (empty: ``recover`` settles them); a call that was in flight
+#: is not retried, the pipeline replays from the checkpoint instead
+_RESTART = {"max_restarts": -1, "max_task_retries": 0}
+#: how long ``recover`` waits for restarted actors
+RECOVERY_TIMEOUT_S = 60.0
+_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+@contextmanager
+def lost_workers(what: str) -> Iterator[None]:
+    """Ray's errors of a dead or restarting actor as WorkerLostError."""
+    try:
+        yield
+    except _LOST as exc:
+        raise WorkerLostError(f"{what}: {type(exc).__name__}: {exc}"[:500]) from exc
 
 
 class Supervisor:
@@ -43,34 +71,44 @@ class Supervisor:
         response_uri: str | None = None,
         observer: Any | None = None,
         idle_release_ms: float | None = None,
+        checkpoint_root: str | None = None,
+        keep_checkpoints: int = 3,
     ) -> None:
         """``catalog`` and ``scorer`` (e.g. a ServeScorer) switch decisions on; they are
         logged under ``decision_uri`` by day, and offer responses under ``response_uri``.
-        ``idle_release_ms``: a live service releases the watermark when input goes quiet."""
+        ``idle_release_ms``: a live service releases the watermark when input goes quiet.
+        ``checkpoint_root``: where checkpoints go (a folder or an object-store URI)."""
+        self.checkpoint_root = checkpoint_root
+        self.keep_checkpoints = keep_checkpoints
         self.settings = settings
         self.rules = rules
         self.catalog = catalog
         self.ingestor = Ingestor(settings)
-        document = dict(rules.document)
-        offers = dict(catalog.document) if catalog else None
-        self.shards = [
-            ShardActor.options(
-                num_cpus=shard_cpus,
-                name=f"{namespace_prefix}-shard-{i}",
-                get_if_exists=False,
-                runtime_env=_WORKER_ENV,
-            ).remote(i, settings, document, self.ingestor.shard_map.range_of(i), offers, scorer)
-            for i in range(settings.shards)
-        ]
+        self._shard_cpus = shard_cpus
+        self._scorer = scorer
+        self._started = 0
+        self.namespace_prefix = namespace_prefix
+        self.shards = [self._new_shard(i) for i in range(settings.shards)]
+        #: a started, empty shard actor that takes over a dead shard's key groups at once
+        #: (a hot standby: Ray's restart of an actor takes 2-4 s here, a swap milliseconds)
+        self.spare = self._new_shard(0) if checkpoint_root is not None else None
+        #: bumped whenever a shard actor is replaced (API replicas re-read the routing)
+        self.generation = 0
         self.decision_sink = None
         if decision_uri is not None:
             self.decision_sink = DecisionSinkActor.options(
-                num_cpus=0.1, name=f"{namespace_prefix}-decisions", runtime_env=_WORKER_ENV
+                num_cpus=0.1,
+                name=f"{namespace_prefix}-decisions",
+                runtime_env=_WORKER_ENV,
+                **_RESTART,
             ).remote(decision_uri)
         self.sink = None
         if trigger_uri is not None:
             self.sink = TriggerSinkActor.options(
-                num_cpus=0.1, name=f"{namespace_prefix}-sink", runtime_env=_WORKER_ENV
+                num_cpus=0.1,
+                name=f"{namespace_prefix}-sink",
+                runtime_env=_WORKER_ENV,
+                **_RESTART,
             ).remote(trigger_uri)
         dead = ParquetSink(dead_letter_uri, prefix="dead") if dead_letter_uri else None
         self.router = Router(
@@ -83,9 +121,30 @@ class Supervisor:
             observer=observer,
             idle_release_ms=idle_release_ms,
         )
-        self.namespace_prefix = namespace_prefix
         self.decision_uri = decision_uri
         self.response_uri = response_uri
+
+    def _new_shard(self, i: int) -> Any:
+        """A shard actor for key groups of shard ``i`` (a spare is reassigned when used).
+
+        Shards do not restart by themselves (``max_restarts=0``): a dead one is replaced by the
+        spare and every shard is restored from the checkpoint (``recover``)."""
+        self._started += 1
+        offers = dict(self.catalog.document) if self.catalog else None
+        return ShardActor.options(
+            num_cpus=self._shard_cpus,
+            name=f"{self.namespace_prefix}-shard-{i}-{self._started}",
+            get_if_exists=False,
+            runtime_env=_WORKER_ENV,
+            max_restarts=0,
+        ).remote(
+            i,
+            self.settings,
+            dict(self.rules.document),
+            self.ingestor.shard_map.range_of(i),
+            offers,
+            self._scorer,
+        )
 
     def set_rules(self, document: dict[str, Any], source: str = "rules") -> RuleSet:
         """Validate then swap the rules on every shard between micro-batches; state is kept.
@@ -134,15 +193,160 @@ class Supervisor:
         owner = int(self.ingestor.shard_map.shard_of_keys(np.array([key], dtype=np.uint64))[0])
         return ray.get(self.shards[owner].customer.remote(key))  # type: ignore[no-any-return]
 
-    def checkpoint(self, root: str, epoch: int, extra: dict[str, Any] | None = None) -> str:
-        """Checkpoint ``epoch`` under ``root``: drain the router (no call in flight: an aligned
-        cut of the stream), take every shard's snapshot value, write them with the ingest
-        position (``engine.checkpoint``) and make it CURRENT. Returns its folder."""
-        self.router.drain()
-        snapshots = ray.get([s.snapshot.remote() for s in self.shards])
-        position = {"position": self.ingestor.position(), **(extra or {})}
-        return write_checkpoint(root, epoch, snapshots, position)
+    # -- engine.pipeline.Engine ----------------------------------------------------------------
+    def submit(self, batch: pa.Table, positions: np.ndarray) -> list[DeadLetter]:
+        with lost_workers("a shard"):
+            return self.router.submit(batch, positions)
 
+    def reject(self, letters: list[DeadLetter]) -> None:
+        self.router.reject(letters)
+
+    def poll(self) -> None:
+        with lost_workers("a shard"):
+            self.router.poll()
+
+    def end_stream(self) -> None:
+        """Release everything pending; the logs are committed by the next checkpoint."""
+        with lost_workers("a shard"):
+            self.router.end_stream(write_logs=self.checkpoint_root is None)
+
+    @property
+    def _sink_actors(self) -> list[Any]:
+        return [a for a in (self.sink, self.decision_sink) if a is not None]
+
+    @property
+    def _local_sinks(self) -> list[Any]:
+        router = self.router
+        return [s for s in (router.dead_letter_sink, router.response_sink) if s is not None]
+
+    def _root(self) -> str:
+        if self.checkpoint_root is None:
+            raise StateError("this engine has no checkpoint_root")
+        return self.checkpoint_root
+
+    def checkpoint(self, epoch: int, extra: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Checkpoint ``epoch`` (see the module's docstring); returns the ``extra`` of the
+        oldest checkpoint kept (the source may drop what is behind it)."""
+        root = self._root()
+        with lost_workers("checkpoint"):
+            self.router.drain()
+            snapshots = ray.get([s.snapshot.remote() for s in self.shards])
+            incarnations = ray.get([a.precommit.remote(epoch) for a in self._sink_actors])
+        if incarnations != self._sink_incarnations:
+            raise WorkerLostError("a sink restarted since the last checkpoint (rows were lost)")
+        for sink in self._local_sinks:
+            sink.precommit(epoch)
+        document = {
+            "position": self.ingestor.position(),
+            "router": self.router.stats.counters(),
+            **extra,
+        }
+        write_checkpoint(root, epoch, snapshots, document, keep=self.keep_checkpoints)
+        with lost_workers("commit"):
+            ray.get([a.commit.remote(epoch) for a in self._sink_actors])
+        for sink in self._local_sinks:
+            sink.commit(epoch)
+        kept = checkpoints(root)
+        return kept[0] if kept else {}
+
+    _sink_incarnations: list[str] | None = None
+
+    def recover(self, timeout_s: float = RECOVERY_TIMEOUT_S) -> Mapping[str, Any] | None:
+        """Wait for every actor (restarted ones included), restore the shards from CURRENT,
+        settle the sinks against its epoch and reset the router. None: no checkpoint yet (the
+        engine is new and empty)."""
+        root = self._root()
+        if not checkpoints(root):
+            self._wait_for_actors(timeout_s)
+            self._sink_incarnations = self._call_all(
+                lambda: [a.recover.remote(0) for a in self._sink_actors], timeout_s
+            )
+            self.router.reset(incarnations=self._incarnations(timeout_s))
+            return None
+        document, snapshots = read_checkpoint(root)
+        self._wait_for_actors(timeout_s)
+        ranges = [self.ingestor.shard_map.range_of(i) for i in range(len(self.shards))]
+        if [tuple(s.key_range) for s in snapshots] != ranges:
+            snapshots = rescale(snapshots, ranges, self.settings.key_groups)
+        epoch = int(document["epoch"])
+        rules, offers = dict(self.rules.document), self.catalog
+        document_of_offers = dict(offers.document) if offers else None
+
+        def restore() -> list[Any]:
+            return [
+                call
+                for shard, snapshot in zip(self.shards, snapshots, strict=True)
+                for call in (
+                    shard.set_rules.remote(rules),  # a restarted shard has its first rules
+                    shard.set_catalog.remote(document_of_offers),
+                    shard.restore.remote(snapshot),
+                )
+            ]
+
+        self._call_all(restore, timeout_s)
+        if self.catalog is not None:
+            self.connect_scorers()
+        self._sink_incarnations = self._call_all(
+            lambda: [a.recover.remote(epoch) for a in self._sink_actors], timeout_s
+        )
+        for sink in self._local_sinks:
+            sink.recover(epoch)
+        self.ingestor.resume(document["position"])
+        self.router.reset(document.get("router"), self._incarnations(timeout_s))
+        return document
+
+    def _incarnations(self, timeout_s: float) -> list[str]:
+        stats = self._call_all(lambda: [s.stats.remote() for s in self.shards], timeout_s)
+        return [str(s["incarnation"]) for s in stats]
+
+    def _wait_for_actors(self, timeout_s: float) -> None:
+        """Replace dead shards (by the spare, else a new actor) and wait for every actor."""
+        self._replace_dead_shards()
+        self._call_all(
+            lambda: (
+                [a.rows.remote() for a in self._sink_actors]
+                + [s.stats.remote() for s in self.shards]
+            ),
+            timeout_s,
+        )
+
+    def _replace_dead_shards(self, timeout_s: float = 10.0) -> None:
+        pings = [s.stats.remote() for s in self.shards]
+        for i, ping in enumerate(pings):
+            try:
+                ray.get(ping, timeout=timeout_s)
+                continue
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(self.shards[i])  # hung: replaced like a dead one
+            except _LOST:
+                pass
+            spare, self.spare = self.spare, None
+            if spare is not None:
+                try:
+                    ray.get(spare.reassign.remote(i, self.ingestor.shard_map.range_of(i)))
+                except _LOST:
+                    spare = None
+            self.shards[i] = spare if spare is not None else self._new_shard(i)
+            self.generation += 1
+            log.warning(
+                "shard %d was lost; %s took over", i, "the spare" if spare else "a new actor"
+            )
+        if self.spare is None and self.checkpoint_root is not None:
+            self.spare = self._new_shard(0)  # starts in the background
+
+    @staticmethod
+    def _call_all(calls: Callable[[], list[Any]], timeout_s: float) -> list[Any]:
+        """ray.get of ``calls()``, made again while an actor is still restarting."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return list(ray.get(calls(), timeout=max(deadline - time.monotonic(), 0.1)))
+            except (*_LOST, ray.exceptions.GetTimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise WorkerLostError(f"actors did not come back: {exc}"[:500]) from exc
+                time.sleep(0.1)
+
+    # -- plain checkpoints (no pipeline) -------------------------------------------------------
     def restore(self, root: str) -> int:
         """Restore the CURRENT checkpoint under ``root``, on as many shards as this engine has
         (a checkpoint of another shard count is rescaled by key group). Returns the customers."""
@@ -158,5 +362,6 @@ class Supervisor:
 
     def shutdown(self) -> None:
         sinks = [a for a in (self.sink, self.decision_sink) if a is not None]
-        for actor in [*self.shards, *sinks]:
+        spare = [self.spare] if self.spare is not None else []
+        for actor in [*self.shards, *spare, *sinks]:
             ray.kill(actor)

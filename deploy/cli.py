@@ -65,6 +65,9 @@ def _live_replay(
     out: Path,
     address: str | None,
     catalog: Catalog | None = None,
+    resume: str | None = None,
+    checkpoint_every_s: float | None = 10.0,
+    source_name: str = "events",
 ) -> Any:
     from actors.runtime import init_ray
     from deploy.replay import Progress as ReplayProgress
@@ -108,6 +111,9 @@ def _live_replay(
             unreadable=file.dead_letters,
             lines=file.positions,
             catalog=catalog,
+            source_name=source_name,
+            resume=resume,
+            checkpoint_every_s=checkpoint_every_s,
         )
         bar.update(task, completed=table.num_rows, rate=f"{report.events_per_s:,.0f} events/s")
         final = ReplayProgress(
@@ -148,6 +154,15 @@ def _summary(report: Any, rules: RuleSet) -> None:
     facts.add_row(
         "micro-batch latency", f"p50 {stats['p50_ms']:.1f} ms, p99 {stats['p99_ms']:.1f} ms"
     )
+    if report.resumed_at:
+        facts.add_row("resumed", f"run {report.run} from row {report.resumed_at:,}")
+    facts.add_row("checkpoints", f"{report.checkpoints} (--resume {report.run})")
+    for recovery in report.recoveries:
+        facts.add_row(
+            "recovered",
+            f"{recovery.error[:60]}: from checkpoint {recovery.epoch} (row {recovery.position:,}) "
+            f"in {recovery.seconds:.2f} s",
+        )
     if report.trigger_files:
         facts.add_row("triggers written to", str(Path(report.trigger_files[0]).parent))
     if report.dead_letter_files:
@@ -208,12 +223,32 @@ def replay_command(
     offers: Annotated[
         Path | None, typer.Option(help="Offer catalog: decide on every trigger (ranker on Serve).")
     ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue run RUN (its name, or 'latest') from its last checkpoint: the same "
+            "file, the outputs of the run's folders written once."
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between checkpoints (and one at the end).")
+    ] = 10.0,
 ) -> None:
-    """Replay an event file through sharded actors on Ray and summarize what fired."""
+    """Replay an event file through sharded actors on Ray and summarize what fired.
+
+    Checkpoints go to OUT/checkpoints/RUN; a lost shard or sink actor is recovered by itself."""
     settings = _settings(shards=shards)
     ruleset = load_rules(rules)
     catalog = load_catalog(offers) if offers else None
-    report = _live_replay(_events_file(file), settings, ruleset, out, address, catalog)
+    if resume == "latest":
+        runs = sorted(p.name for p in (out / "checkpoints").glob("run-*"))
+        if not runs:
+            raise typer.BadParameter(f"no run under {out / 'checkpoints'}", param_hint="--resume")
+        resume = runs[-1]
+    report = _live_replay(
+        _events_file(file), settings, ruleset, out, address, catalog, resume, checkpoint_every,
+        str(file.resolve()),
+    )  # fmt: skip
     _summary(report, ruleset)
 
 
@@ -236,7 +271,10 @@ def demo(
         console.print(f"using {data}")
     ruleset = load_rules(DEFAULT_RULES)
     catalog = load_catalog(DEFAULT_OFFERS)
-    report = _live_replay(_events_file(data), _settings(shards=shards), ruleset, out, None, catalog)
+    report = _live_replay(
+        _events_file(data), _settings(shards=shards), ruleset, out, None, catalog,
+        source_name=str(data.resolve()),
+    )  # fmt: skip
     _summary(report, ruleset)
     if loop_customers:
         _closed_loop(ruleset, catalog, loop_customers, out)

@@ -97,6 +97,28 @@ class RouterStats:
             self.rejected += failed.num_rows
             self.rejected_by_reason["shard_failed"] += failed.num_rows
 
+    #: the counters a checkpoint keeps, so a recovered engine reports the same totals
+    COUNTERS = (
+        "ingested", "rejected", "applied", "duplicates", "triggers", "decisions", "responses",
+        "micro_batches", "failed",
+    )  # fmt: skip
+
+    def counters(self) -> dict[str, Any]:
+        """The counters as plain values (latencies are not kept)."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in self.COUNTERS}
+        out["triggers_by_rule"] = dict(self.triggers_by_rule)
+        out["rejected_by_reason"] = dict(self.rejected_by_reason)
+        return out
+
+    @classmethod
+    def from_counters(cls, counters: Mapping[str, Any]) -> RouterStats:
+        stats = cls()
+        for name in cls.COUNTERS:
+            setattr(stats, name, int(counters.get(name, 0)))
+        stats.triggers_by_rule.update(counters.get("triggers_by_rule", {}))
+        stats.rejected_by_reason.update(counters.get("rejected_by_reason", {}))
+        return stats
+
     def percentile(self, q: float, values: deque[float] | None = None) -> float:
         values = self.latencies_ms if values is None else values
         return float(np.percentile(np.fromiter(values, float), q)) if values else 0.0

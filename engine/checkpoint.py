@@ -130,7 +130,7 @@ def write_checkpoint(
                 "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
             }
         )
-    document = {"epoch": epoch, "shards": shards, **dict(extra or {})}
+    document = {**dict(extra or {}), "epoch": epoch, "shards": shards}
     _write_bytes(fs, f"{path}/{name}/{CHECKPOINT}", json.dumps(document).encode())
     _replace(fs, f"{path}/{CURRENT}", name.encode())
     _forget_old(fs, path, keep, current=name)

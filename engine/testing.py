@@ -49,9 +49,12 @@ class FixedScorer:
     fn: Callable[[np.ndarray, tuple[str, ...]], np.ndarray] | None = None
     version: str = "fixed"
     requests: list[ScoreRequest] = field(default_factory=list)
+    #: keep every request in ``requests`` (off for long runs: they hold the features)
+    keep: bool = True
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
-        self.requests.append(request)
+        if self.keep:
+            self.requests.append(request)
         if self.fn is None:
             p = np.full(request.rows, 0.5, dtype=np.float32)
         else:

@@ -23,13 +23,14 @@ import pyarrow.dataset as ds
 
 #: per log: the folder, the columns that order its rows, the column counted by value
 LOGS = {
-    "triggers": ("triggers", ["ts", "event_id", "rule_id"], "rule_id"),
+    "triggers": ("triggers", ["ts", "event_id", "rule_id", "customer_key", "seq"], "rule_id"),
     "decisions": ("decisions", ["ts", "decision_id"], "action"),
 }
 
 
 def _read(folder: Path) -> pa.Table | None:
-    files = sorted(str(p) for p in folder.rglob("*.parquet"))
+    """Every committed file under ``folder`` (pending ones, ``_pending-*``, are not output)."""
+    files = sorted(str(p) for p in folder.rglob("*.parquet") if not p.name.startswith("_"))
     if not files:
         return None
     return ds.dataset(files, format="parquet", partitioning="hive").to_table()
@@ -48,15 +49,20 @@ def digest(table: pa.Table, order: list[str], count_by: str) -> dict[str, Any]:
     return {"rows": table.num_rows, "by": dict(sorted(counts.items())), "sha256": sha.hexdigest()}
 
 
+def digests(data_dir: Path, run: str | None = None) -> dict[str, Any]:
+    """The digest of each log under ``data_dir`` (of one run's folders when ``run`` is named)."""
+    out: dict[str, Any] = {}
+    for name, (folder, order, count_by) in LOGS.items():
+        table = _read(data_dir / folder / run if run else data_dir / folder)
+        out[name] = None if table is None else digest(table, order, count_by)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", type=Path)
     args = parser.parse_args()
-    out: dict[str, Any] = {}
-    for name, (folder, order, count_by) in LOGS.items():
-        table = _read(args.data_dir / folder)
-        out[name] = None if table is None else digest(table, order, count_by)
-    print(json.dumps(out, indent=1))
+    print(json.dumps(digests(args.data_dir), indent=1))
 
 
 if __name__ == "__main__":

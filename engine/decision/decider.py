@@ -14,11 +14,14 @@ For every trigger some offer answers, it considers each answering offer and NO_A
    the draws come from stable hashes of the decision id, so the log reproduces every choice;
 5. delivery: a chosen offer is delivered unless the customer is in the control group; either
    way it counts as a contact for caps and cooldowns, so the control group's logged
-   would-be decisions follow the same policy. A customer with several triggers in one
-   micro-batch is decided in time order, in rounds, so caps hold within the batch too.
+   would-be decisions follow the same policy.
 
-The context (and so the features) of a decision is taken as of its trigger event, with the
-customer's contact history as of the start of the micro-batch.
+A customer with several triggers in one micro-batch is decided in time order, in rounds (a
+customer's k-th trigger in round k): the contact limits, the context and the scores of a round
+are taken after the contacts of the rounds before it. So every decision sees exactly the
+contact history a decision-by-decision loop would, and a decision does not depend on how the
+stream was cut into micro-batches (a replay after a recovery cuts it elsewhere). The rest of the
+context is as of the trigger event.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class Decider:
         self._costs = np.array([o.spec.cost for o in catalog.offers])
         self._cooldowns = np.array([o.cooldown_ms for o in catalog.offers], dtype=np.int64)
         store.ensure_decision_state(self._contact_keys + self._offer_keys)
-        self.unavailable = 0  # steps decided without the model (NO_ACTION)
+        self.unavailable = 0  # scoring requests (a round of a step) that got no answer
         self.last_unavailable: str | None = None
 
     def warm_up(self) -> None:
@@ -146,9 +149,20 @@ class Decider:
         batch = self._batch(view, rows, rule_ids, inbound)
         for reason, mask in self.exclusions(view, batch, inbound):
             batch.exclude(reason, mask)
-        batch.context = context_features(view, rows, batch.ts, self._contacts(batch.slots))
-        self._score(batch)
-        self._choose(batch)
+        rank = batch.rounds
+        for r in range(int(rank.max()) + 1 if rank.size else 0):
+            sel = np.flatnonzero(rank == r)
+            for reason, mask in self._contact_limits(batch.slots[sel], batch.ts[sel]):
+                batch.exclude(reason, mask, where=sel)
+            context = context_features(
+                view, rows[sel], batch.ts[sel], self._contacts(batch.slots[sel])
+            )
+            for name, values in context.items():
+                batch.context.setdefault(name, np.zeros(batch.size, dtype=values.dtype))[sel] = (
+                    values
+                )
+            self._score(batch, sel)
+            self._choose(batch, sel)
         return decision_table(batch, self.catalog)
 
     def _batch(
@@ -197,14 +211,15 @@ class Decider:
         self, view: BatchView, batch: DecisionBatch, inbound: np.ndarray | None
     ) -> list[Exclusion]:
         """Why an answering offer is not a candidate, as ordered ``(reason, mask)`` steps; the
-        first that marks a pair is its reason. Consent by purpose and erasure go here."""
+        first that marks a pair is its reason. Consent by purpose and erasure go here. The
+        contact limits (cooldown, frequency cap) come after these, round by round
+        (``_contact_limits``)."""
         _, withdrawn = (m[batch.rows] for m in view.consent())
         opted_out = (withdrawn & ALL_CHANNELS) == ALL_CHANNELS
         return [
             (Reason.NOT_ELIGIBLE, self._ineligible(view, batch)),
             (Reason.OPTED_OUT, opted_out[:, None]),
             (Reason.NO_CONSENT, batch.via < 0),
-            *self._contact_limits(batch.slots, batch.ts),
         ]
 
     def _ineligible(self, view: BatchView, batch: DecisionBatch) -> np.ndarray:
@@ -226,12 +241,14 @@ class Decider:
         cap = capped(self._contacts(slots), ts, self.catalog.policy)
         return [(Reason.COOLDOWN, cooling), (Reason.FREQUENCY_CAP, cap[:, None])]
 
-    def _score(self, batch: DecisionBatch) -> None:
-        """One scoring request for every candidate pair: ``batch.propensity`` (NaN where not
-        scored) and ``batch.versions``. Without a model, the candidates are excluded."""
-        ti, oj = np.nonzero(batch.candidates)
+    def _score(self, batch: DecisionBatch, sel: np.ndarray) -> None:
+        """One scoring request for every candidate pair of the decisions ``sel`` (a round):
+        ``batch.propensity`` (NaN where not scored) and ``batch.versions``. Without a model,
+        the candidates are excluded."""
+        ti, oj = np.nonzero(batch.candidates[sel])
         if ti.size == 0:
             return
+        ti = sel[ti]
         offer_ids = np.array(self.catalog.offer_ids, dtype=object)
         features = build_features(
             {k: v[ti] for k, v in batch.context.items()},
@@ -245,28 +262,22 @@ class Decider:
         except ScorerUnavailableError as exc:
             self.unavailable += 1
             self.last_unavailable = str(exc)
-            batch.exclude(Reason.MODEL_UNAVAILABLE, np.ones((1, 1), dtype=bool))
+            batch.exclude(Reason.MODEL_UNAVAILABLE, np.ones((1, 1), dtype=bool), where=sel)
             return
         check_response(request, response)
         batch.propensity[ti, oj] = response.propensity
         batch.versions[ti] = response.version_of_rows()
 
-    def _choose(self, batch: DecisionBatch) -> None:
-        """Arbitrate round by round (a customer's k-th decision in round k), recording each
-        round's contacts before the next, so caps and cooldowns hold within the step too."""
+    def _choose(self, batch: DecisionBatch, sel: np.ndarray) -> None:
+        """Arbitrate the decisions ``sel`` (one round: a customer at most once) and record
+        their contacts before the next round."""
         policy = self.catalog.policy
-        rank = batch.rounds
-        for r in range(int(rank.max()) + 1):
-            sel = np.flatnonzero(rank == r)
-            if r > 0:  # earlier rounds may have delivered: re-check caps and cooldowns
-                for reason, mask in self._contact_limits(batch.slots[sel], batch.ts[sel]):
-                    batch.exclude(reason, mask, where=sel)
-            expected = batch.propensity[sel] * self._values - self._costs
-            available = batch.candidates[sel]
-            arb = arbitrate(expected, available, batch.ids[sel], policy.exploration, policy.seed)
-            batch.chosen[sel], batch.probability[sel] = arb.chosen, arb.probability
-            batch.explored[sel] = arb.explored
-            # control customers count as contacted too, so their logged would-be decisions
-            # follow the same caps and cooldowns as everyone else's
-            contacted = sel[arb.chosen >= 0]
-            self._deliver(batch.slots[contacted], batch.ts[contacted], batch.chosen[contacted])
+        expected = batch.propensity[sel] * self._values - self._costs
+        available = batch.candidates[sel]
+        arb = arbitrate(expected, available, batch.ids[sel], policy.exploration, policy.seed)
+        batch.chosen[sel], batch.probability[sel] = arb.chosen, arb.probability
+        batch.explored[sel] = arb.explored
+        # control customers count as contacted too, so their logged would-be decisions
+        # follow the same caps and cooldowns as everyone else's
+        contacted = sel[arb.chosen >= 0]
+        self._deliver(batch.slots[contacted], batch.ts[contacted], batch.chosen[contacted])

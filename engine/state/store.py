@@ -47,8 +47,8 @@ COLUMNS: dict[str, Column] = {
         np.dtype(np.int32), -1, "billing cycle (months since 1970) of cycle_usage_mb"
     ),
     **{name: _field_column(name) for name in names("aggregate")},
-    "last_lat": Column(np.dtype(np.float32), np.nan, "last known latitude"),
-    "last_lon": Column(np.dtype(np.float32), np.nan, "last known longitude"),
+    "last_lat": Column(np.dtype(np.float64), np.nan, "last known latitude"),
+    "last_lon": Column(np.dtype(np.float64), np.nan, "last known longitude"),
     "last_event_ms": Column(np.dtype(np.int64), NEVER, "event time of the newest applied event"),
     "event_count": Column(np.dtype(np.int32), 0, "events applied"),
 }

@@ -42,8 +42,47 @@ def segmented_cumsum(
 ) -> np.ndarray:
     """Running sum of ``values`` that restarts at every row where ``starts`` is true.
 
-    ``first`` (each row's segment start) may be passed when the caller already has it.
+    Each segment is summed left to right on its own, exactly as a loop over its events would:
+    the result of a row depends only on the rows of its segment, never on what else is in the
+    batch. (A cumulative sum over the whole batch less the total before the segment is faster
+    but rounds differently with every batch: a replay that cuts micro-batches elsewhere, after a
+    recovery, would then differ in the last bits and, now and then, at a threshold.)
+
+    Segments are padded into rows of a matrix and summed along them; grouping segments by
+    length (powers of two) keeps the padding under the batch's size. ``first`` is accepted for
+    callers that have each row's segment start; it is not needed.
     """
+    del first
+    n = values.size
+    out = np.array(values, dtype=np.float64, copy=True)
+    if n < 2:
+        return out
+    bounds = np.flatnonzero(starts)
+    if bounds.size == 0 or bounds[0] != 0:
+        bounds = np.concatenate(([0], bounds))
+    lengths = np.diff(np.append(bounds, n))
+    longer = lengths > 1
+    if not longer.any():
+        return out
+    bounds, lengths = bounds[longer], lengths[longer]
+    buckets = np.ceil(np.log2(lengths)).astype(np.int64)
+    for bucket in np.unique(buckets).tolist():
+        chosen = buckets == bucket
+        heads, sizes = bounds[chosen], lengths[chosen]
+        columns = np.arange(int(sizes.max()))
+        index = heads[:, None] + columns[None, :]
+        inside = columns[None, :] < sizes[:, None]
+        padded = np.where(inside, out[np.minimum(index, n - 1)], 0.0)
+        out[index[inside]] = np.cumsum(padded, axis=1)[inside]
+    return out
+
+
+def segmented_count(
+    values: np.ndarray, starts: np.ndarray, first: np.ndarray | None = None
+) -> np.ndarray:
+    """``segmented_cumsum`` of whole numbers (counts and their carried values), faster: a
+    cumulative sum over the batch less the total before each segment, exact for integers below
+    2**53, so it too depends on nothing but the segment."""
     total = np.cumsum(values)
     if first is None:
         first = np.maximum.accumulate(np.where(starts, np.arange(values.size), 0))
@@ -264,13 +303,13 @@ class BatchView:
         start_values = np.where(self.group_first, base, 0.0)
         seeded, seeds = self._seeds(column)
         if seeded is None:
-            return segmented_cumsum(
+            return segmented_count(
                 increments.astype(np.float64) + start_values, self.group_first, self.group_start
             )
         # a profile update that carries the count (billing history) restarts it at its value;
         # the event's own increment (a cycle it closes) still counts
         start_values = np.where(seeded, seeds.astype(np.float64), start_values)
-        return segmented_cumsum(
+        return segmented_count(
             increments.astype(np.float64) + start_values, self.group_first | seeded
         )
 
@@ -306,7 +345,7 @@ class BatchView:
         carry = np.where(
             self.group_first & ~checkout, self.store.cols["cart_items"][self.slot], 0.0
         )
-        return segmented_cumsum(np.where(checkout, 0.0, added) + carry, starts)
+        return segmented_count(np.where(checkout, 0.0, added) + carry, starts)
 
     # -- writing each customer's final values back ------------------------------------------------
     def write_back(self) -> None:

@@ -223,7 +223,8 @@ def test_without_the_model_decisions_fall_back_to_no_action_and_contact_nobody(e
     for d in decisions[:2]:
         assert not d["delivered"] and d["propensity"] is None and d["model_version"] is None
         assert {c["excluded"] for c in d["candidates"]} == {"model_unavailable"}
-    assert engine.shards[0].decider.unavailable == 1
+    # one failed scoring request per round: the customer's two triggers are two rounds
+    assert engine.shards[0].decider.unavailable == 2
 
 
 def test_an_offer_is_not_repeated_within_its_cooldown(event) -> None:
@@ -507,17 +508,8 @@ def test_a_large_release_applied_in_bounded_parts_gives_the_same_triggers_and_de
     # ~9 parts per shard: cut by the micro-batch size, or by the decision step alone
     for limit, step in ((700, 1_000_000), (100_000, 700)):
         parts_t, parts_d, requests = run(limit, step)
-        assert requests > 5 * whole_requests  # one scoring request per step
-        # running sums are added up in a different grouping: equal up to rounding
-        assert parts_t.drop_columns(["values"]).equals(whole_t.drop_columns(["values"]))
-        for a, b in zip(parts_t["values"].to_pylist(), whole_t["values"].to_pylist(), strict=True):
-            assert dict(a) == pytest.approx(dict(b), rel=1e-9)
-        exact = ["decision_id", "rule_id", "action", "channel", "delivered", "probability",
-                 "reason", "deliver_after", "control"]  # fmt: skip
-        assert parts_d.select(exact).equals(whole_d.select(exact))
-        for name in ("ctx_pct_of_cap", "ctx_days_left", "propensity"):
-            np.testing.assert_allclose(
-                parts_d[name].to_numpy(zero_copy_only=False).astype(float),
-                whole_d[name].to_numpy(zero_copy_only=False).astype(float),
-                rtol=1e-5,
-            )
+        assert requests > 1.5 * whole_requests  # one scoring request per round of a step
+        # every running sum is added up event by event: equal to the last bit, and so is every
+        # decision and its context (contact history included: taken round by round)
+        assert repr(parts_t.to_pylist()) == repr(whole_t.to_pylist())  # NaN equals NaN here
+        assert repr(parts_d.to_pylist()) == repr(whole_d.to_pylist())
