@@ -1,38 +1,42 @@
 """GatewayActor: one named actor that runs the engine behind the HTTP API (a thin wrapper).
 
-The API replicas (``deploy.api``) decode and coerce request bodies themselves, in parallel, and
-hand the gateway Arrow batches. The gateway is the single ingest point (one sequence, one
-watermark): its ``engine.gateway.GatewayLogic`` validates, dead-letters and feeds the Router,
-which cuts micro-batches *across* requests. A clock thread ticks the logic (deadlines, idle
-release, retraining). Rules and catalog swaps go through the Supervisor.
+The API replicas (``deploy.api``) decode, coerce and validate request bodies themselves, in
+parallel, and publish each request's valid events to the durable ingest log (NATS JetStream,
+``actors.ingestlog``); a 202 means JetStream acknowledged them. The gateway is the log's single
+reader: an ``engine.pipeline.Pipeline`` from the log (a ``LogSource``) into its ``Supervisor``
+(one sequence, one watermark; the router cuts micro-batches *across* requests), with a
+checkpoint every ``checkpoint_every_s`` and one on a clean stop. On start it restores the CURRENT
+checkpoint and reads the log from its position; ``ready`` answers once it has caught up with the
+log as it was at start. A lost shard is replaced and every shard restored without a human; a
+lost gateway is restarted by Ray (``max_restarts``) and does the same from the checkpoint.
 
 Golden-record reads and inbound decisions do not pass through the gateway: the API replicas
-call the owning shard directly (every process agrees on the shard map).
-
-The ranker and the retrainer come in as callables from ``deploy``: actors never import
-``models``.
+call the owning shard directly (``routing``; its ``generation`` changes when a shard actor is
+replaced). The ranker and the retrainer come in as callables from ``deploy``: actors never
+import ``models``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import ray
 
+from actors.ingestlog import LogConfig, LogSource
 from actors.metrics import metrics
 from actors.scorer import ServeScorer
 from actors.supervisor import Supervisor
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog, parse_catalog
 from engine.errors import CatalogError, RuleError
-from engine.events.deadletter import DeadLetter
 from engine.gateway import GatewayLogic, Retrainer
+from engine.pipeline import Pipeline
 from engine.rules.spec import RuleSet, load_rules, parse_rules
 
 log = logging.getLogger(__name__)
@@ -54,22 +58,20 @@ class GatewayConfig:
     name: str = "kairos"
     shard_cpus: float = 0.25
     idle_release_ms: float = 2_000.0
+    #: the ingest log (None: ``submit`` feeds the engine directly, nothing is durable)
+    log: LogConfig | None = None
+    checkpoint_every_s: float = 10.0
+    #: where checkpoints go (default: ``<data_dir>/checkpoints``; any pyarrow.fs URI)
+    checkpoint_uri: str | None = None
 
     @property
     def gateway_name(self) -> str:
         return f"{self.name}-gateway"
 
-    def shard_name(self, i: int) -> str:
-        return f"{self.name}-shard-{i}"
-
-    @property
-    def decision_sink_name(self) -> str:
-        return f"{self.name}-decisions"
-
 
 @ray.remote(max_concurrency=32)  # type: ignore[call-overload]
 class GatewayActor:
-    """Runs one engine: Supervisor (shards, router, sinks), its clock thread, its retrainer."""
+    """Runs one engine: Supervisor (shards, router, sinks), its log reader, its retrainer."""
 
     def __init__(
         self,
@@ -87,7 +89,7 @@ class GatewayActor:
             rules,
             trigger_uri=str(root / "triggers"),
             shard_cpus=config.shard_cpus,
-            namespace_prefix=config.name,
+            namespace_prefix=f"{config.name}-{time.time_ns():x}",
             dead_letter_uri=str(root / "dead-letters"),
             catalog=catalog,
             scorer=ServeScorer() if catalog else None,
@@ -95,6 +97,7 @@ class GatewayActor:
             response_uri=str(root / "responses") if catalog else None,
             observer=self._observe,
             idle_release_ms=config.idle_release_ms,
+            checkpoint_root=config.checkpoint_uri or str(root / "checkpoints"),
         )
         self.model_version = None
         if catalog is not None and start_ranker is not None:
@@ -107,39 +110,55 @@ class GatewayActor:
         self.logic = GatewayLogic(self.supervisor.router, retrainer)
         self.lock = threading.RLock()
         self._stop = threading.Event()
-        self._clock = threading.Thread(target=self._tick, name="gateway-clock", daemon=True)
+        self.source: LogSource | None = None
+        self.pipeline: Pipeline | None = None
+        #: the log's end when this gateway started: ready once read up to it
+        self._catch_up_to = 0
+        if config.log is not None:
+            self.source = LogSource(config.log, wait_s=min(0.05, self._period))
+            self.pipeline = Pipeline(
+                self.source, self.supervisor, config.checkpoint_every_s, chunk=1_000_000
+            )
+            restored = self.pipeline.start()
+            self._catch_up_to = self.source.position + self.source.lag()
+            log.warning(
+                "gateway started from %s; reading the log from %d (end %d)",
+                f"checkpoint {restored['epoch']}" if restored else "an empty engine",
+                self.source.position, self._catch_up_to,
+            )  # fmt: skip
+        self._clock = threading.Thread(target=self._run, name="gateway", daemon=True)
         self._clock.start()
+
+    @property
+    def _period(self) -> float:
+        return max(self.settings.micro_batch_deadline_ms / 2000, 0.002)
 
     # -- wiring ------------------------------------------------------------------------------
     def routing(self) -> dict[str, Any]:
-        """What an API replica needs to reach shards and sinks directly."""
+        """What an API replica needs to reach shards and sinks directly; ``generation``
+        changes whenever a shard actor is replaced (read it again then)."""
         return {
             "settings": self.settings,
-            "shards": [self.config.shard_name(i) for i in range(self.settings.shards)],
-            "decision_sink": self.config.decision_sink_name
-            if self.supervisor.decision_sink is not None
-            else None,
-            "namespace": ray.get_runtime_context().namespace,
+            "shards": list(self.supervisor.shards),
+            "decision_sink": self.supervisor.decision_sink,
+            "generation": self.supervisor.generation,
         }
 
     def ready(self) -> dict[str, Any]:
-        """Every shard and sink answers (raises if one does not)."""
+        """Every shard and sink answers and the log is read up to where it ended at start
+        (raises NotReadyError otherwise)."""
+        if self.source is not None and self.source.position < self._catch_up_to:
+            behind = self._catch_up_to - self.source.position
+            raise NotReadyError(f"replaying the ingest log: {behind} messages to go")
         stats = self.supervisor.ready()
         return {"shards": len(stats), "customers": sum(s["customers"] for s in stats)}
 
-    # -- events --------------------------------------------------------------------------------
-    def submit(
-        self, batch: pa.RecordBatch, positions: list[int], letters: list[DeadLetter]
-    ) -> dict[str, Any]:
-        """Ingest one request's events; ``letters`` are rows the replica could not coerce.
-        Returns the counts and every rejected event's error, with its index in the request."""
-        with self.lock:
-            done = self.logic.submit(batch, positions, letters)
-        m = metrics()
-        m.count(m.ingested, done.accepted_by_kind, "kind")
-        m.count(m.rejected, done.rejected_by_kind, "kind")
-        return done.report
+    def lag(self) -> int:
+        """Messages in the log the engine has not read yet (the API sheds load above a
+        limit)."""
+        return self.source.lag() if self.source is not None else 0
 
+    # -- the engine's clock ------------------------------------------------------------------------
     def _observe(self, shard: int, stats: dict[str, Any], latency_ms: float) -> None:
         m = metrics()
         m.micro_batch_ms.observe(latency_ms)
@@ -149,13 +168,17 @@ class GatewayActor:
             kinds = failed.column("kind").to_pylist()
             m.count(m.failed, {k: kinds.count(k) for k in set(kinds)}, "kind")
 
-    def _tick(self) -> None:
-        """Deadlines, idle release and retraining, on the gateway's own clock."""
-        period = max(self.settings.micro_batch_deadline_ms / 2000, 0.002)
-        while not self._stop.wait(period):
+    def _run(self) -> None:
+        """Read the log (or tick, without one), checkpoint when due, retrain when due."""
+        while not self._stop.is_set():
             try:
                 with self.lock:
-                    depths = self.logic.tick()
+                    if self.pipeline is not None:
+                        read = self.pipeline.step()
+                    else:
+                        read = 0
+                        self.logic.tick()
+                    depths = self.supervisor.router.queue_depth
                 for shard, depth in enumerate(depths):
                     metrics().queue_depth.set(depth, tags={"shard": str(shard)})
                 if self.logic.retrain_due():
@@ -166,8 +189,18 @@ class GatewayActor:
                                   self.logic.retrain_error)  # fmt: skip
                     elif result is not None:
                         log.info("retrained: %s", result.reason)
+                if not read:
+                    self._stop.wait(self._period if self.pipeline is None else 0.0)
             except Exception:  # the clock must keep going; the error is logged
-                log.exception("gateway clock tick failed")
+                log.exception("gateway step failed")
+                self._stop.wait(0.5)
+
+    # -- events without a log (tests, a quick try) ------------------------------------------------
+    def submit(self, batch: Any, positions: list[int], letters: list[Any]) -> dict[str, Any]:
+        """Ingest one request's events straight into the engine (no log: nothing durable)."""
+        with self.lock:
+            done = self.logic.submit(batch, positions, letters)
+        return done.report
 
     # -- run-time configuration ---------------------------------------------------------------
     def rules(self) -> dict[str, Any]:
@@ -205,12 +238,20 @@ class GatewayActor:
 
     # -- reading -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Router counters and shard counters; ``pending`` events wait for the watermark."""
+        """Router counters and shard counters; ``pending`` events wait for the watermark;
+        ``log``: where the engine is in the ingest log, its checkpoints and recoveries."""
         with self.lock:
             router = self.supervisor.router
             out = router.stats.as_dict()
             out["queue_depth"] = router.queue_depth
             out["watermark_ms"] = self.supervisor.ingestor.watermark_ms
+            if self.pipeline is not None and self.source is not None:
+                out["log"] = {
+                    "position": self.source.position,
+                    "lag": self.source.lag(),
+                    "checkpoint": self.pipeline.epoch,
+                    "recoveries": len(self.pipeline.recoveries),
+                }
         shards = self.supervisor.shard_stats()
         out["pending"] = sum(s["pending"] for s in shards)
         out["customers"] = sum(s["customers"] for s in shards)
@@ -220,30 +261,56 @@ class GatewayActor:
             out["retrained"] = len(self.logic.retrained)
         return out
 
-    def drain(self) -> dict[str, Any]:
-        """Apply everything received so far (closing the watermark) and write the logs."""
+    def drain(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Read the log to its end, apply everything (closing the watermark) and commit the
+        logs (a checkpoint; without a log, write them)."""
+        deadline = time.monotonic() + timeout_s
+        while self.source is not None and self.source.lag() and time.monotonic() < deadline:
+            time.sleep(0.02)
         with self.lock:
             self.supervisor.router.release_watermark()
-            self.supervisor.router.write_logs()
+            if self.pipeline is not None:
+                self.pipeline.checkpoint()
+            else:
+                self.supervisor.router.write_logs()
         return self.stats()
 
+    def checkpoint(self) -> int:
+        """Take a checkpoint now; returns its epoch."""
+        if self.pipeline is None:
+            raise RuntimeError("this gateway runs without a log: there are no checkpoints")
+        with self.lock:
+            self.pipeline.checkpoint()
+            return self.pipeline.epoch
+
     def save(self) -> None:
-        """Write what the sinks hold, applying nothing: called while Serve stops, when the
-        ranker may be gone and a micro-batch may hold the lock waiting for it. The sink actors
-        write regardless; the in-process ones when the lock comes within a second."""
-        router = self.supervisor.router
-        sinks = [a for a in (router.decision_sink, router.sink) if a is not None]
-        ray.get([a.write_buffered.remote() for a in sinks])
-        if self.lock.acquire(timeout=1.0):
-            try:
-                router.write_logs()
-            finally:
-                self.lock.release()
+        """Called while Serve stops: take a checkpoint if the engine is free within a second
+        (it commits the logs); without a log, write what the sinks hold."""
+        if not self.lock.acquire(timeout=1.0):
+            return
+        try:
+            if self.pipeline is not None:
+                self.pipeline.checkpoint()
+            else:
+                self.supervisor.router.write_logs()
+        finally:
+            self.lock.release()
 
     def shutdown(self) -> None:
-        """Stop: apply every event received, write every log, stop the engine's actors."""
+        """A clean stop: a last checkpoint (pending events and all), the engine's actors
+        stopped. Without a log: apply everything and write the logs."""
         self._stop.set()
+        self._clock.join(timeout=10)
         with self.lock:
-            self.supervisor.router.release_watermark()  # apply everything, even within lateness
-            self.supervisor.router.write_logs()
+            if self.pipeline is not None:
+                self.pipeline.checkpoint()
+            else:
+                self.supervisor.router.release_watermark()
+                self.supervisor.router.write_logs()
             self.supervisor.shutdown()
+            if self.source is not None:
+                self.source.close()
+
+
+class NotReadyError(RuntimeError):
+    """The gateway is up but not ready (still replaying the log)."""

@@ -232,6 +232,8 @@ class Supervisor:
             self.router.drain()
             snapshots = ray.get([s.snapshot.remote() for s in self.shards])
             incarnations = ray.get([a.precommit.remote(epoch) for a in self._sink_actors])
+        if self._sink_incarnations is None:  # no pipeline started this engine: these count
+            self._sink_incarnations = incarnations
         if incarnations != self._sink_incarnations:
             raise WorkerLostError("a sink restarted since the last checkpoint (rows were lost)")
         for sink in self._local_sinks:

@@ -8,12 +8,16 @@
 ``GET  /v1/stats``        ingest and engine counters
 ``GET  /healthz``, ``GET /readyz``; OpenAPI at ``/openapi.json``, docs at ``/docs``.
 
-API replicas decode and coerce bodies in parallel and pass Arrow batches to the gateway actor
-(``actors.gateway``), which micro-batches across requests. Decisions and golden-record reads go
-straight to the owning shard actor.
+API replicas decode, coerce and validate bodies in parallel and publish each request's valid
+events to the durable ingest log (NATS JetStream, ``actors.ingestlog``): a 202 means JetStream
+has them. The gateway actor (``actors.gateway``) reads the log in order into the engine. While
+the engine is more than ``max_lag_messages`` behind the log, or the log cannot take more, new
+events get 503 with ``Retry-After``; so does every call while the engine recovers. Decisions
+and golden-record reads go straight to the owning shard actor.
 """
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
@@ -34,12 +38,16 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.gateway import GatewayActor
+from actors.ingestlog import LOG_ERRORS, IngestLog
+from actors.metrics import metrics
 from deploy.service import ServiceConfig
 from engine.decision.catalog import NO_ACTION
 from engine.decision.scorer import RANKER_APP
 from engine.errors import EventError, PayloadTooLargeError
 from engine.events.codec import decode_json, decode_msgpack, event_id_from_text, rows_to_batch
 from engine.events.schema import CHANNELS, KIND_NAMES, PAYLOAD_FIELDS
+from engine.events.validation import conform, validate
+from engine.gateway import accepted_by_kind, letter_json, rejected_by_kind
 from engine.ingest import Ingestor
 from engine.limits import (
     MAX_DOCUMENT_BYTES,
@@ -51,6 +59,7 @@ from engine.limits import (
     depth_over,
     time_in_range,
 )
+from engine.logformat import encode_message
 from engine.state.store import PROFILE_COLUMNS
 from engine.yamlfile import DocumentLimitError, load_yaml
 
@@ -99,6 +108,13 @@ class IngestReport(BaseModel):
         description=f"The first {MAX_ERRORS_LISTED} rejected events, by index in the request."
     )
     errors_truncated: bool = Field(description="More events were rejected than are listed.")
+    batch_id: str | None = Field(
+        None,
+        description="The batch's id in the ingest log: the Idempotency-Key header, else the "
+        "SHA-256 of the body. A batch sent again is stored once.",
+    )
+    sequence: int | None = Field(None, description="Its position in the ingest log.")
+    duplicate: bool = Field(False, description="The log already had this batch: not added.")
 
 
 #: an RFC 3339 date-time (ISO 8601 with T and a zone), its year safely inside the accepted
@@ -319,6 +335,27 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
 
+#: what a client is told to wait before trying again, in seconds
+RETRY_AFTER_S = 2
+
+
+def unavailable(reason: str) -> HTTPException:
+    """A 503 with ``Retry-After``: the client may send the same request again later."""
+    return HTTPException(503, reason, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+@api.exception_handler(ray.exceptions.RayError)
+async def _engine_error(request: Request, exc: ray.exceptions.RayError) -> JSONResponse:
+    """An actor of the engine died or is restarting: 503, try again (never a 500)."""
+    log.warning("%s %s: the engine is recovering: %s", request.method, request.url.path,
+                type(exc).__name__)  # fmt: skip
+    return JSONResponse(
+        {"detail": "the engine is recovering; try again shortly"},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 naming each problem's place and reason; the input itself is never echoed (it may
@@ -373,20 +410,73 @@ class KairosApi:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = ServiceConfig.model_validate(config or {})
         cfg = self.config
+        # detached and restarted by Ray when it dies: a new gateway restores the engine from
+        # the last checkpoint and reads the log from there
         self.gateway = GatewayActor.options(
             name=cfg.gateway_name,
             namespace=cfg.namespace,
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0.25,
+            max_restarts=-1,
+            max_task_retries=0,
         ).remote(cfg.gateway(), cfg.ranker_starter(), cfg.retrainer_maker())
         routing = ray.get(self.gateway.routing.remote())
         #: who owns a customer: only the ingestor's pseudonymizer and shard map are used here
         self.ingestor = Ingestor(routing["settings"])
-        ns = routing["namespace"]
-        self.shards = [ray.get_actor(name, namespace=ns) for name in routing["shards"]]
-        sink = routing["decision_sink"]
-        self.decision_sink = ray.get_actor(sink, namespace=ns) if sink else None
+        self._route(routing)
+        self._log: IngestLog | None = None
+        self._log_lock: asyncio.Lock | None = None
+        #: the engine's lag behind the log, as last asked, and when it was asked / answered
+        self._lag = 0
+        self._lag_asked = 0.0
+        self._lag_answered = time.monotonic()
+
+    def _route(self, routing: dict[str, Any]) -> None:
+        self.shards = list(routing["shards"])
+        self.decision_sink = routing["decision_sink"]
+        self.generation = routing["generation"]
+
+    async def _reroute(self) -> None:
+        """A shard call failed: the gateway may have replaced it; read the routing again."""
+        self._route(await self.gateway.routing.remote())
+
+    async def _on_shard(self, owner: int, call: Any) -> Any:
+        """``call(shard)`` on the owning shard; once more after a routing refresh if the actor
+        is gone (a replaced shard); a RayError after that becomes a 503."""
+        try:
+            return await call(self.shards[owner])
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            await self._reroute()
+            return await call(self.shards[owner])
+
+    async def _ingest_log(self) -> IngestLog:
+        config = self.config.log()
+        assert config is not None
+        if self._log_lock is None:
+            self._log_lock = asyncio.Lock()
+        async with self._log_lock:
+            if self._log is None:
+                try:
+                    self._log = await IngestLog.open(config)
+                except LOG_ERRORS as exc:
+                    raise unavailable(f"the ingest log cannot be reached: {exc}") from exc
+            return self._log
+
+    async def _shed_load(self) -> None:
+        """503 while the engine is too far behind the log (or has not answered for long)."""
+        now = time.monotonic()
+        if now - self._lag_asked > 0.25:
+            self._lag_asked = now
+            try:
+                self._lag = await asyncio.wait_for(self.gateway.lag.remote(), timeout=2.0)
+                self._lag_answered = now
+            except (ray.exceptions.RayError, TimeoutError):
+                pass  # restarting: the log still takes events, within the limits below
+        if now - self._lag_answered > 30.0:
+            raise unavailable("the engine has not answered for 30 s; it is recovering")
+        if self._lag > self.config.max_lag_messages:
+            raise unavailable(f"the engine is {self._lag} batches behind the ingest log: slow down")
 
     async def __del__(self) -> None:
         """Serve stops this replica (``serve run`` Ctrl-C, shutdown, redeploy): have the
@@ -430,7 +520,48 @@ class KairosApi:
         except EventError as exc:
             raise HTTPException(400, safe_text(exc)) from exc
         batch, positions, letters = rows_to_batch(rows)
-        report = await self.gateway.submit.remote(batch, positions, letters)
+        if self.config.nats_url is None:  # no log: straight into the engine
+            report = await self.gateway.submit.remote(batch, positions, letters)
+            return JSONResponse(report, status_code=202)
+        return await self._publish(request, body, batch, positions, letters)
+
+    async def _publish(
+        self, request: Request, body: bytes, batch: Any, positions: Any, letters: list[Any]
+    ) -> JSONResponse:
+        """Validate the request's events and publish the valid ones (and the dead letters of
+        the rest) to the ingest log as one message; 202 once JetStream acknowledged it."""
+        batch_id = request.headers.get("idempotency-key") or hashlib.sha256(body).hexdigest()
+        if len(batch_id) > MAX_ID_CHARS:
+            raise HTTPException(400, f"Idempotency-Key is over {MAX_ID_CHARS} characters")
+        checked = validate(conform(batch), positions)
+        valid = checked.batch.filter(checked.keep)
+        refused = sorted([*letters, *checked.dead_letters], key=lambda d: d.index)
+        payload = encode_message(valid, checked.positions[checked.keep], refused)
+        ingest_log = await self._ingest_log()
+        if len(payload) > ingest_log.config.max_message_bytes:
+            raise HTTPException(
+                413, f"the batch is {len(payload):,} bytes encoded, over the log's limit of "
+                f"{ingest_log.config.max_message_bytes:,}: send fewer events per request",
+            )  # fmt: skip
+        await self._shed_load()
+        try:
+            sequence, duplicate = await ingest_log.publish(payload, batch_id)
+        except LOG_ERRORS as exc:
+            log.warning("the ingest log did not take a batch: %s", type(exc).__name__)
+            raise unavailable(f"the ingest log did not take the batch: {exc}"[:300]) from exc
+        if not duplicate:
+            m = metrics()
+            m.count(m.ingested, accepted_by_kind(batch, positions, refused), "kind")
+            m.count(m.rejected, rejected_by_kind(refused), "kind")
+        report = {
+            "accepted": valid.num_rows,
+            "rejected": len(refused),
+            "errors": [letter_json(d) for d in refused[:MAX_ERRORS_LISTED]],
+            "errors_truncated": len(refused) > MAX_ERRORS_LISTED,
+            "batch_id": batch_id,
+            "sequence": sequence,
+            "duplicate": duplicate,
+        }
         return JSONResponse(report, status_code=202)
 
     # -- decisions ------------------------------------------------------------------------------
@@ -478,19 +609,21 @@ class KairosApi:
             key, owner = self.ingestor.owner_of(customer_id)
             keys.append(key)
             by_shard.setdefault(owner, []).append(i)
-        refs = {
-            owner: self.shards[owner].decide_inbound.remote(
+
+        def ask(idx: list[int]) -> Any:
+            return lambda shard: shard.decide_inbound.remote(
                 np.array([keys[i] for i in idx], dtype=np.uint64),
                 [asks[i][1] for i in idx],
                 np.array([asks[i][2] for i in idx], dtype=np.int64),
                 np.array([asks[i][3] for i in idx], dtype=np.uint64),
                 [asks[i][4] for i in idx],
             )
-            for owner, idx in by_shard.items()
-        }
+
+        tables = await asyncio.gather(
+            *(self._on_shard(owner, ask(idx)) for owner, idx in by_shard.items())
+        )
         out: list[dict[str, Any]] = [{} for _ in asks]
-        for owner, idx in by_shard.items():
-            table = await refs[owner]
+        for (_, idx), table in zip(by_shard.items(), tables, strict=True):
             if self.decision_sink is not None:
                 self.decision_sink.write.remote(table)
             for i, row in zip(idx, table.to_pylist(), strict=True):
@@ -507,7 +640,7 @@ class KairosApi:
         """Profile, running aggregates, rule and contact state, and the newest triggers and
         decisions, read from the shard that owns the customer."""
         key, owner = self.ingestor.owner_of(customer_id)
-        record = await self.shards[owner].customer.remote(key)
+        record = await self._on_shard(owner, lambda shard: shard.customer.remote(key))
         if record is None:
             raise HTTPException(404, f"customer {customer_id!r} is unknown")
         profile = {k: record.pop(k) for k in PROFILE_COLUMNS if k in record}

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from actors.gateway import GatewayConfig, MakeRetrainer, StartRanker
+from actors.ingestlog import LogConfig
 from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
 from deploy.ranker import make_retrainer, start_ranker
 from engine.config import EngineSettings
@@ -45,6 +46,19 @@ class ServiceConfig(BaseModel):
         0, ge=0, description="Retrain the ranker every N new offer responses (0: never)."
     )
     ranker_cpus: float = Field(0.25, gt=0)
+    nats_url: str | None = Field(
+        None,
+        description="The NATS JetStream server of the ingest log (`kairos serve` starts one); "
+        "None: events go straight to the engine and nothing is durable.",
+    )
+    checkpoint_every_s: float = Field(10.0, gt=0, description="Seconds between checkpoints.")
+    checkpoint_uri: str | None = Field(
+        None, description="Where checkpoints go (default: <data_dir>/checkpoints; s3://...)."
+    )
+    max_lag_messages: int = Field(
+        2_000, ge=1, description="503 to new events while the engine is this far behind the log."
+    )
+    log_max_bytes: int = Field(8 << 30, ge=1 << 20, description="The log's size limit (503 then).")
 
     def settings(self) -> EngineSettings:
         return EngineSettings(
@@ -66,7 +80,16 @@ class ServiceConfig(BaseModel):
             name=self.name,
             shard_cpus=self.shard_cpus,
             idle_release_ms=self.idle_release_ms,
+            log=self.log(),
+            checkpoint_every_s=self.checkpoint_every_s,
+            checkpoint_uri=self.checkpoint_uri,
         )
+
+    def log(self) -> LogConfig | None:
+        """The ingest log's configuration (None: no log)."""
+        if self.nats_url is None:
+            return None
+        return LogConfig(self.nats_url, self.name, max_bytes=self.log_max_bytes)
 
     @property
     def registry_uri(self) -> str:
@@ -114,25 +137,78 @@ def serve(
     detach: Annotated[
         bool, typer.Option(help="Deploy and return (on a cluster that outlives this command).")
     ] = False,
+    nats: Annotated[
+        str | None,
+        typer.Option(
+            help="NATS JetStream server(s) of the ingest log, e.g. nats://n1:4222,nats://n2:4222 "
+            "(default: start one on 127.0.0.1 with its files under DATA_DIR/nats)."
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between checkpoints.")
+    ] = 10.0,
+    checkpoints: Annotated[
+        str | None,
+        typer.Option(help="Where checkpoints go (default DATA_DIR/checkpoints; s3://... too)."),
+    ] = None,
 ) -> None:
     """Run Kairos as a service: POST /v1/events, POST /v1/decide, GET /v1/customers/ID, ...
 
     Starts (or joins) Ray, starts Serve's HTTP proxy, deploys the API application and, through
     it, the engine's actors and the ranker. Runs until Ctrl-C unless --detach.
     """
-    from ray import serve as ray_serve
+    from deploy.natsserver import EmbeddedNats
 
-    from actors.runtime import init_ray
-    from deploy.api import api_app_config
-    from models.deployment import apply_apps
-
+    broker = None
+    if nats is None:
+        broker = EmbeddedNats(data_dir.resolve() / "nats", port=4222 if _free(4222) else None)
+        with console.status("starting the ingest log (NATS JetStream)..."):
+            nats = broker.start()
     config = ServiceConfig(
         data_dir=str(data_dir.resolve()),
         rules=str(rules.resolve()),
         offers=None if no_offers else str(offers.resolve()),
         shards=shards,
         retrain_every=retrain_every,
+        nats_url=nats,
+        checkpoint_every_s=checkpoint_every,
+        checkpoint_uri=checkpoints,
     )
+    try:
+        _serve(config, host, port, address, replicas, dashboard, metrics_port, detach, broker)
+    finally:
+        if broker is not None and not detach:
+            broker.stop()
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _serve(
+    config: ServiceConfig,
+    host: str,
+    port: int,
+    address: str | None,
+    replicas: int,
+    dashboard: bool,
+    metrics_port: int | None,
+    detach: bool,
+    broker: object | None,
+) -> None:
+    from ray import serve as ray_serve
+
+    from actors.runtime import init_ray
+    from deploy.api import api_app_config
+    from models.deployment import apply_apps
+
     with console.status("starting Ray..."):
         init_ray(address=address, dashboard=dashboard, metrics_export_port=metrics_port)
         ray_serve.start(http_options={"host": host, "port": port})
@@ -140,6 +216,11 @@ def serve(
         apply_apps([api_app_config(config, replicas=replicas)])
     url = f"http://{host}:{port}"
     console.print(f"[bold green]Kairos is serving[/] at {url}  (API docs: {url}/docs)")
+    console.print(
+        f"ingest log: {config.nats_url}; checkpoints every {config.checkpoint_every_s:g} s"
+    )
+    if detach and broker is not None:
+        console.print("[yellow]the embedded NATS server stays up with the detached service")
     if metrics_port and not address:
         console.print(f"metrics: http://127.0.0.1:{metrics_port}/metrics (ray_kairos_*)")
     if detach:
@@ -149,7 +230,7 @@ def serve(
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        console.print("stopping: applying what is pending and writing the logs...")
+        console.print("stopping: a last checkpoint (the logs are committed with it)...")
         import ray
 
         gateway = ray.get_actor(config.gateway_name, namespace=config.namespace)

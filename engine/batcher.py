@@ -133,6 +133,7 @@ class RouterStats:
             "micro_batches": self.micro_batches,
             "failed": self.failed,
             "triggers_by_rule": dict(self.triggers_by_rule),
+            "rejected_by_reason": dict(self.rejected_by_reason),
             "p50_ms": self.percentile(50),
             "p99_ms": self.percentile(99),
             "decisions": self.decisions,

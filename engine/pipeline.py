@@ -125,7 +125,9 @@ class Pipeline:
         else:
             if batch.letters:
                 self.engine.reject(list(batch.letters))
-            self.engine.submit(batch.events, batch.positions)
+            if batch.events.num_rows:
+                self.engine.submit(batch.events, batch.positions)
+            self.engine.poll()  # deadlines of open micro-batches, finished calls
         if self.interval_s is not None and self._since_checkpoint() >= self.interval_s:
             self._checkpoint()
         return 0 if batch is None else batch.events.num_rows

@@ -17,13 +17,18 @@ def service(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> I
     from ray import serve
 
     from deploy.api import API_APP, api_app_config
+    from deploy.natsserver import EmbeddedNats
     from deploy.service import ServiceConfig
     from models.deployment import apply_apps
 
+    data = tmp_path_factory.mktemp("service")
+    broker = EmbeddedNats(data / "nats")
     config = ServiceConfig(
         name="kairos-e2e",
-        data_dir=str(tmp_path_factory.mktemp("service")),
+        data_dir=str(data),
         idle_release_ms=300,
+        nats_url=broker.start(),
+        checkpoint_every_s=2.0,
     )
     apply_apps([api_app_config(config)])
     gateway = ray.get_actor(config.gateway_name, namespace=config.namespace)
@@ -31,3 +36,4 @@ def service(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> I
     serve.delete(API_APP)
     ray.get(gateway.shutdown.remote())
     ray.kill(gateway)
+    broker.stop()

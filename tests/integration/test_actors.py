@@ -104,7 +104,13 @@ def test_customer_record_is_read_from_its_owning_shard_and_checkpoints_restore_o
     ray_cluster, stream, rules, tmp_path
 ) -> None:
     settings = EngineSettings(shards=2, allowed_lateness_s=10)
-    sup = Supervisor(settings, rules, shard_cpus=0.25, namespace_prefix="it-snap")
+    sup = Supervisor(
+        settings,
+        rules,
+        shard_cpus=0.25,
+        namespace_prefix="it-snap",
+        checkpoint_root=str(tmp_path / "chk"),
+    )
     try:
         _replay(sup, stream)
         someone = stream.column("customer_id")[0].as_py()
@@ -112,7 +118,7 @@ def test_customer_record_is_read_from_its_owning_shard_and_checkpoints_restore_o
         assert record is not None and record["event_count"] >= 1
         assert record["plan_data_cap_mb"] > 0 and record["tz"].startswith("Europe/")
         assert sup.customer("+490000000000") is None
-        sup.checkpoint(str(tmp_path / "chk"), epoch=1)
+        sup.checkpoint(1, {})
         before = sup.shard_stats()
         position = sup.ingestor.position()
     finally:

@@ -1,0 +1,254 @@
+"""The durable ingest log on NATS JetStream: API replicas publish, the gateway reads it in order.
+
+One stream per service (``KAIROS_<name>``, subject ``kairos.<name>.events``), file storage on the
+server. A request's batch id is the message id (``Nats-Msg-Id``): JetStream drops a message
+whose id it saw within the duplicate window, so a client that retries a batch it got no answer
+for does not add it twice (and the shards drop event ids they have seen, past the window). The
+stream sequence is the source position; the gateway trims the stream below the oldest kept
+checkpoint. The stream refuses new messages when full (``discard: new``): the API answers 503.
+
+``IngestLog`` is the asyncio client (an API replica's event loop); ``LogSource`` wraps it in a
+thread of its own as an ``engine.source.Source`` for the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+import numpy as np
+import pyarrow as pa
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType
+
+from engine.errors import EventError, SourceError
+from engine.events.deadletter import DeadLetter
+from engine.logformat import decode_message
+from engine.source import SourceBatch
+
+T = TypeVar("T")
+#: what a failing log raises to its callers (the API answers 503 for these)
+LOG_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where the log is and how the stream is set up."""
+
+    url: str
+    name: str = "kairos"
+    #: the stream's size limit; new messages are refused beyond it (503 to clients)
+    max_bytes: int = 8 << 30
+    #: a batch id sent again within this window is not stored twice
+    duplicate_window_s: float = 600.0
+    #: the largest message (the server's max_payload must allow it)
+    max_message_bytes: int = 8 << 20
+    #: seconds a publish or read may take before it counts as failed
+    timeout_s: float = 5.0
+
+    @property
+    def stream(self) -> str:
+        return "KAIROS_" + re.sub(r"[^A-Za-z0-9_-]", "_", self.name)
+
+    @property
+    def subject(self) -> str:
+        return "kairos." + re.sub(r"[^A-Za-z0-9_-]", "_", self.name) + ".events"
+
+
+class IngestLog:
+    """The asyncio client: publish, read from a sequence, trim (see the module's docstring)."""
+
+    def __init__(self, config: LogConfig, client: Any) -> None:
+        self.config = config
+        self.nc = client
+        self.js = client.jetstream(timeout=config.timeout_s)
+        self._sub: Any = None
+        self._next = -1
+
+    @classmethod
+    async def open(cls, config: LogConfig) -> IngestLog:
+        """Connect and make sure the stream exists with this configuration."""
+        client = await nats.connect(
+            config.url,
+            connect_timeout=config.timeout_s,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+        )
+        log = cls(config, client)
+        await log._ensure_stream()
+        return log
+
+    async def _ensure_stream(self) -> None:
+        config = self.config
+        settings = {
+            "name": config.stream,
+            "subjects": [config.subject],
+            "storage": StorageType.FILE,
+            "max_bytes": config.max_bytes,
+            "max_msg_size": config.max_message_bytes,
+            "discard": DiscardPolicy.NEW,
+            "duplicate_window": config.duplicate_window_s,
+        }
+        try:
+            await self.js.stream_info(config.stream)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(**settings)
+        else:
+            await self.js.update_stream(**settings)
+
+    async def publish(self, payload: bytes, msg_id: str) -> tuple[int, bool]:
+        """Store one message; returns (its stream sequence, whether it was a duplicate).
+        Returns only once JetStream has acknowledged it; raises one of LOG_ERRORS if not."""
+        ack = await self.js.publish(
+            self.config.subject,
+            payload,
+            timeout=self.config.timeout_s,
+            stream=self.config.stream,
+            headers={"Nats-Msg-Id": msg_id},
+        )
+        return int(ack.seq), bool(ack.duplicate)
+
+    async def bounds(self) -> tuple[int, int]:
+        """(first, last) sequence in the stream (first > last: empty)."""
+        info = await self.js.stream_info(self.config.stream)
+        return int(info.state.first_seq), int(info.state.last_seq)
+
+    async def read(self, start: int, max_messages: int, wait_s: float) -> list[tuple[int, bytes]]:
+        """Up to ``max_messages`` messages from sequence ``start`` on, waiting at most
+        ``wait_s`` for the first; [] when there is none yet."""
+        if self._sub is None or start != self._next:
+            await self._subscribe(start)
+        try:
+            messages = await self._sub.fetch(batch=max_messages, timeout=wait_s)
+        except nats.errors.TimeoutError:
+            return []
+        out = [(int(m.metadata.sequence.stream), bytes(m.data)) for m in messages]
+        if out:
+            self._next = out[-1][0] + 1
+        return out
+
+    async def _subscribe(self, start: int) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(*LOG_ERRORS):
+                await self._sub.unsubscribe()
+        first, _ = await self.bounds()
+        if start < first:
+            raise SourceError(
+                f"the log starts at {first}; position {start} was trimmed (a checkpoint older "
+                "than the oldest kept?)"
+            )
+        self._sub = await self.js.pull_subscribe(
+            self.config.subject,
+            stream=self.config.stream,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=max(start, 1),
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=60.0,
+                mem_storage=True,
+            ),
+        )
+        self._next = start
+
+    async def trim_below(self, sequence: int) -> None:
+        """Drop every message below ``sequence`` (checkpoints need none of them)."""
+        if sequence > 1:
+            await self.js.purge_stream(self.config.stream, seq=sequence)
+
+    async def close(self) -> None:
+        with contextlib.suppress(*LOG_ERRORS):
+            await asyncio.wait_for(self.nc.close(), timeout=self.config.timeout_s)
+
+
+class LogSource:
+    """The log as an ``engine.source.Source`` (position = the next stream sequence to read),
+    for the gateway's thread: the asyncio client runs on a loop in a thread of its own."""
+
+    def __init__(self, config: LogConfig, wait_s: float = 0.01, max_messages: int = 64) -> None:
+        self.config = config
+        self.name = f"nats:{config.stream}"
+        self.wait_s = wait_s
+        self.max_messages = max_messages
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="log", daemon=True)
+        self._thread.start()
+        self.log: IngestLog = self._call(IngestLog.open(config))
+        self._position = 1
+        #: messages that were not Kairos log messages (dead-lettered)
+        self.unreadable = 0
+
+    def _call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        return future.result(timeout or self.config.timeout_s * 4)
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    def seek(self, position: int) -> None:
+        first, _ = self._call(self.log.bounds())
+        if position < first:
+            raise SourceError(f"the log starts at {first}; position {position} was trimmed")
+        self._position = max(position, 1)
+
+    def lag(self) -> int:
+        """Messages in the log not read yet."""
+        _, last = self._call(self.log.bounds())
+        return max(0, last + 1 - self._position)
+
+    def read(self, max_events: int) -> SourceBatch | None:
+        messages = self._call(self.log.read(self._position, self.max_messages, self.wait_s))
+        if not messages:
+            return None
+        tables, positions, letters = [], [], []
+        events = 0
+        start = self._position
+        for sequence, data in messages:
+            try:
+                table, where, refused = decode_message(data)
+            except EventError as exc:
+                self.unreadable += 1
+                letters.append(DeadLetter(-1, f"log message {sequence}: {exc}"))
+                continue
+            tables.append(table)
+            positions.append(where)
+            letters.extend(refused)
+            events += table.num_rows
+            if events >= max_events:
+                self._position = sequence + 1
+                break
+        else:
+            self._position = messages[-1][0] + 1
+        # stopped early: the next read starts before where the subscription is, and
+        # ``IngestLog.read`` subscribes again from there
+        table = pa.concat_tables(tables, promote_options="default") if tables else None
+        return SourceBatch(
+            table if table is not None else pa.table({}),
+            np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64),
+            start,
+            self._position,
+            letters,
+        )
+
+    @property
+    def exhausted(self) -> bool:
+        return False
+
+    def release(self, position: int) -> None:
+        self._call(self.log.trim_below(position))
+
+    def close(self) -> None:
+        try:
+            self._call(self.log.close())
+        except (TimeoutError, *LOG_ERRORS):
+            pass
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
