@@ -1,0 +1,237 @@
+"""The service under faults: real Serve HTTP, a real NATS JetStream log, real actors killed.
+
+- The gateway actor killed while two clients post events: Ray restarts it, the new gateway
+  restores the last checkpoint and reads the log from there; clients see only 202 or 503 with
+  Retry-After (they retry with the same Idempotency-Key); every event of every 202'd batch is
+  applied exactly once (each customer's event count equals its accepted events).
+- A clean restart of the whole service (gateway stopped, Serve application deleted, deployed
+  again): golden records, consent withdrawals and contact history are the same, and a customer
+  under a frequency cap is not contacted again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import msgpack
+import pytest
+import requests
+
+from tests.conftest import Cluster
+
+pytestmark = pytest.mark.integration
+
+MSGPACK = {"content-type": "application/msgpack"}
+CUSTOMERS = 300
+
+
+def _deploy(ray_cluster: Cluster, data, name: str, offers: bool) -> tuple[Any, Any]:
+
+    from deploy.api import api_app_config
+    from deploy.natsserver import EmbeddedNats
+    from deploy.service import ServiceConfig
+    from models.deployment import apply_apps
+
+    broker = EmbeddedNats(data / "nats")
+    fields: dict[str, Any] = {} if offers else {"offers": None}
+    config = ServiceConfig(
+        name=name,
+        data_dir=str(data),
+        idle_release_ms=300,
+        nats_url=broker.start(),
+        checkpoint_every_s=1.0,
+        **fields,
+    )
+    apply_apps([api_app_config(config)])
+    return config, broker
+
+
+def _undeploy(config: Any, broker: Any) -> None:
+    import ray
+    from ray import serve
+
+    from deploy.api import API_APP
+
+    serve.delete(API_APP)
+    gateway = ray.get_actor(config.gateway_name, namespace=config.namespace)
+    ray.get(gateway.shutdown.remote())
+    ray.kill(gateway, no_restart=True)
+    broker.stop()
+
+
+def _gateway(config: Any) -> Any:
+    import ray
+
+    return ray.get_actor(config.gateway_name, namespace=config.namespace)
+
+
+def _settle(url: str, timeout: float = 90.0) -> dict[str, Any]:
+    """Wait for the engine to read the whole log and apply everything; its stats."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        r = requests.get(f"{url}/v1/stats", timeout=30)
+        if r.status_code == 200:
+            stats = r.json()
+            done = stats["log"]["lag"] == 0 and stats["pending"] == 0
+            if done and last.get("applied") == stats["applied"]:
+                return stats
+            last = stats
+        time.sleep(0.5)
+    raise AssertionError(f"the engine did not settle: {last}")
+
+
+class Client(threading.Thread):
+    """Posts batches of usage events until told to stop; a batch that gets 503 or no answer
+    is sent again, with the same Idempotency-Key, until it gets 202."""
+
+    def __init__(self, url: str, number: int, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.url, self.number, self.stop = url, number, stop
+        self.statuses: Counter[int] = Counter()
+        self.accepted: Counter[str] = Counter()  # customer -> events applied at 202
+
+    def run(self) -> None:
+        t0 = int(time.time() * 1000)
+        i = 0
+        while not self.stop.is_set():
+            events = []
+            for _ in range(100):
+                i += 1
+                events.append({
+                    "event_id": self.number * 10_000_000 + i,
+                    "customer_id": f"ft-{i % CUSTOMERS}",
+                    "kind": "usage",
+                    "ts": t0 + i,
+                    "mb": 1.0,
+                })  # fmt: skip
+            self._send(events, f"client-{self.number}-{i}")
+
+    def _send(self, events: list[dict[str, Any]], key: str) -> None:
+        body = msgpack.packb(events)
+        while True:
+            try:
+                r = requests.post(
+                    f"{self.url}/v1/events", data=body, headers={**MSGPACK, "Idempotency-Key": key},
+                    timeout=10,
+                )  # fmt: skip
+            except requests.RequestException:
+                self.statuses[0] += 1
+                time.sleep(0.2)
+                continue
+            self.statuses[r.status_code] += 1
+            if r.status_code == 202:
+                if not r.json()["duplicate"]:
+                    self.accepted.update(e["customer_id"] for e in events)
+                return
+            assert r.status_code == 503, (r.status_code, r.text)
+            assert "Retry-After" in r.headers
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def events_only(ray_cluster, tmp_path_factory):
+    config, broker = _deploy(ray_cluster, tmp_path_factory.mktemp("ft"), "kairos-ft", False)
+    yield ray_cluster.url, config
+    _undeploy(config, broker)
+
+
+def test_a_killed_gateway_heals_by_itself_and_every_accepted_event_is_applied_once(
+    events_only,
+) -> None:
+    import ray
+
+    url, config = events_only
+    stop = threading.Event()
+    clients = [Client(url, n, stop) for n in (1, 2)]
+    for c in clients:
+        c.start()
+    time.sleep(3.0)
+    ray.kill(_gateway(config), no_restart=False)  # Ray restarts it; its shards die with it
+    killed = time.monotonic()
+    time.sleep(8.0)
+    stop.set()
+    for c in clients:
+        c.join(timeout=60)
+    stats = _settle(url)
+    statuses = sum((c.statuses for c in clients), Counter())
+    assert set(statuses) <= {202, 503}, statuses
+    accepted = sum((c.accepted for c in clients), Counter())
+    total = sum(accepted.values())
+    assert total > 5_000
+    assert stats["applied"] == total and stats["duplicates"] == 0, (stats, total)
+    assert stats["customers"] == CUSTOMERS
+    for customer in list(accepted)[:40]:
+        record = requests.get(f"{url}/v1/customers/{customer}", timeout=30).json()
+        assert record["aggregates"]["event_count"] == accepted[customer], customer
+    assert time.monotonic() - killed < 60
+
+
+def _profile(customer: str, event_id: int, ts: int) -> dict[str, Any]:
+    return {
+        "event_id": event_id, "customer_id": customer, "kind": "profile_update", "ts": ts,
+        "plan_data_cap_mb": 1000.0, "cycle_day": 1, "home_lat": 52.52, "home_lon": 13.405,
+        "tz": "Europe/Berlin", "channels": ["sms", "push", "web"],
+    }  # fmt: skip
+
+
+def _records(url: str, people: list[str]) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(who: str) -> Any:
+        return requests.get(f"{url}/v1/customers/{who}", timeout=30).json()
+
+    with ThreadPoolExecutor(8) as pool:
+        return dict(zip(people, pool.map(one, people), strict=True))
+
+
+@pytest.mark.faults
+def test_a_clean_restart_keeps_golden_records_consent_and_contact_history(
+    ray_cluster, tmp_path
+) -> None:
+    url = ray_cluster.url
+    config, broker = _deploy(ray_cluster, tmp_path, "kairos-rs", True)
+    people = [f"rs-{i}" for i in range(1_000)]
+    t = int(time.time() * 1000)
+    events: list[dict[str, Any]] = []
+    for i, who in enumerate(people):
+        events.append(_profile(who, 1 + 10 * i, t + i))
+        events.append({"event_id": 2 + 10 * i, "customer_id": who, "kind": "usage",
+                       "ts": t + i + 1, "mb": 820.0 + i % 50})  # fmt: skip
+        if i % 7 == 0:  # some withdraw their consent to SMS
+            events.append({"event_id": 3 + 10 * i, "customer_id": who, "kind": "consent",
+                           "ts": t + i + 2, "channel": "sms", "granted": False})  # fmt: skip
+    for start in range(0, len(events), 1_000):
+        r = requests.post(f"{url}/v1/events", data=msgpack.packb(events[start : start + 1_000]),
+                          headers=MSGPACK, timeout=30)  # fmt: skip
+        assert r.status_code == 202, r.text
+    _settle(url)
+    offered = {}  # customer -> the offer an inbound decision delivered
+    for who in people[:60]:
+        body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
+        d = requests.post(f"{url}/v1/decide", json=body, timeout=30).json()
+        if d["delivered"]:
+            offered[who] = d["action"]
+    assert offered, "no inbound decision delivered an offer: nothing to check the caps on"
+    import ray
+
+    ray.get(_gateway(config).drain.remote())
+    before = _records(url, people)
+
+    _undeploy(config, broker)  # a clean stop: a last checkpoint
+    config, broker = _deploy(ray_cluster, tmp_path, "kairos-rs", True)  # the same data folder
+    try:
+        after = _records(url, people)
+        assert after == before
+        withdrawn = [who for i, who in enumerate(people) if i % 7 == 0]
+        assert all(after[w]["aggregates"]["consent_withdrawn"] for w in withdrawn)
+        for who, offer in offered.items():  # the same offer is not made again (its cooldown)
+            body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
+            d = requests.post(f"{url}/v1/decide", json=body, timeout=30).json()
+            reasons = {c["offer_id"]: c["excluded"] for c in d["candidates"]}
+            assert d["action"] != offer and reasons[offer] in ("cooldown", "frequency_cap"), d
+    finally:
+        _undeploy(config, broker)
