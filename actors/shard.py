@@ -150,6 +150,7 @@ class ShardActor:
         decider = self.logic.decider
         return {
             "incarnation": self.incarnation,
+            "node": ray.get_runtime_context().get_node_id(),
             "peak_rss_mb": peak_rss_mb(),
             "shard": self.logic.shard_id,
             "customers": store.size,

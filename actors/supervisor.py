@@ -137,6 +137,7 @@ class Supervisor:
             get_if_exists=False,
             runtime_env=_WORKER_ENV,
             max_restarts=0,
+            scheduling_strategy="SPREAD",  # over the nodes: a lost node costs fewer shards
         ).remote(
             i,
             self.settings,

@@ -9,7 +9,12 @@ step's triggers to its logged decisions (a shard applies a micro-batch in steps 
 ``--repeat`` times (3) on fresh shards; the median run is printed, with every run's
 events_per_s and the first one's.
 
+``--checkpoint-every S`` runs each repeat twice, alternately: without checkpoints and through
+the durable pipeline (``engine.pipeline``: a checkpoint every S seconds and one at the end, the
+sinks committed with them), and prints both medians and their ratio.
+
     python loadtests/bench_throughput.py --events 2000000 --customers 200000 --shards 1 2 4
+    python loadtests/bench_throughput.py --shards 2 --repeat 5 --checkpoint-every 1
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from deploy.paths import DEFAULT_RULES as RULES
 from deploy.ranker import start_ranker as deploy_champion
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog
+from engine.pipeline import Pipeline
 from engine.rules.spec import load_rules
+from engine.source import TableSource
 from engine.synthetic.telco import events, population
 
 
@@ -62,10 +69,16 @@ def start_ranker(out_dir: str) -> Catalog:
 
 
 def run(
-    data: bytes, settings: EngineSettings, batch: int, out_dir: str, catalog: Catalog | None
+    data: bytes,
+    settings: EngineSettings,
+    batch: int,
+    out_dir: str,
+    catalog: Catalog | None,
+    checkpoint_every: float | None = None,
 ) -> dict[str, object]:
     shards = settings.shards
     rules = load_rules(RULES)
+    root = f"{out_dir}/checkpoints-{shards}-{time.time_ns()}" if checkpoint_every else None
     supervisor = Supervisor(
         settings,
         rules,
@@ -75,15 +88,24 @@ def run(
         catalog=catalog,
         scorer=ServeScorer() if catalog else None,
         decision_uri=f"{out_dir}/decisions-{shards}" if catalog else None,
+        checkpoint_root=root,
     )
     supervisor.ready()  # every actor (shards, sinks) is up before the clock starts
     if catalog is not None:
         supervisor.connect_scorers()  # as a service does at start, not on the first decision
     started = time.perf_counter()
     table = pq.read_table(pa.BufferReader(data), read_dictionary=["customer_id"])
-    for start in range(0, table.num_rows, batch):
-        supervisor.router.submit(table.slice(start, batch))
-    written = supervisor.router.end_stream()
+    checkpoints = 0
+    if checkpoint_every is None:
+        for start in range(0, table.num_rows, batch):
+            supervisor.router.submit(table.slice(start, batch))
+        written = supervisor.router.end_stream()
+    else:
+        pipeline = Pipeline(TableSource(table, "bench"), supervisor, checkpoint_every, chunk=batch)
+        pipeline.start()
+        pipeline.run()
+        checkpoints = pipeline.epoch
+        written = ray.get(supervisor.sink.summary.remote()) if supervisor.sink else {}
     elapsed = time.perf_counter() - started
     stats = supervisor.router.stats
     shard_stats = supervisor.shard_stats()
@@ -92,6 +114,8 @@ def run(
         "shards": shards,
         "events": table.num_rows,
         "events_per_s": round(table.num_rows / elapsed),
+        "checkpoint_every_s": checkpoint_every,
+        "checkpoints": checkpoints,
         "seconds": round(elapsed, 3),
         "p50_ms": round(stats.percentile(50), 2),
         "p99_ms": round(stats.percentile(99), 2),
@@ -164,6 +188,12 @@ def main() -> None:
         help="with --decisions: max events a shard applies per step (one scoring request each)",
     )
     parser.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=None,
+        help="also run through the durable pipeline, checkpointing every S seconds; compare",
+    )
+    parser.add_argument(
         "--decisions",
         action="store_true",
         help="decide on every trigger: shipped catalog, ranker on Ray Serve, decision log",
@@ -190,11 +220,24 @@ def main() -> None:
                 micro_batch_max_events=args.micro_batch,
                 decision_step_max_events=args.decision_step,
             )
-            runs = [
-                run(data, settings, args.batch, out_dir, catalog)
-                for _ in range(max(1, args.repeat))
-            ]
-            print(json.dumps(median_run(runs)), flush=True)
+            if args.checkpoint_every is None:
+                runs = [
+                    run(data, settings, args.batch, out_dir, catalog)
+                    for _ in range(max(1, args.repeat))
+                ]
+                print(json.dumps(median_run(runs)), flush=True)
+                continue
+            plain, durable = [], []
+            for _ in range(max(1, args.repeat)):  # alternately: the VM's speed drifts
+                plain.append(run(data, settings, args.batch, out_dir, catalog))
+                durable.append(
+                    run(data, settings, args.batch, out_dir, catalog, args.checkpoint_every)
+                )
+            a, b = median_run(plain), median_run(durable)
+            print(json.dumps({"without_checkpoints": a}), flush=True)
+            print(json.dumps({"with_checkpoints": b}), flush=True)
+            ratio = float(b["events_per_s"]) / float(a["events_per_s"])  # type: ignore[arg-type]
+            print(json.dumps({"shards": shards, "throughput_ratio": round(ratio, 3)}), flush=True)
     ray.shutdown()
 
 
