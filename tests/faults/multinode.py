@@ -49,7 +49,10 @@ def main() -> None:
     def on_step(supervisor, pipeline) -> None:
         nonlocal step
         step += 1
-        stats = ray.get([s.stats.remote() for s in supervisor.shards])
+        try:
+            stats = ray.get([s.stats.remote() for s in supervisor.shards])
+        except ray.exceptions.RayActorError:
+            return  # killed, not noticed by the pipeline yet
         seen_nodes.update(s["node"] for s in stats)
         on_second = [
             sh for sh, s in zip(supervisor.shards, stats, strict=True) if s["node"] == second_id
