@@ -153,6 +153,12 @@ class GatewayActor:
         stats = self.supervisor.ready()
         return {"shards": len(stats), "customers": sum(s["customers"] for s in stats)}
 
+    def pid(self) -> int:
+        """This actor's process id (tests measure its memory)."""
+        import os
+
+        return os.getpid()
+
     def lag(self) -> int:
         """Messages in the log the engine has not read yet (the API sheds load above a
         limit)."""

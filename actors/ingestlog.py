@@ -130,6 +130,9 @@ class IngestLog:
             messages = await self._sub.fetch(batch=max_messages, timeout=wait_s)
         except nats.errors.TimeoutError:
             return []
+        except LOG_ERRORS:
+            self._sub = None  # the server went away: subscribe again once it is back
+            raise
         out = [(int(m.metadata.sequence.stream), bytes(m.data)) for m in messages]
         if out:
             self._next = out[-1][0] + 1

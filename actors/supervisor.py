@@ -31,6 +31,7 @@ from engine.decision.catalog import Catalog, parse_catalog
 from engine.decision.scorer import OfferScorer
 from engine.errors import StateError, WorkerLostError
 from engine.events.deadletter import DeadLetter
+from engine.faults import crash_point
 from engine.ingest import Ingestor
 from engine.rules.spec import RuleSet, parse_rules
 from engine.sink import ParquetSink
@@ -245,6 +246,7 @@ class Supervisor:
             **extra,
         }
         write_checkpoint(root, epoch, snapshots, document, keep=self.keep_checkpoints)
+        crash_point("checkpoint:before_commit")
         with lost_workers("commit"):
             ray.get([a.commit.remote(epoch) for a in self._sink_actors])
         for sink in self._local_sinks:

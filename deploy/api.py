@@ -337,6 +337,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 #: what a client is told to wait before trying again, in seconds
 RETRY_AFTER_S = 2
+#: requests Serve's proxy queues per API deployment before it answers 503
+MAX_QUEUED_REQUESTS = 512
 
 
 def unavailable(reason: str) -> HTTPException:
@@ -402,6 +404,7 @@ api.openapi = _openapi  # type: ignore[method-assign]
     num_replicas=1,
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=256,
+    max_queued_requests=512,
 )
 @serve.ingress(api)
 class KairosApi:
@@ -750,6 +753,9 @@ def api_app_config(
                 "name": API_DEPLOYMENT,
                 "num_replicas": replicas,
                 "ray_actor_options": {"num_cpus": num_cpus},
+                # beyond this many requests waiting for a replica, Serve answers 503 at once
+                # rather than queueing without bound
+                "max_queued_requests": MAX_QUEUED_REQUESTS,
             }
         ],
     }

@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 from pyarrow import ipc
 
 from engine.errors import StateError
+from engine.faults import crash_point
 from engine.partition import key_groups_of
 from engine.sink import resolve
 from engine.snapshot import TABLES, ShardSnapshot
@@ -131,7 +132,9 @@ def write_checkpoint(
             }
         )
     document = {**dict(extra or {}), "epoch": epoch, "shards": shards}
+    crash_point("checkpoint:before_manifest")
     _write_bytes(fs, f"{path}/{name}/{CHECKPOINT}", json.dumps(document).encode())
+    crash_point("checkpoint:before_current")
     _replace(fs, f"{path}/{CURRENT}", name.encode())
     _forget_old(fs, path, keep, current=name)
     return folder

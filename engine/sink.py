@@ -26,6 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from engine.faults import crash_point
+
 PENDING = "_pending-"
 _PENDING_NAME = re.compile(r"_pending-e(\d{12})-(.+\.parquet)$")
 
@@ -78,6 +80,7 @@ class ParquetSink:
         self.fs.create_dir(self.path, recursive=True)
         self.rows_per_file = rows_per_file
         self.prefix = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self._crash_point = f"sink:{prefix}:during_commit"
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._pending: list[_Pending] = []
@@ -125,6 +128,7 @@ class ParquetSink:
         for pending in done:
             self.fs.move(pending.path, pending.final)
             self.files.append(pending.final)
+            crash_point(self._crash_point)
         self._pending = [p for p in self._pending if p.epoch > epoch]
         return [p.final for p in done]
 

@@ -88,7 +88,7 @@ def check_kills(rules, tmp_path: Path, events_n: int, shards: int, kills: int) -
 def test_killed_shards_recover_with_the_outputs_of_a_run_without_faults(
     ray_cluster, rules, tmp_path
 ) -> None:
-    check_kills(rules, tmp_path, 300_000, 2, kills=2)
+    check_kills(rules, tmp_path, 200_000, 2, kills=2)
 
 
 @pytest.mark.faults

@@ -135,7 +135,7 @@ class Client(threading.Thread):
 @pytest.fixture(scope="module")
 def events_only(ray_cluster, tmp_path_factory):
     config, broker = _deploy(ray_cluster, tmp_path_factory.mktemp("ft"), "kairos-ft", False)
-    yield ray_cluster.url, config
+    yield ray_cluster.url, config, broker
     _undeploy(config, broker)
 
 
@@ -144,7 +144,7 @@ def test_a_killed_gateway_heals_by_itself_and_every_accepted_event_is_applied_on
 ) -> None:
     import ray
 
-    url, config = events_only
+    url, config, _ = events_only
     stop = threading.Event()
     clients = [Client(url, n, stop) for n in (1, 2)]
     for c in clients:
@@ -168,6 +168,45 @@ def test_a_killed_gateway_heals_by_itself_and_every_accepted_event_is_applied_on
         record = requests.get(f"{url}/v1/customers/{customer}", timeout=30).json()
         assert record["aggregates"]["event_count"] == accepted[customer], customer
     assert time.monotonic() - killed < 60
+
+
+def test_while_the_log_is_down_no_event_is_acknowledged_and_none_before_is_lost(
+    events_only,
+) -> None:
+    """The broker killed (the log's storage gone): 503 with Retry-After, never 202; back up,
+    202 again; every acknowledged event before and after is applied, none of the refused."""
+    url, _, broker = events_only
+    t0 = int(time.time() * 1000)
+
+    def batch(tag: int) -> list[dict[str, Any]]:
+        return [
+            {"event_id": 90_000_000 + tag * 1_000 + i, "customer_id": f"down-{tag}",
+             "kind": "usage", "ts": t0 + tag * 1_000 + i, "mb": 1.0}
+            for i in range(50)
+        ]  # fmt: skip
+
+    def post(tag: int) -> requests.Response:
+        return requests.post(f"{url}/v1/events", data=msgpack.packb(batch(tag)),
+                             headers=MSGPACK, timeout=60)  # fmt: skip
+
+    assert post(1).status_code == 202
+    broker.kill()
+    try:
+        for tag in (2, 3):
+            r = post(tag)
+            assert r.status_code == 503 and r.headers["Retry-After"], r.text
+    finally:
+        broker.start()
+    deadline = time.monotonic() + 60
+    while (r := post(4)).status_code != 202:  # the replica reconnects
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+        time.sleep(0.5)
+    _settle(url)
+    for tag, count in ((1, 50), (4, 50)):
+        record = requests.get(f"{url}/v1/customers/down-{tag}", timeout=30).json()
+        assert record["aggregates"]["event_count"] == count
+    for tag in (2, 3):
+        assert requests.get(f"{url}/v1/customers/down-{tag}", timeout=30).status_code == 404
 
 
 def _profile(customer: str, event_id: int, ts: int) -> dict[str, Any]:
@@ -235,3 +274,71 @@ def test_a_clean_restart_keeps_golden_records_consent_and_contact_history(
             assert d["action"] != offer and reasons[offer] in ("cooldown", "frequency_cap"), d
     finally:
         _undeploy(config, broker)
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+@pytest.mark.faults
+def test_overload_gets_202_or_503_and_memory_stays_bounded(events_only) -> None:
+    """Eight clients post 1,000-event batches as fast as they can for 60 s (open loop, about
+    twice what this machine applies): every answer is 202 or 503 with Retry-After, every 202'd
+    event is applied once, and the gateway and the proxy grow by less than 300 MiB."""
+    import ray
+    from ray.util.state import list_actors
+
+    url, config, _ = events_only
+    gateway_pid = ray.get(_gateway(config).pid.remote())
+    proxies = [a.pid for a in list_actors(filters=[("class_name", "=", "ProxyActor")])
+               if a.state == "ALIVE"]  # fmt: skip
+    before = _rss_mb(gateway_pid) + sum(_rss_mb(p) for p in proxies)
+    stop = threading.Event()
+    statuses: Counter[int] = Counter()
+    accepted: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        i = 0
+        session = requests.Session()
+        while not stop.is_set():
+            t0 = int(time.time() * 1000) - i  # now: the clients stay within the lateness
+            events = [
+                {"event_id": 70_000_000 + number * 5_000_000 + i + k,
+                 "customer_id": f"ol-{(i + k) % 5_000}", "kind": "usage", "ts": t0 + i + k,
+                 "mb": 1.0}
+                for k in range(1_000)
+            ]  # fmt: skip
+            i += 1_000
+            try:
+                r = session.post(f"{url}/v1/events", data=msgpack.packb(events), headers=MSGPACK,
+                                 timeout=60)  # fmt: skip
+            except requests.RequestException:
+                with lock:
+                    statuses[0] += 1
+                continue
+            with lock:
+                statuses[r.status_code] += 1
+                if r.status_code == 202 and not r.json()["duplicate"]:
+                    accepted.update(e["customer_id"] for e in events)
+                elif r.status_code == 503:
+                    assert r.headers.get("Retry-After")
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(60)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    after = _rss_mb(gateway_pid) + sum(_rss_mb(p) for p in proxies)
+    _settle(url, timeout=300)
+    assert set(statuses) <= {202, 503}, statuses
+    assert statuses[202] > 0
+    sample = list(accepted)[:30]
+    for customer in sample:
+        record = requests.get(f"{url}/v1/customers/{customer}", timeout=30).json()
+        assert record["aggregates"]["event_count"] == accepted[customer], customer
+    assert after - before < 300, (before, after, statuses)
