@@ -13,6 +13,7 @@ import ray
 
 from actors.metrics import metrics
 from actors.runtime import peak_rss_mb
+from engine.checkpoint import write_shard
 from engine.config import EngineSettings
 from engine.decision.catalog import parse_catalog
 from engine.decision.scorer import OfferScorer, RemoteScorer, ScorerUnavailableError
@@ -166,6 +167,11 @@ class ShardActor:
     def snapshot(self) -> ShardSnapshot:
         """Everything this shard holds, as a value (the caller drained its calls first)."""
         return self.logic.snapshot()
+
+    def write_snapshot(self, root: str, epoch: int) -> dict[str, Any]:
+        """Write this shard's snapshot into checkpoint ``epoch`` under ``root`` (here, in
+        parallel with the other shards); returns its entry for the checkpoint's manifest."""
+        return write_shard(self.logic.snapshot(), root, epoch, self.logic.shard_id)
 
     def restore(self, snapshot: ShardSnapshot) -> int:
         """Take ``snapshot``'s state (for this shard's key groups); returns its customers."""

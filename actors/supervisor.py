@@ -25,7 +25,7 @@ from actors.router import Router
 from actors.runtime import ALLOCATOR_ENV
 from actors.shard import ShardActor
 from actors.sink import DecisionSinkActor, TriggerSinkActor
-from engine.checkpoint import checkpoints, read_checkpoint, rescale, write_checkpoint
+from engine.checkpoint import checkpoints, commit_checkpoint, read_checkpoint, rescale
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, parse_catalog
 from engine.decision.scorer import OfferScorer
@@ -74,6 +74,7 @@ class Supervisor:
         idle_release_ms: float | None = None,
         checkpoint_root: str | None = None,
         keep_checkpoints: int = 3,
+        spares: int = 2,
     ) -> None:
         """``catalog`` and ``scorer`` (e.g. a ServeScorer) switch decisions on; they are
         logged under ``decision_uri`` by day, and offer responses under ``response_uri``.
@@ -90,9 +91,11 @@ class Supervisor:
         self._started = 0
         self.namespace_prefix = namespace_prefix
         self.shards = [self._new_shard(i) for i in range(settings.shards)]
-        #: a started, empty shard actor that takes over a dead shard's key groups at once
-        #: (a hot standby: Ray's restart of an actor takes 2-4 s here, a swap milliseconds)
-        self.spare = self._new_shard(0) if checkpoint_root is not None else None
+        #: started, empty shard actors; one takes over a dead shard's key groups at once (a hot
+        #: standby: starting an actor takes 2-4 s here, a swap milliseconds). Two, so a second
+        #: loss soon after the first does not wait for the replacement spare to start.
+        self.spares_wanted = spares if checkpoint_root is not None else 0
+        self.spares = [self._new_shard(0, spare=True) for _ in range(self.spares_wanted)]
         #: bumped whenever a shard actor is replaced (API replicas re-read the routing)
         self.generation = 0
         self.decision_sink = None
@@ -125,15 +128,17 @@ class Supervisor:
         self.decision_uri = decision_uri
         self.response_uri = response_uri
 
-    def _new_shard(self, i: int) -> Any:
+    def _new_shard(self, i: int, spare: bool = False) -> Any:
         """A shard actor for key groups of shard ``i`` (a spare is reassigned when used).
 
-        Shards do not restart by themselves (``max_restarts=0``): a dead one is replaced by the
-        spare and every shard is restored from the checkpoint (``recover``)."""
+        Shards do not restart by themselves (``max_restarts=0``): a dead one is replaced by a
+        spare and every shard is restored from the checkpoint (``recover``). A spare reserves
+        no CPU (it idles; reserving would keep other actors from starting on a small node): one
+        that takes over runs without a reservation of its own."""
         self._started += 1
         offers = dict(self.catalog.document) if self.catalog else None
         return ShardActor.options(
-            num_cpus=self._shard_cpus,
+            num_cpus=0 if spare else self._shard_cpus,
             name=f"{self.namespace_prefix}-shard-{i}-{self._started}",
             get_if_exists=False,
             runtime_env=_WORKER_ENV,
@@ -232,8 +237,10 @@ class Supervisor:
         root = self._root()
         with lost_workers("checkpoint"):
             self.router.drain()
-            snapshots = ray.get([s.snapshot.remote() for s in self.shards])
+            # every shard writes its own snapshot, in parallel; the sinks pre-commit meanwhile
+            written = [s.write_snapshot.remote(root, epoch) for s in self.shards]
             incarnations = ray.get([a.precommit.remote(epoch) for a in self._sink_actors])
+            entries = ray.get(written)
         if self._sink_incarnations is None:  # no pipeline started this engine: these count
             self._sink_incarnations = incarnations
         if incarnations != self._sink_incarnations:
@@ -245,7 +252,7 @@ class Supervisor:
             "router": self.router.stats.counters(),
             **extra,
         }
-        write_checkpoint(root, epoch, snapshots, document, keep=self.keep_checkpoints)
+        commit_checkpoint(root, epoch, entries, document, keep=self.keep_checkpoints)
         crash_point("checkpoint:before_commit")
         with lost_workers("commit"):
             ray.get([a.commit.remote(epoch) for a in self._sink_actors])
@@ -305,7 +312,7 @@ class Supervisor:
         return [str(s["incarnation"]) for s in stats]
 
     def _wait_for_actors(self, timeout_s: float) -> None:
-        """Replace dead shards (by the spare, else a new actor) and wait for every actor."""
+        """Replace dead shards (by a spare, else a new actor) and wait for every actor."""
         self._replace_dead_shards()
         self._call_all(
             lambda: (
@@ -325,19 +332,18 @@ class Supervisor:
                 ray.kill(self.shards[i])  # hung: replaced like a dead one
             except _LOST:
                 pass
-            spare, self.spare = self.spare, None
-            if spare is not None:
-                try:
+            spare = None
+            while self.spares and spare is None:
+                spare = self.spares.pop(0)
+                try:  # a started spare answers at once; one still starting is waited for
                     ray.get(spare.reassign.remote(i, self.ingestor.shard_map.range_of(i)))
                 except _LOST:
                     spare = None
             self.shards[i] = spare if spare is not None else self._new_shard(i)
             self.generation += 1
-            log.warning(
-                "shard %d was lost; %s took over", i, "the spare" if spare else "a new actor"
-            )
-        if self.spare is None and self.checkpoint_root is not None:
-            self.spare = self._new_shard(0)  # starts in the background
+            log.warning("shard %d was lost; %s took over", i, "a spare" if spare else "a new actor")
+        while len(self.spares) < self.spares_wanted:
+            self.spares.append(self._new_shard(0, spare=True))  # starts in the background
 
     @staticmethod
     def _call_all(calls: Callable[[], list[Any]], timeout_s: float) -> list[Any]:
@@ -367,6 +373,5 @@ class Supervisor:
 
     def shutdown(self) -> None:
         sinks = [a for a in (self.sink, self.decision_sink) if a is not None]
-        spare = [self.spare] if self.spare is not None else []
-        for actor in [*self.shards, *spare, *sinks]:
+        for actor in [*self.shards, *self.spares, *sinks]:
             ray.kill(actor)

@@ -117,27 +117,46 @@ def write_checkpoint(
     ``extra`` (source positions, rule, catalog and model versions) goes into the checkpoint's
     manifest. Returns the checkpoint folder's URI. The previous CURRENT stays valid until the
     last step, the atomic replacement of CURRENT."""
+    entries = [write_shard(s, root, epoch, i) for i, s in enumerate(snapshots)]
+    return commit_checkpoint(root, epoch, entries, extra, keep)
+
+
+def write_shard(snapshot: ShardSnapshot, root: str, epoch: int, index: int) -> dict[str, Any]:
+    """Write shard ``index``'s snapshot into checkpoint ``epoch`` under ``root``; returns its
+    entry for ``commit_checkpoint``. Shards call this themselves, in parallel, so a checkpoint's
+    state never travels through the coordinator."""
+    folder = f"shard-{index}"
+    manifest = _write_snapshot(snapshot, f"{root.rstrip('/')}/{_name(epoch)}/{folder}")
+    return {
+        "folder": folder,
+        "shard_id": snapshot.shard_id,
+        "key_range": list(snapshot.key_range),
+        "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+    }
+
+
+def _name(epoch: int) -> str:
+    return f"chk-{epoch:012d}"
+
+
+def commit_checkpoint(
+    root: str,
+    epoch: int,
+    entries: Sequence[Mapping[str, Any]],
+    extra: Mapping[str, Any] | None = None,
+    keep: int = 3,
+) -> str:
+    """Complete checkpoint ``epoch`` whose shards were written (``write_shard``): its
+    manifest, then CURRENT replaced atomically; the last ``keep`` checkpoints are kept."""
     fs, path = resolve(root)
-    name = f"chk-{epoch:012d}"
-    folder = f"{root.rstrip('/')}/{name}"
-    shards = []
-    for i, snapshot in enumerate(snapshots):
-        manifest = _write_snapshot(snapshot, f"{folder}/shard-{i}")
-        shards.append(
-            {
-                "folder": f"shard-{i}",
-                "shard_id": snapshot.shard_id,
-                "key_range": list(snapshot.key_range),
-                "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-            }
-        )
-    document = {**dict(extra or {}), "epoch": epoch, "shards": shards}
+    name = _name(epoch)
+    document = {**dict(extra or {}), "epoch": epoch, "shards": [dict(e) for e in entries]}
     crash_point("checkpoint:before_manifest")
     _write_bytes(fs, f"{path}/{name}/{CHECKPOINT}", json.dumps(document).encode())
     crash_point("checkpoint:before_current")
     _replace(fs, f"{path}/{CURRENT}", name.encode())
     _forget_old(fs, path, keep, current=name)
-    return folder
+    return f"{root.rstrip('/')}/{name}"
 
 
 def _replace(fs: pafs.FileSystem, path: str, data: bytes) -> None:

@@ -28,6 +28,7 @@ from actors.runtime import init_ray
 from actors.supervisor import Supervisor
 from deploy.paths import DEFAULT_RULES as RULES
 from engine.config import EngineSettings
+from engine.errors import WorkerLostError
 from engine.pipeline import Pipeline
 from engine.rules.spec import load_rules
 from engine.source import TableSource
@@ -53,7 +54,8 @@ def main() -> None:
         source = TableSource(table, "bench")
         pipeline = Pipeline(source, supervisor, None, chunk=100_000)
         pipeline.start()
-        while source.position < table.num_rows - 100_000:  # keep a stretch for the kills
+        stretch = 200_000 * max(1, args.repeat)  # kept for the kills: each needs calls
+        while source.position < table.num_rows - stretch:
             pipeline.step()
         customers = sum(s["customers"] for s in supervisor.shard_stats())
         writes, restores, kills = [], [], []
@@ -69,7 +71,10 @@ def main() -> None:
             before = len(pipeline.recoveries)
             while len(pipeline.recoveries) == before:  # the next call finds the shard gone
                 pipeline.step()
-                supervisor.router.drain()
+                try:
+                    supervisor.router.drain()
+                except WorkerLostError as exc:
+                    pipeline.recover(exc)
             pipeline.step()  # a micro-batch after the recovery ...
             supervisor.router.drain()  # ... applied
             kills.append(time.perf_counter() - started)
