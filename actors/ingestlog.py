@@ -81,6 +81,9 @@ class IngestLog:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             allow_reconnect=True,
+            # no buffering while disconnected: a publish then fails at once (the API answers
+            # 503) instead of being sent after the reconnect, after its 503 was answered
+            pending_size=0,
         )
         log = cls(config, client)
         await log._ensure_stream()

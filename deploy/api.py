@@ -551,7 +551,10 @@ class KairosApi:
             sequence, duplicate = await ingest_log.publish(payload, batch_id)
         except LOG_ERRORS as exc:
             log.warning("the ingest log did not take a batch: %s", type(exc).__name__)
-            raise unavailable(f"the ingest log did not take the batch: {exc}"[:300]) from exc
+            raise unavailable(
+                f"the ingest log did not acknowledge the batch ({type(exc).__name__}); send it "
+                "again with the same Idempotency-Key: it is stored once"
+            ) from exc
         if not duplicate:
             m = metrics()
             m.count(m.ingested, accepted_by_kind(batch, positions, refused), "kind")
