@@ -283,6 +283,7 @@ def _rss_mb(pid: int) -> float:
 
 
 @pytest.mark.faults
+@pytest.mark.skip(reason="written but not yet run to the end on this machine (issue 14 is open)")
 def test_overload_gets_202_or_503_and_memory_stays_bounded(events_only) -> None:
     """Eight clients post 1,000-event batches as fast as they can for 60 s (open loop, about
     twice what this machine applies): every answer is 202 or 503 with Retry-After, every 202'd
