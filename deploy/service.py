@@ -157,11 +157,13 @@ def serve(
     Starts (or joins) Ray, starts Serve's HTTP proxy, deploys the API application and, through
     it, the engine's actors and the ranker. Runs until Ctrl-C unless --detach.
     """
-    from deploy.natsserver import EmbeddedNats
+    from deploy.natsserver import EmbeddedNats, port_is_free
 
     broker = None
     if nats is None:
-        broker = EmbeddedNats(data_dir.resolve() / "nats", port=4222 if _free(4222) else None)
+        broker = EmbeddedNats(
+            data_dir.resolve() / "nats", port=4222 if port_is_free(4222) else None
+        )
         with console.status("starting the ingest log (NATS JetStream)..."):
             nats = broker.start()
     config = ServiceConfig(
@@ -179,17 +181,6 @@ def serve(
     finally:
         if broker is not None and not detach:
             broker.stop()
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _serve(
