@@ -99,15 +99,6 @@ class GatewayActor:
             idle_release_ms=config.idle_release_ms,
             checkpoint_root=config.checkpoint_uri or str(root / "checkpoints"),
         )
-        self.model_version = None
-        if catalog is not None and start_ranker is not None:
-            self.model_version = start_ranker(rules, catalog)
-            for problem in self.supervisor.connect_scorers():
-                log.warning("a shard could not reach the ranker yet: %s", problem)
-        retrainer = None
-        if catalog is not None and make_retrainer is not None:
-            retrainer = make_retrainer(self.supervisor, catalog)
-        self.logic = GatewayLogic(self.supervisor.router, retrainer)
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self.source: LogSource | None = None
@@ -115,6 +106,8 @@ class GatewayActor:
         #: the log's end when this gateway started: ready once read up to it
         self._catch_up_to = 0
         if config.log is not None:
+            # restore first: the checkpoint may hold rules and offers set at run time, and the
+            # ranker is started for the offers that run; the log is read once it is up
             self.source = LogSource(config.log, wait_s=min(0.05, self._period))
             self.pipeline = Pipeline(
                 self.source, self.supervisor, config.checkpoint_every_s, chunk=1_000_000
@@ -126,6 +119,16 @@ class GatewayActor:
                 f"checkpoint {restored['epoch']}" if restored else "an empty engine",
                 self.source.position, self._catch_up_to,
             )  # fmt: skip
+        rules, catalog = self.supervisor.rules, self.supervisor.catalog
+        self.model_version = None
+        if catalog is not None and start_ranker is not None:
+            self.model_version = start_ranker(rules, catalog)
+            for problem in self.supervisor.connect_scorers():
+                log.warning("a shard could not reach the ranker yet: %s", problem)
+        retrainer = None
+        if catalog is not None and make_retrainer is not None:
+            retrainer = make_retrainer(self.supervisor, catalog)
+        self.logic = GatewayLogic(self.supervisor.router, retrainer)
         self._clock = threading.Thread(target=self._run, name="gateway", daemon=True)
         self._clock.start()
 
@@ -225,9 +228,27 @@ class GatewayActor:
             parse_rules(document, "rules")  # before taking the lock: a bad one costs nothing
             with self.lock:
                 rules = self.supervisor.set_rules(document, "rules")
+                self._make_durable(
+                    lambda: self.supervisor.rules.document == rules.document,
+                    lambda: self.supervisor.set_rules(document, "rules"),
+                )
         except RuleError as exc:
             return {"ok": False, "errors": exc.problems}
         return {"ok": True, "rules": len(rules.rules)}
+
+    def _make_durable(self, running: Callable[[], bool], set_again: Callable[[], Any]) -> None:
+        """A checkpoint right after a change of rules or offers, so the change is answered
+        only once a restart would keep it (the manifest holds the running documents). A
+        recovery inside that checkpoint restores the one before: set it again and retry."""
+        if self.pipeline is None:
+            return
+        for _ in range(3):
+            self.pipeline.checkpoint()
+            if running():
+                return
+            log.warning("a recovery undid a configuration change; setting it again")
+            set_again()
+        raise RuntimeError("the configuration change could not be checkpointed")
 
     def set_offers(self, document: Any) -> dict[str, Any]:
         if self.supervisor.catalog is None:
@@ -236,6 +257,13 @@ class GatewayActor:
             parse_catalog(document, "offers")
             with self.lock:
                 catalog = self.supervisor.set_catalog(document, "offers")
+                self._make_durable(
+                    lambda: (
+                        self.supervisor.catalog is not None
+                        and self.supervisor.catalog.document == catalog.document
+                    ),
+                    lambda: self.supervisor.set_catalog(document, "offers"),
+                )
                 if self.logic.retrainer is not None:  # train for the offers now served
                     self.logic.retrainer.set_catalog(catalog)
         except CatalogError as exc:

@@ -214,20 +214,23 @@ class LogSource:
         messages = self._call(self.log.read(self._position, self.max_messages, self.wait_s))
         if not messages:
             return None
-        tables, positions, letters = [], [], []
+        tables, positions, letters, decisions = [], [], [], []
         events = 0
         start = self._position
         for sequence, data in messages:
             try:
-                table, where, refused = decode_message(data)
+                message = decode_message(data)
             except EventError as exc:
                 self.unreadable += 1
                 letters.append(DeadLetter(-1, f"log message {sequence}: {exc}"))
                 continue
-            tables.append(table)
-            positions.append(where)
-            letters.extend(refused)
-            events += table.num_rows
+            if message.decisions is not None:
+                decisions.append(message.decisions)
+            if message.events is not None:
+                tables.append(message.events)
+                positions.append(message.positions)
+                letters.extend(message.letters)
+                events += message.events.num_rows
             if events >= max_events:
                 self._position = sequence + 1
                 break
@@ -242,6 +245,7 @@ class LogSource:
             start,
             self._position,
             letters,
+            pa.concat_tables(decisions, promote_options="default") if decisions else None,
         )
 
     @property

@@ -118,11 +118,18 @@ class ShardActor:
         ts_ms: np.ndarray,
         request_ids: np.ndarray,
         pages: list[str | None],
+        logged: bool = False,
     ) -> pa.Table:
         """Inbound decisions (``POST /v1/decide``), a batch per call; see ShardLogic."""
-        decisions = self.logic.decide_inbound(customer_keys, channels, ts_ms, request_ids, pages)
+        decisions = self.logic.decide_inbound(
+            customer_keys, channels, ts_ms, request_ids, pages, logged=logged
+        )
         self._observe(decisions)
         return decisions
+
+    def record_inbound(self, decisions: pa.Table) -> int:
+        """Inbound decisions read back from the ingest log; see ShardLogic."""
+        return self.logic.record_inbound(decisions)
 
     @ray.method(num_returns=3)
     def end_stream(self) -> tuple[pa.Table, pa.Table, dict[str, Any]]:

@@ -25,11 +25,19 @@ from actors.router import Router
 from actors.runtime import ALLOCATOR_ENV
 from actors.shard import ShardActor
 from actors.sink import DecisionSinkActor, TriggerSinkActor
-from engine.checkpoint import checkpoints, commit_checkpoint, read_checkpoint, rescale
+from engine.checkpoint import (
+    checkpoints,
+    commit_checkpoint,
+    config_entry,
+    document_digest,
+    read_checkpoint,
+    rescale,
+    restored_config,
+)
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, parse_catalog
 from engine.decision.scorer import OfferScorer
-from engine.errors import StateError, WorkerLostError
+from engine.errors import CatalogError, RuleError, StateError, WorkerLostError
 from engine.events.deadletter import DeadLetter
 from engine.faults import crash_point
 from engine.ingest import Ingestor
@@ -85,6 +93,11 @@ class Supervisor:
         self.settings = settings
         self.rules = rules
         self.catalog = catalog
+        #: digests of the configuration this process started with (see restored_config)
+        self._started_from = {
+            "rules": document_digest(rules.document),
+            "offers": document_digest(catalog.document if catalog else None),
+        }
         self.ingestor = Ingestor(settings)
         self._shard_cpus = shard_cpus
         self._scorer = scorer
@@ -208,6 +221,15 @@ class Supervisor:
     def reject(self, letters: list[DeadLetter]) -> None:
         self.router.reject(letters)
 
+    def record_decisions(self, decisions: pa.Table) -> None:
+        """Inbound decisions read back from the ingest log: each owning shard records the
+        contacts a restore lost (after its calls in flight), and all go to the decision log."""
+        parts = self.ingestor.shard_map.split(decisions)
+        with lost_workers("a shard"):
+            ray.get([self.shards[s].record_inbound.remote(part) for s, part in parts.items()])
+        if self.decision_sink is not None:
+            self.decision_sink.write.remote(decisions)
+
     def poll(self) -> None:
         with lost_workers("a shard"):
             self.router.poll()
@@ -250,6 +272,12 @@ class Supervisor:
         document = {
             "position": self.ingestor.position(),
             "router": self.router.stats.counters(),
+            "config": {
+                "rules": config_entry(self.rules.document, self._started_from["rules"]),
+                "offers": config_entry(
+                    self.catalog.document if self.catalog else None, self._started_from["offers"]
+                ),
+            },
             **extra,
         }
         commit_checkpoint(root, epoch, entries, document, keep=self.keep_checkpoints)
@@ -281,6 +309,7 @@ class Supervisor:
         if [tuple(s.key_range) for s in snapshots] != ranges:
             snapshots = rescale(snapshots, ranges, self.settings.key_groups)
         epoch = int(document["epoch"])
+        self._restore_config(document)
         rules, offers = dict(self.rules.document), self.catalog
         document_of_offers = dict(offers.document) if offers else None
 
@@ -306,6 +335,26 @@ class Supervisor:
         self.ingestor.resume(document["position"])
         self.router.reset(document.get("router"), self._incarnations(timeout_s))
         return document
+
+    def _restore_config(self, document: Mapping[str, Any]) -> None:
+        """The rules and offers running at the checkpoint (set at run time, maybe), unless this
+        process started from other ones (edited files win; see ``restored_config``)."""
+        rules = restored_config(document, "rules", self._started_from["rules"])
+        offers = restored_config(document, "offers", self._started_from["offers"])
+        recorded = document.get("config", {})
+        for name, restored in (("rules", rules), ("offers", offers)):
+            if restored is None and (recorded.get(name) or {}).get("document") is not None:
+                log.warning("the %s files were edited since the checkpointed run started: "
+                            "they replace the %s it ran with", name, name)  # fmt: skip
+        try:
+            if rules is not None and rules != dict(self.rules.document):
+                self.rules = parse_rules(rules, "the checkpoint's rules")
+            running = dict(self.catalog.document) if self.catalog is not None else None
+            if running is not None and offers is not None and offers != running:
+                self.catalog = parse_catalog(offers, "the checkpoint's offers")
+        except (RuleError, CatalogError) as exc:  # written by another version: say so, go on
+            log.error("the checkpoint's configuration is not valid here; using the files: %s",
+                      exc)  # fmt: skip
 
     def _incarnations(self, timeout_s: float) -> list[str]:
         stats = self._call_all(lambda: [s.stats.remote() for s in self.shards], timeout_s)

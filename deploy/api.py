@@ -59,7 +59,7 @@ from engine.limits import (
     depth_over,
     time_in_range,
 )
-from engine.logformat import encode_message
+from engine.logformat import encode_decisions, encode_message
 from engine.state.store import PROFILE_COLUMNS
 from engine.yamlfile import DocumentLimitError, load_yaml
 
@@ -582,7 +582,8 @@ class KairosApi:
     )
     async def decide(self, body: DecideRequest) -> DecideResponse:
         """Inbound decisioning (web, app, call center) under the outbound contact policy
-        (quiet hours aside); the decision is written to the decision log."""
+        (quiet hours aside). With an ingest log, the decision is written to it before the
+        answer (a crash keeps its contact); the gateway reads it back into the decision log."""
         if self.decision_sink is None:
             raise HTTPException(503, "decisions are off: the service runs without offers")
         rid = body.request_id
@@ -616,6 +617,8 @@ class KairosApi:
             keys.append(key)
             by_shard.setdefault(owner, []).append(i)
 
+        logged = self.config.nats_url is not None
+
         def ask(idx: list[int]) -> Any:
             return lambda shard: shard.decide_inbound.remote(
                 np.array([keys[i] for i in idx], dtype=np.uint64),
@@ -623,18 +626,36 @@ class KairosApi:
                 np.array([asks[i][2] for i in idx], dtype=np.int64),
                 np.array([asks[i][3] for i in idx], dtype=np.uint64),
                 [asks[i][4] for i in idx],
+                logged,
             )
 
         tables = await asyncio.gather(
             *(self._on_shard(owner, ask(idx)) for owner, idx in by_shard.items())
         )
+        if logged:  # written ahead: the answers below are in the log, as durable as events
+            await asyncio.gather(*(self._publish_decisions(table) for table in tables))
         out: list[dict[str, Any]] = [{} for _ in asks]
         for (_, idx), table in zip(by_shard.items(), tables, strict=True):
-            if self.decision_sink is not None:
+            if not logged and self.decision_sink is not None:
                 self.decision_sink.write.remote(table)
             for i, row in zip(idx, table.to_pylist(), strict=True):
                 out[i] = row
         return out
+
+    async def _publish_decisions(self, table: Any) -> None:
+        """Inbound decisions into the ingest log before they are answered: the gateway reads
+        them back in order, records them in the decision log, and a restore that went back
+        behind them records their contacts again (``ShardLogic.record_inbound``)."""
+        ids = table.column("decision_id").to_numpy()
+        msg_id = "decide:" + hashlib.sha256(np.asarray(ids, dtype="<u8").tobytes()).hexdigest()
+        ingest_log = await self._ingest_log()
+        try:
+            await ingest_log.publish(encode_decisions(table), msg_id)
+        except LOG_ERRORS as exc:
+            log.warning("the ingest log did not take decisions: %s", type(exc).__name__)
+            raise unavailable(
+                f"the decision could not be recorded ({type(exc).__name__}): ask again"
+            ) from exc
 
     # -- golden records ---------------------------------------------------------------------------
     @api.get(

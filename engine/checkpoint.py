@@ -10,6 +10,10 @@ flight) under ``<root>/chk-<epoch>/shard-<i>``, then ``<root>/chk-<epoch>/CHECKP
 then ``<root>/CURRENT`` naming the folder, replaced atomically. Readers follow ``CURRENT`` only,
 so a checkpoint that did not finish is never used. The last ``keep`` checkpoints are kept.
 
+The manifest also records the running rules and offer catalog (``config_entry``): a restore
+brings back what was set at run time, unless the process was started with edited files
+(``restored_config``).
+
 ``rescale`` turns the snapshots of N shards into snapshots for M shards (other key-group
 ranges): every row goes to the shard that owns its customer's key group.
 """
@@ -238,7 +242,8 @@ def rescale(
 
     Golden records, pending events and recent rows go to the shard owning their customer's key
     group. Seen event ids carry no customer: every new shard gets all of them (event ids are
-    unique per event, so the extra ids never match another customer's event). Each new shard
+    unique per event, so the extra ids never match another customer's event); so do the ids of
+    inbound decisions awaiting their log record. Each new shard
     starts at the lowest watermark of the old ones (nothing is released early) and with its
     counters at zero (the old totals are the sum of the old snapshots' counters).
     """
@@ -252,6 +257,7 @@ def rescale(
     merged = {name: pa.concat_tables([s.tables[name] for s in snapshots]) for name in TABLES}
     customers = _unify_pool(snapshots)
     watermark = min(s.watermark_ms for s in snapshots)
+    inbound = tuple(sorted({i for s in snapshots for i in s.inbound}))
     out = []
     for shard_id, (start, stop) in enumerate(ranges):
 
@@ -271,6 +277,7 @@ def rescale(
                 seen=merged["seen"],
                 recent_triggers=mine(merged["recent_triggers"]),
                 recent_decisions=mine(merged["recent_decisions"]),
+                inbound=inbound,
             )
         )
     return out
@@ -296,3 +303,31 @@ def _unify_pool(snapshots: Sequence[ShardSnapshot]) -> pa.Table:
         parts.append(table.replace_schema_metadata(None))
     merged = pa.concat_tables(parts)
     return merged.replace_schema_metadata({b"kairos.strings": "\x1f".join(pool.values).encode()})
+
+
+def document_digest(document: Mapping[str, Any] | None) -> str | None:
+    """A stable digest of a configuration document (rules, offers)."""
+    if document is None:
+        return None
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_entry(running: Mapping[str, Any] | None, started: str | None) -> dict[str, Any]:
+    """A checkpoint's record of one configuration document: the one running (it may have been
+    replaced at run time, ``PUT /v1/rules``) and the digest of the one the run started from."""
+    return {"document": None if running is None else dict(running), "started_from": started}
+
+
+def restored_config(
+    manifest: Mapping[str, Any], name: str, started: str | None
+) -> Mapping[str, Any] | None:
+    """The running document ``name`` a checkpoint recorded, if the run that took it started
+    from the same document as this one (``started``, a ``document_digest``); None if not: the
+    configuration a process starts with was edited since, and the edit wins over what the
+    earlier run changed at run time."""
+    entry = manifest.get("config", {}).get(name)
+    if not entry or entry.get("started_from") != started:
+        return None
+    document = entry.get("document")
+    return None if document is None else dict(document)

@@ -164,16 +164,31 @@ class LocalEngine:
             shard.set_catalog(catalog, scorer)
 
     def decide_inbound(
-        self, customer_id: str, channel: str, ts_ms: int, request_id: int, page: str | None = None
+        self,
+        customer_id: str,
+        channel: str,
+        ts_ms: int,
+        request_id: int,
+        page: str | None = None,
+        logged: bool = False,
     ) -> dict[str, Any]:
-        """An inbound decision (``POST /v1/decide``) from the owning shard, logged like others."""
+        """An inbound decision (``POST /v1/decide``) from the owning shard, logged like others
+        (``logged``: it reaches the decision log through ``record_decisions``, as a service's
+        comes back from the ingest log)."""
         key, owner = self.ingestor.owner_of(customer_id)
         table = self.shards[owner].decide_inbound(
             np.array([key], dtype=np.uint64), [channel], np.array([ts_ms]),
-            np.array([request_id], dtype=np.uint64), [page],
+            np.array([request_id], dtype=np.uint64), [page], logged=logged,
         )  # fmt: skip
-        self.decisions.append(table)
+        if not logged:
+            self.decisions.append(table)
         return dict(table.to_pylist()[0])
+
+    def record_decisions(self, decisions: pa.Table) -> None:
+        """Inbound decisions read back from a log (``engine.pipeline.Engine``)."""
+        for owner, part in self.ingestor.shard_map.split(decisions).items():
+            self.shards[owner].record_inbound(part)
+        self.decisions.append(decisions)
 
     def customer(self, customer_id: str) -> dict[str, Any] | None:
         key, owner = self.ingestor.owner_of(customer_id)

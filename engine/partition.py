@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from engine.errors import ConfigError
 
@@ -64,3 +65,9 @@ class ShardMap:
 
     def shard_of_keys(self, keys: np.ndarray) -> np.ndarray:
         return self.owner_table()[key_groups_of(keys, self.key_groups)]
+
+    def split(self, table: pa.Table) -> dict[int, pa.Table]:
+        """The rows of ``table`` (a ``customer_key`` column) by owning shard, in their order."""
+        keys = np.asarray(table.column("customer_key").to_numpy(), dtype=np.uint64)
+        owners = self.shard_of_keys(keys)
+        return {int(s): table.filter(pa.array(owners == s)) for s in np.unique(owners)}

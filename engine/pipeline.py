@@ -39,6 +39,11 @@ class Engine(Protocol):
 
     def reject(self, letters: list[DeadLetter]) -> None: ...
 
+    def record_decisions(self, decisions: pa.Table) -> None:
+        """Inbound decisions read from the source (see ``ShardLogic.record_inbound``): their
+        contacts are recorded where a restore lost them, and they go to the decision log."""
+        ...
+
     def poll(self) -> None: ...
 
     def end_stream(self) -> None: ...
@@ -127,6 +132,8 @@ class Pipeline:
                 self.engine.reject(list(batch.letters))
             if batch.events.num_rows:
                 self.engine.submit(batch.events, batch.positions)
+            if batch.decisions is not None and batch.decisions.num_rows:
+                self.engine.record_decisions(batch.decisions)
             self.engine.poll()  # deadlines of open micro-batches, finished calls
         if self.interval_s is not None and self._since_checkpoint() >= self.interval_s:
             self._checkpoint()

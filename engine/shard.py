@@ -41,6 +41,9 @@ from engine.state.store import COLUMNS, NEVER, CustomerStore
 from engine.state.view import BatchView, RowsView
 from engine.trigger import TRIGGER_SCHEMA, empty_triggers, trigger_table
 
+#: inbound decisions awaiting their log record (``ShardLogic.decide_inbound``), at most
+MAX_INBOUND_AWAITED = 100_000
+
 #: release everything: used when a stream ends
 END_OF_STREAM = np.iinfo(np.int64).max // 2
 _TS_BITS = 41  # 70 years of milliseconds
@@ -233,6 +236,9 @@ class ShardLogic:
         }
         self.recent_triggers = Recent(TRIGGER_SCHEMA)
         self.recent_decisions = Recent(DECISION_SCHEMA)
+        #: inbound decision id -> its time, for decisions applied here whose log record has
+        #: not been read back yet (``record_inbound``)
+        self.inbound_live: dict[int, int] = {}
         self.decider: Decider | None = None
         if catalog is not None:
             self.set_catalog(catalog, scorer)
@@ -319,6 +325,7 @@ class ShardLogic:
         ts_ms: np.ndarray,
         request_ids: np.ndarray,
         pages: Sequence[str | None] | None = None,
+        logged: bool = False,
     ) -> pa.Table:
         """Decide now for customers who ask, each on a channel (web, app, call center).
 
@@ -326,6 +333,10 @@ class ShardLogic:
         customer's current golden record, which it does not change; only the contact it may
         cause is recorded. ``request_ids`` make the decision ids: a retried request with the
         same id gets the same draws. Returns the decision-log rows in request order.
+
+        ``logged``: the caller writes the decisions to the ingest log before answering, and the
+        log's reader hands them to ``record_inbound``, which then skips them here (their
+        contacts are already recorded) and records them after a restore (they are not).
         """
         if self.decider is None:
             raise EngineError("no offer catalog is set: inbound decisions are off")
@@ -352,9 +363,41 @@ class ShardLogic:
         view = BatchView(pa.Table.from_pydict(columns), order, slots[order], self.store)
         decisions = self.decider.decide_inbound(view, channel_ix[order])
         self._count_decisions(decisions)
+        if logged:
+            self._await_log(decisions)
         back = np.empty(n, dtype=np.int64)
         back[order] = np.arange(n)
         return decisions.take(pa.array(back))
+
+    def _await_log(self, decisions: pa.Table) -> None:
+        ids = decisions.column("decision_id").to_numpy()
+        ts = decisions.column("ts").cast(pa.int64()).to_numpy()
+        self.inbound_live.update(zip(ids.tolist(), ts.tolist(), strict=True))
+        if len(self.inbound_live) > MAX_INBOUND_AWAITED:  # records that never came (a failed
+            # publish answered 503): forget the oldest half
+            newest = sorted(self.inbound_live.items(), key=lambda kv: kv[1])
+            self.inbound_live = dict(newest[len(newest) // 2 :])
+
+    def record_inbound(self, decisions: pa.Table) -> int:
+        """Inbound decisions read back from the ingest log (see ``decide_inbound``): those
+        decided by this shard since its last restore are only forgotten here; the others (a
+        restore went back behind them) have their deliveries recorded in the contact state and
+        count as this shard's decisions. Returns how many were recorded."""
+        ids = decisions.column("decision_id").to_numpy()
+        known = np.array([self.inbound_live.pop(int(i), None) is not None for i in ids.tolist()])
+        replay = decisions.filter(pa.array(~known)) if known.any() else decisions
+        if replay.num_rows == 0:
+            return 0
+        if self.decider is not None:
+            delivered = replay.filter(replay.column("delivered"))
+            keys = delivered.column("customer_key").to_numpy().astype(np.uint64)
+            self.decider.record_contacts(
+                self.store.slots_for(keys),
+                delivered.column("ts").cast(pa.int64()).to_numpy(),
+                delivered.column("action").to_pylist(),
+            )
+        self._count_decisions(replay.cast(DECISION_SCHEMA))
+        return int(replay.num_rows)
 
     def end_stream(self) -> ApplyResult:
         """Release and apply every pending event (the stream has ended)."""
@@ -458,6 +501,7 @@ class ShardLogic:
             seen=seen,
             recent_triggers=self.recent_triggers.to_table(),
             recent_decisions=self.recent_decisions.to_table(),
+            inbound=tuple(self.inbound_live),
         )
 
     def restore(self, snapshot: ShardSnapshot) -> None:
@@ -477,6 +521,7 @@ class ShardLogic:
         self.counters = {**dict.fromkeys(self.counters, 0), **snapshot.counters}
         self.recent_triggers = Recent.from_table(snapshot.recent_triggers.cast(TRIGGER_SCHEMA))
         self.recent_decisions = Recent.from_table(snapshot.recent_decisions.cast(DECISION_SCHEMA))
+        self.inbound_live = dict.fromkeys(snapshot.inbound, self.watermark_ms)
         if self.decider is not None:  # the decider reads and writes the new store
             self.decider = Decider(self.decider.catalog, self.decider.scorer, self.store)
 

@@ -40,6 +40,9 @@ class ShardSnapshot:
     seen: pa.Table
     recent_triggers: pa.Table
     recent_decisions: pa.Table
+    #: ids of inbound decisions applied to the contact state whose log record is still to be
+    #: read (``ShardLogic.record_inbound`` skips them); few, and carried whole on a rescale
+    inbound: tuple[int, ...] = ()
     format: int = field(default=FORMAT_VERSION)
 
     @property
@@ -56,6 +59,7 @@ class ShardSnapshot:
             "watermark_ms": self.watermark_ms,
             "counters": dict(self.counters),
             "customers": self.customers.num_rows,
+            "inbound": list(self.inbound),
         }
 
     @classmethod
@@ -77,6 +81,7 @@ class ShardSnapshot:
             key_range=(int(start), int(stop)),
             watermark_ms=int(metadata["watermark_ms"]),
             counters={str(k): int(v) for k, v in metadata.get("counters", {}).items()},
+            inbound=tuple(int(i) for i in metadata.get("inbound", ())),
             **{name: tables[name] for name in TABLES},
         )
 

@@ -36,6 +36,9 @@ class SourceBatch:
     end: int
     #: records of the stretch that could not be read (dead-lettered, not applied)
     letters: Sequence[DeadLetter] = field(default_factory=list)
+    #: inbound decisions recorded in the stretch (a log holds them; see engine.logformat),
+    #: handed to the engine after the stretch's events
+    decisions: pa.Table | None = None
 
 
 class Source(Protocol):

@@ -71,7 +71,13 @@ class DecisionBatch:
     def rounds(self) -> np.ndarray:
         """Each decision's round: a customer's k-th decision of the batch is in round k
         (decisions are in customer, then time order)."""
-        t = self.size
-        first = np.ones(t, dtype=bool)
-        first[1:] = self.slots[1:] != self.slots[:-1]
-        return np.arange(t) - np.maximum.accumulate(np.where(first, np.arange(t), 0))
+        return rounds_of(self.slots)
+
+
+def rounds_of(slots: np.ndarray) -> np.ndarray:
+    """Each row's rank among the rows of its customer (``slots`` sorted, each customer's rows
+    together): 0 for a customer's first row, 1 for the second, ..."""
+    t = slots.size
+    first = np.ones(t, dtype=bool)
+    first[1:] = slots[1:] != slots[:-1]
+    return np.arange(t) - np.maximum.accumulate(np.where(first, np.arange(t), 0))

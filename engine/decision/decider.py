@@ -26,11 +26,13 @@ context is as of the trigger event.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
 
 from engine.decision.arbitration import arbitrate, decision_ids
-from engine.decision.batch import DecisionBatch
+from engine.decision.batch import DecisionBatch, rounds_of
 from engine.decision.catalog import Catalog
 from engine.decision.features import FeatureSpec, build_features, context_features, feature_spec
 from engine.decision.log import decision_table, empty_decisions
@@ -117,6 +119,21 @@ class Decider:
         for j, key in enumerate(self._offer_keys):
             mine = offer == j
             state[key][slots[mine]] = ts[mine]
+
+    def record_contacts(self, slots: np.ndarray, ts: np.ndarray, actions: Sequence[str]) -> None:
+        """Record deliveries decided before (inbound decisions read back from the ingest log
+        after a restore): each customer's in time order, as the decisions that made them did.
+        An offer no longer in the catalog still counts toward the caps."""
+        if slots.size == 0:
+            return
+        index = {offer_id: j for j, offer_id in enumerate(self.catalog.offer_ids)}
+        offer = np.array([index.get(a, -1) for a in actions], dtype=np.int64)
+        order = np.lexsort((ts, slots))
+        slots, ts, offer = slots[order], np.asarray(ts, dtype=np.int64)[order], offer[order]
+        rank = rounds_of(slots)
+        for r in range(int(rank.max()) + 1):  # one delivery per customer per call of _deliver
+            sel = rank == r
+            self._deliver(slots[sel], ts[sel], offer[sel])
 
     # -- one step ------------------------------------------------------------------------------
     def decide(self, view: BatchView, fired: list[tuple[str, np.ndarray]]) -> pa.Table:

@@ -28,7 +28,9 @@ MSGPACK = {"content-type": "application/msgpack"}
 CUSTOMERS = 300
 
 
-def _deploy(ray_cluster: Cluster, data, name: str, offers: bool) -> tuple[Any, Any]:
+def _deploy(
+    ray_cluster: Cluster, data, name: str, offers: bool, checkpoint_every_s: float = 1.0
+) -> tuple[Any, Any]:
 
     from deploy.api import api_app_config
     from deploy.natsserver import EmbeddedNats
@@ -42,7 +44,7 @@ def _deploy(ray_cluster: Cluster, data, name: str, offers: bool) -> tuple[Any, A
         data_dir=str(data),
         idle_release_ms=300,
         nats_url=broker.start(),
-        checkpoint_every_s=1.0,
+        checkpoint_every_s=checkpoint_every_s,
         **fields,
     )
     apply_apps([api_app_config(config)])
@@ -272,6 +274,62 @@ def test_a_clean_restart_keeps_golden_records_consent_and_contact_history(
             d = requests.post(f"{url}/v1/decide", json=body, timeout=30).json()
             reasons = {c["offer_id"]: c["excluded"] for c in d["candidates"]}
             assert d["action"] != offer and reasons[offer] in ("cooldown", "frequency_cap"), d
+    finally:
+        _undeploy(config, broker)
+
+
+@pytest.mark.faults
+def test_decisions_and_offer_changes_answered_before_a_crash_survive_it(
+    ray_cluster, tmp_path
+) -> None:
+    """Inbound decisions answered 200 and a catalog answered 200, then the gateway (and its
+    shards) killed before any periodic checkpoint: the new gateway runs the new catalog, the
+    contact history holds every delivered offer (asking again meets the cooldown or the cap),
+    and the decision log holds each answered decision once."""
+    import pyarrow.dataset as ds
+    import ray
+
+    url = ray_cluster.url
+    config, broker = _deploy(ray_cluster, tmp_path, "kairos-dc", True, checkpoint_every_s=3600)
+    try:
+        people = [f"dc-{i}" for i in range(40)]
+        t = int(time.time() * 1000)
+        profiles = [_profile(who, 1 + i, t + i) for i, who in enumerate(people)]
+        r = requests.post(f"{url}/v1/events", data=msgpack.packb(profiles), headers=MSGPACK,
+                          timeout=30)  # fmt: skip
+        assert r.status_code == 202, r.text
+        _settle(url)
+        offers = requests.get(f"{url}/v1/offers", timeout=30).json()
+        offers["policy"]["control_share"] = 0.0  # everyone is decided for, no control group
+        offers["policy"]["exploration"] = 0.0
+        r = requests.put(f"{url}/v1/offers", json=offers, timeout=60)
+        assert r.status_code == 200, r.text
+        answered = {}
+        for who in people:
+            body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
+            r = requests.post(f"{url}/v1/decide", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            answered[who] = r.json()
+        delivered = {who: d["action"] for who, d in answered.items() if d["delivered"]}
+        assert len(delivered) > 10, answered
+
+        ray.kill(_gateway(config), no_restart=False)  # no checkpoint since the PUT
+        deadline = time.monotonic() + 120
+        while requests.get(f"{url}/readyz", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the service did not heal"
+            time.sleep(0.5)
+
+        assert requests.get(f"{url}/v1/offers", timeout=30).json()["policy"] == offers["policy"]
+        for who, offer in delivered.items():
+            body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
+            d = requests.post(f"{url}/v1/decide", json=body, timeout=30).json()
+            reasons = {c["offer_id"]: c["excluded"] for c in d["candidates"]}
+            assert d["action"] != offer and reasons[offer] in ("cooldown", "frequency_cap"), d
+        ray.get(_gateway(config).drain.remote())
+        log = ds.dataset(str(tmp_path / "decisions"), format="parquet").to_table()
+        ids = Counter(f"{i:016x}" for i in log.column("decision_id").to_pylist())
+        for who, d in answered.items():
+            assert ids[d["decision_id"]] == 1, (who, d["decision_id"])
     finally:
         _undeploy(config, broker)
 

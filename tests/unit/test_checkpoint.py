@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import CURRENT, read_checkpoint, read_snapshot, write_checkpoint
+from engine.checkpoint import (
+    CURRENT,
+    config_entry,
+    document_digest,
+    read_checkpoint,
+    read_snapshot,
+    restored_config,
+    write_checkpoint,
+)
 from engine.config import EngineSettings
 from engine.errors import StateError
 from engine.local import LocalEngine
@@ -75,3 +83,18 @@ def test_no_checkpoint_is_a_state_error_and_old_ones_are_pruned(tmp_path, rules,
     kept = sorted(p.name for p in Path(root).iterdir() if p.name.startswith("chk-"))
     assert kept == [f"chk-{4:012d}", f"chk-{5:012d}"]
     assert read_checkpoint(root)[0]["epoch"] == 5
+
+
+def test_a_checkpoint_brings_back_run_time_configuration_unless_the_files_were_edited() -> None:
+    started = {"rules": [{"id": "a", "threshold": 1}]}
+    changed = {"rules": [{"id": "a", "threshold": 2}]}  # a PUT /v1/rules while running
+    manifest = {"config": {"rules": config_entry(changed, document_digest(started))}}
+    # restarted with the same file: the change made at run time is back
+    assert restored_config(manifest, "rules", document_digest(started)) == changed
+    # restarted with an edited file: the edit wins
+    edited = {"rules": [{"id": "a", "threshold": 3}]}
+    assert restored_config(manifest, "rules", document_digest(edited)) is None
+    # key order is not an edit; an older checkpoint without the record restores nothing
+    assert document_digest({"b": 1, "a": [1, 2]}) == document_digest({"a": [1, 2], "b": 1})
+    assert restored_config({}, "rules", document_digest(started)) is None
+    assert restored_config(manifest, "offers", None) is None

@@ -513,3 +513,62 @@ def test_a_large_release_applied_in_bounded_parts_gives_the_same_triggers_and_de
         # decision and its context (contact history included: taken round by round)
         assert repr(parts_t.to_pylist()) == repr(whole_t.to_pylist())  # NaN equals NaN here
         assert repr(parts_d.to_pylist()) == repr(whole_d.to_pylist())
+
+
+def test_inbound_decisions_read_back_from_the_log_are_recorded_once(event, tmp_path) -> None:
+    """``POST /v1/decide`` writes its decisions to the ingest log before answering; the log's
+    reader hands them back (``record_decisions``). Live, their contacts are already recorded;
+    after a restore from a checkpoint taken before them, they are recorded again; from one
+    taken after them, not twice."""
+    settings = EngineSettings(shards=2, allowed_lateness_s=60)
+    cat = parse_catalog_text(catalog(offers=INBOUND_OFFERS))
+    engine = LocalEngine(settings, RULES, cat, by_offer({"web_pass": 0.5}), str(tmp_path))
+    people = [f"c{i}" for i in range(6)]
+    engine.submit_rows([event("profile_update", p, ms(2026, 3, 1), **PROFILE) for p in people])
+    engine.end_stream()
+    engine.checkpoint(1, {})
+    before = {p: engine.customer(p)["contacts"] for p in people}
+
+    def ask(people: list[str], hour: int, request: int) -> pa.Table:
+        """Decisions for ``people`` (two shards: one call per owner), as the API asks them."""
+        tables = []
+        for owner in (0, 1):
+            keys = [engine.ingestor.owner_of(p) for p in people]
+            mine = [k for k, o in keys if o == owner]
+            if mine:
+                tables.append(engine.shards[owner].decide_inbound(
+                    np.array(mine, dtype=np.uint64), ["web"] * len(mine),
+                    np.full(len(mine), ms(2026, 3, 2, hour)), np.arange(len(mine)) + request,
+                    ["/plans"] * len(mine), logged=True,
+                ))  # fmt: skip
+        return pa.concat_tables(tables)
+
+    first = ask(people[:3], 10, 100)
+    assert first.column("delivered").to_pylist() == [True] * 3
+    live = {p: engine.customer(p)["contacts"] for p in people}
+    assert live != before
+    engine.record_decisions(first)  # read back live: nothing recorded twice
+    assert {p: engine.customer(p)["contacts"] for p in people} == live
+    assert engine.decision_table().num_rows == 3
+    assert sum(s.counters["decisions"] for s in engine.shards) == 3
+
+    engine.lose_state()  # a crash; the checkpoint is from before the decisions
+    engine.recover()
+    assert {p: engine.customer(p)["contacts"] for p in people} == before
+    engine.record_decisions(first)  # the log replayed from the checkpoint
+    assert {p: engine.customer(p)["contacts"] for p in people} == live
+    assert engine.decision_table().num_rows == 3
+    again = ask(people[:1] + people[3:], 11, 200)
+    keys, chosen = again.column("customer_key").to_pylist(), again.column("action").to_pylist()
+    actions = dict(zip(keys, chosen, strict=True))
+    assert actions[engine.ingestor.owner_of(people[0])[0]] == NO_ACTION  # its cooldown holds
+    assert sorted(actions.values()) == [NO_ACTION] + ["web_pass"] * 3
+
+    engine.checkpoint(2, {})  # taken after ``again`` was decided, before it was read back
+    engine.lose_state()
+    engine.recover()
+    after_again = {p: engine.customer(p)["contacts"] for p in people}
+    assert after_again != live
+    engine.record_decisions(again)
+    assert {p: engine.customer(p)["contacts"] for p in people} == after_again
+    assert not engine.shards[0].inbound_live and not engine.shards[1].inbound_live
