@@ -162,10 +162,12 @@ class GatewayActor:
 
         return os.getpid()
 
-    def lag(self) -> int:
-        """Messages in the log the engine has not read yet (the API sheds load above a
-        limit)."""
-        return self.source.lag() if self.source is not None else 0
+    def backlog(self) -> dict[str, Any]:
+        """What the API sheds load on: ``lag``, the messages in the log the engine has not read
+        yet, and ``checkpoint_error``, why the last checkpoint failed (None: it did not)."""
+        if self.source is None or self.pipeline is None:
+            return {"lag": 0, "checkpoint_error": None}
+        return {"lag": self.source.lag(), "checkpoint_error": self.pipeline.checkpoint_error}
 
     # -- the engine's clock ------------------------------------------------------------------------
     def _observe(self, shard: int, stats: dict[str, Any], latency_ms: float) -> None:
@@ -285,6 +287,7 @@ class GatewayActor:
                     "lag": self.source.lag(),
                     "checkpoint": self.pipeline.epoch,
                     "recoveries": len(self.pipeline.recoveries),
+                    "checkpoint_error": self.pipeline.checkpoint_error,
                 }
         shards = self.supervisor.shard_stats()
         out["pending"] = sum(s["pending"] for s in shards)

@@ -432,6 +432,7 @@ class KairosApi:
         self._log_lock: asyncio.Lock | None = None
         #: the engine's lag behind the log, as last asked, and when it was asked / answered
         self._lag = 0
+        self._checkpoint_error: str | None = None
         self._lag_asked = 0.0
         self._lag_answered = time.monotonic()
 
@@ -467,12 +468,14 @@ class KairosApi:
             return self._log
 
     async def _shed_load(self) -> None:
-        """503 while the engine is too far behind the log (or has not answered for long)."""
+        """503 while the engine is too far behind the log, cannot write its checkpoints, or has
+        not answered for long."""
         now = time.monotonic()
         if now - self._lag_asked > 0.25:
             self._lag_asked = now
             try:
-                self._lag = await asyncio.wait_for(self.gateway.lag.remote(), timeout=2.0)
+                backlog = await asyncio.wait_for(self.gateway.backlog.remote(), timeout=2.0)
+                self._lag, self._checkpoint_error = backlog["lag"], backlog["checkpoint_error"]
                 self._lag_answered = now
             except (ray.exceptions.RayError, TimeoutError):
                 pass  # restarting: the log still takes events, within the limits below
@@ -480,6 +483,11 @@ class KairosApi:
             raise unavailable("the engine has not answered for 30 s; it is recovering")
         if self._lag > self.config.max_lag_messages:
             raise unavailable(f"the engine is {self._lag} batches behind the ingest log: slow down")
+        if self._checkpoint_error is not None:
+            raise unavailable(
+                "the engine cannot write its checkpoints (storage failing); nothing is "
+                f"acknowledged until it can: {safe_text(self._checkpoint_error, 300)}"
+            )
 
     async def __del__(self) -> None:
         """Serve stops this replica (``serve run`` Ctrl-C, shutdown, redeploy): have the

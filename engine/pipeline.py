@@ -84,6 +84,8 @@ class Pipeline:
     max_attempts: int = 5
     epoch: int = 0
     recoveries: list[Recovery] = field(default_factory=list)
+    #: why the last periodic checkpoint failed (its storage), None once one succeeds
+    checkpoint_error: str | None = None
     _last_checkpoint: float = 0.0
     _failures_in_a_row: int = 0
 
@@ -136,8 +138,20 @@ class Pipeline:
                 self.engine.record_decisions(batch.decisions)
             self.engine.poll()  # deadlines of open micro-batches, finished calls
         if self.interval_s is not None and self._since_checkpoint() >= self.interval_s:
-            self._checkpoint()
+            self._periodic_checkpoint()
         return 0 if batch is None else batch.events.num_rows
+
+    def _periodic_checkpoint(self) -> None:
+        """A due checkpoint. If its storage fails, the previous one stays CURRENT (nothing
+        behind it is released from the source) and the next try is an interval later; the
+        failure is kept in ``checkpoint_error`` (a service stops acknowledging meanwhile)."""
+        try:
+            self._checkpoint()
+        except (OSError, pa.ArrowException) as exc:
+            self._last_checkpoint = self.clock.monotonic()
+            self.checkpoint_error = f"{type(exc).__name__}: {exc}"[:500]
+            log.error("checkpoint %d failed; checkpoint %d stays CURRENT: %s",
+                      self.epoch + 1, self.epoch, self.checkpoint_error)  # fmt: skip
 
     def _since_checkpoint(self) -> float:
         return self.clock.monotonic() - self._last_checkpoint
@@ -171,6 +185,7 @@ class Pipeline:
         extra = {"source": {"name": self.source.name, "position": self.source.position}}
         oldest = self.engine.checkpoint(epoch, extra)
         self.epoch = epoch
+        self.checkpoint_error = None
         self._last_checkpoint = self.clock.monotonic()
         position = oldest.get("source", {}).get("position")
         if position is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -209,6 +210,64 @@ def test_while_the_log_is_down_no_event_is_acknowledged_and_none_before_is_lost(
         assert record["aggregates"]["event_count"] == count
     for tag in (2, 3):
         assert requests.get(f"{url}/v1/customers/down-{tag}", timeout=30).status_code == 404
+
+
+@pytest.mark.faults
+def test_while_checkpoints_cannot_be_written_no_event_is_acknowledged(events_only) -> None:
+    """The checkpoint storage fails (the folder replaced by a file: root cannot write there
+    either): within a checkpoint interval the API answers 503 with Retry-After, naming the
+    checkpoints, and keeps answering 503; the storage back, 202 again; every batch answered
+    202 is applied once."""
+    url, config, _ = events_only
+    root = Path(config.data_dir) / "checkpoints"
+    t0 = int(time.time() * 1000)
+
+    def post(tag: int) -> requests.Response:
+        events = [
+            {"event_id": 95_000_000 + tag * 1_000 + i, "customer_id": f"chk-{tag}",
+             "kind": "usage", "ts": t0 + tag * 1_000 + i, "mb": 1.0}
+            for i in range(20)
+        ]  # fmt: skip
+        return requests.post(f"{url}/v1/events", data=msgpack.packb(events), headers=MSGPACK,
+                             timeout=60)  # fmt: skip
+
+    assert post(1).status_code == 202
+    root.rename(root.with_name("checkpoints-away"))
+    root.write_text("the storage is failing")
+    accepted, refused = [1], []
+    try:
+        deadline = time.monotonic() + 15
+        tag = 2
+        while True:
+            r = post(tag)
+            if r.status_code == 503:
+                break
+            assert r.status_code == 202 and time.monotonic() < deadline, r.text
+            accepted.append(tag)
+            tag += 1
+            time.sleep(0.2)
+        assert "checkpoints" in r.json()["detail"] and r.headers["Retry-After"], r.text
+        refused.append(tag)
+        for later in range(tag + 1, tag + 4):  # and it stays so while the storage fails
+            time.sleep(0.5)
+            r = post(later)
+            assert r.status_code == 503, r.text
+            refused.append(later)
+    finally:
+        root.unlink()
+        root.with_name("checkpoints-away").rename(root)
+    deadline = time.monotonic() + 30
+    tag = 100
+    while (r := post(tag)).status_code != 202:
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+        time.sleep(0.5)
+    accepted.append(tag)
+    _settle(url)
+    for tag in accepted:
+        record = requests.get(f"{url}/v1/customers/chk-{tag}", timeout=30).json()
+        assert record["aggregates"]["event_count"] == 20, tag
+    for tag in refused:
+        assert requests.get(f"{url}/v1/customers/chk-{tag}", timeout=30).status_code == 404
 
 
 def _profile(customer: str, event_id: int, ts: int) -> dict[str, Any]:

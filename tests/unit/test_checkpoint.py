@@ -98,3 +98,39 @@ def test_a_checkpoint_brings_back_run_time_configuration_unless_the_files_were_e
     assert document_digest({"b": 1, "a": [1, 2]}) == document_digest({"a": [1, 2], "b": 1})
     assert restored_config({}, "rules", document_digest(started)) is None
     assert restored_config(manifest, "offers", None) is None
+
+
+def test_a_checkpoint_whose_storage_fails_keeps_the_previous_one(tmp_path, rules, event) -> None:
+    """The storage of periodic checkpoints fails: the pipeline goes on, says why, keeps the
+    previous checkpoint CURRENT and releases nothing behind it; the next one after the storage
+    is back succeeds and clears the error."""
+    import pyarrow as pa
+
+    from engine.clock import ManualClock
+    from engine.pipeline import Pipeline
+    from engine.source import TableSource
+
+    rows = [event("usage", f"c{i % 7}", ms(2026, 3, 2, 10) + i, mb=1.0) for i in range(300)]
+    table = pa.Table.from_pylist(rows)
+    root = tmp_path / "chk"
+    engine = LocalEngine(EngineSettings(shards=2), rules, checkpoint_root=str(root))
+    clock = ManualClock()
+    pipeline = Pipeline(TableSource(table, "usage"), engine, 10.0, clock, chunk=100)
+    pipeline.start()  # checkpoint 1 of the empty engine
+    clock.advance(11)
+    pipeline.step()  # rows 0..99, checkpoint 2
+    assert pipeline.epoch == 2 and pipeline.checkpoint_error is None
+    root.rename(tmp_path / "away")
+    root.write_text("not a folder")  # the storage fails (even for root)
+    clock.advance(11)
+    pipeline.step()  # rows 100..199; checkpoint 3 fails
+    assert pipeline.epoch == 2 and pipeline.checkpoint_error is not None
+    pipeline.step()  # not retried at once
+    assert pipeline.source.position == 300 and pipeline.epoch == 2
+    root.unlink()
+    (tmp_path / "away").rename(root)
+    assert read_checkpoint(str(root))[0]["source"]["position"] == 100  # still CURRENT
+    clock.advance(11)
+    pipeline.step()  # nothing to read; checkpoint 3
+    assert pipeline.epoch == 3 and pipeline.checkpoint_error is None
+    assert read_checkpoint(str(root))[0]["source"]["position"] == 300
