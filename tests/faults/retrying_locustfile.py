@@ -6,7 +6,8 @@ Idempotency-Key is ``kt-b<number>``. Each user appends ``sent N`` to ``KAIROS_KT
 the first attempt and ``ok N`` after the 202: a batch sent but never answered (Locust stopped
 during its retries) is resent by the test.
 
-An answer other than 202, 503 or no answer at all (the service is down) is a Locust failure.
+An answer other than 202, 503, no answer at all (the service is down) or Serve's own 404 of the
+seconds before any application is deployed (counted as ``serve-404``) is a Locust failure.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from tests.faults.killtest import batch
 
 RECORD = os.environ.get("KAIROS_KT_RECORD", "kill-test-record.txt")
 _batches = itertools.count()
+#: what Serve's proxy answers for a route no application has yet
+SERVE_STARTING = "not found. Ping http"
 
 
 class RetryingDevice(FastHttpUser):
@@ -41,6 +44,11 @@ class RetryingDevice(FastHttpUser):
             status = response.status_code or 0
             if status in (202, 503, 0):  # 0: refused or reset while the service is down
                 response.success()
+            elif status == 404 and SERVE_STARTING in (response.text or ""):
+                # Serve's proxy in the seconds before any application is deployed: a client
+                # retries it like a 503
+                response.success()
+                self.record.write("serve-404 -1\n")
             else:
                 response.failure(f"status {status}: {(response.text or '')[:200]}")
             return int(status)

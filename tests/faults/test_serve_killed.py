@@ -83,11 +83,13 @@ class Service:
 
 
 def _record(path: Path) -> tuple[set[int], set[int]]:
-    sent, ok = set(), set()
+    sent: set[int] = set()
+    ok: set[int] = set()
     if path.exists():
         for line in path.read_text().splitlines():
             what, number = line.split()
-            (sent if what == "sent" else ok).add(int(number))
+            if what in ("sent", "ok"):
+                (sent if what == "sent" else ok).add(int(number))
     return sent, ok
 
 
@@ -178,7 +180,10 @@ def test_kairos_serve_killed_twice_under_locust_loses_and_doubles_nothing(tmp_pa
         with open(f"{prefix}_stats.csv") as f:
             rows = {row["Name"]: row for row in csv.DictReader(f)}
         assert int(rows["POST /v1/events"]["Failure Count"]) == 0, rows["POST /v1/events"]
+        serve_404 = record.read_text().count("serve-404")
         print(f"\nkilled {killed} processes; ready after {[round(s, 1) for s in ready_s]} s; "
-              f"{len(sent)} batches, {len(sent) * BATCH} events applied once")  # fmt: skip
+              f"{len(sent)} batches, {len(sent) * BATCH} events applied once; "
+              f"{rows['POST /v1/events']['Request Count']} requests, {serve_404} of them "
+              "answered 404 by Serve's proxy before any application was up")  # fmt: skip
     finally:
         service.kill()
