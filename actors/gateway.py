@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,13 @@ class GatewayActor:
         self.pipeline: Pipeline | None = None
         #: the log's end when this gateway started: ready once read up to it
         self._catch_up_to = 0
+        # the ranker (training a first model on a fresh registry) starts while the engine
+        # restores; again below if the checkpoint brings back another catalog
+        ranker = None
+        if catalog is not None and start_ranker is not None:
+            ranker = ThreadPoolExecutor(1, "ranker").submit(start_ranker, rules, catalog)
         if config.log is not None:
-            # restore first: the checkpoint may hold rules and offers set at run time, and the
-            # ranker is started for the offers that run; the log is read once it is up
+            # the log is read once the ranker is up
             self.source = LogSource(config.log, wait_s=min(0.05, self._period))
             self.pipeline = Pipeline(
                 self.source, self.supervisor, config.checkpoint_every_s, chunk=1_000_000
@@ -119,12 +124,15 @@ class GatewayActor:
                 f"checkpoint {restored['epoch']}" if restored else "an empty engine",
                 self.source.position, self._catch_up_to,
             )  # fmt: skip
-        rules, catalog = self.supervisor.rules, self.supervisor.catalog
         self.model_version = None
-        if catalog is not None and start_ranker is not None:
-            self.model_version = start_ranker(rules, catalog)
+        if ranker is not None and start_ranker is not None:
+            self.model_version = ranker.result()
+            running = self.supervisor.catalog
+            if running is not None and catalog is not None and running.document != catalog.document:
+                self.model_version = start_ranker(self.supervisor.rules, running)
             for problem in self.supervisor.connect_scorers():
                 log.warning("a shard could not reach the ranker yet: %s", problem)
+        catalog = self.supervisor.catalog
         retrainer = None
         if catalog is not None and make_retrainer is not None:
             retrainer = make_retrainer(self.supervisor, catalog)

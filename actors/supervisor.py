@@ -108,7 +108,8 @@ class Supervisor:
         #: standby: starting an actor takes 2-4 s here, a swap milliseconds). Two, so a second
         #: loss soon after the first does not wait for the replacement spare to start.
         self.spares_wanted = spares if checkpoint_root is not None else 0
-        self.spares = [self._new_shard(0, spare=True) for _ in range(self.spares_wanted)]
+        #: started once the shards answer (``_replace_dead_shards``): not while they start
+        self.spares: list[Any] = []
         #: bumped whenever a shard actor is replaced (API replicas re-read the routing)
         self.generation = 0
         self.decision_sink = None
@@ -361,8 +362,11 @@ class Supervisor:
         return [str(s["incarnation"]) for s in stats]
 
     def _wait_for_actors(self, timeout_s: float) -> None:
-        """Replace dead shards (by a spare, else a new actor) and wait for every actor."""
-        self._replace_dead_shards()
+        """Replace dead shards (by a spare, else a new actor) and wait for every actor. At
+        the first start a shard still starting is waited for up to ``timeout_s`` (on a busy
+        small machine starting seven actors takes more than the 10 s a running one has to
+        answer before it is taken for hung)."""
+        self._replace_dead_shards(10.0 if self._started_once else timeout_s)
         self._call_all(
             lambda: (
                 [a.rows.remote() for a in self._sink_actors]
@@ -370,6 +374,9 @@ class Supervisor:
             ),
             timeout_s,
         )
+        self._started_once = True
+
+    _started_once = False
 
     def _replace_dead_shards(self, timeout_s: float = 10.0) -> None:
         pings = [s.stats.remote() for s in self.shards]
