@@ -433,6 +433,8 @@ class KairosApi:
         #: the engine's lag behind the log, as last asked, and when it was asked / answered
         self._lag = 0
         self._checkpoint_error: str | None = None
+        #: POST /v1/events requests this replica is working on (bounded: max_events_in_flight)
+        self._events_in_flight = 0
         self._lag_asked = 0.0
         self._lag_answered = time.monotonic()
 
@@ -523,6 +525,17 @@ class KairosApi:
             raise HTTPException(
                 415, f"content type {media!r} is not supported: use application/msgpack or JSON"
             )
+        if self._events_in_flight >= self.config.max_events_in_flight:  # shed before reading
+            raise unavailable(
+                f"this replica is working on {self._events_in_flight} event requests: slow down"
+            )
+        self._events_in_flight += 1
+        try:
+            return await self._events(request, media)
+        finally:
+            self._events_in_flight -= 1
+
+    async def _events(self, request: Request, media: str) -> JSONResponse:
         body = await _body(request, self.config.max_body_bytes)
         try:
             rows = decode_msgpack(body) if media in MSGPACK_TYPES else decode_json(body)

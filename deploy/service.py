@@ -59,6 +59,12 @@ class ServiceConfig(BaseModel):
         2_000, ge=1, description="503 to new events while the engine is this far behind the log."
     )
     log_max_bytes: int = Field(8 << 30, ge=1 << 20, description="The log's size limit (503 then).")
+    max_events_in_flight: int = Field(
+        16,
+        ge=1,
+        description="Event requests one API replica works on at once; beyond, 503 at once "
+        "(before Serve's own queue fills, whose 503 has no Retry-After).",
+    )
 
     def settings(self) -> EngineSettings:
         return EngineSettings(
