@@ -110,7 +110,9 @@ class GatewayActor:
         # restores; again below if the checkpoint brings back another catalog
         ranker = None
         if catalog is not None and start_ranker is not None:
-            ranker = ThreadPoolExecutor(1, "ranker").submit(start_ranker, rules, catalog)
+            pool = ThreadPoolExecutor(1, "ranker")
+            ranker = pool.submit(start_ranker, rules, catalog)
+            pool.shutdown(wait=False)  # the thread ends with its task
         if config.log is not None:
             # the log is read once the ranker is up
             self.source = LogSource(config.log, wait_s=min(0.05, self._period))

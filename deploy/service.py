@@ -60,7 +60,7 @@ class ServiceConfig(BaseModel):
     )
     log_max_bytes: int = Field(8 << 30, ge=1 << 20, description="The log's size limit (503 then).")
     max_events_in_flight: int = Field(
-        16,
+        32,
         ge=1,
         description="Event requests one API replica works on at once; beyond, 503 at once "
         "(before Serve's own queue fills, whose 503 has no Retry-After).",

@@ -384,7 +384,9 @@ class ShardLogic:
         restore went back behind them) have their deliveries recorded in the contact state and
         count as this shard's decisions. Returns how many were recorded."""
         ids = decisions.column("decision_id").to_numpy()
-        known = np.array([self.inbound_live.pop(int(i), None) is not None for i in ids.tolist()])
+        known = np.array(
+            [self.inbound_live.pop(int(i), None) is not None for i in ids.tolist()], dtype=bool
+        )
         replay = decisions.filter(pa.array(~known)) if known.any() else decisions
         if replay.num_rows == 0:
             return 0
