@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
@@ -33,6 +33,7 @@ from actors.ingestlog import LogConfig, LogSource
 from actors.metrics import metrics
 from actors.scorer import ServeScorer
 from actors.supervisor import Supervisor
+from engine.checkpoint import checkpoints
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog, parse_catalog
 from engine.errors import CatalogError, RuleError
@@ -42,8 +43,15 @@ from engine.rules.spec import RuleSet, load_rules, parse_rules
 
 log = logging.getLogger(__name__)
 
+
 #: deploys the ranker for (rules, catalog); returns the model version it serves
-StartRanker = Callable[[RuleSet, Catalog], str]
+class StartRanker(Protocol):
+    """Deploys the ranker for ``catalog`` serving ``version`` (None: the registry's champion,
+    trained first if there is none); returns the version served."""
+
+    def __call__(self, rules: RuleSet, catalog: Catalog, *, version: str | None = None) -> str: ...
+
+
 #: a retrainer for the running engine (its supervisor) under a catalog
 MakeRetrainer = Callable[[Supervisor, Catalog], Retrainer]
 
@@ -109,15 +117,22 @@ class GatewayActor:
         # the ranker (training a first model on a fresh registry) starts while the engine
         # restores; again below if the checkpoint brings back another catalog
         ranker = None
+        #: the model version serving decisions; the last checkpoint's, after a restart (the
+        #: stretch of the log replayed after it is decided by the model that decided it)
+        self.model_version = self._checkpointed_model_version()
         if catalog is not None and start_ranker is not None:
             pool = ThreadPoolExecutor(1, "ranker")
-            ranker = pool.submit(start_ranker, rules, catalog)
+            ranker = pool.submit(self._start_ranker, start_ranker, rules, catalog)
             pool.shutdown(wait=False)  # the thread ends with its task
         if config.log is not None:
             # the log is read once the ranker is up
             self.source = LogSource(config.log, wait_s=min(0.05, self._period))
             self.pipeline = Pipeline(
-                self.source, self.supervisor, config.checkpoint_every_s, chunk=1_000_000
+                self.source,
+                self.supervisor,
+                config.checkpoint_every_s,
+                chunk=1_000_000,
+                manifest_extra=lambda: {"model_version": self.model_version},
             )
             restored = self.pipeline.start()
             self._catch_up_to = self.source.position + self.source.lag()
@@ -126,12 +141,13 @@ class GatewayActor:
                 f"checkpoint {restored['epoch']}" if restored else "an empty engine",
                 self.source.position, self._catch_up_to,
             )  # fmt: skip
-        self.model_version = None
         if ranker is not None and start_ranker is not None:
             self.model_version = ranker.result()
             running = self.supervisor.catalog
             if running is not None and catalog is not None and running.document != catalog.document:
-                self.model_version = start_ranker(self.supervisor.rules, running)
+                self.model_version = self._start_ranker(
+                    start_ranker, self.supervisor.rules, running
+                )
             for problem in self.supervisor.connect_scorers():
                 log.warning("a shard could not reach the ranker yet: %s", problem)
         catalog = self.supervisor.catalog
@@ -141,6 +157,24 @@ class GatewayActor:
         self.logic = GatewayLogic(self.supervisor.router, retrainer)
         self._clock = threading.Thread(target=self._run, name="gateway", daemon=True)
         self._clock.start()
+
+    def _checkpointed_model_version(self) -> str | None:
+        if self.config.log is None or self.supervisor.checkpoint_root is None:
+            return None
+        kept = checkpoints(self.supervisor.checkpoint_root)
+        version = kept[-1].get("model_version") if kept else None
+        return str(version) if version else None
+
+    def _start_ranker(self, start: StartRanker, rules: RuleSet, catalog: Catalog) -> str:
+        """The ranker serving the checkpointed model version if there is one (the registry's
+        champion if that version is gone or was trained for other offers)."""
+        if self.model_version is not None:
+            try:
+                return start(rules, catalog, version=self.model_version)
+            except Exception as exc:  # any failure: serve the champion instead
+                log.error("the checkpoint's model %s cannot be served (%s); serving the "
+                          "registry's champion", self.model_version, exc)  # fmt: skip
+        return start(rules, catalog)
 
     @property
     def _period(self) -> float:
@@ -205,6 +239,13 @@ class GatewayActor:
                 if self.logic.retrain_due():
                     with self.lock:
                         result = self.logic.retrain()
+                        promoted = getattr(result, "artifact", None) if result else None
+                        if getattr(result, "promoted", False) and promoted is not None:
+                            # decided by the new model from here on: a checkpoint now, so a
+                            # replay never decides an earlier stretch with it
+                            self.model_version = promoted.version
+                            if self.pipeline is not None:
+                                self.pipeline.checkpoint()
                     if self.logic.retrain_error:
                         log.error("retraining failed; the running model stays: %s",
                                   self.logic.retrain_error)  # fmt: skip

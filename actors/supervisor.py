@@ -108,8 +108,7 @@ class Supervisor:
         #: standby: starting an actor takes 2-4 s here, a swap milliseconds). Two, so a second
         #: loss soon after the first does not wait for the replacement spare to start.
         self.spares_wanted = spares if checkpoint_root is not None else 0
-        #: started once the shards answer (``_replace_dead_shards``): not while they start
-        self.spares: list[Any] = []
+        self.spares = [self._new_shard(0, spare=True) for _ in range(self.spares_wanted)]
         #: bumped whenever a shard actor is replaced (API replicas re-read the routing)
         self.generation = 0
         self.decision_sink = None

@@ -17,7 +17,7 @@ is tested without Ray (``tests/property/test_recovery.py``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -82,6 +82,8 @@ class Pipeline:
     chunk: int = 100_000
     #: recoveries in a row without progress before giving up
     max_attempts: int = 5
+    #: more to record in every manifest (a service: the model version serving decisions)
+    manifest_extra: Callable[[], Mapping[str, Any]] | None = None
     epoch: int = 0
     recoveries: list[Recovery] = field(default_factory=list)
     #: why the last periodic checkpoint failed (its storage), None once one succeeds
@@ -182,7 +184,10 @@ class Pipeline:
 
     def _checkpoint(self) -> None:
         epoch = self.epoch + 1
-        extra = {"source": {"name": self.source.name, "position": self.source.position}}
+        extra = {
+            **(self.manifest_extra() if self.manifest_extra is not None else {}),
+            "source": {"name": self.source.name, "position": self.source.position},
+        }
         oldest = self.engine.checkpoint(epoch, extra)
         self.epoch = epoch
         self.checkpoint_error = None

@@ -135,6 +135,8 @@ class Client(threading.Thread):
             time.sleep(0.2)
 
 
+# The tests on the module's service (``events_only``) come first: the later ones deploy a
+# service of their own under the same Serve application name and route, which replaces it.
 @pytest.fixture(scope="module")
 def events_only(ray_cluster, tmp_path_factory):
     config, broker = _deploy(ray_cluster, tmp_path_factory.mktemp("ft"), "kairos-ft", False)
@@ -270,6 +272,79 @@ def test_while_checkpoints_cannot_be_written_no_event_is_acknowledged(events_onl
         assert requests.get(f"{url}/v1/customers/chk-{tag}", timeout=30).status_code == 404
 
 
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+@pytest.mark.faults
+def test_overload_gets_202_or_503_and_memory_stays_bounded(events_only) -> None:
+    """Open loop: 1,000-event batches arrive at 60 requests/s for 60 s, whatever the answers
+    (about twice what one API replica takes here, 25-30 requests/s): every answer is 202 or 503
+    with Retry-After, every 202'd event is applied once, and the gateway and the proxy grow by
+    less than 300 MiB."""
+    import asyncio
+
+    import aiohttp
+    import psutil
+    import ray
+
+    url, config, _ = events_only
+    gateway_pid = ray.get(_gateway(config).pid.remote())
+    proxies = [p.pid for p in psutil.process_iter(["cmdline"])
+               if (p.info["cmdline"] or [""])[0].startswith("ray::ProxyActor")]  # fmt: skip
+    assert proxies
+    before = _rss_mb(gateway_pid) + sum(_rss_mb(p) for p in proxies)
+    statuses: Counter[int | str] = Counter()
+    accepted: Counter[str] = Counter()
+    rate, seconds = 60.0, 60.0
+    t0 = int(time.time() * 1000)
+
+    async def post(session: aiohttp.ClientSession, n: int) -> None:
+        events = [
+            {"event_id": 70_000_000 + n * 1_000 + k, "customer_id": f"ol-{(n + k) % 5_000}",
+             "kind": "usage", "ts": t0 + n * 10 + k % 10, "mb": 1.0}
+            for k in range(1_000)
+        ]  # fmt: skip
+        try:
+            async with session.post(f"{url}/v1/events", data=msgpack.packb(events),
+                                    headers=MSGPACK) as r:  # fmt: skip
+                statuses[r.status] += 1
+                if r.status == 202:
+                    if not (await r.json())["duplicate"]:
+                        accepted.update(e["customer_id"] for e in events)
+                elif r.status == 503:
+                    statuses["503 with Retry-After"] += "Retry-After" in r.headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            statuses[type(exc).__name__] += 1
+
+    async def open_loop() -> None:
+        timeout = aiohttp.ClientTimeout(total=180)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            tasks, start, n = [], time.monotonic(), 0
+            while (now := time.monotonic()) - start < seconds:
+                if n < (now - start) * rate:
+                    tasks.append(asyncio.create_task(post(session, n)))
+                    n += 1
+                else:
+                    await asyncio.sleep(0.002)
+            await asyncio.gather(*tasks)
+
+    asyncio.run(open_loop())
+    after = _rss_mb(gateway_pid) + sum(_rss_mb(p) for p in proxies)
+    _settle(url, timeout=300)
+    print(f"\noverload: {dict(statuses)}; {sum(accepted.values())} events accepted and applied; "
+          f"gateway + proxy {before:.0f} -> {after:.0f} MiB")  # fmt: skip
+    assert set(statuses) <= {202, 503, "503 with Retry-After"}, statuses
+    assert statuses[202] > 0 and statuses["503 with Retry-After"] == statuses[503]
+    for customer in list(accepted)[:30]:
+        record = requests.get(f"{url}/v1/customers/{customer}", timeout=30).json()
+        assert record["aggregates"]["event_count"] == accepted[customer], customer
+    assert after - before < 300, (before, after, statuses)
+
+
 def _profile(customer: str, event_id: int, ts: int) -> dict[str, Any]:
     return {
         "event_id": event_id, "customer_id": customer, "kind": "profile_update", "ts": ts,
@@ -393,74 +468,37 @@ def test_decisions_and_offer_changes_answered_before_a_crash_survive_it(
         _undeploy(config, broker)
 
 
-def _rss_mb(pid: int) -> float:
-    import psutil
-
-    return psutil.Process(pid).memory_info().rss / 2**20
-
-
 @pytest.mark.faults
-def test_overload_gets_202_or_503_and_memory_stays_bounded(events_only) -> None:
-    """Open loop: 1,000-event batches arrive at 60 requests/s for 60 s, whatever the answers
-    (about twice what one API replica takes here, 25-30 requests/s): every answer is 202 or 503
-    with Retry-After, every 202'd event is applied once, and the gateway and the proxy grow by
-    less than 300 MiB."""
-    import asyncio
-
-    import aiohttp
-    import psutil
+def test_a_restarted_gateway_serves_the_model_version_of_its_checkpoint(
+    ray_cluster, tmp_path
+) -> None:
+    """A new champion appears in the registry after the last checkpoint; the gateway is killed:
+    the new one decides the log it replays, and what follows, with the checkpoint's model."""
     import ray
 
-    url, config, _ = events_only
-    gateway_pid = ray.get(_gateway(config).pid.remote())
-    proxies = [p.pid for p in psutil.process_iter(["cmdline"])
-               if (p.info["cmdline"] or [""])[0].startswith("ray::ProxyActor")]  # fmt: skip
-    assert proxies
-    before = _rss_mb(gateway_pid) + sum(_rss_mb(p) for p in proxies)
-    statuses: Counter[int | str] = Counter()
-    accepted: Counter[str] = Counter()
-    rate, seconds = 60.0, 60.0
-    t0 = int(time.time() * 1000)
+    from models.registry import ModelRegistry
 
-    async def post(session: aiohttp.ClientSession, n: int) -> None:
-        events = [
-            {"event_id": 70_000_000 + n * 1_000 + k, "customer_id": f"ol-{(n + k) % 5_000}",
-             "kind": "usage", "ts": t0 + n * 10 + k % 10, "mb": 1.0}
-            for k in range(1_000)
-        ]  # fmt: skip
-        try:
-            async with session.post(f"{url}/v1/events", data=msgpack.packb(events),
-                                    headers=MSGPACK) as r:  # fmt: skip
-                statuses[r.status] += 1
-                if r.status == 202:
-                    if not (await r.json())["duplicate"]:
-                        accepted.update(e["customer_id"] for e in events)
-                elif r.status == 503:
-                    statuses["503 with Retry-After"] += "Retry-After" in r.headers
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            statuses[type(exc).__name__] += 1
+    url = ray_cluster.url
+    config, broker = _deploy(ray_cluster, tmp_path, "kairos-mv", True, checkpoint_every_s=3600)
+    try:
 
-    async def open_loop() -> None:
-        timeout = aiohttp.ClientTimeout(total=180)
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            tasks, start, n = [], time.monotonic(), 0
-            while (now := time.monotonic()) - start < seconds:
-                if n < (now - start) * rate:
-                    tasks.append(asyncio.create_task(post(session, n)))
-                    n += 1
-                else:
-                    await asyncio.sleep(0.002)
-            await asyncio.gather(*tasks)
+        def decide(who: str) -> dict[str, Any]:
+            body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
+            r = requests.post(f"{url}/v1/decide", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            return dict(r.json())
 
-    asyncio.run(open_loop())
-    after = _rss_mb(gateway_pid) + sum(_rss_mb(p) for p in proxies)
-    _settle(url, timeout=300)
-    print(f"\noverload: {dict(statuses)}; {sum(accepted.values())} events accepted and applied; "
-          f"gateway + proxy {before:.0f} -> {after:.0f} MiB")  # fmt: skip
-    assert set(statuses) <= {202, 503, "503 with Retry-After"}, statuses
-    assert statuses[202] > 0 and statuses["503 with Retry-After"] == statuses[503]
-    for customer in list(accepted)[:30]:
-        record = requests.get(f"{url}/v1/customers/{customer}", timeout=30).json()
-        assert record["aggregates"]["event_count"] == accepted[customer], customer
-    assert after - before < 300, (before, after, statuses)
+        served = decide("mv-1")["model_version"]
+        ray.get(_gateway(config).checkpoint.remote())  # records the model serving now
+        registry = ModelRegistry(config.registry_uri)
+        old = registry.load(served)
+        newer = registry.register(old.booster, old.feature_names, {"copy_of": served})
+        registry.set_champion(newer.version)
+        ray.kill(_gateway(config), no_restart=False)
+        deadline = time.monotonic() + 120
+        while requests.get(f"{url}/readyz", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the service did not heal"
+            time.sleep(0.5)
+        assert decide("mv-2")["model_version"] == served != newer.version
+    finally:
+        _undeploy(config, broker)

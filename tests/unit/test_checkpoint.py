@@ -115,7 +115,11 @@ def test_a_checkpoint_whose_storage_fails_keeps_the_previous_one(tmp_path, rules
     root = tmp_path / "chk"
     engine = LocalEngine(EngineSettings(shards=2), rules, checkpoint_root=str(root))
     clock = ManualClock()
-    pipeline = Pipeline(TableSource(table, "usage"), engine, 10.0, clock, chunk=100)
+    served = {"model_version": "v0001"}
+    pipeline = Pipeline(
+        TableSource(table, "usage"), engine, 10.0, clock, chunk=100,
+        manifest_extra=lambda: dict(served),
+    )  # fmt: skip
     pipeline.start()  # checkpoint 1 of the empty engine
     clock.advance(11)
     pipeline.step()  # rows 0..99, checkpoint 2
@@ -131,6 +135,8 @@ def test_a_checkpoint_whose_storage_fails_keeps_the_previous_one(tmp_path, rules
     (tmp_path / "away").rename(root)
     assert read_checkpoint(str(root))[0]["source"]["position"] == 100  # still CURRENT
     clock.advance(11)
+    served["model_version"] = "v0002"
     pipeline.step()  # nothing to read; checkpoint 3
     assert pipeline.epoch == 3 and pipeline.checkpoint_error is None
-    assert read_checkpoint(str(root))[0]["source"]["position"] == 300
+    manifest = read_checkpoint(str(root))[0]
+    assert manifest["source"]["position"] == 300 and manifest["model_version"] == "v0002"
