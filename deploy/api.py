@@ -510,6 +510,10 @@ class KairosApi:
             413: {"description": "The body is over the size limit."},
             415: {"description": "Another content type than msgpack or JSON."},
             422: {"description": f"More than {MAX_EVENTS_PER_REQUEST:,} events."},
+            503: {
+                "description": "Not acknowledged (overload, the log or checkpoints failing, "
+                "recovery): send it again with the same Idempotency-Key after Retry-After."
+            },
         },
         openapi_extra={"requestBody": EVENTS_BODY},
         summary="Ingest a batch of events",
@@ -597,7 +601,10 @@ class KairosApi:
         response_model=DecideResponse,
         responses={
             400: {"description": "The body is not JSON."},
-            503: {"description": "Decisions are off (no offer catalog)."},
+            503: {
+                "description": "Decisions are off (no offer catalog), or the decision could "
+                "not be written to the ingest log: ask again after Retry-After."
+            },
         },
         summary="The next best action for a customer on a channel, now",
     )

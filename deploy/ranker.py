@@ -26,6 +26,8 @@ def start_ranker(
     """Deploy the ranker application serving ``version`` (default: the registry's champion,
     bootstrapped from ``rules`` and ``catalog`` when there is none); returns the version.
     A running ranker with the same configuration is left alone."""
+    from engine.decision.features import feature_spec
+    from engine.errors import ConfigError
     from models.bootstrap import ensure_champion
     from models.deployment import deploy_ranker
     from models.ranker import RankerConfig
@@ -36,6 +38,10 @@ def start_ranker(
         if rules is None or catalog is None:
             raise ValueError("bootstrapping a champion needs the rules and the catalog")
         version = ensure_champion(registry, rules, catalog)
+    elif catalog is not None:  # a pinned version must score this catalog's features
+        names = feature_spec(catalog.trigger_ids, catalog.offer_ids).names
+        if registry.load(version).feature_names != tuple(names):
+            raise ConfigError(f"model {version} was trained for another catalog's features")
     deploy_ranker(RankerConfig(registry=registry.uri, champion=version), replicas, num_cpus)
     return version
 
