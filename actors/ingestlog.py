@@ -127,7 +127,8 @@ class IngestLog:
     async def read(self, start: int, max_messages: int, wait_s: float) -> list[tuple[int, bytes]]:
         """Up to ``max_messages`` messages from sequence ``start`` on, waiting at most
         ``wait_s`` for the first; [] when there is none yet."""
-        if self._sub is None or start != self._next:
+        fresh = self._sub is None or start != self._next
+        if fresh:
             await self._subscribe(start)
         try:
             messages = await self._sub.fetch(batch=max_messages, timeout=wait_s)
@@ -137,6 +138,16 @@ class IngestLog:
             self._sub = None  # the server went away: subscribe again once it is back
             raise
         out = [(int(m.metadata.sequence.stream), bytes(m.data)) for m in messages]
+        # the stream's sequences have no holes (nothing is deleted but below a checkpoint): a
+        # hole means the consumer skipped messages (a pull that expired while they were on
+        # their way): keep what came in order and read the rest again from a new consumer
+        # (a hole a new consumer sees too is the stream's own, and is read over)
+        contiguous = 0
+        while contiguous < len(out) and out[contiguous][0] == start + contiguous:
+            contiguous += 1
+        if contiguous < len(out) and not (fresh and contiguous == 0):
+            out = out[:contiguous]
+            self._sub = None
         if out:
             self._next = out[-1][0] + 1
         return out
