@@ -18,13 +18,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 
 from tests.conftest import ROOT
 from tests.faults.killtest import BATCH, CUSTOMERS
+from tests.faults.service import settle
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -101,19 +101,6 @@ def _wait_for_more(path: Path, more: int, timeout: float = 180) -> None:
         time.sleep(0.5)
 
 
-def _settle(url: str, timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        stats = requests.get(f"{url}/v1/stats", timeout=30).json()
-        idle = stats["log"]["lag"] == 0 and stats["pending"] == 0
-        if idle and last.get("applied") == stats["applied"]:
-            return stats
-        last = stats
-        time.sleep(1.0)
-    raise AssertionError(f"the engine did not settle: {last}")
-
-
 def test_kairos_serve_killed_twice_under_locust_loses_and_doubles_nothing(tmp_path) -> None:
     import msgpack
 
@@ -161,7 +148,7 @@ def test_kairos_serve_killed_twice_under_locust_loses_and_doubles_nothing(tmp_pa
             while requests.post(f"{service.url}/v1/events", data=body, headers=headers,
                                 timeout=60).status_code != 202:  # fmt: skip
                 time.sleep(0.5)
-        stats = _settle(service.url)
+        stats = settle(service.url, timeout=180)
         assert stats["applied"] == len(sent) * BATCH, (stats, len(sent))
         assert stats["duplicates"] == 0 and stats["rejected"] == 0, stats
 

@@ -22,6 +22,7 @@ import pytest
 import requests
 
 from tests.conftest import Cluster
+from tests.faults.service import settle as _settle
 
 pytestmark = pytest.mark.integration
 
@@ -69,22 +70,6 @@ def _gateway(config: Any) -> Any:
     import ray
 
     return ray.get_actor(config.gateway_name, namespace=config.namespace)
-
-
-def _settle(url: str, timeout: float = 90.0) -> dict[str, Any]:
-    """Wait for the engine to read the whole log and apply everything; its stats."""
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        r = requests.get(f"{url}/v1/stats", timeout=30)
-        if r.status_code == 200:
-            stats = r.json()
-            done = stats["log"]["lag"] == 0 and stats["pending"] == 0
-            if done and last.get("applied") == stats["applied"]:
-                return stats
-            last = stats
-        time.sleep(0.5)
-    raise AssertionError(f"the engine did not settle: {last}")
 
 
 class Client(threading.Thread):
