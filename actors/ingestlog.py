@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import re
 import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,6 +37,8 @@ from engine.source import SourceBatch
 T = TypeVar("T")
 #: what a failing log raises to its callers (the API answers 503 for these)
 LOG_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError, asyncio.TimeoutError)
+#: seconds of empty reads, with messages in the stream, before a read takes a new consumer
+STALLED_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class IngestLog:
         self.js = client.jetstream(timeout=config.timeout_s)
         self._sub: Any = None
         self._next = -1
+        #: when the subscription last delivered (or was made)
+        self._delivered_at = time.monotonic()
 
     @classmethod
     async def open(cls, config: LogConfig) -> IngestLog:
@@ -132,7 +137,13 @@ class IngestLog:
             await self._subscribe(start)
         try:
             messages = await self._sub.fetch(batch=max_messages, timeout=wait_s)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py's own and, now and then, asyncio's
+            # nothing within wait_s: nothing yet, unless this has lasted while the stream holds
+            # messages from ``start`` on (a consumer the server lost): then a new consumer
+            if time.monotonic() - self._delivered_at > STALLED_S:
+                self._delivered_at = time.monotonic()
+                if (await self.bounds())[1] >= start:
+                    self._sub = None
             return []
         except LOG_ERRORS:
             self._sub = None  # the server went away: subscribe again once it is back
@@ -150,6 +161,7 @@ class IngestLog:
             self._sub = None
         if out:
             self._next = out[-1][0] + 1
+            self._delivered_at = time.monotonic()
         return out
 
     async def _subscribe(self, start: int) -> None:
@@ -174,6 +186,7 @@ class IngestLog:
             ),
         )
         self._next = start
+        self._delivered_at = time.monotonic()
 
     async def trim_below(self, sequence: int) -> None:
         """Drop every message below ``sequence`` (checkpoints need none of them)."""

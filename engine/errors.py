@@ -48,5 +48,11 @@ class WorkerLostError(EngineError):
     from its CURRENT checkpoint and the source is replayed from the checkpoint's position."""
 
 
+class StretchFailedError(WorkerLostError):
+    """The engine raised in the middle of a stretch read from its source (a call that timed
+    out, a bug on one shard): what it holds is unknown, so it recovers like a lost worker and
+    the stretch is read again, instead of being skipped."""
+
+
 class SourceError(EngineError):
     """A source cannot be read, or is not the one a checkpoint was taken of."""

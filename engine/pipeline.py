@@ -6,12 +6,14 @@ calls (an aligned cut), snapshots every shard, pre-commits its sinks, writes the
 the source position after the last record submitted, makes it CURRENT and commits the sinks.
 The source may then drop what is behind the oldest kept checkpoint.
 
-When a worker dies (``WorkerLostError``) the engine restores every shard from CURRENT, its
-sinks drop what they wrote after it, and the source is sent back to CURRENT's position: the
-stretch since the checkpoint is applied again, once, with the same results (the engine is
-deterministic given its input order). ``engine.supervisor``-style engines on Ray and
-``LocalEngine`` both implement ``Engine``; this class is the same for both, so the recovery logic
-is tested without Ray (``tests/property/test_recovery.py``).
+When a worker dies (``WorkerLostError``), or the engine raises anything else in the middle of a
+stretch (``StretchFailedError``: it may hold part of it, and the source has moved past it), the
+engine restores every shard from CURRENT, its sinks drop what they wrote after it, and the
+source is sent back to CURRENT's position: the stretch since the checkpoint is applied again,
+once, with the same results (the engine is deterministic given its input order).
+``actors.supervisor.Supervisor`` on Ray and ``LocalEngine`` both implement ``Engine``; this class
+is the same for both, so the recovery logic is tested without Ray
+(``tests/property/test_recovery.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.clock import Clock, SystemClock
-from engine.errors import SourceError, WorkerLostError
+from engine.errors import SourceError, StretchFailedError, WorkerLostError
 from engine.events.deadletter import DeadLetter
 from engine.source import Source
 
@@ -128,17 +130,28 @@ class Pipeline:
         return read
 
     def _step(self) -> int:
-        batch = self.source.read(self.chunk)
-        if batch is None:
-            self.engine.poll()
-        else:
-            if batch.letters:
-                self.engine.reject(list(batch.letters))
-            if batch.events.num_rows:
-                self.engine.submit(batch.events, batch.positions)
-            if batch.decisions is not None and batch.decisions.num_rows:
-                self.engine.record_decisions(batch.decisions)
-            self.engine.poll()  # deadlines of open micro-batches, finished calls
+        batch = self.source.read(self.chunk)  # a failing read moved nothing: raised as is
+        try:
+            if batch is None:
+                self.engine.poll()
+            else:
+                if batch.letters:
+                    self.engine.reject(list(batch.letters))
+                if batch.events.num_rows:
+                    self.engine.submit(batch.events, batch.positions)
+                if batch.decisions is not None and batch.decisions.num_rows:
+                    self.engine.record_decisions(batch.decisions)
+                self.engine.poll()  # deadlines of open micro-batches, finished calls
+        except WorkerLostError:
+            raise
+        except Exception as exc:
+            # the source has moved past this stretch and the engine may hold part of it:
+            # going on would skip the rest; recover from CURRENT and read it again
+            where = self.source.position if batch is None else batch.start
+            raise StretchFailedError(
+                f"the engine failed on the stretch from position {where}: "
+                f"{type(exc).__name__}: {exc}"[:500]
+            ) from exc
         if self.interval_s is not None and self._since_checkpoint() >= self.interval_s:
             self._periodic_checkpoint()
         return 0 if batch is None else batch.events.num_rows

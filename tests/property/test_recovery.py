@@ -133,6 +133,22 @@ class Recovery(RuleBasedStateMachine):
         self.pipeline.recover(RuntimeError("killed"))
         self.crashes += 1
 
+    @rule()
+    @precondition(lambda self: self.log.position < len(self.log.batches))
+    def step_fails_halfway(self) -> None:
+        """The last shard raises (not a lost worker: a call that timed out, a bug) after the
+        others applied their part of the stretch: the pipeline recovers and reads it again."""
+        shard = self.engine.shards[-1]
+        apply = shard.apply
+
+        def fail_once(*args: Any, **kwargs: Any) -> Any:
+            shard.apply = apply  # type: ignore[method-assign]
+            raise RuntimeError("a call timed out")
+
+        shard.apply = fail_once  # type: ignore[method-assign]
+        self.pipeline.step()
+        shard.apply = apply  # type: ignore[method-assign]
+
     @rule(shards=st.sampled_from([1, 2, 4]))
     def rescale(self, shards: int) -> None:
         """Stop without a checkpoint and start on another shard count from CURRENT."""
