@@ -197,6 +197,8 @@ class GatewayActor:
         if self.source is not None and self.source.position < self._catch_up_to:
             behind = self._catch_up_to - self.source.position
             raise NotReadyError(f"replaying the ingest log: {behind} messages to go")
+        if self.pipeline is not None and self.pipeline.unrecovered is not None:
+            raise NotReadyError(f"recovering, and failing: {self.pipeline.unrecovered}")
         stats = self.supervisor.ready()
         return {"shards": len(stats), "customers": sum(s["customers"] for s in stats)}
 
@@ -339,6 +341,7 @@ class GatewayActor:
                     "checkpoint": self.pipeline.epoch,
                     "recoveries": len(self.pipeline.recoveries),
                     "checkpoint_error": self.pipeline.checkpoint_error,
+                    "unrecovered": self.pipeline.unrecovered,
                 }
         shards = self.supervisor.shard_stats()
         out["pending"] = sum(s["pending"] for s in shards)

@@ -212,6 +212,8 @@ class LogSource:
         self._thread.start()
         self.log: IngestLog = self._call(IngestLog.open(config))
         self._position = 1
+        self._bounds_asked = 0.0
+        self._behind = False
         #: messages that were not Kairos log messages (dead-lettered)
         self.unreadable = 0
 
@@ -229,15 +231,28 @@ class LogSource:
             raise SourceError(f"the log starts at {first}; position {position} was trimmed")
         self._position = max(position, 1)
 
+    def _caught_up(self) -> bool:
+        """Whether the stream ends before the position (asked at most every 50 ms)."""
+        now = time.monotonic()
+        if now - self._bounds_asked >= 0.05:
+            self._bounds_asked = now
+            _, last = self._call(self.log.bounds())
+            self._behind = last >= self._position
+        return not self._behind
+
     def lag(self) -> int:
         """Messages in the log not read yet."""
         _, last = self._call(self.log.bounds())
         return max(0, last + 1 - self._position)
 
     def read(self, max_events: int) -> SourceBatch | None:
+        """The next messages; None only when the stream holds nothing more (a read that
+        found nothing while messages wait is an empty batch: the source is not idle)."""
         messages = self._call(self.log.read(self._position, self.max_messages, self.wait_s))
         if not messages:
-            return None
+            if self._caught_up():
+                return None
+            return SourceBatch(pa.table({}), np.zeros(0, np.int64), self._position, self._position)
         tables, positions, letters, decisions = [], [], [], []
         events = 0
         start = self._position

@@ -122,10 +122,10 @@ class Router:
         if letters and self.dead_letter_sink is not None:
             self.dead_letter_sink.write(dead_letter_table(letters))
 
-    def poll(self) -> None:
+    def poll(self, source_idle: bool | None = None) -> None:
         """Send micro-batches whose deadline has passed, release the watermark if input went
-        quiet (a service), and collect finished calls."""
-        poll = self.batcher.poll()
+        quiet (a service; ``MicroBatcher.poll``), and collect finished calls."""
+        poll = self.batcher.poll(source_idle)
         self._carry_out(poll.sends)
         if poll.release_idle:
             self.release_watermark()

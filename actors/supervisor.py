@@ -230,9 +230,9 @@ class Supervisor:
         if self.decision_sink is not None:
             self.decision_sink.write.remote(decisions)
 
-    def poll(self) -> None:
+    def poll(self, source_idle: bool | None = None) -> None:
         with lost_workers("a shard"):
-            self.router.poll()
+            self.router.poll(source_idle)
 
     def end_stream(self) -> None:
         """Release everything pending; the logs are committed by the next checkpoint."""

@@ -8,7 +8,10 @@ shard with these parts, after waiting for ``wait`` of its oldest calls. At most
 ``max_in_flight`` calls are in flight per shard (backpressure: a router that gets ahead of a
 shard waits for it, so memory stays bounded). When input has been quiet for
 ``idle_release_ms``, ``poll`` says so once: the router then closes the watermark up to the
-newest event and lets every shard apply what it holds.
+newest event and lets every shard apply what it holds. Behind a source (a log), quiet means the
+source had nothing to read for that long (``poll(source_idle=...)``), not that no input came:
+a checkpoint or a slow read is not a quiet spell, and an idle release makes every older event
+that comes after it late.
 
 Every decision reads the injected ``Clock``, so the whole state machine is tested with a
 ``ManualClock``; ``actors.router.Router`` only turns ``Send`` s into actor calls.
@@ -178,6 +181,8 @@ class MicroBatcher:
         self._open = [_Open() for _ in range(shards)]
         self._in_flight = [0] * shards
         self._last_input = clock.monotonic()
+        #: since when the source has had nothing to read (None: it had, at the last poll)
+        self._source_quiet_since: float | None = None
         self._idle_released = True  # nothing came in yet: nothing to release
 
     @property
@@ -189,6 +194,7 @@ class MicroBatcher:
         """Queue one routed batch's per-shard parts; the micro-batches that fill up."""
         now = self.clock.monotonic()
         self._last_input = now
+        self._source_quiet_since = None
         self._idle_released = False
         sends: list[Send] = []
         for shard, part in parts.items():
@@ -206,19 +212,29 @@ class MicroBatcher:
                     sends.append(self._close(shard))
         return sends
 
-    def poll(self) -> Poll:
+    def poll(self, source_idle: bool | None = None) -> Poll:
         """Micro-batches whose deadline has passed, and an idle release when input went quiet
-        for ``idle_release_ms`` (once per quiet spell)."""
+        for ``idle_release_ms`` (once per quiet spell). ``source_idle``: whether the source
+        had nothing to read just now (None: there is no source; quiet is no input)."""
         now = self.clock.monotonic()
         sends = [
             self._close(shard)
             for shard, buf in enumerate(self._open)
             if buf.parts and now - buf.opened >= self.deadline_s
         ]
+        if source_idle is None:
+            quiet_since: float | None = self._last_input
+        else:
+            if not source_idle:
+                self._source_quiet_since = None
+            elif self._source_quiet_since is None:
+                self._source_quiet_since = now
+            quiet_since = self._source_quiet_since
         release = (
             self.idle_release_s is not None
             and not self._idle_released
-            and now - self._last_input >= self.idle_release_s
+            and quiet_since is not None
+            and now - quiet_since >= self.idle_release_s
         )
         if release:
             self._idle_released = True

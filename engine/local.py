@@ -100,7 +100,7 @@ class LocalEngine:
         """Dead-letter records that could not be read (``engine.pipeline.Engine``)."""
         self.dead_letters.extend(letters)
 
-    def poll(self) -> None:
+    def poll(self, source_idle: bool | None = None) -> None:
         """Nothing waits: every submit applies at once (``engine.pipeline.Engine``)."""
 
     # -- checkpoints (engine.pipeline.Engine) --------------------------------------------------

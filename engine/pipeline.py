@@ -46,7 +46,10 @@ class Engine(Protocol):
         contacts are recorded where a restore lost them, and they go to the decision log."""
         ...
 
-    def poll(self) -> None: ...
+    def poll(self, source_idle: bool | None = None) -> None:
+        """Deadlines of open micro-batches, finished calls, and an idle release once the
+        source has had nothing to read (``source_idle``) for a while."""
+        ...
 
     def end_stream(self) -> None: ...
 
@@ -90,6 +93,9 @@ class Pipeline:
     recoveries: list[Recovery] = field(default_factory=list)
     #: why the last periodic checkpoint failed (its storage), None once one succeeds
     checkpoint_error: str | None = None
+    #: why recovery gave up (``max_attempts`` in a row), None once one succeeds: until then
+    #: the engine may hold part of a stretch, and nothing more is read
+    unrecovered: str | None = None
     _last_checkpoint: float = 0.0
     _failures_in_a_row: int = 0
 
@@ -121,6 +127,8 @@ class Pipeline:
     def step(self) -> int:
         """Read and submit one stretch (or, with nothing to read, let the engine poll); take a
         checkpoint when one is due. Returns the events read. Recovers from a lost worker."""
+        if self.unrecovered is not None:  # recovery gave up last time: nothing read on
+            self.recover(WorkerLostError(self.unrecovered))
         try:
             read = self._step()
         except WorkerLostError as exc:
@@ -133,7 +141,7 @@ class Pipeline:
         batch = self.source.read(self.chunk)  # a failing read moved nothing: raised as is
         try:
             if batch is None:
-                self.engine.poll()
+                self.engine.poll(source_idle=True)
             else:
                 if batch.letters:
                     self.engine.reject(list(batch.letters))
@@ -141,7 +149,7 @@ class Pipeline:
                     self.engine.submit(batch.events, batch.positions)
                 if batch.decisions is not None and batch.decisions.num_rows:
                     self.engine.record_decisions(batch.decisions)
-                self.engine.poll()  # deadlines of open micro-batches, finished calls
+                self.engine.poll(source_idle=False)  # deadlines, finished calls
         except WorkerLostError:
             raise
         except Exception as exc:
@@ -210,13 +218,21 @@ class Pipeline:
             self.source.release(int(position))
 
     # -- recovery ---------------------------------------------------------------------------
+    def _give_up(self, error: BaseException) -> None:
+        """Too many failures in a row: raise. The engine may hold part of a stretch the source
+        has moved past, so the next ``step`` recovers before it reads anything (a service
+        keeps trying, ``max_attempts`` at a time; a replay ends with the error)."""
+        self.unrecovered = f"{type(error).__name__}: {error}"[:500]
+        self._failures_in_a_row = 0
+        raise WorkerLostError(
+            f"gave up after {self.max_attempts} recoveries in a row: {error}"
+        ) from error
+
     def recover(self, error: BaseException) -> Recovery:
         """Restore the engine from CURRENT and send the source back to its position."""
         self._failures_in_a_row += 1
         if self._failures_in_a_row > self.max_attempts:
-            raise WorkerLostError(
-                f"gave up after {self.max_attempts} recoveries in a row: {error}"
-            ) from error
+            self._give_up(error)
         started = self.clock.monotonic()
         log.warning("a worker was lost (%s); restoring from the last checkpoint", error)
         while True:
@@ -226,11 +242,12 @@ class Pipeline:
             except WorkerLostError as again:  # a worker still restarting: try again
                 self._failures_in_a_row += 1
                 if self._failures_in_a_row > self.max_attempts:
-                    raise
+                    self._give_up(again)
                 log.warning("recovery failed (%s); trying again", again)
         if document is None:
             raise WorkerLostError("no checkpoint to recover from") from error
         self._resume_from(document)
+        self.unrecovered = None
         recovery = Recovery(
             str(error), self.epoch, self.source.position, self.clock.monotonic() - started
         )

@@ -87,6 +87,30 @@ def test_idle_release_comes_once_per_quiet_spell() -> None:
     assert b.poll().release_idle
 
 
+def test_behind_a_source_quiet_is_counted_from_when_it_had_nothing_to_read() -> None:
+    """No input for a while because the pipeline was busy (a checkpoint, a slow read) while
+    the source still held events is not a quiet spell: only polls that found the source empty
+    count, from the first of them."""
+    clock = ManualClock()
+    b = batcher(clock, idle_release_ms=300)
+    b.add({0: part(1)})
+    clock.advance(1.0)  # a checkpoint took a second
+    assert not b.poll(source_idle=False).release_idle  # the source still had events
+    assert not b.poll(source_idle=True).release_idle  # quiet from now on
+    clock.advance(0.2)
+    assert not b.poll(source_idle=True).release_idle
+    assert not b.poll(source_idle=False).release_idle  # a read found more: not quiet
+    clock.advance(0.2)
+    assert not b.poll(source_idle=True).release_idle
+    clock.advance(0.35)
+    assert b.poll(source_idle=True).release_idle
+    b.add({0: part(1)})  # new input ends the spell
+    clock.advance(0.35)
+    assert not b.poll(source_idle=True).release_idle
+    clock.advance(0.35)
+    assert b.poll(source_idle=True).release_idle
+
+
 def test_without_an_idle_setting_the_watermark_is_never_released_by_the_clock() -> None:
     clock = ManualClock()
     b = batcher(clock)

@@ -140,3 +140,47 @@ def test_a_checkpoint_whose_storage_fails_keeps_the_previous_one(tmp_path, rules
     assert pipeline.epoch == 3 and pipeline.checkpoint_error is None
     manifest = read_checkpoint(str(root))[0]
     assert manifest["source"]["position"] == 300 and manifest["model_version"] == "v0002"
+
+
+def test_a_recovery_that_gives_up_reads_nothing_more_until_one_succeeds(
+    tmp_path, rules, event
+) -> None:
+    """A stretch fails and recovery fails ``max_attempts`` times in a row: the pipeline gives up
+    (raises, says why, is not ready) but never reads past the failed stretch; the next step
+    recovers first, and in the end every event is applied once."""
+    import pyarrow as pa
+
+    from engine.clock import ManualClock
+    from engine.errors import WorkerLostError
+    from engine.pipeline import Pipeline
+    from engine.source import TableSource
+
+    rows = [event("usage", f"c{i % 7}", ms(2026, 3, 2, 10) + i, mb=1.0) for i in range(300)]
+    engine = LocalEngine(EngineSettings(shards=2), rules, checkpoint_root=str(tmp_path / "chk"))
+    source = TableSource(pa.Table.from_pylist(rows), "usage")
+    pipeline = Pipeline(source, engine, None, ManualClock(), chunk=100, max_attempts=2)
+    pipeline.start()
+    pipeline.step()  # rows 0..99 applied
+    apply, recover = engine.shards[1].apply, engine.recover
+    failures = {"recover": 3}
+
+    def failing_apply(*args, **kwargs):
+        raise RuntimeError("a call timed out")
+
+    def failing_recover():
+        if failures["recover"]:
+            failures["recover"] -= 1
+            raise WorkerLostError("a shard is still restarting")
+        return recover()
+
+    engine.shards[1].apply, engine.recover = failing_apply, failing_recover
+    with pytest.raises(WorkerLostError, match="gave up after 2"):
+        pipeline.step()  # rows 100..199 fail; 2 recoveries fail
+    assert pipeline.unrecovered is not None and source.position == 200
+    engine.shards[1].apply = apply
+    pipeline.step()  # recovers (the third failure, then success) before reading anything
+    while not source.exhausted:
+        pipeline.step()
+    engine.end_stream()
+    assert sum(s.counters["applied"] for s in engine.shards) == 300
+    assert pipeline.unrecovered is None
