@@ -127,6 +127,9 @@ class GatewayActor:
         if config.log is not None:
             # the log is read once the ranker is up
             self.source = LogSource(config.log, wait_s=min(0.05, self._period))
+            # a quiet spell is written to the log and released when read back: a replay
+            # makes the same events late
+            self.supervisor.router.on_idle = self.source.mark_idle
             self.pipeline = Pipeline(
                 self.source,
                 self.supervisor,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import threading
 import time
@@ -31,9 +32,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy,
 
 from engine.errors import EventError, SourceError
 from engine.events.deadletter import DeadLetter
-from engine.logformat import decode_message
+from engine.logformat import decode_message, encode_idle
 from engine.source import SourceBatch
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: what a failing log raises to its callers (the API answers 503 for these)
 LOG_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError, asyncio.TimeoutError)
@@ -231,6 +233,23 @@ class LogSource:
             raise SourceError(f"the log starts at {first}; position {position} was trimmed")
         self._position = max(position, 1)
 
+    def publish(self, payload: bytes, msg_id: str) -> tuple[int, bool]:
+        """``IngestLog.publish`` from this thread."""
+        return self._call(self.log.publish(payload, msg_id))
+
+    def bounds(self) -> tuple[int, int]:
+        """``IngestLog.bounds`` from this thread."""
+        return self._call(self.log.bounds())
+
+    def mark_idle(self) -> None:
+        """Write an idle mark at the end of the log (``engine.logformat.encode_idle``); the
+        release comes when it is read. A log that refuses it is only logged: nothing can be
+        ingested then either, and the next quiet spell writes one."""
+        try:
+            self.publish(encode_idle(), f"idle:{self._position}")
+        except (TimeoutError, *LOG_ERRORS) as exc:
+            log.warning("could not mark a quiet spell in the ingest log: %s", exc)
+
     def _caught_up(self) -> bool:
         """Whether the stream ends before the position (asked at most every 50 ms)."""
         now = time.monotonic()
@@ -254,7 +273,7 @@ class LogSource:
                 return None
             return SourceBatch(pa.table({}), np.zeros(0, np.int64), self._position, self._position)
         tables, positions, letters, decisions = [], [], [], []
-        events = 0
+        events, idle = 0, False
         start = self._position
         for sequence, data in messages:
             try:
@@ -263,6 +282,10 @@ class LogSource:
                 self.unreadable += 1
                 letters.append(DeadLetter(-1, f"log message {sequence}: {exc}"))
                 continue
+            if message.idle:  # the stretch ends here: the release comes after its events
+                self._position = sequence + 1
+                idle = True
+                break
             if message.decisions is not None:
                 decisions.append(message.decisions)
             if message.events is not None:
@@ -285,6 +308,7 @@ class LogSource:
             self._position,
             letters,
             pa.concat_tables(decisions, promote_options="default") if decisions else None,
+            idle,
         )
 
     @property

@@ -67,6 +67,9 @@ class Router:
         self.sink = sink
         self._clock = clock or SystemClock()
         self._idle_release_ms = idle_release_ms
+        #: called instead of releasing when input goes quiet (behind a log: write an idle mark
+        #: there, ``LogSource.mark_idle``; the release comes when it is read back)
+        self.on_idle: Callable[[], None] | None = None
         self.reset()
         #: the first dead letters, for display; all of them go to ``dead_letter_sink``
         self.dead_letters: list[DeadLetter] = []
@@ -128,7 +131,10 @@ class Router:
         poll = self.batcher.poll(source_idle)
         self._carry_out(poll.sends)
         if poll.release_idle:
-            self.release_watermark()
+            if self.on_idle is not None:  # behind a log: the release comes when it is read
+                self.on_idle()
+            else:
+                self.release_watermark()
         self._harvest(block=False)
 
     # -- shard calls --------------------------------------------------------------------------

@@ -230,6 +230,10 @@ class Supervisor:
         if self.decision_sink is not None:
             self.decision_sink.write.remote(decisions)
 
+    def release_watermark(self) -> None:
+        with lost_workers("a shard"):
+            self.router.release_watermark()
+
     def poll(self, source_idle: bool | None = None) -> None:
         with lost_workers("a shard"):
             self.router.poll(source_idle)

@@ -11,6 +11,11 @@ message someone else put on the subject must not stop it.
 A decisions message holds decision-log rows (Arrow IPC, ``DECISION_SCHEMA``) of ``POST
 /v1/decide`` answers: written before the answer, read back in order with the events, so the
 contact history and the decision log after a restore hold every decision answered 200.
+
+An idle mark says the stream went quiet at this place: the gateway writes one when it has had
+nothing to read for ``idle_release_ms``, and releases the watermark only when it reads the mark
+back. Which events are late then depends on the log alone, so a replay after a crash makes the
+same events late as the run before it did.
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ _OPTIONS = ipc.IpcWriteOptions(compression="lz4")
 
 @dataclass(frozen=True)
 class LogMessage:
-    """A decoded message: events (with their request indexes and the request's dead letters)
-    or inbound decisions."""
+    """A decoded message: events (with their request indexes and the request's dead letters),
+    inbound decisions, or an idle mark (the stream went quiet here)."""
 
     events: pa.Table | None = None
     positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     letters: list[DeadLetter] = field(default_factory=list)
     decisions: pa.Table | None = None
+    idle: bool = False
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -68,6 +74,12 @@ def encode_decisions(decisions: pa.Table) -> bytes:
     return msgpack.packb({"v": VERSION, "decisions": _ipc(decisions)})
 
 
+def encode_idle() -> bytes:
+    """The log message that marks a quiet spell: the engine releases its watermark when it
+    reads it, at the same place in the stream on every replay (``Ingestor.close_idle``)."""
+    return msgpack.packb({"v": VERSION, "idle": True})
+
+
 def decode_message(data: bytes) -> LogMessage:
     """A log message, either kind; ``EventError`` if it is not one."""
     try:
@@ -75,6 +87,8 @@ def decode_message(data: bytes) -> LogMessage:
         if not isinstance(doc, dict) or doc.get("v") != VERSION:
             version = doc.get("v") if isinstance(doc, dict) else None
             raise EventError(f"log message version {version!r} is not {VERSION}")
+        if doc.get("idle") is True:
+            return LogMessage(idle=True)
         if "decisions" in doc:
             return LogMessage(decisions=ipc.open_stream(pa.py_buffer(doc["decisions"])).read_all())
         table = ipc.open_stream(pa.py_buffer(doc["events"])).read_all()

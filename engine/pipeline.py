@@ -46,6 +46,11 @@ class Engine(Protocol):
         contacts are recorded where a restore lost them, and they go to the decision log."""
         ...
 
+    def release_watermark(self) -> Any:
+        """The stream went quiet here (an idle mark read from the source): close the watermark
+        up to the newest event and apply what it releases."""
+        ...
+
     def poll(self, source_idle: bool | None = None) -> None:
         """Deadlines of open micro-batches, finished calls, and an idle release once the
         source has had nothing to read (``source_idle``) for a while."""
@@ -149,6 +154,8 @@ class Pipeline:
                     self.engine.submit(batch.events, batch.positions)
                 if batch.decisions is not None and batch.decisions.num_rows:
                     self.engine.record_decisions(batch.decisions)
+                if batch.idle:  # an idle mark: the release at its place in the stream
+                    self.engine.release_watermark()
                 self.engine.poll(source_idle=False)  # deadlines, finished calls
         except WorkerLostError:
             raise

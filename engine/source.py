@@ -39,6 +39,8 @@ class SourceBatch:
     #: inbound decisions recorded in the stretch (a log holds them; see engine.logformat),
     #: handed to the engine after the stretch's events
     decisions: pa.Table | None = None
+    #: the stretch ends with an idle mark: release the watermark after its events
+    idle: bool = False
 
 
 class Source(Protocol):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -27,14 +28,18 @@ from tests.property.test_rules_match_reference import decisions_of, streams
 from tests.property.test_snapshot_restore import _engine, _records
 from tests.pure import examples
 
+#: a log entry that is an idle mark (``engine.logformat.encode_idle``), not a batch
+IDLE = "idle"
+
 
 class MemoryLog:
-    """A live source over a list of published batches; the position is the batch's index."""
+    """A live source over a list of published batches (and idle marks); the position is the
+    entry's index."""
 
     name = "memory"
 
     def __init__(self) -> None:
-        self.batches: list[list[dict[str, Any]]] = []
+        self.batches: list[list[dict[str, Any]] | str] = []
         self._position = 0
         self.trimmed = 0
 
@@ -50,8 +55,12 @@ class MemoryLog:
         if self._position >= len(self.batches):
             return None
         rows = self.batches[self._position]
-        batch, positions, letters = rows_to_batch(rows)
         self._position += 1
+        if rows == IDLE:
+            return SourceBatch(
+                pa.table({}), np.zeros(0, np.int64), self._position - 1, self._position, idle=True
+            )
+        batch, positions, letters = rows_to_batch(rows)
         return SourceBatch(
             pa.Table.from_batches([batch]), positions, self._position - 1, self._position, letters
         )
@@ -77,12 +86,15 @@ def _with_faults(events: list[dict[str, Any]], data: st.DataObject) -> list[dict
     return out
 
 
-def _reference(batches: list[list[dict[str, Any]]]) -> LocalEngine:
+def _reference(batches: list[list[dict[str, Any]] | str]) -> LocalEngine:
     """A plain engine fed ``batches`` once each, in order (the batches matter: an event may
-    come after one with a later time that was already released by the watermark)."""
+    come after one with a later time that was already released by the watermark), releasing
+    its watermark at each idle mark."""
     reference = _engine(2)
     for batch in batches:
-        if batch:
+        if batch == IDLE:
+            reference.release_watermark()
+        elif batch:
             reference.submit_rows(batch)
     return reference
 
@@ -117,6 +129,12 @@ class Recovery(RuleBasedStateMachine):
     def publish(self, n: int) -> None:
         self.log.batches.append(self.events[self.published : self.published + n])
         self.published = min(self.published + n, len(self.events))
+
+    @rule()
+    def go_quiet(self) -> None:
+        """The gateway found the log quiet and marked it: the release happens where the mark
+        is, in the first run and in every replay."""
+        self.log.batches.append(IDLE)
 
     @rule()
     def step(self) -> None:
