@@ -42,6 +42,8 @@ from engine.pipeline import Pipeline
 from engine.rules.spec import RuleSet, load_rules, parse_rules
 
 log = logging.getLogger(__name__)
+#: seconds after which an API replica's "busy" report no longer holds back an idle mark
+API_BUSY_EXPIRES_S = 60.0
 
 
 #: deploys the ranker for (rules, catalog); returns the model version it serves
@@ -109,6 +111,9 @@ class GatewayActor:
             checkpoint_root=config.checkpoint_uri or str(root / "checkpoints"),
         )
         self.lock = threading.RLock()
+        #: API replica -> (report sequence, working on event requests, when reported)
+        self._api_busy: dict[str, tuple[int, bool, float]] = {}
+        self._busy_lock = threading.Lock()
         self._stop = threading.Event()
         self.source: LogSource | None = None
         self.pipeline: Pipeline | None = None
@@ -129,7 +134,7 @@ class GatewayActor:
             self.source = LogSource(config.log, wait_s=min(0.05, self._period))
             # a quiet spell is written to the log and released when read back: a replay
             # makes the same events late
-            self.supervisor.router.on_idle = self.source.mark_idle
+            self.supervisor.router.on_idle = self._mark_idle
             self.pipeline = Pipeline(
                 self.source,
                 self.supervisor,
@@ -204,6 +209,23 @@ class GatewayActor:
             raise NotReadyError(f"recovering, and failing: {self.pipeline.unrecovered}")
         stats = self.supervisor.ready()
         return {"shards": len(stats), "customers": sum(s["customers"] for s in stats)}
+
+    def api_busy(self, replica: str, seq: int, busy: bool) -> None:
+        """An API replica started (``busy``) or finished its event requests; ``seq`` orders
+        one replica's reports (they may run out of order here)."""
+        with self._busy_lock:
+            last = self._api_busy.get(replica)
+            if last is None or seq > last[0]:
+                self._api_busy[replica] = (seq, busy, time.monotonic())
+
+    def _mark_idle(self) -> bool:
+        """The log has been quiet for ``idle_release_ms``: mark it there, unless an API replica
+        still works on event requests (their events would come after the mark, late). A
+        replica's report older than ``API_BUSY_EXPIRES_S`` (a replica that died) is ignored."""
+        now = time.monotonic()
+        with self._busy_lock:
+            busy = any(b and now - at < API_BUSY_EXPIRES_S for _, b, at in self._api_busy.values())
+        return not busy and self.source is not None and self.source.mark_idle()
 
     def pid(self) -> int:
         """This actor's process id (tests measure its memory)."""

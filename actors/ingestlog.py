@@ -216,6 +216,7 @@ class LogSource:
         self._position = 1
         self._bounds_asked = 0.0
         self._behind = False
+        self._idle_failed_at = 0.0
         #: messages that were not Kairos log messages (dead-lettered)
         self.unreadable = 0
 
@@ -241,14 +242,19 @@ class LogSource:
         """``IngestLog.bounds`` from this thread."""
         return self._call(self.log.bounds())
 
-    def mark_idle(self) -> None:
+    def mark_idle(self) -> bool:
         """Write an idle mark at the end of the log (``engine.logformat.encode_idle``); the
-        release comes when it is read. A log that refuses it is only logged: nothing can be
-        ingested then either, and the next quiet spell writes one."""
+        release comes when it is read. False if the log refused it (the next poll tries again;
+        nothing can be ingested meanwhile either)."""
+        if time.monotonic() - self._idle_failed_at < 1.0:
+            return False
         try:
             self.publish(encode_idle(), f"idle:{self._position}")
         except (TimeoutError, *LOG_ERRORS) as exc:
+            self._idle_failed_at = time.monotonic()
             log.warning("could not mark a quiet spell in the ingest log: %s", exc)
+            return False
+        return True
 
     def _caught_up(self) -> bool:
         """Whether the stream ends before the position (asked at most every 50 ms)."""

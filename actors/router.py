@@ -68,8 +68,9 @@ class Router:
         self._clock = clock or SystemClock()
         self._idle_release_ms = idle_release_ms
         #: called instead of releasing when input goes quiet (behind a log: write an idle mark
-        #: there, ``LogSource.mark_idle``; the release comes when it is read back)
-        self.on_idle: Callable[[], None] | None = None
+        #: there, ``LogSource.mark_idle``; the release comes when it is read back); False: not
+        #: quiet after all (a request is still on its way), ask again at the next poll
+        self.on_idle: Callable[[], bool] | None = None
         self.reset()
         #: the first dead letters, for display; all of them go to ``dead_letter_sink``
         self.dead_letters: list[DeadLetter] = []
@@ -132,7 +133,8 @@ class Router:
         self._carry_out(poll.sends)
         if poll.release_idle:
             if self.on_idle is not None:  # behind a log: the release comes when it is read
-                self.on_idle()
+                if not self.on_idle():
+                    self.batcher.idle_declined()
             else:
                 self.release_watermark()
         self._harvest(block=False)

@@ -435,6 +435,8 @@ class KairosApi:
         self._checkpoint_error: str | None = None
         #: POST /v1/events requests this replica is working on (bounded: max_events_in_flight)
         self._events_in_flight = 0
+        self._replica = secrets.token_hex(8)
+        self._busy_seq = 0
         self._lag_asked = 0.0
         self._lag_answered = time.monotonic()
 
@@ -534,10 +536,20 @@ class KairosApi:
                 f"this replica is working on {self._events_in_flight} event requests: slow down"
             )
         self._events_in_flight += 1
+        if self._events_in_flight == 1:
+            self._tell_busy(True)
         try:
             return await self._events(request, media)
         finally:
             self._events_in_flight -= 1
+            if self._events_in_flight == 0:
+                self._tell_busy(False)
+
+    def _tell_busy(self, busy: bool) -> None:
+        """Tell the gateway this replica starts or stops working on event requests: it marks a
+        quiet spell in the log only when none does (``GatewayActor.api_busy``). Not awaited."""
+        self._busy_seq += 1
+        self.gateway.api_busy.remote(self._replica, self._busy_seq, busy)
 
     async def _events(self, request: Request, media: str) -> JSONResponse:
         body = await _body(request, self.config.max_body_bytes)

@@ -245,6 +245,11 @@ class MicroBatcher:
         """Close every open micro-batch (a drain)."""
         return [self._close(shard) for shard, buf in enumerate(self._open) if buf.parts]
 
+    def idle_declined(self) -> None:
+        """The idle release ``poll`` announced did not happen (input is still on its way
+        upstream): the next poll asks again, the quiet spell going on."""
+        self._idle_released = False
+
     def close_every_shard(self) -> list[Send]:
         """A call for every shard, with its open micro-batch or none: the watermark moved on
         its own (an idle release) and every shard should apply what it can."""

@@ -109,6 +109,9 @@ def test_behind_a_source_quiet_is_counted_from_when_it_had_nothing_to_read() -> 
     assert not b.poll(source_idle=True).release_idle
     clock.advance(0.35)
     assert b.poll(source_idle=True).release_idle
+    b.idle_declined()  # a request was still on its way upstream: ask again at the next poll
+    assert b.poll(source_idle=True).release_idle
+    assert not b.poll(source_idle=True).release_idle  # released this time
 
 
 def test_without_an_idle_setting_the_watermark_is_never_released_by_the_clock() -> None:
