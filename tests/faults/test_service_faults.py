@@ -66,6 +66,12 @@ def _undeploy(config: Any, broker: Any) -> None:
     broker.stop()
 
 
+def _now_ms() -> int:
+    """Event time now. The module's tests share one service, so none sends event times ahead
+    of the clock: the next test's events would be late behind them."""
+    return int(time.time() * 1000)
+
+
 def _gateway(config: Any) -> Any:
     import ray
 
@@ -83,17 +89,17 @@ class Client(threading.Thread):
         self.accepted: Counter[str] = Counter()  # customer -> events applied at 202
 
     def run(self) -> None:
-        t0 = int(time.time() * 1000)
         i = 0
         while not self.stop.is_set():
             events = []
-            for _ in range(100):
+            now = _now_ms()  # event time is when the batch is made (never ahead of the clock)
+            for k in range(100):
                 i += 1
                 events.append({
                     "event_id": self.number * 10_000_000 + i,
                     "customer_id": f"ft-{i % CUSTOMERS}",
                     "kind": "usage",
-                    "ts": t0 + i,
+                    "ts": now - 100 + k,
                     "mb": 1.0,
                 })  # fmt: skip
             self._send(events, f"client-{self.number}-{i}")
@@ -166,12 +172,12 @@ def test_while_the_log_is_down_no_event_is_acknowledged_and_none_before_is_lost(
     """The broker killed (the log's storage gone): 503 with Retry-After, never 202; back up,
     202 again; every acknowledged event before and after is applied, none of the refused."""
     url, _, broker = events_only
-    t0 = int(time.time() * 1000)
 
     def batch(tag: int) -> list[dict[str, Any]]:
+        now = _now_ms()
         return [
             {"event_id": 90_000_000 + tag * 1_000 + i, "customer_id": f"down-{tag}",
-             "kind": "usage", "ts": t0 + tag * 1_000 + i, "mb": 1.0}
+             "kind": "usage", "ts": now - 50 + i, "mb": 1.0}
             for i in range(50)
         ]  # fmt: skip
 
@@ -207,12 +213,12 @@ def test_while_checkpoints_cannot_be_written_no_event_is_acknowledged(events_onl
     202 is applied once."""
     url, config, _ = events_only
     root = Path(config.data_dir) / "checkpoints"
-    t0 = int(time.time() * 1000)
 
     def post(tag: int) -> requests.Response:
+        now = _now_ms()
         events = [
             {"event_id": 95_000_000 + tag * 1_000 + i, "customer_id": f"chk-{tag}",
-             "kind": "usage", "ts": t0 + tag * 20 + i, "mb": 1.0}
+             "kind": "usage", "ts": now - 20 + i, "mb": 1.0}
             for i in range(20)
         ]  # fmt: skip
         return requests.post(f"{url}/v1/events", data=msgpack.packb(events), headers=MSGPACK,
