@@ -127,8 +127,9 @@ class ShardActor:
         self._observe(decisions)
         return decisions
 
-    def record_inbound(self, decisions: pa.Table) -> int:
-        """Inbound decisions read back from the ingest log; see ShardLogic."""
+    def record_inbound(self, decisions: pa.Table) -> pa.Table:
+        """Inbound decisions read back from the ingest log; the rows new to the decision log
+        (see ShardLogic)."""
         return self.logic.record_inbound(decisions)
 
     @ray.method(num_returns=3)

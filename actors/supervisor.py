@@ -226,9 +226,10 @@ class Supervisor:
         contacts a restore lost (after its calls in flight), and all go to the decision log."""
         parts = self.ingestor.shard_map.split(decisions)
         with lost_workers("a shard"):
-            ray.get([self.shards[s].record_inbound.remote(part) for s, part in parts.items()])
-        if self.decision_sink is not None:
-            self.decision_sink.write.remote(decisions)
+            new = ray.get([self.shards[s].record_inbound.remote(p) for s, p in parts.items()])
+        new = [t for t in new if t.num_rows]
+        if self.decision_sink is not None and new:
+            self.decision_sink.write.remote(pa.concat_tables(new))
 
     def release_watermark(self) -> None:
         with lost_workers("a shard"):

@@ -176,19 +176,22 @@ class LocalEngine:
         (``logged``: it reaches the decision log through ``record_decisions``, as a service's
         comes back from the ingest log)."""
         key, owner = self.ingestor.owner_of(customer_id)
-        table = self.shards[owner].decide_inbound(
+        shard = self.shards[owner]
+        decided = shard.counters["decisions"]
+        table = shard.decide_inbound(
             np.array([key], dtype=np.uint64), [channel], np.array([ts_ms]),
             np.array([request_id], dtype=np.uint64), [page], logged=logged,
         )  # fmt: skip
-        if not logged:
+        if not logged and shard.counters["decisions"] > decided:  # not a retried request's
             self.decisions.append(table)
         return dict(table.to_pylist()[0])
 
     def record_decisions(self, decisions: pa.Table) -> None:
         """Inbound decisions read back from a log (``engine.pipeline.Engine``)."""
         for owner, part in self.ingestor.shard_map.split(decisions).items():
-            self.shards[owner].record_inbound(part)
-        self.decisions.append(decisions)
+            new = self.shards[owner].record_inbound(part)
+            if new.num_rows:
+                self.decisions.append(new)
 
     def customer(self, customer_id: str) -> dict[str, Any] | None:
         key, owner = self.ingestor.owner_of(customer_id)

@@ -24,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from engine.config import EngineSettings
+from engine.decision.arbitration import decision_ids
 from engine.decision.catalog import Catalog
-from engine.decision.decider import Decider
+from engine.decision.decider import INBOUND, Decider
 from engine.decision.log import DECISION_SCHEMA, decision_id_text, empty_decisions
 from engine.decision.scorer import OfferScorer
 from engine.errors import EngineError
@@ -36,7 +37,7 @@ from engine.limits import TS_RANGE_TEXT, time_in_range
 from engine.rules.evaluate import candidates, cooldown, once_per_period, period_of
 from engine.rules.spec import RuleSet
 from engine.snapshot import ShardSnapshot
-from engine.state.buffer import EventBuffer, Released
+from engine.state.buffer import EventBuffer, Released, rows_holding
 from engine.state.store import COLUMNS, NEVER, CustomerStore
 from engine.state.view import BatchView, RowsView
 from engine.trigger import TRIGGER_SCHEMA, empty_triggers, trigger_table
@@ -85,6 +86,15 @@ class Recent:
         recent = cls(table.schema, limit)
         recent.add(table)
         return recent
+
+    def holding(self, column: str, values: np.ndarray) -> pa.Table:
+        """The rows whose ``column`` is one of ``values`` (a few), oldest first."""
+        parts = []
+        for table in self.tables:
+            rows = rows_holding(table.column(column).to_numpy(), values)
+            if rows.size:
+                parts.append(table.take(pa.array(rows)))
+        return pa.concat_tables(parts) if parts else self.schema.empty_table()
 
     def of(self, customer_key: int, columns: list[str], n: int) -> list[dict[str, Any]]:
         """The newest ``n`` rows of one customer, newest first, as plain values."""
@@ -331,13 +341,50 @@ class ShardLogic:
 
         Each request is seen as an event at its ``ts_ms`` (a page view, with its page) over the
         customer's current golden record, which it does not change; only the contact it may
-        cause is recorded. ``request_ids`` make the decision ids: a retried request with the
-        same id gets the same draws. Returns the decision-log rows in request order.
+        cause is recorded. ``request_ids`` make the decision ids. A request whose decision is
+        still in the recent-decisions window (a client retrying after a lost answer or a 503)
+        gets that decision again, and no second contact. Returns the decision-log rows in
+        request order.
 
         ``logged``: the caller writes the decisions to the ingest log before answering, and the
         log's reader hands them to ``record_inbound``, which then skips them here (their
         contacts are already recorded) and records them after a restore (they are not).
         """
+        if self.decider is None:
+            raise EngineError("no offer catalog is set: inbound decisions are off")
+        request_ids = np.asarray(request_ids, dtype=np.uint64)
+        ids = decision_ids(request_ids, np.full(request_ids.size, INBOUND, dtype=object))
+        known = self.recent_decisions.holding("decision_id", np.unique(ids))
+        if known.num_rows == 0:
+            return self._decide_new(customer_keys, channels, ts_ms, request_ids, pages, logged)
+        newest = {int(d): i for i, d in enumerate(known.column("decision_id").to_pylist())}
+        again = np.array([int(d) in newest for d in ids.tolist()], dtype=bool)
+        fresh = np.flatnonzero(~again)
+        answered = known.take(pa.array([newest[int(d)] for d in ids[again].tolist()]))
+        if fresh.size:
+            decided = self._decide_new(
+                np.asarray(customer_keys, dtype=np.uint64)[fresh],
+                [channels[i] for i in fresh.tolist()],
+                np.asarray(ts_ms, dtype=np.int64)[fresh],
+                request_ids[fresh],
+                None if pages is None else [pages[i] for i in fresh.tolist()],
+                logged,
+            )
+            answered = pa.concat_tables([answered, decided.cast(answered.schema)])
+        back = np.empty(ids.size, dtype=np.int64)
+        back[np.concatenate([np.flatnonzero(again), fresh])] = np.arange(ids.size)
+        return answered.take(pa.array(back))
+
+    def _decide_new(
+        self,
+        customer_keys: np.ndarray,
+        channels: Sequence[str],
+        ts_ms: np.ndarray,
+        request_ids: np.ndarray,
+        pages: Sequence[str | None] | None,
+        logged: bool,
+    ) -> pa.Table:
+        """``decide_inbound`` for requests not decided before."""
         if self.decider is None:
             raise EngineError("no offer catalog is set: inbound decisions are off")
         keys = np.asarray(customer_keys, dtype=np.uint64)
@@ -378,19 +425,25 @@ class ShardLogic:
             newest = sorted(self.inbound_live.items(), key=lambda kv: kv[1])
             self.inbound_live = dict(newest[len(newest) // 2 :])
 
-    def record_inbound(self, decisions: pa.Table) -> int:
-        """Inbound decisions read back from the ingest log (see ``decide_inbound``): those
-        decided by this shard since its last restore are only forgotten here; the others (a
-        restore went back behind them) have their deliveries recorded in the contact state and
-        count as this shard's decisions. Returns how many were recorded."""
+    def record_inbound(self, decisions: pa.Table) -> pa.Table:
+        """Inbound decisions read back from the ingest log (see ``decide_inbound``). Those
+        decided by this shard since its last restore are only forgotten here (their contacts
+        are recorded); the others (a restore went back behind them) have their deliveries
+        recorded in the contact state and count as this shard's decisions; a copy read before
+        (a retried request, published again) is skipped. Returns the rows the decision log
+        has not had: all but the copies."""
         ids = decisions.column("decision_id").to_numpy()
-        known = np.array(
+        live = np.array(
             [self.inbound_live.pop(int(i), None) is not None for i in ids.tolist()], dtype=bool
         )
-        replay = decisions.filter(pa.array(~known)) if known.any() else decisions
-        if replay.num_rows == 0:
-            return 0
-        if self.decider is not None:
+        _, first = np.unique(ids, return_index=True)
+        copy = np.ones(ids.size, dtype=bool)
+        copy[first] = False  # twice in this stretch
+        if not live.all():
+            seen = self.recent_decisions.holding("decision_id", np.unique(ids[~live]))
+            copy |= ~live & np.isin(ids, seen.column("decision_id").to_numpy())
+        replay = decisions.filter(pa.array(~live & ~copy))
+        if replay.num_rows and self.decider is not None:
             delivered = replay.filter(replay.column("delivered"))
             keys = delivered.column("customer_key").to_numpy().astype(np.uint64)
             self.decider.record_contacts(
@@ -398,8 +451,9 @@ class ShardLogic:
                 delivered.column("ts").cast(pa.int64()).to_numpy(),
                 delivered.column("action").to_pylist(),
             )
-        self._count_decisions(replay.cast(DECISION_SCHEMA))
-        return int(replay.num_rows)
+        if replay.num_rows:
+            self._count_decisions(replay.cast(DECISION_SCHEMA))
+        return decisions.filter(pa.array(~copy)) if copy.any() else decisions
 
     def end_stream(self) -> ApplyResult:
         """Release and apply every pending event (the stream has ended)."""

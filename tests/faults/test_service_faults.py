@@ -531,3 +531,102 @@ def test_a_restarted_gateway_serves_the_model_version_of_its_checkpoint(
         assert decide("mv-2")["model_version"] == served != newer.version
     finally:
         _undeploy(config, broker)
+
+
+def _daytime_zone() -> str:
+    """A time zone where it is now day (outbound offers wait out quiet hours, 21-8)."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    zones = ["Europe/Berlin", "America/New_York", "America/Los_Angeles", "Asia/Tokyo",
+             "Asia/Kolkata", "Australia/Sydney", "UTC"]  # fmt: skip
+    return next(z for z in zones if 9 <= datetime.now(ZoneInfo(z)).hour < 19)
+
+
+@pytest.mark.faults
+def test_a_killed_ranker_is_restarted_and_meanwhile_decisions_are_no_action(
+    ray_cluster, tmp_path
+) -> None:
+    """The ranker's replica killed while new customers cross their data cap: Serve starts a
+    new one; meanwhile the triggers are decided NO_ACTION (``model_unavailable``: no offer is
+    sent on a guess); no event is lost or doubled, every trigger is decided once, and once the
+    ranker is back decisions are scored again."""
+    import ray
+    from ray.util.state import list_actors
+
+    from engine.decision.scorer import RANKER_APP, RANKER_DEPLOYMENT
+
+    url = ray_cluster.url
+    config, broker = _deploy(ray_cluster, tmp_path, "kairos-rk", True)
+    zone = _daytime_zone()
+    statuses: Counter[int] = Counter()
+    made: list[tuple[str, float]] = []  # customer, when its batch was acknowledged
+    stop = threading.Event()
+
+    def feed() -> None:
+        n = 0
+        while not stop.is_set():
+            now, events = _now_ms(), []
+            people = [f"rk-{n + k}" for k in range(10)]
+            for k, who in enumerate(people):
+                base = (n + k) * 100
+                events.append({**_profile(who, base, now - 20), "tz": zone})
+                events += [
+                    {"event_id": base + j, "customer_id": who, "kind": "usage",
+                     "ts": now - 10 + j, "mb": 100.0}
+                    for j in range(1, 10)
+                ]  # fmt: skip
+            body = msgpack.packb(events)
+            while True:  # retried with the same body (the same key) until acknowledged
+                r = requests.post(f"{url}/v1/events", data=body, headers=MSGPACK, timeout=30)
+                statuses[r.status_code] += 1
+                if r.status_code == 202:
+                    break
+                assert r.status_code == 503 and r.headers["Retry-After"], r.text
+                time.sleep(0.2)
+            made.extend((who, time.monotonic()) for who in people)
+            n += 10
+            time.sleep(0.1)
+
+    def ranker_replicas() -> list[Any]:
+        cls = f"ServeReplica:{RANKER_APP}:{RANKER_DEPLOYMENT}"
+        return list_actors(filters=[("class_name", "=", cls), ("state", "=", "ALIVE")])
+
+    try:
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        time.sleep(8)
+        (replica,) = ranker_replicas()
+        ray.kill(ray.get_actor(replica.name, namespace="serve"), no_restart=True)
+        killed = time.monotonic()
+        deadline = killed + 60
+        while not [a for a in ranker_replicas() if a.actor_id != replica.actor_id]:
+            assert time.monotonic() < deadline, "Serve did not start a new ranker replica"
+            time.sleep(0.5)
+        time.sleep(10)  # decisions with the new replica
+        stop.set()
+        feeder.join(timeout=60)
+        _settle(url)
+        records = _records(url, [who for who, _ in made])
+        reasons: dict[str, str] = {}
+        for who, record in records.items():
+            assert record["aggregates"]["event_count"] == 10, who  # none lost, none doubled
+            rules = [t["rule_id"] for t in record["recent_triggers"]]
+            assert rules == ["data_cap_nearing"], (who, rules)  # the cap crossed once
+            (decision,) = record["recent_decisions"]  # and decided once
+            reasons[who] = decision["reason"]
+        when = dict(made)
+        unavailable = [w for w, r in reasons.items() if r == "model_unavailable"]
+        scored_after = [w for w, r in reasons.items()
+                        if when[w] > killed and r != "model_unavailable"]  # fmt: skip
+        print(
+            f"\nranker killed: {len(made)} customers, {len(unavailable)} decided NO_ACTION "
+            f"while it was down, {len(scored_after)} scored after it came back; {statuses}"
+        )
+        assert unavailable, "no decision saw the ranker down"
+        assert all(when[w] > killed - 1 for w in unavailable), "unavailable before the kill"
+        assert scored_after, "no decision was scored by the new replica"
+        assert set(statuses) <= {202, 503}
+    finally:
+        stop.set()
+        _undeploy(config, broker)

@@ -420,7 +420,9 @@ def test_inbound_requests_get_offers_that_answer_inbound_on_their_channel(event)
     assert [r["action"] for r in after["recent_decisions"]] == [NO_ACTION, NO_ACTION, "web_pass"]
 
 
-def test_inbound_decisions_follow_consent_and_are_stable_per_request_id(event) -> None:
+def test_inbound_decisions_follow_consent_and_a_retried_request_gets_its_decision_again(
+    event,
+) -> None:
     rows = [
         event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
         event("consent", "c", ms(2026, 3, 2, 9), channel="web", granted=False),
@@ -429,9 +431,13 @@ def test_inbound_decisions_follow_consent_and_are_stable_per_request_id(event) -
     web = engine.decide_inbound("c", "web", ms(2026, 3, 2, 12), request_id=1)
     assert web["action"] == NO_ACTION
     assert web["candidates"][0]["excluded"] == "no_consent"
-    app = engine.decide_inbound("c", "app", ms(2026, 3, 2, 12), request_id=1)
+    retried = engine.decide_inbound("c", "web", ms(2026, 3, 2, 12), request_id=1)
+    assert repr(retried) == repr(web)  # the same answer (repr: its NaN context fields)
+    app = engine.decide_inbound("c", "app", ms(2026, 3, 2, 12), request_id=3)
     assert (app["action"], app["channel"]) == ("web_pass", "app")
-    assert app["decision_id"] == web["decision_id"]  # same request id, same draws
+    contacts = engine.customer("c")["contacts"]
+    retried = engine.decide_inbound("c", "app", ms(2026, 3, 2, 12), request_id=3)
+    assert repr(retried) == repr(app) and engine.customer("c")["contacts"] == contacts
     unknown = engine.decide_inbound("new-visitor", "web", ms(2026, 3, 2, 12), request_id=2)
     assert unknown["action"] == "web_pass"  # opt-out consent: reachable until withdrawn
 
@@ -548,6 +554,12 @@ def test_inbound_decisions_read_back_from_the_log_are_recorded_once(event, tmp_p
     live = {p: engine.customer(p)["contacts"] for p in people}
     assert live != before
     engine.record_decisions(first)  # read back live: nothing recorded twice
+    assert {p: engine.customer(p)["contacts"] for p in people} == live
+    assert engine.decision_table().num_rows == 3
+    assert sum(s.counters["decisions"] for s in engine.shards) == 3
+    retried = ask(people[:3], 10, 100)  # the client did not get the answer and asks again
+    assert sorted(map(repr, retried.to_pylist())) == sorted(map(repr, first.to_pylist()))
+    engine.record_decisions(retried)  # published again: in the log twice, recorded once
     assert {p: engine.customer(p)["contacts"] for p in people} == live
     assert engine.decision_table().num_rows == 3
     assert sum(s.counters["decisions"] for s in engine.shards) == 3
