@@ -370,8 +370,8 @@ def test_overload_gets_202_or_503_and_memory_stays_bounded(events_only) -> None:
     counts: Counter[str] = Counter()
     for n in accepted:
         counts.update(customers(n))
-    for customer, record in records.items():
-        assert record["aggregates"]["event_count"] == counts[customer], customer
+    for customer, record in records.items():  # (a customer in no accepted batch: 404)
+        assert record.get("aggregates", {}).get("event_count", 0) == counts[customer], customer
 
 
 def _profile(customer: str, event_id: int, ts: int) -> dict[str, Any]:
