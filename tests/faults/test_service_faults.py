@@ -552,7 +552,6 @@ def test_a_killed_ranker_is_restarted_and_meanwhile_decisions_are_no_action(
     sent on a guess); no event is lost or doubled, every trigger is decided once, and once the
     ranker is back decisions are scored again."""
     import ray
-    from ray.util.state import list_actors
 
     from engine.decision.scorer import RANKER_APP, RANKER_DEPLOYMENT
 
@@ -588,19 +587,21 @@ def test_a_killed_ranker_is_restarted_and_meanwhile_decisions_are_no_action(
             n += 10
             time.sleep(0.1)
 
-    def ranker_replicas() -> list[Any]:
-        cls = f"ServeReplica:{RANKER_APP}:{RANKER_DEPLOYMENT}"
-        return list_actors(filters=[("class_name", "=", cls), ("state", "=", "ALIVE")])
+    def ranker_replicas() -> list[str]:
+        """The ranker's replica actors (named by Serve: ``SERVE_REPLICA::app#deployment#id``)."""
+        prefix = f"SERVE_REPLICA::{RANKER_APP}#{RANKER_DEPLOYMENT}#"
+        named = ray.util.list_named_actors(all_namespaces=True)
+        return [a["name"] for a in named if a["name"].startswith(prefix)]
 
     try:
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
         time.sleep(8)
         (replica,) = ranker_replicas()
-        ray.kill(ray.get_actor(replica.name, namespace="serve"), no_restart=True)
+        ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
         killed = time.monotonic()
         deadline = killed + 60
-        while not [a for a in ranker_replicas() if a.actor_id != replica.actor_id]:
+        while not [name for name in ranker_replicas() if name != replica]:
             assert time.monotonic() < deadline, "Serve did not start a new ranker replica"
             time.sleep(0.5)
         time.sleep(10)  # decisions with the new replica
