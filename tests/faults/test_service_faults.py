@@ -544,13 +544,14 @@ def _daytime_zone() -> str:
 
 
 @pytest.mark.faults
-def test_a_killed_ranker_is_restarted_and_meanwhile_decisions_are_no_action(
+def test_a_killed_ranker_is_replaced_and_every_trigger_is_decided_once(
     ray_cluster, tmp_path
 ) -> None:
     """The ranker's replica killed while new customers cross their data cap: Serve starts a
-    new one; meanwhile the triggers are decided NO_ACTION (``model_unavailable``: no offer is
-    sent on a guess); no event is lost or doubled, every trigger is decided once, and once the
-    ranker is back decisions are scored again."""
+    new one. A decision that comes meanwhile waits for it (Serve's handle holds the request),
+    up to the scorer's timeout (10 s); beyond that it would be NO_ACTION (``model_unavailable``:
+    no offer sent on a guess). No event is lost or doubled, every trigger is decided once, and
+    the new replica scores the decisions after the kill."""
     import ray
 
     from engine.decision.scorer import RANKER_APP, RANKER_DEPLOYMENT
@@ -603,7 +604,8 @@ def test_a_killed_ranker_is_restarted_and_meanwhile_decisions_are_no_action(
         deadline = killed + 60
         while not [name for name in ranker_replicas() if name != replica]:
             assert time.monotonic() < deadline, "Serve did not start a new ranker replica"
-            time.sleep(0.5)
+            time.sleep(0.2)
+        replaced = time.monotonic() - killed
         time.sleep(10)  # decisions with the new replica
         stop.set()
         feeder.join(timeout=60)
@@ -621,10 +623,10 @@ def test_a_killed_ranker_is_restarted_and_meanwhile_decisions_are_no_action(
         scored_after = [w for w, r in reasons.items()
                         if when[w] > killed and r != "model_unavailable"]  # fmt: skip
         print(
-            f"\nranker killed: {len(made)} customers, {len(unavailable)} decided NO_ACTION "
-            f"while it was down, {len(scored_after)} scored after it came back; {statuses}"
+            f"\nranker killed: {len(made)} customers; a new replica after {replaced:.1f} s; "
+            f"{len(unavailable)} decided NO_ACTION as model_unavailable, {len(scored_after)} "
+            f"scored after the kill; {statuses}"
         )
-        assert unavailable, "no decision saw the ranker down"
         assert all(when[w] > killed - 1 for w in unavailable), "unavailable before the kill"
         assert scored_after, "no decision was scored by the new replica"
         assert set(statuses) <= {202, 503}
