@@ -337,6 +337,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 #: what a client is told to wait before trying again, in seconds
 RETRY_AFTER_S = 2
+#: a replica busy for this long tells the gateway again (its reports expire after 60 s)
+BUSY_RETOLD_S = 10.0
 #: requests Serve's proxy queues per API deployment before it answers 503
 MAX_QUEUED_REQUESTS = 512
 
@@ -437,6 +439,7 @@ class KairosApi:
         self._events_in_flight = 0
         self._replica = secrets.token_hex(8)
         self._busy_seq = 0
+        self._busy_told = 0.0
         self._lag_asked = 0.0
         self._lag_answered = time.monotonic()
 
@@ -536,7 +539,7 @@ class KairosApi:
                 f"this replica is working on {self._events_in_flight} event requests: slow down"
             )
         self._events_in_flight += 1
-        if self._events_in_flight == 1:
+        if self._events_in_flight == 1 or time.monotonic() - self._busy_told > BUSY_RETOLD_S:
             self._tell_busy(True)
         try:
             return await self._events(request, media)
@@ -549,6 +552,7 @@ class KairosApi:
         """Tell the gateway this replica starts or stops working on event requests: it marks a
         quiet spell in the log only when none does (``GatewayActor.api_busy``). Not awaited."""
         self._busy_seq += 1
+        self._busy_told = time.monotonic()
         self.gateway.api_busy.remote(self._replica, self._busy_seq, busy)
 
     async def _events(self, request: Request, media: str) -> JSONResponse:

@@ -52,6 +52,8 @@ _TS_BITS = 41  # 70 years of milliseconds
 RECENT_ROWS = 50_000
 #: newest triggers and decisions shown per customer
 RECENT_PER_CUSTOMER = 10
+#: tables a recent window keeps before it merges them into one (lookups loop over them)
+_MAX_TABLES = 64
 
 
 class Recent:
@@ -68,6 +70,8 @@ class Recent:
             return
         self.tables.append(table)
         self.rows += table.num_rows
+        if len(self.tables) > _MAX_TABLES:  # many small ones (inbound decisions, one each)
+            self.tables = deque([pa.concat_tables(self.tables).combine_chunks()])
         while self.tables and self.rows - self.tables[0].num_rows >= self.limit:
             self.rows -= self.tables.popleft().num_rows
         if self.rows > self.limit:  # exactly the newest rows: a restored window shows the same

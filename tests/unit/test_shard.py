@@ -10,7 +10,7 @@ from engine.config import EngineSettings
 from engine.errors import StateError
 from engine.local import LocalEngine
 from engine.rules.spec import parse_rules_text
-from engine.shard import ShardLogic
+from engine.shard import Recent, ShardLogic
 from tests.conftest import ms
 
 PROFILE = {
@@ -242,3 +242,21 @@ def test_a_micro_batch_with_one_malformed_batch_is_refused_whole(settings, rules
     with pytest.raises(EngineError, match="no 'seq' column"):
         shard.apply([parts[0], broken], ingestor.watermark_ms)
     assert isinstance(parts[0], pa.RecordBatch) and shard.buffer.pending_rows == 0
+
+
+def test_a_recent_window_of_many_small_tables_stays_few_and_in_order() -> None:
+    """One row per inbound decision: the window merges its tables now and then (lookups loop
+    over them), and keeps exactly the newest rows in order."""
+    import pyarrow as pa
+
+    schema = pa.schema([("decision_id", pa.uint64()), ("customer_key", pa.uint64())])
+    recent = Recent(schema, limit=500)
+    for i in range(2_000):
+        recent.add(pa.table({"decision_id": [i], "customer_key": [i % 7]}, schema=schema))
+    assert len(recent.tables) <= 65 and recent.rows == 500
+    ids = recent.to_table().column("decision_id").to_pylist()
+    assert ids == list(range(1_500, 2_000))
+    found = recent.holding("decision_id", np.array([1_499, 1_500, 1_999], dtype=np.uint64))
+    assert found.column("decision_id").to_pylist() == [1_500, 1_999]
+    newest = recent.of(3, ["decision_id"], 3)
+    assert [r["decision_id"] for r in newest] == [1_998, 1_991, 1_984]
