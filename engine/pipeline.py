@@ -246,12 +246,13 @@ class Pipeline:
             try:
                 document = self.engine.recover()
                 break
-            except WorkerLostError as again:  # a worker still restarting: try again
+            except Exception as again:  # a worker still restarting, storage failing: again
                 self._failures_in_a_row += 1
                 if self._failures_in_a_row > self.max_attempts:
                     self._give_up(again)
                 log.warning("recovery failed (%s); trying again", again)
         if document is None:
+            self.unrecovered = "no checkpoint to recover from"
             raise WorkerLostError("no checkpoint to recover from") from error
         self._resume_from(document)
         self.unrecovered = None

@@ -170,6 +170,8 @@ def test_a_recovery_that_gives_up_reads_nothing_more_until_one_succeeds(
     def failing_recover():
         if failures["recover"]:
             failures["recover"] -= 1
+            if failures["recover"] == 2:
+                raise OSError("the checkpoint storage does not answer")
             raise WorkerLostError("a shard is still restarting")
         return recover()
 
