@@ -229,7 +229,7 @@ class LogSource:
         return self._position
 
     def seek(self, position: int) -> None:
-        first, _ = self._call(self.log.bounds())
+        first, _ = self.bounds()
         if position < first:
             raise SourceError(f"the log starts at {first}; position {position} was trimmed")
         self._position = max(position, 1)
@@ -261,14 +261,12 @@ class LogSource:
         now = time.monotonic()
         if now - self._bounds_asked >= 0.05:
             self._bounds_asked = now
-            _, last = self._call(self.log.bounds())
-            self._behind = last >= self._position
+            self._behind = self.bounds()[1] >= self._position
         return not self._behind
 
     def lag(self) -> int:
         """Messages in the log not read yet."""
-        _, last = self._call(self.log.bounds())
-        return max(0, last + 1 - self._position)
+        return max(0, self.bounds()[1] + 1 - self._position)
 
     def read(self, max_events: int) -> SourceBatch | None:
         """The next messages; None only when the stream holds nothing more (a read that

@@ -85,11 +85,10 @@ def test_concurrent_publishers_are_read_exactly_once_in_sequence(broker) -> None
     config = LogConfig(url=broker.url, name="t3")
     source = LogSource(config, max_messages=7)
 
-    async def publish_all() -> int:
+    async def publish_all() -> None:
         log = await IngestLog.open(config)
         await asyncio.gather(*(log.publish(_message(i * 10), f"m{i}") for i in range(600)))
         await log.close()
-        return 600
 
     try:
         done = threading.Event()
