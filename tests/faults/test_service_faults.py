@@ -403,8 +403,11 @@ def test_a_clean_restart_keeps_golden_records_consent_and_contact_history(
     events: list[dict[str, Any]] = []
     for i, who in enumerate(people):
         events.append(_profile(who, 1 + 10 * i, t + i))
+        # the first 60 stay below the data-cap rule: no outbound offer has used up their
+        # cap or cooldown before the inbound decisions below (else few of those deliver)
+        mb = 100.0 + i if i < 60 else 820.0 + i % 50
         events.append({"event_id": 2 + 10 * i, "customer_id": who, "kind": "usage",
-                       "ts": t + i + 1, "mb": 820.0 + i % 50})  # fmt: skip
+                       "ts": t + i + 1, "mb": mb})  # fmt: skip
         if i % 7 == 0:  # some withdraw their consent to SMS
             events.append({"event_id": 3 + 10 * i, "customer_id": who, "kind": "consent",
                            "ts": t + i + 2, "channel": "sms", "granted": False})  # fmt: skip
@@ -414,12 +417,14 @@ def test_a_clean_restart_keeps_golden_records_consent_and_contact_history(
         assert r.status_code == 202, r.text
     _settle(url)
     offered = {}  # customer -> the offer an inbound decision delivered
+    answers: list[tuple[str, str]] = []
     for who in people[:60]:
         body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
         d = requests.post(f"{url}/v1/decide", json=body, timeout=30).json()
+        answers.append((d["action"], d["reason"]))
         if d["delivered"]:
             offered[who] = d["action"]
-    assert offered, "no inbound decision delivered an offer: nothing to check the caps on"
+    assert len(offered) > 20, f"too few offers to check the caps on: {Counter(answers)}"
     import ray
 
     ray.get(_gateway(config).drain.remote())
