@@ -31,6 +31,7 @@ import ray
 
 from actors.ingestlog import LogConfig, LogSource
 from actors.metrics import metrics
+from actors.ratelimit import RateLimiterActor
 from actors.scorer import ServeScorer
 from actors.supervisor import Supervisor
 from engine.checkpoint import checkpoints
@@ -95,6 +96,8 @@ class GatewayActor:
         root = Path(config.data_dir).resolve()
         rules = load_rules(config.rules_file)
         catalog = load_catalog(config.offers_file) if config.offers_file else None
+        #: per-key rate limits across API replicas (``routing()`` hands it to them)
+        self.limiter = RateLimiterActor.remote()
         self.supervisor = Supervisor(
             self.settings,
             rules,
@@ -197,6 +200,7 @@ class GatewayActor:
             "shards": list(self.supervisor.shards),
             "decision_sink": self.supervisor.decision_sink,
             "generation": self.supervisor.generation,
+            "limiter": self.limiter,
         }
 
     def ready(self) -> dict[str, Any]:

@@ -2,11 +2,14 @@
 
 ``POST /v1/events``       a batch of events (msgpack or JSON) -> 202 with accepted/rejected
 ``POST /v1/decide``       inbound next best action for a customer on a channel, now
-``GET  /v1/customers/ID`` the golden record, from the owning shard
+``POST /v1/customers/lookup`` the golden record, from the owning shard (the id in the body)
 ``GET|PUT /v1/rules``     the running rules; a PUT swaps them (an invalid one changes nothing)
 ``GET|PUT /v1/offers``    the running offer catalog, likewise
 ``GET  /v1/stats``        ingest and engine counters
 ``GET  /healthz``, ``GET /readyz``; OpenAPI at ``/openapi.json``, docs at ``/docs``.
+
+Every call but the health checks needs an API key with the route's scope (``deploy.security``);
+reads of golden records, decisions and changes of rules and offers go to the audit trail.
 
 API replicas decode, coerce and validate bodies in parallel and publish each request's valid
 events to the durable ingest log (NATS JetStream, ``actors.ingestlog``): a 202 means JetStream
@@ -40,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from actors.gateway import GatewayActor
 from actors.ingestlog import LOG_ERRORS, IngestLog
 from actors.metrics import metrics
+from deploy.security import AuthMiddleware, Guard, KeyRateLimits, install
 from deploy.service import ServiceConfig
 from engine.decision.catalog import NO_ACTION
 from engine.decision.scorer import RANKER_APP
@@ -48,6 +52,8 @@ from engine.events.codec import decode_json, decode_msgpack, event_id_from_text,
 from engine.events.schema import CHANNELS, KIND_NAMES, PAYLOAD_FIELDS
 from engine.events.validation import conform, validate
 from engine.gateway import accepted_by_kind, letter_json, rejected_by_kind
+from engine.governance.audit import handle
+from engine.governance.keys import RESTRICTED_KINDS, Principal
 from engine.ingest import Ingestor
 from engine.limits import (
     MAX_DOCUMENT_BYTES,
@@ -189,6 +195,12 @@ class DecideRequest(BaseModel):
     )
 
 
+class LookupRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer_id: Annotated[Text, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+
 class Candidate(BaseModel):
     offer_id: str
     propensity: float | None
@@ -320,6 +332,7 @@ api = FastAPI(
     description="Real-time customer engagement: events in, golden records, moments, next best "
     "actions out.",
 )
+api.add_middleware(AuthMiddleware)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -387,18 +400,64 @@ def _openapi() -> dict[str, Any]:
     if api.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
-        api.openapi_schema = _add_event_schema(
-            get_openapi(
-                title=api.title,
-                version=api.version,
-                description=api.description,
-                routes=api.routes,
+        api.openapi_schema = _add_security(
+            _add_event_schema(
+                get_openapi(
+                    title=api.title,
+                    version=api.version,
+                    description=api.description,
+                    routes=api.routes,
+                )
             )
         )
     return api.openapi_schema
 
 
+def _add_security(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Bearer API keys on every operation but the health checks; 401 and 403 documented."""
+    from deploy.security import OPEN_PATHS, required_scope
+
+    openapi["components"]["securitySchemes"] = {
+        "apiKey": {"type": "http", "scheme": "bearer", "description": "kairos keys create"}
+    }
+    for path, operations in openapi["paths"].items():
+        for method, operation in operations.items():
+            if path in OPEN_PATHS:
+                operation["security"] = []
+                continue
+            scope = required_scope(method.upper(), path)
+            operation["security"] = [{"apiKey": []}]
+            responses = operation.setdefault("responses", {})
+            responses["401"] = {"description": "No API key, or not a valid one."}
+            responses["403"] = {
+                "description": f"The key lacks the scope {scope!r}." if scope else "Forbidden."
+            }
+    return openapi
+
+
 api.openapi = _openapi  # type: ignore[method-assign]
+
+
+# (helpers of the deployment class stand before it: Serve pickles it where it is defined)
+def _principal(request: Request) -> Principal:
+    """The caller, as AuthMiddleware found it (every route but the health checks has one)."""
+    principal: Principal = request.state.principal
+    return principal
+
+
+def _refuse_restricted(request: Request, batch: Any) -> None:
+    """403 for a whole batch holding consent or profile updates from a key without the
+    ``ingest_restricted`` scope, naming the kinds and how many of each."""
+    if _principal(request).may("ingest_restricted") or batch.num_rows == 0:
+        return
+    kinds = batch.column("kind").value_counts().to_pylist()
+    found = {k["values"]: k["counts"] for k in kinds if k["values"] in RESTRICTED_KINDS}
+    if found:
+        named = ", ".join(f"{kind} ({n} events)" for kind, n in sorted(found.items()))
+        raise HTTPException(
+            403, f"this key may not send {named}: they need the scope 'ingest_restricted'; "
+            "nothing of the batch was taken",
+        )  # fmt: skip
 
 
 @serve.deployment(
@@ -429,6 +488,12 @@ class KairosApi:
         routing = ray.get(self.gateway.routing.remote())
         #: who owns a customer: only the ingestor's pseudonymizer and shard map are used here
         self.ingestor = Ingestor(routing["settings"])
+        #: API keys and the audit trail, used by deploy.security.AuthMiddleware
+        limits = KeyRateLimits(self.gateway, cfg.rate_limit_per_s)
+        self.guard = Guard.open(
+            cfg.keys_path, cfg.audit_path, routing["settings"].pseudonym_key, limits
+        )
+        install(self.guard)
         self._route(routing)
         self._log: IngestLog | None = None
         self._log_lock: asyncio.Lock | None = None
@@ -564,6 +629,7 @@ class KairosApi:
         except EventError as exc:
             raise HTTPException(400, safe_text(exc)) from exc
         batch, positions, letters = rows_to_batch(rows)
+        _refuse_restricted(request, batch)
         if self.config.nats_url is None:  # no log: straight into the engine
             report = await self.gateway.submit.remote(batch, positions, letters)
             return JSONResponse(report, status_code=202)
@@ -624,7 +690,7 @@ class KairosApi:
         },
         summary="The next best action for a customer on a channel, now",
     )
-    async def decide(self, body: DecideRequest) -> DecideResponse:
+    async def decide(self, body: DecideRequest, request: Request) -> DecideResponse:
         """Inbound decisioning (web, app, call center) under the outbound contact policy
         (quiet hours aside). With an ingest log, the decision is written to it before the
         answer (a crash keeps its contact); the gateway reads it back into the decision log."""
@@ -635,6 +701,10 @@ class KairosApi:
         row = await self._decide_batch(
             (body.customer_id, body.channel, body.context.ts_ms(), request_id, body.context.page)
         )
+        self.guard.record(
+            _principal(request), "decide", subject=handle(row["customer_key"]),
+            decision=f"{row['decision_id']:016x}", offer=row["action"],
+        )  # fmt: skip
         return DecideResponse(
             decision_id=f"{row['decision_id']:016x}",
             customer_id=body.customer_id,
@@ -702,18 +772,22 @@ class KairosApi:
             ) from exc
 
     # -- golden records ---------------------------------------------------------------------------
-    @api.get(
-        "/v1/customers/{customer_id}",
+    @api.post(
+        "/v1/customers/lookup",
         responses={404: {"description": "No event of this customer has been seen."}},
         summary="A customer's golden record",
     )
-    async def customer(self, customer_id: str) -> JSONResponse:
+    async def customer(self, body: LookupRequest, request: Request) -> JSONResponse:
         """Profile, running aggregates, rule and contact state, and the newest triggers and
-        decisions, read from the shard that owns the customer."""
+        decisions, read from the shard that owns the customer. The identifier travels in the
+        body, never in the URL (which proxies and access logs keep); every read is audited."""
+        customer_id = body.customer_id
         key, owner = self.ingestor.owner_of(customer_id)
         record = await self._on_shard(owner, lambda shard: shard.customer.remote(key))
+        self.guard.record(_principal(request), "profile.read", subject=handle(key),
+                          found=record is not None)  # fmt: skip
         if record is None:
-            raise HTTPException(404, f"customer {customer_id!r} is unknown")
+            raise HTTPException(404, "no event of this customer has been seen")
         profile = {k: record.pop(k) for k in PROFILE_COLUMNS if k in record}
         out = {
             "customer_id": customer_id,
@@ -743,7 +817,9 @@ class KairosApi:
         """A rule document (JSON or YAML, as in rules.yaml); swapped between micro-batches
         without losing state. Rejected whole, with every problem, if anything is wrong."""
         document = await _document(request)
-        return self._outcome(await self.gateway.set_rules.remote(document), "rules")
+        result = await self.gateway.set_rules.remote(document)
+        self._audit_change(request, "rules.change", document, result)
+        return self._outcome(result, "rules")
 
     @api.get("/v1/offers", summary="The running offer catalog")
     async def get_offers(self) -> JSONResponse:
@@ -760,7 +836,17 @@ class KairosApi:
     )
     async def put_offers(self, request: Request) -> JSONResponse:
         document = await _document(request)
-        return self._outcome(await self.gateway.set_offers.remote(document), "offers")
+        result = await self.gateway.set_offers.remote(document)
+        self._audit_change(request, "offers.change", document, result)
+        return self._outcome(result, "offers")
+
+    def _audit_change(
+        self, request: Request, action: str, document: Any, result: dict[str, Any]
+    ) -> None:
+        """Who changed the running configuration, to what (a digest of the document)."""
+        text = json.dumps(jsonable_encoder(document), sort_keys=True, separators=(",", ":"))
+        self.guard.record(_principal(request), action, applied=bool(result["ok"]),
+                          sha256=hashlib.sha256(text.encode()).hexdigest())  # fmt: skip
 
     @staticmethod
     def _outcome(result: dict[str, Any], what: str) -> JSONResponse:

@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deploy import cli_decisions, service
+from deploy import cli_decisions, cli_security, service
 from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog
@@ -30,6 +30,8 @@ app = typer.Typer(
 rules_app = typer.Typer(help="Work with rule files.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 app.add_typer(cli_decisions.offers_app, name="offers")
+app.add_typer(cli_security.keys_app, name="keys")
+app.add_typer(cli_security.audit_app, name="audit")
 app.command()(cli_decisions.simulate)
 app.command()(cli_decisions.train)
 app.command("serve")(service.serve)

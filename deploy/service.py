@@ -66,6 +66,27 @@ class ServiceConfig(BaseModel):
         "(before Serve's own queue fills, whose 503 has no Retry-After).",
     )
 
+    rate_limit_per_s: float = Field(
+        1_000.0,
+        ge=0,
+        description="Requests per second per API key across all replicas, unless the key sets "
+        "its own (kairos keys create --rate); 0: no limit. Over it: 429 with Retry-After.",
+    )
+    keys_file: str | None = Field(
+        None, description="The API keys (hashed; default <data_dir>/keys.json)."
+    )
+    audit_file: str | None = Field(
+        None, description="The hash-chained audit trail (default <data_dir>/audit/audit.jsonl)."
+    )
+
+    @property
+    def keys_path(self) -> str:
+        return self.keys_file or str(Path(self.data_dir) / "keys.json")
+
+    @property
+    def audit_path(self) -> str:
+        return self.audit_file or str(Path(self.data_dir) / "audit" / "audit.jsonl")
+
     def settings(self) -> EngineSettings:
         return EngineSettings(
             shards=self.shards,
@@ -158,12 +179,15 @@ def serve(
         typer.Option(help="Where checkpoints go (default DATA_DIR/checkpoints; s3://... too)."),
     ] = None,
 ) -> None:
-    """Run Kairos as a service: POST /v1/events, POST /v1/decide, GET /v1/customers/ID, ...
+    """Run Kairos as a service: POST /v1/events, POST /v1/decide, POST /v1/customers/lookup...
 
     Starts (or joins) Ray, starts Serve's HTTP proxy, deploys the API application and, through
-    it, the engine's actors and the ranker. Runs until Ctrl-C unless --detach.
+    it, the engine's actors and the ranker. Runs until Ctrl-C unless --detach. Every call but
+    the health checks needs an API key (a first one goes to DATA_DIR/bootstrap.key; see
+    kairos keys).
     """
     from deploy.natsserver import EmbeddedNats, port_is_free
+    from deploy.security import bootstrap_key
 
     broker = None
     if nats is None:
@@ -182,6 +206,12 @@ def serve(
         checkpoint_every_s=checkpoint_every,
         checkpoint_uri=checkpoints,
     )
+    first_key = bootstrap_key(config.keys_path, config.audit_path, config.data_dir)
+    if first_key is not None:
+        console.print(
+            f"[yellow]no API keys yet: created one with every scope; its token is in {first_key}"
+            " (create narrower keys with `kairos keys create`, then revoke it)"
+        )
     try:
         _serve(config, host, port, address, replicas, dashboard, metrics_port, detach, broker)
     finally:

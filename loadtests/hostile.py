@@ -35,6 +35,10 @@ MSGPACK = {"content-type": "application/msgpack"}
 YAML = {"content-type": "application/yaml"}
 
 
+#: the key every request carries (created with the service below)
+KEYED: dict[str, str] = {}
+
+
 def _event(i: int, **fields: Any) -> dict[str, Any]:
     return {"event_id": f"hostile-{i}", "customer_id": f"c{i % 50}", "kind": "usage",
             "ts": int(time.time() * 1000) - 5_000, "mb": 1.0, **fields}  # fmt: skip
@@ -118,6 +122,7 @@ class Background:
     def _run(self) -> None:
         i = 0
         with requests.Session() as session:
+            session.headers.update(KEYED)
             while not self._stop.is_set():
                 batch = [_event(1_000_000 + i + k) for k in range(100)]
                 i += 100
@@ -167,12 +172,15 @@ def main() -> None:
     from actors.runtime import init_ray
     from deploy.api import api_app_config
     from deploy.service import ServiceConfig
+    from engine.governance.keys import SCOPES, KeyStore
     from models.deployment import apply_apps
 
     port = _free_port()
     init_ray(num_cpus=4, object_store_mb=512)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServiceConfig(name="hostile", data_dir=tempfile.mkdtemp(), idle_release_ms=300)
+    _, token = KeyStore(config.keys_path).create("hostile", list(SCOPES))
+    KEYED["Authorization"] = f"Bearer {token}"
     apply_apps([api_app_config(config)])
     url = f"http://127.0.0.1:{port}"
     gateway = ray.get_actor(config.gateway_name, namespace=config.namespace)
@@ -184,7 +192,9 @@ def main() -> None:
     rows = []
     for name, method, path, body, headers in cases():
         started = time.perf_counter()
-        r = requests.request(method, f"{url}{path}", data=body, headers=headers, timeout=300)
+        r = requests.request(
+            method, f"{url}{path}", data=body, headers={**KEYED, **headers}, timeout=300
+        )
         ended = time.perf_counter()
         rows.append(
             {

@@ -9,6 +9,8 @@ Knobs (environment): KAIROS_LT_USERS (peak users, default 40), KAIROS_LT_RAMP_S 
 KAIROS_LT_HOLD_S (60), KAIROS_LT_BATCH (events per device request, 1000),
 KAIROS_LT_CUSTOMERS (population, 100000), KAIROS_LT_DECIDE_RPS (requests/s per web session,
 1), KAIROS_LT_REPORT (a JSON file: events accepted and rejected as the responses said).
+KAIROS_API_KEY (required): a key with the scopes ingest, ingest_restricted, decide and
+read_profile (``kairos keys create lt -s ingest -s ingest_restricted -s decide -s read_profile``).
 
 Every event id is unique (a per-process prefix and a counter), so every accepted event must be
 applied exactly once: ``loadtests/run_loadtest.py`` checks that against the server's counters.
@@ -40,6 +42,8 @@ _totals = {"accepted": 0, "rejected": 0, "requests": 0}
 CITIES = [(52.52, 13.405), (48.137, 11.575), (53.551, 9.993), (50.937, 6.96), (48.775, 9.182)]
 PAGES = ["/", "/plans", "/shop/phones", "/cart", "/account/usage"]
 MSGPACK = {"content-type": "application/msgpack"}
+#: every user sends the key (FastHttpUser.default_headers)
+KEYED = {"Authorization": f"Bearer {os.environ.get('KAIROS_API_KEY', '')}"}
 
 
 def customer(rng: random.Random) -> str:
@@ -86,6 +90,7 @@ class DeviceUser(FastHttpUser):
 
     weight = 4
     wait_time = between(0, 0.01)
+    default_headers = KEYED
 
     def on_start(self) -> None:
         self.rng = random.Random()
@@ -112,6 +117,7 @@ class WebSession(FastHttpUser):
 
     weight = 2
     wait_time = constant_throughput(DECIDE_RPS)
+    default_headers = KEYED
 
     def on_start(self) -> None:
         self.rng = random.Random()
@@ -131,15 +137,17 @@ class Agent(FastHttpUser):
 
     weight = 1
     wait_time = between(0.5, 2)
+    default_headers = KEYED
 
     def on_start(self) -> None:
         self.rng = random.Random()
 
     @task
     def profile(self) -> None:
-        with self.client.get(
-            f"/v1/customers/{customer(self.rng)}",
-            name="GET /v1/customers/{id}",
+        with self.client.post(
+            "/v1/customers/lookup",
+            json={"customer_id": customer(self.rng)},
+            name="POST /v1/customers/lookup",
             catch_response=True,
         ) as response:
             if response.status_code == 404:

@@ -27,9 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+#: the API key of the calls below (KAIROS_API_KEY, or the bootstrap key of a service started here)
+TOKEN: dict[str, str] = {}
+
+
 def get(url: str, timeout: float = 10.0) -> tuple[int, Any]:
+    request = urllib.request.Request(url)
+    if "key" in TOKEN:
+        request.add_header("Authorization", f"Bearer {TOKEN['key']}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, None
@@ -102,6 +109,9 @@ def main() -> int:
         )  # fmt: skip
     try:
         wait_ready(host, timeout=600)
+        TOKEN["key"] = os.environ.get("KAIROS_API_KEY") or (
+            (args.out / "service" / "bootstrap.key").read_text().strip()
+        )
         before = settle(host)  # earlier events all read and applied: the deltas are ours
         report = args.out / "client.json"
         prefix = args.out / "locust"
@@ -113,6 +123,7 @@ def main() -> int:
             "KAIROS_LT_BATCH": str(args.batch),
             "KAIROS_LT_DECIDE_RPS": str(args.decide_rps),
             "KAIROS_LT_REPORT": str(report),
+            "KAIROS_API_KEY": TOKEN["key"],
         }
         subprocess.run(
             [str(BIN / "locust"), "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",

@@ -52,6 +52,10 @@ class Cluster:
 
     http_port: int
     metrics_port: int
+    #: the session's API keys: every service the suites deploy reads this file
+    keys_file: str = ""
+    #: a key with every scope, which ``tests.keys.http`` carries
+    token: str = ""
 
     @property
     def url(self) -> str:
@@ -59,14 +63,17 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[Cluster]:
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One local Ray cluster with Serve for the whole session (starting one takes seconds)."""
     import ray
     from ray import serve
 
     from actors.runtime import init_ray
+    from tests.keys import make_key, use_key
 
-    cluster = Cluster(free_port(), free_port())
+    keys_file = str(tmp_path_factory.mktemp("keys") / "keys.json")
+    cluster = Cluster(free_port(), free_port(), keys_file, make_key(keys_file))
+    use_key(cluster.token)
     init_ray(num_cpus=4, object_store_mb=512, metrics_export_port=cluster.metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": cluster.http_port})
     yield cluster

@@ -26,11 +26,12 @@ def service(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> I
     config = ServiceConfig(
         name="kairos-e2e",
         data_dir=str(data),
+        keys_file=ray_cluster.keys_file,
         idle_release_ms=300,
         nats_url=broker.start(),
         checkpoint_every_s=2.0,
     )
-    apply_apps([api_app_config(config)])
+    apply_apps([api_app_config(config, replicas=2)])  # two, as kairos serve runs
     gateway = ray.get_actor(config.gateway_name, namespace=config.namespace)
     yield ray_cluster.url, config, gateway
     serve.delete(API_APP)

@@ -14,6 +14,7 @@ import requests
 
 from tests.conftest import RULES_FILE
 from tests.e2e.test_http_api import MSGPACK, now_ms, profile, wait_for
+from tests.keys import http, lookup
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +23,7 @@ YAML = {"content-type": "application/yaml"}
 
 
 def post_events(url: str, body: bytes, headers: dict[str, str]) -> requests.Response:
-    return requests.post(f"{url}/v1/events", data=body, headers=headers, timeout=60)
+    return http.post(f"{url}/v1/events", data=body, headers=headers, timeout=60)
 
 
 def usage(event_id: Any, mb: Any = 1.0, **extra: Any) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def test_megabyte_identifiers_are_dead_letters_and_do_not_stall_ingest(service) 
 @pytest.mark.parametrize("what", ["rules", "offers"])
 def test_deep_or_aliased_documents_are_refused_and_nothing_changes(service, what) -> None:
     url, _, _ = service
-    running = requests.get(f"{url}/v1/{what}").json()
+    running = http.get(f"{url}/v1/{what}").json()
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
         for p, c in zip("abcdefgh", "bcdefghi", strict=True)
@@ -111,11 +112,11 @@ def test_deep_or_aliased_documents_are_refused_and_nothing_changes(service, what
     ]  # fmt: skip
     for body, headers, status, says in cases:
         started = time.perf_counter()
-        r = requests.put(f"{url}/v1/{what}", data=body, headers=headers, timeout=60)
+        r = http.put(f"{url}/v1/{what}", data=body, headers=headers, timeout=60)
         assert r.status_code == status, (says, r.text[:500])
         assert says in r.json()["detail"]
         assert time.perf_counter() - started < 5
-    assert requests.get(f"{url}/v1/{what}").json() == running
+    assert http.get(f"{url}/v1/{what}").json() == running
 
 
 @pytest.mark.parametrize(
@@ -123,22 +124,22 @@ def test_deep_or_aliased_documents_are_refused_and_nothing_changes(service, what
 )
 def test_expressions_over_a_limit_are_422_for_rules_and_offers(service, expression) -> None:
     url, _, _ = service
-    rules = requests.get(f"{url}/v1/rules").json()
+    rules = http.get(f"{url}/v1/rules").json()
     bad = {"rules": [{**rules["rules"][0], "when": expression}]}
-    r = requests.put(f"{url}/v1/rules", json=bad)
+    r = http.put(f"{url}/v1/rules", json=bad)
     assert r.status_code == 422, r.text[:300]
-    offers = requests.get(f"{url}/v1/offers").json()
+    offers = http.get(f"{url}/v1/offers").json()
     bad = {**offers, "offers": [{**offers["offers"][0], "eligible": expression}]}
-    r = requests.put(f"{url}/v1/offers", json=bad)
+    r = http.put(f"{url}/v1/offers", json=bad)
     assert r.status_code == 422, r.text[:300]
 
 
 def test_a_poisoned_catalog_is_refused_and_events_keep_being_applied(service) -> None:
     url, _, _ = service
-    offers = requests.get(f"{url}/v1/offers").json()
+    offers = http.get(f"{url}/v1/offers").json()
     poisoned = {**offers, "offers": [{**o, "cooldown": "99999999999999999999d"}
                                      for o in offers["offers"]]}  # fmt: skip
-    r = requests.put(f"{url}/v1/offers", json=poisoned)
+    r = http.put(f"{url}/v1/offers", json=poisoned)
     assert r.status_code == 422 and any("cooldown" in e for e in r.json()["errors"])
     t = now_ms()
     body = msgpack.packb([profile("hostile-p", "hp-1", t),
@@ -146,19 +147,19 @@ def test_a_poisoned_catalog_is_refused_and_events_keep_being_applied(service) ->
     assert post_events(url, body, MSGPACK).json()["accepted"] == 2
 
     def applied() -> Any:
-        r = requests.get(f"{url}/v1/customers/hostile-p")
+        r = lookup(url, "hostile-p")
         return r.status_code == 200 and r.json()["aggregates"]["cycle_usage_mb"] == 900.0
 
     assert wait_for(applied)
-    assert requests.get(f"{url}/v1/stats").json()["failed"] == 0
+    assert http.get(f"{url}/v1/stats").json()["failed"] == 0
 
 
 def test_the_shipped_rules_file_round_trips_through_the_api_as_yaml(service) -> None:
     url, _, _ = service
-    running = requests.get(f"{url}/v1/rules").json()
-    r = requests.put(f"{url}/v1/rules", data=RULES_FILE.read_bytes(), headers=YAML)
+    running = http.get(f"{url}/v1/rules").json()
+    r = http.put(f"{url}/v1/rules", data=RULES_FILE.read_bytes(), headers=YAML)
     assert r.status_code == 200, r.text
-    assert requests.put(f"{url}/v1/rules", json=running).status_code == 200
+    assert http.put(f"{url}/v1/rules", json=running).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -176,6 +177,6 @@ def test_the_shipped_rules_file_round_trips_through_the_api_as_yaml(service) -> 
 )  # fmt: skip
 def test_decide_refuses_what_it_cannot_carry_with_an_encodable_422(service, body, headers) -> None:
     url, _, _ = service
-    r = requests.post(f"{url}/v1/decide", data=body, headers=headers, timeout=30)
+    r = http.post(f"{url}/v1/decide", data=body, headers=headers, timeout=30)
     assert r.status_code == 422, r.text[:300]
     assert r.json()["detail"]  # a JSON body that names the problem

@@ -5,6 +5,7 @@ metrics scraped, and the OpenAPI spec fuzzed."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,10 +17,10 @@ from typing import Any
 import msgpack
 import pyarrow.dataset as ds
 import pytest
-import requests
 import yaml
 
 from tests.conftest import ROOT
+from tests.keys import http, lookup
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +65,7 @@ def test_a_batch_mixing_valid_and_invalid_events_applies_the_valid_ones(service)
         {"event_id": 104, "customer_id": "http-a", "kind": "teleport", "ts": t + 3},
         {"event_id": 105, "customer_id": "http-a", "kind": "usage", "ts": "yesterday", "mb": 1},
     ]
-    r = requests.post(f"{url}/v1/events", data=msgpack.packb(events), headers=MSGPACK)
+    r = http.post(f"{url}/v1/events", data=msgpack.packb(events), headers=MSGPACK)
     assert r.status_code == 202, r.text
     report = r.json()
     assert (report["accepted"], report["rejected"]) == (2, 3)
@@ -75,7 +76,7 @@ def test_a_batch_mixing_valid_and_invalid_events_applies_the_valid_ones(service)
     assert errors[4]["field"] == "ts"
 
     def record() -> Any:
-        r = requests.get(f"{url}/v1/customers/http-a")
+        r = lookup(url, "http-a")
         return r.json() if r.status_code == 200 and r.json()["recent_triggers"] else None
 
     body = wait_for(record)  # applied once the stream went quiet (idle release)
@@ -93,9 +94,9 @@ def test_json_events_are_accepted_one_or_many(service) -> None:
     ts = datetime.now(UTC).isoformat()
     one = {"event_id": "evt-1", "customer_id": "http-j", "kind": "page_view", "ts": ts,
            "page": "/plans"}  # fmt: skip
-    r = requests.post(f"{url}/v1/events", json=one)
+    r = http.post(f"{url}/v1/events", json=one)
     assert r.status_code == 202 and r.json()["accepted"] == 1
-    r = requests.post(f"{url}/v1/events", json=[{**one, "event_id": "evt-2"}])
+    r = http.post(f"{url}/v1/events", json=[{**one, "event_id": "evt-2"}])
     assert r.status_code == 202 and r.json()["accepted"] == 1
 
 
@@ -112,7 +113,7 @@ def test_json_events_are_accepted_one_or_many(service) -> None:
 )
 def test_unreadable_bodies_get_a_clear_client_error(service, body, headers, status, says) -> None:
     url, _, _ = service
-    r = requests.post(f"{url}/v1/events", data=body, headers=headers)
+    r = http.post(f"{url}/v1/events", data=body, headers=headers)
     assert r.status_code == status, r.text
     assert says in r.json()["detail"]
 
@@ -123,11 +124,11 @@ def test_decide_answers_for_the_channel_and_the_decision_is_logged(service) -> N
 
     t = now_ms()
     events = [profile("http-d", 201, t)]
-    requests.post(f"{url}/v1/events", data=msgpack.packb(events), headers=MSGPACK)
-    wait_for(lambda: requests.get(f"{url}/v1/customers/http-d").status_code == 200)
+    http.post(f"{url}/v1/events", data=msgpack.packb(events), headers=MSGPACK)
+    wait_for(lambda: lookup(url, "http-d").status_code == 200)
     body = {"customer_id": "http-d", "channel": "web", "context": {"page": "/plans"},
             "request_id": "req-1"}  # fmt: skip
-    r = requests.post(f"{url}/v1/decide", json=body)
+    r = http.post(f"{url}/v1/decide", json=body)
     assert r.status_code == 200, r.text
     d = r.json()
     assert len(d["decision_id"]) == 16
@@ -142,9 +143,9 @@ def test_decide_answers_for_the_channel_and_the_decision_is_logged(service) -> N
     ids = {f"{i:016x}" for i in log.to_table(columns=["decision_id"]).column(0).to_pylist()}
     assert d["decision_id"] in ids
     # the same request id gets the same decision id (idempotent draws)
-    again = requests.post(f"{url}/v1/decide", json=body).json()
+    again = http.post(f"{url}/v1/decide", json=body).json()
     assert again["decision_id"] == d["decision_id"]
-    record = requests.get(f"{url}/v1/customers/http-d").json()
+    record = lookup(url, "http-d").json()
     assert record["recent_decisions"][0]["decision_id"] == d["decision_id"]
 
 
@@ -159,57 +160,54 @@ def test_decide_answers_for_the_channel_and_the_decision_is_logged(service) -> N
 )
 def test_decide_rejects_a_malformed_request_with_422(service, body) -> None:
     url, _, _ = service
-    assert requests.post(f"{url}/v1/decide", json=body).status_code == 422
+    assert http.post(f"{url}/v1/decide", json=body).status_code == 422
 
 
 def test_an_unknown_customer_is_404(service) -> None:
     url, _, _ = service
-    r = requests.get(f"{url}/v1/customers/nobody-at-all")
-    assert r.status_code == 404 and "unknown" in r.json()["detail"]
+    r = lookup(url, "nobody-at-all")
+    assert r.status_code == 404 and "no event of this customer" in r.json()["detail"]
+    assert "nobody-at-all" not in r.text  # the identifier is not echoed
 
 
 def test_rules_are_replaced_at_run_time_and_an_invalid_document_changes_nothing(service) -> None:
     url, _, _ = service
-    running = requests.get(f"{url}/v1/rules").json()
+    running = http.get(f"{url}/v1/rules").json()
     ids = [r["id"] for r in running["rules"]]
     assert "data_cap_nearing" in ids
     broken = {"rules": [{**running["rules"][0], "threshold": "0.8 * nonsense"}]}
-    r = requests.put(f"{url}/v1/rules", json=broken)
+    r = http.put(f"{url}/v1/rules", json=broken)
     assert r.status_code == 422
     assert any("nonsense" in e for e in r.json()["errors"])
-    assert requests.get(f"{url}/v1/rules").json() == running
+    assert http.get(f"{url}/v1/rules").json() == running
     fewer = {"rules": [r for r in running["rules"] if r["id"] != "away_from_home"]}
-    r = requests.put(
+    r = http.put(
         f"{url}/v1/rules", data=yaml.safe_dump(fewer), headers={"content-type": "application/yaml"}
     )
     assert r.status_code == 200 and r.json()["rules"] == len(ids) - 1
-    assert "away_from_home" not in [
-        x["id"] for x in requests.get(f"{url}/v1/rules").json()["rules"]
-    ]
-    assert requests.put(f"{url}/v1/rules", json=running).status_code == 200
-    r = requests.put(f"{url}/v1/rules", data=b"rules: [", headers={"content-type": "text/yaml"})
+    assert "away_from_home" not in [x["id"] for x in http.get(f"{url}/v1/rules").json()["rules"]]
+    assert http.put(f"{url}/v1/rules", json=running).status_code == 200
+    r = http.put(f"{url}/v1/rules", data=b"rules: [", headers={"content-type": "text/yaml"})
     assert r.status_code == 400
 
 
 def test_offers_are_replaced_at_run_time_and_an_invalid_catalog_changes_nothing(service) -> None:
     url, _, _ = service
-    running = requests.get(f"{url}/v1/offers").json()
+    running = http.get(f"{url}/v1/offers").json()
     bad = {**running, "offers": [{**running["offers"][0], "channels": ["telepathy"]}]}
-    r = requests.put(f"{url}/v1/offers", json=bad)
+    r = http.put(f"{url}/v1/offers", json=bad)
     assert r.status_code == 422 and any("telepathy" in e for e in r.json()["errors"])
-    assert requests.get(f"{url}/v1/offers").json() == running
-    assert requests.put(f"{url}/v1/offers", json=running).status_code == 200
+    assert http.get(f"{url}/v1/offers").json() == running
+    assert http.put(f"{url}/v1/offers", json=running).status_code == 200
 
 
 def test_health_and_readiness(service) -> None:
     url, _, _ = service
-    assert requests.get(f"{url}/healthz").json() == {"status": "ok"}
-    r = requests.get(f"{url}/readyz")
+    assert http.get(f"{url}/healthz").json() == {"status": "ok"}
+    r = http.get(f"{url}/readyz")
     assert r.status_code == 200 and r.json()["shards"] == 2
-    spec = requests.get(f"{url}/openapi.json").json()
-    assert {"/v1/events", "/v1/decide", "/v1/customers/{customer_id}", "/v1/rules"} <= set(
-        spec["paths"]
-    )
+    spec = http.get(f"{url}/openapi.json").json()
+    assert {"/v1/events", "/v1/decide", "/v1/customers/lookup", "/v1/rules"} <= set(spec["paths"])
     assert "application/msgpack" in spec["paths"]["/v1/events"]["post"]["requestBody"]["content"]
 
 
@@ -220,8 +218,8 @@ def test_kairos_metrics_appear_on_the_nodes_metrics_endpoint(service, ray_cluste
     events.append({"event_id": 302, "customer_id": "http-m", "kind": "usage", "ts": t - 2000,
                    "mb": 900.0})  # fmt: skip
     events.append({"event_id": 303, "customer_id": "http-m", "kind": "usage", "ts": t, "mb": -1})
-    requests.post(f"{url}/v1/events", data=msgpack.packb(events), headers=MSGPACK)
-    requests.post(f"{url}/v1/decide", json={"customer_id": "http-m", "channel": "app"})
+    http.post(f"{url}/v1/events", data=msgpack.packb(events), headers=MSGPACK)
+    http.post(f"{url}/v1/decide", json={"customer_id": "http-m", "channel": "app"})
     wanted = [
         "ray_kairos_events_ingested_total{",
         "ray_kairos_events_rejected_total{",
@@ -235,16 +233,16 @@ def test_kairos_metrics_appear_on_the_nodes_metrics_endpoint(service, ray_cluste
     ]
 
     def missing() -> list[str]:
-        text = requests.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics").text
+        text = http.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics").text
         return [w for w in wanted if w not in text]
 
     assert wait_for(lambda: not missing(), timeout=40), missing()
-    text = requests.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics").text
+    text = http.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics").text
     assert 'kind="usage"' in text and 'rule="data_cap_nearing"' in text
 
 
 def test_a_short_locust_run_has_no_failure_and_every_accepted_event_is_applied(
-    service, tmp_path: Path
+    service, ray_cluster, tmp_path: Path
 ) -> None:
     url, _, _ = service
     result = subprocess.run(
@@ -252,6 +250,7 @@ def test_a_short_locust_run_has_no_failure_and_every_accepted_event_is_applied(
          "--users", "6", "--ramp", "2", "--hold", "8", "--batch", "200",
          "--out", str(tmp_path)],
         check=False, capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, "KAIROS_API_KEY": ray_cluster.token},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -264,17 +263,26 @@ def test_a_short_locust_run_has_no_failure_and_every_accepted_event_is_applied(
     assert (tmp_path / "locust.html").exists() and (tmp_path / "locust_stats.csv").exists()
 
 
-def test_schema_driven_fuzzing_with_every_check_passes(service, tmp_path: Path) -> None:
-    """Schemathesis over the whole API (PUTs of rules and offers included) with every check:
-    no server error, every status and body as documented, schema-invalid data refused and
-    schema-valid data taken (see tests/e2e/schemathesis.toml for the one exception)."""
+@pytest.mark.parametrize("keyed", [True, False], ids=["with-key", "without-key"])
+def test_schema_driven_fuzzing_with_every_check_passes(
+    service, ray_cluster, tmp_path: Path, keyed: bool
+) -> None:
+    """Schemathesis over the whole API (PUTs of rules and offers included). With a key, every
+    check: no server error, every status and body as documented, schema-invalid data refused,
+    schema-valid data taken (see tests/e2e/schemathesis.toml for the one exception), and
+    ``ignored_auth``: each operation refuses a request without the key. Without a key: no
+    server error, and every answer is documented (401 everywhere but the health checks)."""
     url, _, _ = service
+    schema = tmp_path / "openapi.json"
+    schema.write_text(http.get(f"{url}/openapi.json").text)  # the schema itself needs a key
     st = Path(sys.executable).with_name("st")
+    auth = ["-H", f"Authorization: Bearer {ray_cluster.token}"] if keyed else []
+    checks = "all" if keyed else "not_a_server_error,status_code_conformance"
     result = subprocess.run(
         [
             str(st), "--config-file", str(ROOT / "tests" / "e2e" / "schemathesis.toml"),
-            "run", f"{url}/openapi.json", "--checks", "all",
-            "--max-examples", "40", "--seed", "7", "--request-timeout", "30",
+            "run", str(schema), "--url", url, *auth, "--checks", checks,
+            "--max-examples", "40" if keyed else "10", "--seed", "7", "--request-timeout", "30",
             "--report", "junit", "--report-dir", str(tmp_path),
         ],
         check=False, capture_output=True, text=True, timeout=900, cwd=ROOT,

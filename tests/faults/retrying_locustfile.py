@@ -22,6 +22,7 @@ from locust import FastHttpUser, constant, task
 from tests.faults.killtest import batch
 
 RECORD = os.environ.get("KAIROS_KT_RECORD", "kill-test-record.txt")
+AUTHORIZATION = f"Bearer {os.environ['KAIROS_API_KEY']}"
 _batches = itertools.count()
 #: what Serve's proxy answers for a route no application has yet
 SERVE_STARTING = "not found. Ping http"
@@ -37,7 +38,11 @@ class RetryingDevice(FastHttpUser):
         self.record.close()
 
     def _post(self, body: bytes, key: str) -> int:
-        headers = {"content-type": "application/msgpack", "Idempotency-Key": key}
+        headers = {
+            "content-type": "application/msgpack",
+            "Idempotency-Key": key,
+            "Authorization": AUTHORIZATION,
+        }
         with self.client.post(
             "/v1/events", data=body, headers=headers, name="POST /v1/events", catch_response=True
         ) as response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import requests
+from tests.keys import http
 
 
 def settle(url: str, timeout: float = 90.0) -> dict[str, Any]:
@@ -14,7 +14,7 @@ def settle(url: str, timeout: float = 90.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        r = requests.get(f"{url}/v1/stats", timeout=30)
+        r = http.get(f"{url}/v1/stats", timeout=30)
         if r.status_code == 200:
             stats = r.json()
             done = stats["log"]["lag"] == 0 and stats["pending"] == 0

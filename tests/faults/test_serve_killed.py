@@ -25,6 +25,7 @@ import requests
 from tests.conftest import ROOT
 from tests.faults.killtest import BATCH, CUSTOMERS
 from tests.faults.service import settle
+from tests.keys import http, lookup, make_key, use_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -40,6 +41,8 @@ class Service:
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        # a key of its own in the service's data folder (kairos serve then makes no other)
+        self.token = make_key(data / "keys.json", ["ingest", "read_profile", "admin"])
 
     def start(self) -> float:
         """Start and wait for /readyz; the seconds it took."""
@@ -115,8 +118,10 @@ def test_kairos_serve_killed_twice_under_locust_loses_and_doubles_nothing(tmp_pa
     record = tmp_path / "record.txt"
     service = Service(tmp_path / "service", free_port(), free_port())
     ready_s = [service.start()]
+    use_key(service.token)  # settle() and the lookups below
     env = {
         **os.environ,
+        "KAIROS_API_KEY": service.token,
         "KAIROS_KT_BATCH": str(BATCH),
         "KAIROS_KT_CUSTOMERS": str(CUSTOMERS),
         "KAIROS_KT_BASE_MS": str(base_ms),
@@ -145,7 +150,7 @@ def test_kairos_serve_killed_twice_under_locust_loses_and_doubles_nothing(tmp_pa
         for number in sorted(sent - ok):  # Locust stopped while they were being retried
             body = msgpack.packb(batch(number, base_ms))
             headers = {"content-type": "application/msgpack", "Idempotency-Key": f"kt-b{number}"}
-            while requests.post(f"{service.url}/v1/events", data=body, headers=headers,
+            while http.post(f"{service.url}/v1/events", data=body, headers=headers,
                                 timeout=60).status_code != 202:  # fmt: skip
                 time.sleep(0.5)
         stats = settle(service.url, timeout=180)
@@ -158,7 +163,7 @@ def test_kairos_serve_killed_twice_under_locust_loses_and_doubles_nothing(tmp_pa
         reference.end_stream()
         for k in range(0, CUSTOMERS, 7):
             customer = f"kt-{k}"
-            got = requests.get(f"{service.url}/v1/customers/{customer}", timeout=30).json()
+            got = lookup(service.url, customer, timeout=30).json()
             want = reference.customer(customer)
             assert want is not None
             assert got["rule_state"] == want["rules"], customer

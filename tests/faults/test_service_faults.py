@@ -23,6 +23,7 @@ import requests
 
 from tests.conftest import Cluster
 from tests.faults.service import settle as _settle
+from tests.keys import http, lookup
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +45,7 @@ def _deploy(
     config = ServiceConfig(
         name=name,
         data_dir=str(data),
+        keys_file=ray_cluster.keys_file,
         idle_release_ms=300,
         nats_url=broker.start(),
         checkpoint_every_s=checkpoint_every_s,
@@ -108,7 +110,7 @@ class Client(threading.Thread):
         body = msgpack.packb(events)
         while True:
             try:
-                r = requests.post(
+                r = http.post(
                     f"{self.url}/v1/events", data=body, headers={**MSGPACK, "Idempotency-Key": key},
                     timeout=10,
                 )  # fmt: skip
@@ -161,7 +163,7 @@ def test_a_killed_gateway_heals_by_itself_and_every_accepted_event_is_applied_on
     assert stats["applied"] == total and stats["duplicates"] == 0, (stats, total)
     assert stats["customers"] == CUSTOMERS
     for customer in list(accepted)[:40]:
-        record = requests.get(f"{url}/v1/customers/{customer}", timeout=30).json()
+        record = lookup(url, customer, timeout=30).json()
         assert record["aggregates"]["event_count"] == accepted[customer], customer
     assert time.monotonic() - killed < 60
 
@@ -182,7 +184,7 @@ def test_while_the_log_is_down_no_event_is_acknowledged_and_none_before_is_lost(
         ]  # fmt: skip
 
     def post(tag: int) -> requests.Response:
-        return requests.post(f"{url}/v1/events", data=msgpack.packb(batch(tag)),
+        return http.post(f"{url}/v1/events", data=msgpack.packb(batch(tag)),
                              headers=MSGPACK, timeout=60)  # fmt: skip
 
     assert post(1).status_code == 202
@@ -199,10 +201,10 @@ def test_while_the_log_is_down_no_event_is_acknowledged_and_none_before_is_lost(
         time.sleep(0.5)
     _settle(url)
     for tag, count in ((1, 50), (4, 50)):
-        record = requests.get(f"{url}/v1/customers/down-{tag}", timeout=30).json()
+        record = lookup(url, f"down-{tag}", timeout=30).json()
         assert record["aggregates"]["event_count"] == count
     for tag in (2, 3):
-        assert requests.get(f"{url}/v1/customers/down-{tag}", timeout=30).status_code == 404
+        assert lookup(url, f"down-{tag}", timeout=30).status_code == 404
 
 
 @pytest.mark.faults
@@ -221,7 +223,7 @@ def test_while_checkpoints_cannot_be_written_no_event_is_acknowledged(events_onl
              "kind": "usage", "ts": now - 20 + i, "mb": 1.0}
             for i in range(20)
         ]  # fmt: skip
-        return requests.post(f"{url}/v1/events", data=msgpack.packb(events), headers=MSGPACK,
+        return http.post(f"{url}/v1/events", data=msgpack.packb(events), headers=MSGPACK,
                              timeout=60)  # fmt: skip
 
     assert post(1).status_code == 202
@@ -257,10 +259,10 @@ def test_while_checkpoints_cannot_be_written_no_event_is_acknowledged(events_onl
     accepted.append(tag)
     _settle(url)
     for tag in accepted:
-        record = requests.get(f"{url}/v1/customers/chk-{tag}", timeout=30).json()
+        record = lookup(url, f"chk-{tag}", timeout=30).json()
         assert record["aggregates"]["event_count"] == 20, tag
     for tag in refused:
-        assert requests.get(f"{url}/v1/customers/chk-{tag}", timeout=30).status_code == 404
+        assert lookup(url, f"chk-{tag}", timeout=30).status_code == 404
 
 
 def _rss_mb(pid: int) -> float:
@@ -322,7 +324,11 @@ def test_overload_gets_202_or_503_and_memory_stays_bounded(events_only) -> None:
     async def open_loop() -> int:
         timeout = aiohttp.ClientTimeout(total=180)
         connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        async with aiohttp.ClientSession(
+            timeout=timeout,
+            connector=connector,
+            headers={"Authorization": str(http.headers["Authorization"])},
+        ) as session:
             tasks, start, n = [], time.monotonic(), 0
             while (now := time.monotonic()) - start < seconds:
                 if n < (now - start) * rate:
@@ -341,7 +347,7 @@ def test_overload_gets_202_or_503_and_memory_stays_bounded(events_only) -> None:
     stored_before, stored_now = [], []
     for n in range(sent):  # the client sends again what got 503 (the same body: the same key)
         while answered.get(n) != 202:
-            r = requests.post(f"{url}/v1/events", data=body(n), headers=MSGPACK, timeout=60)
+            r = http.post(f"{url}/v1/events", data=body(n), headers=MSGPACK, timeout=60)
             answered[n] = r.status_code
             if r.status_code == 202:
                 (stored_before if r.json()["duplicate"] else stored_now).append(n)
@@ -386,7 +392,7 @@ def _records(url: str, people: list[str]) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
     def one(who: str) -> Any:
-        return requests.get(f"{url}/v1/customers/{who}", timeout=30).json()
+        return lookup(url, who, timeout=30).json()
 
     with ThreadPoolExecutor(8) as pool:
         return dict(zip(people, pool.map(one, people), strict=True))
@@ -412,7 +418,7 @@ def test_a_clean_restart_keeps_golden_records_consent_and_contact_history(
             events.append({"event_id": 3 + 10 * i, "customer_id": who, "kind": "consent",
                            "ts": t + i + 2, "channel": "sms", "granted": False})  # fmt: skip
     for start in range(0, len(events), 1_000):
-        r = requests.post(f"{url}/v1/events", data=msgpack.packb(events[start : start + 1_000]),
+        r = http.post(f"{url}/v1/events", data=msgpack.packb(events[start : start + 1_000]),
                           headers=MSGPACK, timeout=30)  # fmt: skip
         assert r.status_code == 202, r.text
     _settle(url)
@@ -420,7 +426,7 @@ def test_a_clean_restart_keeps_golden_records_consent_and_contact_history(
     answers: list[tuple[str, str]] = []
     for who in people[:60]:
         body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
-        d = requests.post(f"{url}/v1/decide", json=body, timeout=30).json()
+        d = http.post(f"{url}/v1/decide", json=body, timeout=30).json()
         answers.append((d["action"], d["reason"]))
         if d["delivered"]:
             offered[who] = d["action"]
@@ -439,7 +445,7 @@ def test_a_clean_restart_keeps_golden_records_consent_and_contact_history(
         assert all(after[w]["aggregates"]["consent_withdrawn"] for w in withdrawn)
         for who, offer in offered.items():  # the same offer is not made again (its cooldown)
             body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
-            d = requests.post(f"{url}/v1/decide", json=body, timeout=30).json()
+            d = http.post(f"{url}/v1/decide", json=body, timeout=30).json()
             reasons = {c["offer_id"]: c["excluded"] for c in d["candidates"]}
             assert d["action"] != offer and reasons[offer] in ("cooldown", "frequency_cap"), d
     finally:
@@ -463,19 +469,19 @@ def test_decisions_and_offer_changes_answered_before_a_crash_survive_it(
         people = [f"dc-{i}" for i in range(40)]
         t = int(time.time() * 1000)
         profiles = [_profile(who, 1 + i, t + i) for i, who in enumerate(people)]
-        r = requests.post(f"{url}/v1/events", data=msgpack.packb(profiles), headers=MSGPACK,
+        r = http.post(f"{url}/v1/events", data=msgpack.packb(profiles), headers=MSGPACK,
                           timeout=30)  # fmt: skip
         assert r.status_code == 202, r.text
         _settle(url)
-        offers = requests.get(f"{url}/v1/offers", timeout=30).json()
+        offers = http.get(f"{url}/v1/offers", timeout=30).json()
         offers["policy"]["control_share"] = 0.0  # everyone is decided for, no control group
         offers["policy"]["exploration"] = 0.0
-        r = requests.put(f"{url}/v1/offers", json=offers, timeout=60)
+        r = http.put(f"{url}/v1/offers", json=offers, timeout=60)
         assert r.status_code == 200, r.text
         answered = {}
         for who in people:
             body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
-            r = requests.post(f"{url}/v1/decide", json=body, timeout=30)
+            r = http.post(f"{url}/v1/decide", json=body, timeout=30)
             assert r.status_code == 200, r.text
             answered[who] = r.json()
         delivered = {who: d["action"] for who, d in answered.items() if d["delivered"]}
@@ -483,14 +489,14 @@ def test_decisions_and_offer_changes_answered_before_a_crash_survive_it(
 
         ray.kill(_gateway(config), no_restart=False)  # no checkpoint since the PUT
         deadline = time.monotonic() + 120
-        while requests.get(f"{url}/readyz", timeout=30).status_code != 200:
+        while http.get(f"{url}/readyz", timeout=30).status_code != 200:
             assert time.monotonic() < deadline, "the service did not heal"
             time.sleep(0.5)
 
-        assert requests.get(f"{url}/v1/offers", timeout=30).json()["policy"] == offers["policy"]
+        assert http.get(f"{url}/v1/offers", timeout=30).json()["policy"] == offers["policy"]
         for who, offer in delivered.items():
             body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
-            d = requests.post(f"{url}/v1/decide", json=body, timeout=30).json()
+            d = http.post(f"{url}/v1/decide", json=body, timeout=30).json()
             reasons = {c["offer_id"]: c["excluded"] for c in d["candidates"]}
             assert d["action"] != offer and reasons[offer] in ("cooldown", "frequency_cap"), d
         ray.get(_gateway(config).drain.remote())
@@ -518,7 +524,7 @@ def test_a_restarted_gateway_serves_the_model_version_of_its_checkpoint(
 
         def decide(who: str) -> dict[str, Any]:
             body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
-            r = requests.post(f"{url}/v1/decide", json=body, timeout=30)
+            r = http.post(f"{url}/v1/decide", json=body, timeout=30)
             assert r.status_code == 200, r.text
             return dict(r.json())
 
@@ -530,7 +536,7 @@ def test_a_restarted_gateway_serves_the_model_version_of_its_checkpoint(
         registry.set_champion(newer.version)
         ray.kill(_gateway(config), no_restart=False)
         deadline = time.monotonic() + 120
-        while requests.get(f"{url}/readyz", timeout=30).status_code != 200:
+        while http.get(f"{url}/readyz", timeout=30).status_code != 200:
             assert time.monotonic() < deadline, "the service did not heal"
             time.sleep(0.5)
         assert decide("mv-2")["model_version"] == served != newer.version
@@ -583,7 +589,7 @@ def test_a_killed_ranker_is_replaced_and_every_trigger_is_decided_once(
                 ]  # fmt: skip
             body = msgpack.packb(events)
             while True:  # retried with the same body (the same key) until acknowledged
-                r = requests.post(f"{url}/v1/events", data=body, headers=MSGPACK, timeout=30)
+                r = http.post(f"{url}/v1/events", data=body, headers=MSGPACK, timeout=30)
                 statuses[r.status_code] += 1
                 if r.status_code == 202:
                     break

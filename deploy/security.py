@@ -1,0 +1,229 @@
+"""Who may call the API, and the record of what they did.
+
+``AuthMiddleware`` runs before anything else of a request (before its body is read): health
+checks pass; every other path needs ``Authorization: Bearer <key>`` of an active key (else 401)
+with the scope its route needs (``ROUTE_SCOPES``; else 403). An unknown path is 401 too for a
+caller without a key: nothing answers an outsider but the health checks. The principal is put in
+``request.state.principal`` for the route (restricted kinds, audit records).
+
+One ``Guard`` per API replica holds the key store (``engine.governance.keys``, read again when
+its file changes), the audit trail (``engine.governance.audit``) and the per-key rate limits
+(``KeyRateLimits``: leases from the gateway's ``RateLimiterActor``; over the limit, 429 with
+``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from engine.governance.audit import AuditTrail, audit_key
+from engine.governance.keys import ApiKey, AuthError, KeyStore, Principal
+from engine.governance.ratelimit import Allowances, lease_size, retry_after
+
+log = logging.getLogger("ray.serve")
+
+#: the scope each route needs (method, path); any other path needs a valid key of any scope
+ROUTE_SCOPES: dict[tuple[str, str], str] = {
+    ("POST", "/v1/events"): "ingest",
+    ("POST", "/v1/decide"): "decide",
+    ("POST", "/v1/customers/lookup"): "read_profile",
+    ("GET", "/v1/rules"): "admin",
+    ("PUT", "/v1/rules"): "admin",
+    ("GET", "/v1/offers"): "admin",
+    ("PUT", "/v1/offers"): "admin",
+    ("GET", "/v1/stats"): "admin",
+}
+#: answered without a key: liveness and readiness say nothing about customers or configuration
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class KeyRateLimits:
+    """A replica's side of the per-key limits: it spends tokens leased from the central
+    bucket (the gateway's ``RateLimiterActor``), and asks for a new lease when they run out."""
+
+    def __init__(self, gateway: Any, default_rate_per_s: float) -> None:
+        self.gateway, self.default_rate = gateway, default_rate_per_s
+        self.allowances = Allowances()
+        self._limiter: Any = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._warned = 0.0
+
+    async def admit(self, principal: Principal) -> float | None:
+        """None if the request may go on, else the seconds the client should wait."""
+        rate = principal.rate_per_s if principal.rate_per_s is not None else self.default_rate
+        if not rate:
+            return None  # 0: no limit
+        key = principal.key_id
+        spent, wait = self.allowances.spend(key, time.monotonic())
+        if spent or wait is not None:
+            return wait
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            # another request of this key may have leased while this one waited
+            spent, wait = self.allowances.spend(key, time.monotonic())
+            if spent or wait is not None:
+                return wait
+            try:
+                granted, until = await asyncio.wait_for(self._take(key, rate), timeout=2.0)
+            except (ray.exceptions.RayError, TimeoutError):
+                # the gateway (which owns the ledger) is restarting: admit rather than refuse
+                # every caller for it; the engine's own 503s still apply
+                if time.monotonic() - self._warned > 30:
+                    self._warned = time.monotonic()
+                    log.warning("the rate limiter does not answer; admitting meanwhile")
+                return None
+            return self.allowances.leased(key, granted, until, time.monotonic())
+
+    async def _take(self, key: str, rate: float) -> tuple[int, float]:
+        for attempt in range(2):
+            if self._limiter is None or attempt:
+                self._limiter = (await self.gateway.routing.remote())["limiter"]
+            try:
+                granted, wait = await self._limiter.take.remote(key, rate, lease_size(rate))
+                return int(granted), float(wait)
+            except ray.exceptions.RayActorError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class Guard:
+    """An API replica's keys, audit trail and rate limits (None: no limits)."""
+
+    keys: KeyStore
+    audit: AuditTrail
+    limits: KeyRateLimits | None = None
+
+    @classmethod
+    def open(
+        cls, keys_file: str, audit_file: str, pseudonym_key: str, limits: KeyRateLimits | None
+    ) -> Guard:
+        return cls(KeyStore(keys_file), AuditTrail(audit_file, audit_key(pseudonym_key)), limits)
+
+    def record(self, principal: Principal | None, action: str, **fields: Any) -> None:
+        self.audit.append([{"action": action, "actor": _actor(principal), **fields}])
+
+    def record_many(self, records: Iterable[Mapping[str, Any]]) -> None:
+        self.audit.append(records)
+
+
+def _actor(principal: Principal | None) -> str:
+    return f"key:{principal.key_id}" if principal else "anonymous"
+
+
+def cli_actor() -> str:
+    """Who ran a ``kairos`` command, for audit records of key changes."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid-{os.getuid()}"
+
+
+#: the replica's guard, used by the middleware (one API replica per process)
+_installed: dict[str, Guard] = {}
+
+
+def install(guard: Guard) -> None:
+    _installed["guard"] = guard
+
+
+def required_scope(method: str, path: str) -> str | None:
+    return ROUTE_SCOPES.get((method, path))
+
+
+class AuthMiddleware:
+    """Pure ASGI middleware (no per-request task, unlike ``@app.middleware``)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        guard = _installed.get("guard")
+        if guard is None:
+            await _answer(send, 503, "the API is starting; try again shortly", retry=2)
+            return
+        header = None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                header = value.decode("latin-1")
+                break
+        try:
+            principal = guard.keys.authenticate(header)
+        except AuthError as exc:
+            await _answer(send, exc.status, exc.detail, bearer=True)
+            return
+        except (OSError, ValueError):  # the key file cannot be read: refuse, say why in the log
+            await _answer(send, 503, "the key store cannot be read", retry=2)
+            return
+        need = required_scope(scope["method"], scope["path"])
+        if need is not None and not principal.may(need):
+            guard.record(principal, "denied", route=f"{scope['method']} {scope['path']}",
+                          missing=need)  # fmt: skip
+            await _answer(send, 403, f"this key lacks the scope {need!r} this call needs")
+            return
+        if guard.limits is not None:
+            wait = await guard.limits.admit(principal)
+            if wait is not None:
+                await _answer(send, 429, "this key is over its rate limit: slow down",
+                              retry=retry_after(wait))  # fmt: skip
+                return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+
+async def _answer(
+    send: Any, status: int, detail: str, bearer: bool = False, retry: int | None = None
+) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if bearer:
+        headers.append((b"www-authenticate", b'Bearer realm="kairos"'))
+    if retry is not None:
+        headers.append((b"retry-after", b"%d" % retry))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def record_key_change(audit_file: str | os.PathLike[str], action: str, key: ApiKey) -> None:
+    """A key created or revoked (by a command, not a request): into the audit trail."""
+    from engine.config import EngineSettings
+
+    trail = AuditTrail(audit_file, audit_key(EngineSettings().pseudonym_key))
+    try:
+        trail.append([{"action": action, "actor": cli_actor(), "key": key.id, "name": key.name,
+                       "scopes": list(key.scopes)}])  # fmt: skip
+    finally:
+        trail.close()
+
+
+def bootstrap_key(keys_file: str, audit_file: str, data_dir: str) -> Path | None:
+    """A first key with every scope when the store has none (a fresh ``kairos serve``): its
+    token goes to ``DATA_DIR/bootstrap.key`` (mode 0600), never to the console or a log.
+    Returns that path, or None when keys exist."""
+    from engine.governance.keys import SCOPES
+
+    store = KeyStore(keys_file)
+    if len(store):
+        return None
+    key, token = store.create("bootstrap", list(SCOPES))
+    record_key_change(audit_file, "key.create", key)
+    out = Path(data_dir) / "bootstrap.key"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return out

@@ -1,0 +1,209 @@
+"""API keys (scopes, hashed secrets, revocation, expiry) and the hash-chained audit trail."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+
+import pytest
+
+from engine.governance.audit import AuditTrail, audit_key, handle, verify
+from engine.governance.keys import AuthError, KeyStore, KeyStoreError
+from engine.governance.ratelimit import Allowances, TokenBuckets, lease_size, retry_after
+
+KEY = audit_key("a-test-secret")
+
+
+def _bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+def test_a_created_key_authenticates_with_its_scopes_and_only_its_hash_is_stored(
+    tmp_path,
+) -> None:
+    store = KeyStore(tmp_path / "keys.json")
+    key, token = store.create("loader", ["ingest", "decide"])
+    principal = KeyStore(tmp_path / "keys.json").authenticate(_bearer(token))  # another process
+    assert principal.key_id == key.id and principal.scopes == {"ingest", "decide"}
+    assert principal.may("ingest") and not principal.may("admin")
+    stored = (tmp_path / "keys.json").read_text()
+    assert token.split("_")[-1] not in stored and key.secret_sha256 in stored
+    assert (tmp_path / "keys.json").stat().st_mode & 0o077 == 0  # not readable by others
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "Bearer", "Basic abc", "Bearer kairos_000000000000_" + "A" * 43, "Bearer junk"],
+)
+def test_missing_or_malformed_or_unknown_keys_are_401(tmp_path, header) -> None:
+    store = KeyStore(tmp_path / "keys.json")
+    store.create("x", ["admin"])
+    with pytest.raises(AuthError) as info:
+        store.authenticate(header)
+    assert info.value.status == 401
+
+
+def test_a_right_id_with_a_wrong_secret_is_401(tmp_path) -> None:
+    store = KeyStore(tmp_path / "keys.json")
+    _, token = store.create("x", ["admin"])
+    wrong = token[:-1] + ("A" if token[-1] != "A" else "B")
+    with pytest.raises(AuthError):
+        store.authenticate(_bearer(wrong))
+
+
+def test_revoked_and_expired_keys_stop_working_in_a_running_reader(tmp_path) -> None:
+    writer, reader = KeyStore(tmp_path / "keys.json"), KeyStore(tmp_path / "keys.json")
+    key, token = writer.create("x", ["decide"])
+    short, short_token = writer.create("y", ["decide"], expires_in_s=0.2)
+    reader.refresh(force=True)
+    assert reader.authenticate(_bearer(token)).key_id == key.id
+    assert reader.authenticate(_bearer(short_token)).key_id == short.id
+    writer.revoke(key.id)
+    time.sleep(1.1)  # a reader looks at the file at most once a second
+    for t in (token, short_token):
+        with pytest.raises(AuthError):
+            reader.authenticate(_bearer(t))
+    assert {k.id: k.state(int(time.time() * 1000)) for k in reader.entries()} == {
+        key.id: "revoked",
+        short.id: "expired",
+    }
+
+
+def test_unknown_scopes_and_ids_are_refused_with_their_name(tmp_path) -> None:
+    store = KeyStore(tmp_path / "keys.json")
+    with pytest.raises(KeyStoreError, match="superuser"):
+        store.create("x", ["ingest", "superuser"])
+    with pytest.raises(KeyStoreError, match="nope"):
+        store.revoke("nope")
+    assert len(store) == 0
+
+
+def _create_many(path: str, n: int) -> None:
+    store = KeyStore(path)
+    for i in range(n):
+        store.create(f"k{i}", ["ingest"])
+
+
+def test_keys_created_by_two_processes_at_once_are_all_kept(tmp_path) -> None:
+    path = str(tmp_path / "keys.json")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_create_many, args=(path, 20)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert len(KeyStore(path)) == 40
+
+
+# -- audit trail ---------------------------------------------------------------------------
+
+
+def _write(path, n: int) -> None:
+    trail = AuditTrail(path, KEY)
+    trail.append({"action": "profile.read", "actor": "k1", "subject": handle(i)} for i in range(n))
+    trail.close()
+
+
+def _lines(path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_n_appends_give_n_chained_records_that_verify(tmp_path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write(path, 10)
+    trail = AuditTrail(path, KEY)  # reopened: continues the chain
+    assert trail.append([{"action": "decide", "actor": "k2", "subject": handle(99)}]) == 11
+    trail.close()
+    result = verify(path, KEY)
+    assert result.ok and result.records == 11 and result.head_seq == 11, result.problems
+    records = [json.loads(line) for line in _lines(path)]
+    assert [r["seq"] for r in records] == list(range(1, 12))
+    assert records[0]["subject"] == "c:0000000000000000"
+
+
+@pytest.mark.parametrize("tamper", ["change", "remove", "swap", "insert", "forge"])
+def test_a_changed_removed_swapped_or_inserted_record_is_detected(tmp_path, tamper) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write(path, 6)
+    lines = _lines(path)
+    if tamper == "change":
+        lines[2] = lines[2].replace('"profile.read"', '"decide"')
+    elif tamper == "remove":
+        del lines[3]
+    elif tamper == "swap":
+        lines[2], lines[3] = lines[3], lines[2]
+    elif tamper == "insert":
+        lines.insert(4, lines[1])
+    else:  # rewritten with a MAC from another key: whoever lacks the key cannot re-chain
+        other = tmp_path / "other.jsonl"
+        trail = AuditTrail(other, audit_key("another-secret"))
+        trail.append([{"action": "profile.read", "actor": "k1", "subject": handle(0)}])
+        trail.close()
+        lines[0] = _lines(other)[0]
+    path.write_text("\n".join(lines) + "\n")
+    result = verify(path, KEY)
+    assert not result.ok
+    assert result.problems[0].startswith("line "), result.problems
+
+
+def _append_many(path: str, writer: int) -> None:
+    trail = AuditTrail(path, KEY)
+    for i in range(200):
+        trail.append([{"action": "decide", "actor": f"w{writer}", "subject": handle(i)}])
+    trail.close()
+
+
+def test_two_processes_appending_at_once_keep_one_chain(tmp_path) -> None:
+    path = str(tmp_path / "audit.jsonl")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(path, w)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    result = verify(path, KEY)
+    assert result.ok and result.records == 400, result.problems
+
+
+# -- rate limits -----------------------------------------------------------------------------
+
+
+def _simulate(replicas: int, rate: float, offered_per_s: float, seconds: float) -> int:
+    """Requests admitted when ``offered_per_s`` arrive, spread over ``replicas`` that lease
+    from one central ledger (a simulated clock)."""
+    ledger, purses = TokenBuckets(), [Allowances() for _ in range(replicas)]
+    admitted, n = 0, int(offered_per_s * seconds)
+    for i in range(n):
+        now, purse = i / offered_per_s, purses[i % replicas]
+        spent, wait = purse.spend("k", now)
+        if spent:
+            admitted += 1
+        elif wait is None:
+            granted, until = ledger.take("k", rate, lease_size(rate), now)
+            admitted += purse.leased("k", granted, until, now) is None
+    return admitted
+
+
+@pytest.mark.parametrize("rate", [5.0, 50.0, 2_000.0])
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_a_key_gets_its_rate_across_replicas_within_ten_percent(rate, replicas) -> None:
+    seconds = 20.0
+    admitted = _simulate(replicas, rate, offered_per_s=rate * 5, seconds=seconds)
+    expected = rate * seconds + max(rate, 1.0)  # the refill, and one second's burst
+    assert abs(admitted - expected) <= 0.1 * expected, (admitted, expected)
+
+
+def test_a_refused_replica_says_how_long_to_wait_and_does_not_ask_again_at_once() -> None:
+    ledger, purse = TokenBuckets(), Allowances()
+    granted, until = ledger.take("k", 10.0, 10, 0.0)  # the whole burst
+    assert granted == 10
+    assert purse.leased("k", granted, until, 0.0) is None
+    for _ in range(9):
+        assert purse.spend("k", 0.0) == (True, None)
+    granted, until = ledger.take("k", 10.0, 1, 0.0)
+    assert granted == 0 and until == pytest.approx(0.1)
+    assert purse.leased("k", granted, until, 0.0) == pytest.approx(0.1)
+    spent, wait = purse.spend("k", 0.01)  # refused a moment ago: no new lease asked
+    assert not spent and wait is not None and wait > 0
+    assert retry_after(until) == 1
