@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/kairos demo
+	$(BIN)/kairos demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -33,11 +33,11 @@ unit: $(STAMP)
 
 # One local Ray cluster (with Serve) shared by the whole process
 integration: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/pytest tests/integration tests/faults tests/e2e -q -m "not faults"
+	$(BIN)/pytest tests/integration tests/faults tests/e2e -q -m "not faults"
 
 # The long fault-injection runs (actors killed during 2M-event replays, ...); CI runs them too
 test-faults: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/pytest tests/faults -q -m faults
+	$(BIN)/pytest tests/faults -q -m faults
 
 # The fast inner loop: lint, types, unit tests and a fifth of the property examples (< 1 min)
 check: lint typecheck
@@ -47,14 +47,14 @@ check: lint typecheck
 test: lint typecheck unit integration
 
 bench: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python loadtests/bench_throughput.py --shards 1 2 4
+	$(BIN)/python loadtests/bench_throughput.py --shards 1 2 4
 
 serve: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/kairos serve
+	$(BIN)/kairos serve --dev
 
 # Locust headless against a local `kairos serve`, then: events accepted = events applied
 loadtest: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python loadtests/run_loadtest.py
+	$(BIN)/python loadtests/run_loadtest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache kairos-data

@@ -7,6 +7,7 @@ import ctypes.util
 import logging
 import os
 import resource
+from pathlib import Path
 
 import ray
 
@@ -25,6 +26,10 @@ ALLOCATOR_ENV = {
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
 
 
+#: where an embedded Ray listens
+LOOPBACK = "127.0.0.1"
+
+
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -37,6 +42,13 @@ def init_ray(
     An embedded Ray gets an explicit object store size and no dashboard unless asked, so it
     starts in seconds on a small machine. Does nothing when Ray is already initialized.
     ``metrics_export_port`` fixes the port of the node's Prometheus endpoint (``/metrics``).
+
+    An embedded Ray is closed to everyone else: its node address is 127.0.0.1 (Ray binds its
+    GCS, raylet, object manager, workers and dashboard there, not on every interface) and it
+    requires Ray's token: Ray 2.60 (pinned in pyproject.toml) turns token authentication on for
+    a new local cluster unless ``RAY_AUTH_MODE`` says otherwise, and keeps the token in
+    ``~/.ray/auth_token``; neither a driver nor the jobs API works without it. (Setting the
+    variable here would be too late: Ray reads it when first imported.)
     """
     if ray.is_initialized():
         return
@@ -50,10 +62,24 @@ def init_ray(
             num_cpus=num_cpus,
             object_store_memory=object_store_mb << 20,
             include_dashboard=dashboard,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
             _metrics_export_port=metrics_export_port,
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
+        protect_token_file()
+
+
+def protect_token_file() -> None:
+    """Ray writes its token to ``~/.ray/auth_token`` readable by everyone on the machine
+    (0644): make it the owner's alone, as any secret."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:
+        pass  # no token file (token auth off, or the token is in RAY_AUTH_TOKEN)
 
 
 def tune_allocator() -> bool:

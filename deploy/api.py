@@ -474,6 +474,7 @@ class KairosApi:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = ServiceConfig.model_validate(config or {})
         cfg = self.config
+        cfg.check_secrets(cfg.settings())  # serve run with the development key: refused
         # detached and restarted by Ray when it dies: a new gateway restores the engine from
         # the last checkpoint and reads the log from there
         self.gateway = GatewayActor.options(

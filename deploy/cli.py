@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deploy import cli_decisions, cli_security, service
+from deploy import cli_decisions, cli_security, doctor, service
 from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog
@@ -35,6 +35,7 @@ app.add_typer(cli_security.audit_app, name="audit")
 app.command()(cli_decisions.simulate)
 app.command()(cli_decisions.train)
 app.command("serve")(service.serve)
+app.command("doctor")(doctor.doctor)
 console = Console()
 err = Console(stderr=True)
 

@@ -16,9 +16,14 @@ from actors.gateway import GatewayConfig, MakeRetrainer, StartRanker
 from actors.ingestlog import LogConfig
 from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
 from deploy.ranker import make_retrainer, start_ranker
-from engine.config import EngineSettings
+from engine.config import DEFAULT_PSEUDONYM_KEY, EngineSettings
+from engine.errors import EngineError
 
 console = Console()
+
+
+class InsecureConfigError(EngineError):
+    """A setting that would expose customers or the cluster; the message says what to do."""
 
 
 class ServiceConfig(BaseModel):
@@ -72,6 +77,11 @@ class ServiceConfig(BaseModel):
         description="Requests per second per API key across all replicas, unless the key sets "
         "its own (kairos keys create --rate); 0: no limit. Over it: 429 with Retry-After.",
     )
+    dev_mode: bool = Field(
+        False,
+        description="Development: the public development pseudonym key is allowed (with a "
+        "warning). Otherwise the service refuses to start with it.",
+    )
     keys_file: str | None = Field(
         None, description="The API keys (hashed; default <data_dir>/keys.json)."
     )
@@ -86,6 +96,16 @@ class ServiceConfig(BaseModel):
     @property
     def audit_path(self) -> str:
         return self.audit_file or str(Path(self.data_dir) / "audit" / "audit.jsonl")
+
+    def check_secrets(self, settings: EngineSettings) -> None:
+        """Refuse the public development pseudonym key outside development mode: with it,
+        anyone can recompute every pseudonym from a guessed phone number."""
+        if settings.pseudonym_key == DEFAULT_PSEUDONYM_KEY and not self.dev_mode:
+            raise InsecureConfigError(
+                "KAIROS_PSEUDONYM_KEY is the public development key: set a secret of your own "
+                "(e.g. export KAIROS_PSEUDONYM_KEY=$(openssl rand -hex 32); keep it: customer "
+                "keys derive from it) or run in development mode (kairos serve --dev)"
+            )
 
     def settings(self) -> EngineSettings:
         return EngineSettings(
@@ -178,6 +198,10 @@ def serve(
         str | None,
         typer.Option(help="Where checkpoints go (default DATA_DIR/checkpoints; s3://... too)."),
     ] = None,
+    dev: Annotated[
+        bool,
+        typer.Option("--dev", help="Development mode: allow the public development pseudonym key."),
+    ] = False,
 ) -> None:
     """Run Kairos as a service: POST /v1/events, POST /v1/decide, POST /v1/customers/lookup...
 
@@ -189,6 +213,9 @@ def serve(
     from deploy.natsserver import EmbeddedNats, port_is_free
     from deploy.security import bootstrap_key
 
+    ServiceConfig(dev_mode=dev).check_secrets(EngineSettings())  # before anything starts
+    if dev and EngineSettings().pseudonym_key == DEFAULT_PSEUDONYM_KEY:
+        console.print("[yellow]development mode: pseudonyms use the public development key")
     broker = None
     if nats is None:
         broker = EmbeddedNats(
@@ -205,6 +232,7 @@ def serve(
         nats_url=nats,
         checkpoint_every_s=checkpoint_every,
         checkpoint_uri=checkpoints,
+        dev_mode=dev,
     )
     first_key = bootstrap_key(config.keys_path, config.audit_path, config.data_dir)
     if first_key is not None:

@@ -35,7 +35,7 @@ def one(extra: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as data:
         started = time.monotonic()
         proc = subprocess.Popen(
-            [str(BIN / "kairos"), "serve", "--port", str(port), "--no-dashboard",
+            [str(BIN / "kairos"), "serve", "--dev", "--port", str(port), "--no-dashboard",
              "--metrics-port", str(free_port()), "--data-dir", data, *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
             start_new_session=True,

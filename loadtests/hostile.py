@@ -1,6 +1,6 @@
 """Hostile requests against a real `kairos` service while a background client ingests.
 
-    RAY_AUTH_MODE=disabled .venv/bin/python loadtests/hostile.py [--json]
+    .venv/bin/python loadtests/hostile.py [--json]
 
 Starts the service on a local Ray (Serve's HTTP proxy on 127.0.0.1), runs a background client
 that posts 100-event batches without pause, sends each hostile request of issue 13 in turn,
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 import tempfile
@@ -165,7 +164,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
 
@@ -178,7 +176,9 @@ def main() -> None:
     port = _free_port()
     init_ray(num_cpus=4, object_store_mb=512)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServiceConfig(name="hostile", data_dir=tempfile.mkdtemp(), idle_release_ms=300)
+    config = ServiceConfig(
+        name="hostile", data_dir=tempfile.mkdtemp(), idle_release_ms=300, dev_mode=True
+    )
     _, token = KeyStore(config.keys_path).create("hostile", list(SCOPES))
     KEYED["Authorization"] = f"Bearer {token}"
     apply_apps([api_app_config(config)])

@@ -102,10 +102,10 @@ def main() -> int:
         host = f"http://127.0.0.1:{args.port}"
         log = open(args.out / "kairos-serve.log", "w")  # noqa: SIM115
         server = subprocess.Popen(
-            [str(BIN / "kairos"), "serve", "--port", str(args.port), "--no-dashboard",
+            [str(BIN / "kairos"), "serve", "--dev", "--port", str(args.port), "--no-dashboard",
              "--data-dir", str(args.out / "service")],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")},
+            env=dict(os.environ),
         )  # fmt: skip
     try:
         wait_ready(host, timeout=600)

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+# the session's Ray listens on loopback only, as `kairos serve`'s does (deploy.launch); set
+# before anything imports Ray, which reads it then
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 from engine.config import EngineSettings
 from engine.rules.spec import RuleSet, load_rules
 from engine.testing import EventFactory, utc_ms
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 RULES_FILE = ROOT / "deploy" / "config" / "rules.yaml"
 

@@ -27,6 +27,7 @@ def service(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> I
         name="kairos-e2e",
         data_dir=str(data),
         keys_file=ray_cluster.keys_file,
+        dev_mode=True,  # the public development pseudonym key: a test suite
         idle_release_ms=300,
         nats_url=broker.start(),
         checkpoint_every_s=2.0,

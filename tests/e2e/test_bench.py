@@ -4,7 +4,6 @@ count with the keys issue 3 names, and the same triggers whatever the number of 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ def test_benchmark_prints_one_json_line_per_shard_count() -> None:
             "--customers", "4000", "--shards", "1", "2", "--repeat", "2",
         ],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -45,7 +43,6 @@ def test_ranker_benchmark_scores_through_serve_with_the_largest_model() -> None:
             "--concurrency", "2",
         ],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     line = json.loads(done.stdout.strip().splitlines()[-1])

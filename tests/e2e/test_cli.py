@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 KAIROS = [sys.executable, "-m", "deploy.cli"]
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "COLUMNS": "120"}
+ENV = {**os.environ, "COLUMNS": "120"}
 
 
 def kairos(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

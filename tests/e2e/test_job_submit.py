@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,7 +27,9 @@ def head(tmp_path_factory):
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_AUTH_MODE": "disabled",
+        # token authentication, with a token of the test's own for the head and its clients
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
     }
     env.pop("RAY_ADDRESS", None)
     logs = tmp_path_factory.mktemp("head")
@@ -109,3 +112,20 @@ def test_a_job_with_bad_arguments_fails_with_one_clear_line(head) -> None:
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "failed" in output.lower()
     assert "error:" in output and "/nowhere/events.parquet" in output
+
+
+def test_the_jobs_api_refuses_a_job_without_the_token(head) -> None:
+    """The head runs with token authentication: `POST /api/jobs/` without it (the ShadowRay
+    attack: any command as entrypoint) is refused, and `ray job submit` with a wrong token
+    fails; nothing ran."""
+    import requests
+
+    address, env = head
+    r = requests.post(f"{address}/api/jobs/", json={"entrypoint": "id"}, timeout=30)
+    assert r.status_code in (401, 403), r.text[:300]
+    wrong = {**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    result = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--", "id"],
+        env=wrong, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode != 0 and "uid=" not in result.stdout, result.stdout[-2000:]

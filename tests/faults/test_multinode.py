@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 
@@ -20,7 +21,8 @@ def test_two_nodes_a_shard_and_then_a_node_lost() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "tests.faults.multinode", "--events", "300000"],
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        # every node of the cluster and the driver with one token of the test's own
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

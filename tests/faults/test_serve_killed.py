@@ -51,7 +51,7 @@ class Service:
         log = open(self.data.parent / f"serve-{self.starts}.log", "wb")  # noqa: SIM115
         started = time.monotonic()
         self.proc = subprocess.Popen(
-            [str(BIN / "kairos"), "serve", "--port", str(self.port), "--no-dashboard",
+            [str(BIN / "kairos"), "serve", "--dev", "--port", str(self.port), "--no-dashboard",
              "--no-offers", "--replicas", "1", "--data-dir", str(self.data),
              "--checkpoint-every", "2", "--metrics-port", str(self.metrics_port)],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True,

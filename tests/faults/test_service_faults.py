@@ -46,6 +46,7 @@ def _deploy(
         name=name,
         data_dir=str(data),
         keys_file=ray_cluster.keys_file,
+        dev_mode=True,  # the public development pseudonym key: a test suite
         idle_release_ms=300,
         nats_url=broker.start(),
         checkpoint_every_s=checkpoint_every_s,
