@@ -392,7 +392,6 @@ class ShardLogic:
         if self.decider is None:
             raise EngineError("no offer catalog is set: inbound decisions are off")
         keys = np.asarray(customer_keys, dtype=np.uint64)
-        n = keys.size
         unknown = sorted(set(channels) - set(CHANNELS))
         if unknown:
             raise EngineError(f"unknown channel(s) {unknown}; known: {', '.join(CHANNELS)}")
@@ -400,7 +399,65 @@ class ShardLogic:
         ts = np.asarray(ts_ms, dtype=np.int64)
         if ts.size and not (time_in_range(int(ts.min())) and time_in_range(int(ts.max()))):
             raise EngineError(f"an inbound decision's time is outside {TS_RANGE_TEXT}")
-        slots = self.store.slots_for(keys)
+        known = self.store.lookup(keys) >= 0
+        if known.all():
+            decisions = self._decide_on(self.store, self.decider, keys, channel_ix, ts,
+                                        request_ids, pages)  # fmt: skip
+        else:
+            decisions = self._decide_split(known, keys, channel_ix, ts, request_ids, pages)
+        self._count_decisions(decisions)
+        if logged:
+            self._await_log(decisions)
+        return decisions
+
+    def _decide_split(
+        self,
+        known: np.ndarray,
+        keys: np.ndarray,
+        channel_ix: np.ndarray,
+        ts: np.ndarray,
+        request_ids: np.ndarray,
+        pages: Sequence[str | None] | None,
+    ) -> pa.Table:
+        """Customers never seen are decided for as new ones, over a scratch store that is
+        thrown away: asking creates no golden record (so neither the shard's memory nor any
+        answer tells whether an identifier is known), and their contacts are not kept."""
+        assert self.decider is not None
+        scratch = CustomerStore()
+        scratch.ensure_rules(list(self.store.rule_state))
+        d = self.decider
+        parts, where = [], []
+        for store, decider, sel in (
+            (self.store, d, np.flatnonzero(known)),
+            (
+                scratch,
+                Decider(d.catalog, d.scorer, scratch, d.spec, d.outbound),
+                np.flatnonzero(~known),
+            ),
+        ):
+            if sel.size:
+                picked = None if pages is None else [pages[i] for i in sel.tolist()]
+                parts.append(self._decide_on(store, decider, keys[sel], channel_ix[sel], ts[sel],
+                                             np.asarray(request_ids)[sel], picked))  # fmt: skip
+                where.append(sel)
+        table = pa.concat_tables(parts)
+        back = np.empty(keys.size, dtype=np.int64)
+        back[np.concatenate(where)] = np.arange(keys.size)
+        return table.take(pa.array(back))
+
+    def _decide_on(
+        self,
+        store: CustomerStore,
+        decider: Decider,
+        keys: np.ndarray,
+        channel_ix: np.ndarray,
+        ts: np.ndarray,
+        request_ids: np.ndarray,
+        pages: Sequence[str | None] | None,
+    ) -> pa.Table:
+        """Inbound decisions over ``store``'s records, in request order."""
+        n = keys.size
+        slots = store.slots_for(keys)
         order = sort_order(slots, ts)  # a view is in (customer, time) order
         columns = {
             "event_id": pa.array(np.asarray(request_ids, dtype=np.uint64), type=pa.uint64()),
@@ -411,11 +468,8 @@ class ShardLogic:
             "ts": pa.array(ts, type=pa.int64()).cast(TS_TYPE),
             "page": pa.array(list(pages or [None] * n), type=ROUTED_SCHEMA.field("page").type),
         }
-        view = BatchView(pa.Table.from_pydict(columns), order, slots[order], self.store)
-        decisions = self.decider.decide_inbound(view, channel_ix[order])
-        self._count_decisions(decisions)
-        if logged:
-            self._await_log(decisions)
+        view = BatchView(pa.Table.from_pydict(columns), order, slots[order], store)
+        decisions = decider.decide_inbound(view, channel_ix[order])
         back = np.empty(n, dtype=np.int64)
         back[order] = np.arange(n)
         return decisions.take(pa.array(back))
@@ -449,6 +503,9 @@ class ShardLogic:
         replay = decisions.filter(pa.array(~live & ~copy))
         if replay.num_rows and self.decider is not None:
             delivered = replay.filter(replay.column("delivered"))
+            # as when it was decided: a customer never seen gets no record from asking
+            seen = self.store.lookup(delivered.column("customer_key").to_numpy().astype(np.uint64))
+            delivered = delivered.filter(pa.array(seen >= 0))
             keys = delivered.column("customer_key").to_numpy().astype(np.uint64)
             self.decider.record_contacts(
                 self.store.slots_for(keys),

@@ -250,3 +250,16 @@ def test_a_key_s_rate_limit_holds_across_two_api_replicas(service, ray_cluster) 
     assert set(statuses) <= {200, 429}, set(statuses)
     assert statuses.count(429) > admitted, "the clients did not ask for more than the limit"
     assert abs(admitted - expected) <= 0.1 * expected, (admitted, expected, len(statuses))
+
+
+def test_deciding_for_unknown_identifiers_creates_no_golden_record(service) -> None:
+    """Before, each ``POST /v1/decide`` for an identifier never seen made a golden record;
+    now it is decided as for anyone new and leaves nothing behind."""
+    url, _, _ = service
+    for i in range(10):
+        r = http.post(f"{url}/v1/decide", json={"customer_id": f"sec-never-{i}", "channel": "web"},
+                      timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+    for i in range(10):
+        assert http.post(f"{url}/v1/customers/lookup", json={"customer_id": f"sec-never-{i}"},
+                         timeout=30).status_code == 404  # fmt: skip

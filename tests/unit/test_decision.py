@@ -420,6 +420,38 @@ def test_inbound_requests_get_offers_that_answer_inbound_on_their_channel(event)
     assert [r["action"] for r in after["recent_decisions"]] == [NO_ACTION, NO_ACTION, "web_pass"]
 
 
+def test_asking_for_a_customer_never_seen_creates_no_record_and_keeps_request_order(
+    event,
+) -> None:
+    """``POST /v1/decide`` for an unknown identifier decides as for a new customer, but over a
+    scratch record: no golden record is created (before: one per identifier asked about), the
+    contact is not kept, and known and unknown customers in one batch get their own answers in
+    request order."""
+    rows = [event("profile_update", "known", ms(2026, 3, 1), **PROFILE)]
+    engine, _ = decide(rows, catalog(offers=INBOUND_OFFERS), by_offer({"web_pass": 0.5}))
+    shard = engine.shards[0]
+    size = shard.store.size
+    for i in range(30):
+        d = engine.decide_inbound(f"stranger-{i}", "web", ms(2026, 3, 2), request_id=100 + i)
+        assert d["action"] == "web_pass"  # decided, as for anyone new
+        assert engine.customer(f"stranger-{i}") is None
+    assert shard.store.size == size
+    again = engine.decide_inbound("stranger-0", "web", ms(2026, 3, 2, 1), request_id=999)
+    assert again["action"] == "web_pass"  # no contact was kept: no cooldown
+    key, _ = engine.ingestor.owner_of("known")
+    x, _ = engine.ingestor.owner_of("stranger-x")
+    y, _ = engine.ingestor.owner_of("stranger-y")
+    table = shard.decide_inbound(
+        np.array([x, key, y], dtype=np.uint64), ["web", "web", "app"],
+        np.array([ms(2026, 3, 3)] * 3), np.array([1, 2, 3], dtype=np.uint64),
+    )  # fmt: skip
+    assert table.column("customer_key").to_pylist() == [x, key, y]
+    assert table.column("channel").to_pylist() == ["web", "web", "app"]
+    assert shard.store.size == size
+    known_after = engine.decide_inbound("known", "web", ms(2026, 3, 3, 1), request_id=4)
+    assert known_after["candidates"][0]["excluded"] == "cooldown"  # the known one's was kept
+
+
 def test_inbound_decisions_follow_consent_and_a_retried_request_gets_its_decision_again(
     event,
 ) -> None:
