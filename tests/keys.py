@@ -7,6 +7,8 @@ without a key, or with a narrower one, use plain ``requests`` with their own hea
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -27,8 +29,23 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def use_key(token: str) -> None:
-    """``http`` calls with this key from now on."""
+    """``http`` calls with this key from now on (the session's cluster fixture)."""
     http.headers.update(bearer(token))
+
+
+@contextlib.contextmanager
+def keyed(token: str) -> Iterator[None]:
+    """``http`` calls with this key inside the block, and with the one before after it (a test
+    with a service of its own must not leave its key to the tests after it)."""
+    before = http.headers.get("Authorization")
+    use_key(token)
+    try:
+        yield
+    finally:
+        if before is None:
+            http.headers.pop("Authorization", None)
+        else:
+            http.headers["Authorization"] = before
 
 
 def lookup(url: str, customer_id: str, **kwargs: object) -> requests.Response:

@@ -25,7 +25,7 @@ import requests
 from tests.conftest import ROOT
 from tests.faults.killtest import BATCH, CUSTOMERS
 from tests.faults.service import settle
-from tests.keys import http, lookup, make_key, use_key
+from tests.keys import http, keyed, lookup, make_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -105,9 +105,16 @@ def _wait_for_more(path: Path, more: int, timeout: float = 180) -> None:
 
 
 def test_kairos_serve_killed_twice_under_locust_loses_and_doubles_nothing(tmp_path) -> None:
+    from deploy.natsserver import free_port
+
+    service = Service(tmp_path / "service", free_port(), free_port())
+    with keyed(service.token):  # settle() and the lookups below call with its key
+        _killed_twice(service, tmp_path)
+
+
+def _killed_twice(service: Service, tmp_path: Path) -> None:
     import msgpack
 
-    from deploy.natsserver import free_port
     from deploy.paths import DEFAULT_RULES
     from engine.config import EngineSettings
     from engine.local import LocalEngine
@@ -116,9 +123,7 @@ def test_kairos_serve_killed_twice_under_locust_loses_and_doubles_nothing(tmp_pa
 
     base_ms = int(time.time() * 1000) - 60_000
     record = tmp_path / "record.txt"
-    service = Service(tmp_path / "service", free_port(), free_port())
     ready_s = [service.start()]
-    use_key(service.token)  # settle() and the lookups below
     env = {
         **os.environ,
         "KAIROS_API_KEY": service.token,
