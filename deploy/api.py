@@ -490,7 +490,7 @@ class KairosApi:
         #: who owns a customer: only the ingestor's pseudonymizer and shard map are used here
         self.ingestor = Ingestor(routing["settings"])
         #: API keys and the audit trail, used by deploy.security.AuthMiddleware
-        limits = KeyRateLimits(self.gateway, cfg.rate_limit_per_s)
+        limits = KeyRateLimits(self.gateway, cfg.rate_limit_per_s, routing["limiter"])
         self.guard = Guard.open(
             cfg.keys_path, cfg.audit_path, routing["settings"].pseudonym_key, limits
         )

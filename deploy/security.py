@@ -50,13 +50,19 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 class KeyRateLimits:
     """A replica's side of the per-key limits: it spends tokens leased from the central
-    bucket (the gateway's ``RateLimiterActor``), and asks for a new lease when they run out."""
+    bucket (the gateway's ``RateLimiterActor``). A new lease is fetched in the background when
+    half of one is left, so a request waits for the ledger only when the tokens ran out; and it
+    waits at most ``LEASE_WAIT_S``: a ledger that does not answer (the gateway restarting, a
+    CPU starved under overload) must not hold requests, so they are admitted meanwhile (the
+    API's own 503s still shed load)."""
 
-    def __init__(self, gateway: Any, default_rate_per_s: float) -> None:
+    LEASE_WAIT_S = 0.5
+
+    def __init__(self, gateway: Any, default_rate_per_s: float, limiter: Any = None) -> None:
         self.gateway, self.default_rate = gateway, default_rate_per_s
         self.allowances = Allowances()
-        self._limiter: Any = None
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._limiter: Any = limiter
+        self._leasing: dict[str, asyncio.Task[None]] = {}
         self._warned = 0.0
 
     async def admit(self, principal: Principal) -> float | None:
@@ -65,36 +71,49 @@ class KeyRateLimits:
         if not rate:
             return None  # 0: no limit
         key = principal.key_id
-        spent, wait = self.allowances.spend(key, time.monotonic())
-        if spent or wait is not None:
-            return wait
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            # another request of this key may have leased while this one waited
+        for _ in range(3):  # a lease may come back smaller than the requests waiting for it
             spent, wait = self.allowances.spend(key, time.monotonic())
-            if spent or wait is not None:
+            if spent:
+                if self.allowances.left(key) < max(1, lease_size(rate) // 2):
+                    self._lease(key, rate)  # in the background: the next ones need not wait
+                return None
+            if wait is not None:
                 return wait
             try:
-                granted, until = await asyncio.wait_for(self._take(key, rate), timeout=2.0)
+                await asyncio.wait_for(asyncio.shield(self._lease(key, rate)), self.LEASE_WAIT_S)
             except (ray.exceptions.RayError, TimeoutError):
-                # the gateway (which owns the ledger) is restarting: admit rather than refuse
-                # every caller for it; the engine's own 503s still apply
                 if time.monotonic() - self._warned > 30:
                     self._warned = time.monotonic()
                     log.warning("the rate limiter does not answer; admitting meanwhile")
                 return None
-            return self.allowances.leased(key, granted, until, time.monotonic())
+        return None
 
-    async def _take(self, key: str, rate: float) -> tuple[int, float]:
+    def _lease(self, key: str, rate: float) -> asyncio.Task[None]:
+        """The lease in flight for ``key``, or a new one."""
+        task = self._leasing.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._take(key, rate))
+            self._leasing[key] = task
+            task.add_done_callback(lambda t: self._done(key, t))
+        return task
+
+    def _done(self, key: str, task: asyncio.Task[None]) -> None:
+        self._leasing.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed lease is logged by admit, not by asyncio
+
+    async def _take(self, key: str, rate: float) -> None:
         for attempt in range(2):
             if self._limiter is None or attempt:
                 self._limiter = (await self.gateway.routing.remote())["limiter"]
             try:
                 granted, wait = await self._limiter.take.remote(key, rate, lease_size(rate))
-                return int(granted), float(wait)
             except ray.exceptions.RayActorError:
                 if attempt:
                     raise
-        raise AssertionError("unreachable")
+                continue
+            self.allowances.add(key, int(granted), float(wait), time.monotonic())
+            return
 
 
 @dataclass

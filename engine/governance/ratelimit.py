@@ -67,6 +67,16 @@ class Allowances:
         until = self._refused_until.get(key, 0.0)
         return False, (until - now if until > now else None)
 
+    def left(self, key: str) -> int:
+        return self._tokens.get(key, 0)
+
+    def add(self, key: str, granted: int, wait: float, now: float) -> None:
+        """Book a lease fetched ahead of need: its tokens, or the refusal for a moment."""
+        if granted > 0:
+            self._tokens[key] = self._tokens.get(key, 0) + granted
+        else:
+            self._refused_until[key] = now + min(wait, REFUSAL_CACHE_S)
+
     def leased(self, key: str, granted: int, wait: float, now: float) -> float | None:
         """Book a lease's answer: spend one of ``granted`` for this request, or remember the
         refusal; None when admitted, else the seconds a client should wait."""
