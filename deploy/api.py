@@ -775,7 +775,10 @@ class KairosApi:
     # -- golden records ---------------------------------------------------------------------------
     @api.post(
         "/v1/customers/lookup",
-        responses={404: {"description": "No event of this customer has been seen."}},
+        responses={
+            400: {"description": "The body is not JSON."},
+            404: {"description": "No event of this customer has been seen."},
+        },
         summary="A customer's golden record",
     )
     async def customer(self, body: LookupRequest, request: Request) -> JSONResponse:
