@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,9 +131,6 @@ class Guard:
 
     def record(self, principal: Principal | None, action: str, **fields: Any) -> None:
         self.audit.append([{"action": action, "actor": _actor(principal), **fields}])
-
-    def record_many(self, records: Iterable[Mapping[str, Any]]) -> None:
-        self.audit.append(records)
 
 
 def _actor(principal: Principal | None) -> str:

@@ -104,9 +104,6 @@ class AuditTrail:
                 return int(last["seq"]), str(last["mac"])
             chunk *= 4
 
-    def sync(self) -> None:
-        os.fsync(self._fd)
-
     def close(self) -> None:
         os.fsync(self._fd)
         os.close(self._fd)

@@ -77,15 +77,6 @@ class Allowances:
         else:
             self._refused_until[key] = now + min(wait, REFUSAL_CACHE_S)
 
-    def leased(self, key: str, granted: int, wait: float, now: float) -> float | None:
-        """Book a lease's answer: spend one of ``granted`` for this request, or remember the
-        refusal; None when admitted, else the seconds a client should wait."""
-        if granted > 0:
-            self._tokens[key] = self._tokens.get(key, 0) + granted - 1
-            return None
-        self._refused_until[key] = now + min(wait, REFUSAL_CACHE_S)
-        return wait
-
 
 def retry_after(wait_s: float) -> int:
     """Whole seconds for a ``Retry-After`` header (at least 1)."""
