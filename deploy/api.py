@@ -491,6 +491,9 @@ class KairosApi:
         self.ingestor = Ingestor(routing["settings"])
         #: API keys and the audit trail, used by deploy.security.AuthMiddleware
         limits = KeyRateLimits(self.gateway, cfg.rate_limit_per_s, routing["limiter"])
+        # the ledger's process started, so the first request does not wait out its start (a
+        # request waits for a lease at most LEASE_WAIT_S, then gets 503)
+        ray.get(routing["limiter"].__ray_ready__.remote(), timeout=120)
         self.guard = Guard.open(
             cfg.keys_path, cfg.audit_path, routing["settings"].pseudonym_key, limits
         )

@@ -47,15 +47,21 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
+class LimiterUnavailable(Exception):
+    """The rate-limit ledger did not answer within ``KeyRateLimits.LEASE_WAIT_S``."""
+
+
 class KeyRateLimits:
     """A replica's side of the per-key limits: it spends tokens leased from the central
     bucket (the gateway's ``RateLimiterActor``). A new lease is fetched in the background when
     half of one is left, so a request waits for the ledger only when the tokens ran out; and it
     waits at most ``LEASE_WAIT_S``: a ledger that does not answer (the gateway restarting, a
-    CPU starved under overload) must not hold requests, so they are admitted meanwhile (the
-    API's own 503s still shed load)."""
+    CPU starved under overload) must not hold requests, nor let them through unlimited, so they
+    get ``LimiterUnavailable`` (the API answers 503 with ``Retry-After``)."""
 
     LEASE_WAIT_S = 0.5
+    #: leases a request waits for before it is refused (its key's other requests took them)
+    TRIES = 3
 
     def __init__(self, gateway: Any, default_rate_per_s: float, limiter: Any = None) -> None:
         self.gateway, self.default_rate = gateway, default_rate_per_s
@@ -65,12 +71,14 @@ class KeyRateLimits:
         self._warned = 0.0
 
     async def admit(self, principal: Principal) -> float | None:
-        """None if the request may go on, else the seconds the client should wait."""
+        """None if the request may go on, else the seconds the client should wait.
+
+        Raises ``LimiterUnavailable`` when the ledger does not answer in time."""
         rate = principal.rate_per_s if principal.rate_per_s is not None else self.default_rate
         if not rate:
             return None  # 0: no limit
         key = principal.key_id
-        for _ in range(3):  # a lease may come back smaller than the requests waiting for it
+        for _ in range(self.TRIES):
             spent, wait = self.allowances.spend(key, time.monotonic())
             if spent:
                 if self.allowances.left(key) < max(1, lease_size(rate) // 2):
@@ -80,12 +88,13 @@ class KeyRateLimits:
                 return wait
             try:
                 await asyncio.wait_for(asyncio.shield(self._lease(key, rate)), self.LEASE_WAIT_S)
-            except (ray.exceptions.RayError, TimeoutError):
+            except (ray.exceptions.RayError, TimeoutError) as e:
                 if time.monotonic() - self._warned > 30:
                     self._warned = time.monotonic()
-                    log.warning("the rate limiter does not answer; admitting meanwhile")
-                return None
-        return None
+                    log.warning("the rate limiter does not answer: 503 meanwhile (%r)", e)
+                raise LimiterUnavailable(str(e) or type(e).__name__) from e
+        # every lease it waited for was spent by this key's other requests: over the limit
+        return 1.0 / rate
 
     def _lease(self, key: str, rate: float) -> asyncio.Task[None]:
         """The lease in flight for ``key``, or a new one."""
@@ -191,7 +200,12 @@ class AuthMiddleware:
             await _answer(send, 403, f"this key lacks the scope {need!r} this call needs")
             return
         if guard.limits is not None:
-            wait = await guard.limits.admit(principal)
+            try:
+                wait = await guard.limits.admit(principal)
+            except LimiterUnavailable:
+                await _answer(send, 503, "the service is busy (rate limits could not be "
+                              "checked): try again", retry=1)  # fmt: skip
+                return
             if wait is not None:
                 await _answer(send, 429, "this key is over its rate limit: slow down",
                               retry=retry_after(wait))  # fmt: skip

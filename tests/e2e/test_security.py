@@ -25,8 +25,9 @@ KAIROS = Path(sys.executable).with_name("kairos")
 def _requests(url: str) -> list[tuple[str, str, str | None, dict[str, Any]]]:
     """(method, path, scope it needs, requests kwargs): every route, with a body the right key
     gets a 2xx (or a 404 for an unknown customer) for."""
-    rules = http.get(f"{url}/v1/rules").json()
-    offers = http.get(f"{url}/v1/offers").json()
+    got = [http.get(f"{url}/v1/{what}", timeout=30) for what in ("rules", "offers")]
+    assert all(r.status_code == 200 for r in got), [(r.status_code, r.text) for r in got]
+    rules, offers = (r.json() for r in got)
     usage = {"event_id": "sec-u1", "customer_id": "sec-a", "kind": "usage", "ts": now_ms(),
              "mb": 1.0}  # fmt: skip
     return [
@@ -220,7 +221,8 @@ def test_no_route_takes_a_customer_identifier_in_the_url(service, path) -> None:
 def test_a_key_s_rate_limit_holds_across_two_api_replicas(service, ray_cluster) -> None:
     """A key limited to 10 requests/s, asked by 8 clients at once for 8 s through the proxy to
     two API replicas: admitted within 10 % of 10/s plus its one-second burst (a limit kept per
-    replica would let about twice that through); the rest get 429 with Retry-After."""
+    replica would let about twice that through); the rest get 429 with Retry-After, or 503 with
+    Retry-After if the ledger was too slow to answer (never a request let through unchecked)."""
     from concurrent.futures import ThreadPoolExecutor
 
     url, _, _ = service
@@ -234,7 +236,7 @@ def test_a_key_s_rate_limit_holds_across_two_api_replicas(service, ray_cluster) 
             while time.monotonic() < stop:
                 r = session.get(f"{url}/v1/rules", timeout=30)
                 statuses.append(r.status_code)
-                if r.status_code == 429:
+                if r.status_code in (429, 503):
                     assert int(r.headers["Retry-After"]) >= 1
 
     started = time.monotonic()
@@ -246,8 +248,9 @@ def test_a_key_s_rate_limit_holds_across_two_api_replicas(service, ray_cluster) 
     admitted = statuses.count(200)
     expected = 10.0 * elapsed + 10.0
     print(f"\nrate limit 10/s, two replicas, {elapsed:.1f} s: {admitted} admitted (expected "
-          f"{expected:.0f}), {statuses.count(429)} refused with 429")  # fmt: skip
-    assert set(statuses) <= {200, 429}, set(statuses)
+          f"{expected:.0f}), {statuses.count(429)} refused with 429, {statuses.count(503)} "
+          "with 503")  # fmt: skip
+    assert set(statuses) <= {200, 429, 503}, set(statuses)
     assert statuses.count(429) > admitted, "the clients did not ask for more than the limit"
     assert abs(admitted - expected) <= 0.1 * expected, (admitted, expected, len(statuses))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import time
@@ -208,3 +209,65 @@ def test_a_refused_replica_says_how_long_to_wait_and_does_not_ask_again_at_once(
     spent, wait = purse.spend("k", 0.01)  # refused a moment ago: no new lease asked
     assert not spent and wait is not None and wait > 0
     assert retry_after(until) == 1
+
+
+class _Ledger:
+    """A ``RateLimiterActor`` stand-in: the real ``TokenBuckets`` behind ``take.remote``,
+    answering after ``delay_s`` (an actor call's latency)."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.buckets, self.delay_s = TokenBuckets(), delay_s
+        self.take = self  # ``ledger.take.remote(...)`` as on an actor handle
+
+    async def remote(self, key: str, rate: float, want: int) -> tuple[int, float]:
+        await asyncio.sleep(self.delay_s)
+        return self.buckets.take(key, rate, want, time.monotonic())
+
+
+@pytest.mark.parametrize("delay_s", [0.002, 0.05])
+def test_concurrent_requests_on_two_replicas_get_the_rate_and_no_more(delay_s) -> None:
+    """Four clients per replica waiting on the same lease: a client that lost the race for a
+    lease's token is refused, never let through (it was, after three tries: the CI run of
+    7e48d1e admitted 107 where 91 were due)."""
+    from deploy.security import KeyRateLimits
+    from engine.governance.keys import Principal
+
+    rate, seconds = 10.0, 2.0
+    ledger = _Ledger(delay_s)
+    replicas = [KeyRateLimits(None, rate, limiter=ledger) for _ in range(2)]
+    principal = Principal(key_id="k", name="k", scopes=frozenset({"admin"}), rate_per_s=None)
+    outcomes: list[float | None] = []
+
+    async def client(limits: KeyRateLimits, stop: float) -> None:
+        while time.monotonic() < stop:
+            outcomes.append(await limits.admit(principal))
+            await asyncio.sleep(0.001)
+
+    async def run() -> float:
+        started = time.monotonic()
+        await asyncio.gather(*(client(replicas[i % 2], started + seconds) for i in range(8)))
+        return time.monotonic() - started
+
+    elapsed = asyncio.run(run())
+    admitted = outcomes.count(None)
+    expected = rate * elapsed + rate  # the refill and one second's burst
+    assert len(outcomes) > 3 * expected, "the clients did not ask for more than the limit"
+    assert expected - 2 <= admitted <= expected + 2, (admitted, expected)
+
+
+def test_a_ledger_that_does_not_answer_in_time_refuses_rather_than_admits() -> None:
+    """A slow or dead ledger must not open the gate: ``LimiterUnavailable`` (a 503 with
+    ``Retry-After``), and the lease that comes back later is still booked."""
+    from deploy.security import KeyRateLimits, LimiterUnavailable
+    from engine.governance.keys import Principal
+
+    limits = KeyRateLimits(None, 10.0, limiter=_Ledger(delay_s=KeyRateLimits.LEASE_WAIT_S + 0.2))
+    principal = Principal(key_id="k", name="k", scopes=frozenset({"admin"}))
+
+    async def run() -> float | None:
+        with pytest.raises(LimiterUnavailable):
+            await limits.admit(principal)
+        await asyncio.sleep(0.3)  # the lease arrives
+        return await limits.admit(principal)
+
+    assert asyncio.run(run()) is None
