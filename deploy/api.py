@@ -52,9 +52,8 @@ from engine.events.codec import decode_json, decode_msgpack, event_id_from_text,
 from engine.events.schema import CHANNELS, KIND_NAMES, PAYLOAD_FIELDS
 from engine.events.validation import conform, validate
 from engine.gateway import accepted_by_kind, letter_json, rejected_by_kind
-from engine.governance.audit import handle
 from engine.governance.keys import RESTRICTED_KINDS, Principal
-from engine.ingest import Ingestor
+from engine.ingest import Ingestor, keyed
 from engine.limits import (
     MAX_DOCUMENT_BYTES,
     MAX_DOCUMENT_DEPTH,
@@ -650,7 +649,9 @@ class KairosApi:
         checked = validate(conform(batch), positions)
         valid = checked.batch.filter(checked.keep)
         refused = sorted([*letters, *checked.dead_letters], key=lambda d: d.index)
-        payload = encode_message(valid, checked.positions[checked.keep], refused)
+        # the log holds customer keys, not identifiers (pseudonymized here, in parallel)
+        events = keyed(valid, self.ingestor.pseudonymizer)
+        payload = encode_message(events, checked.positions[checked.keep], refused)
         ingest_log = await self._ingest_log()
         if len(payload) > ingest_log.config.max_message_bytes:
             raise HTTPException(
@@ -706,7 +707,7 @@ class KairosApi:
             (body.customer_id, body.channel, body.context.ts_ms(), request_id, body.context.page)
         )
         self.guard.record(
-            _principal(request), "decide", subject=handle(row["customer_key"]),
+            _principal(request), "decide", subject=self.guard.subject(row["customer_key"]),
             decision=f"{row['decision_id']:016x}", offer=row["action"],
         )  # fmt: skip
         return DecideResponse(
@@ -791,7 +792,8 @@ class KairosApi:
         customer_id = body.customer_id
         key, owner = self.ingestor.owner_of(customer_id)
         record = await self._on_shard(owner, lambda shard: shard.customer.remote(key))
-        self.guard.record(_principal(request), "profile.read", subject=handle(key),
+        self.guard.record(_principal(request), "profile.read",
+                          subject=self.guard.subject(key, exists=record is not None),
                           found=record is not None)  # fmt: skip
         if record is None:
             raise HTTPException(404, "no event of this customer has been seen")

@@ -27,6 +27,7 @@ from typing import Any
 import ray
 
 from engine.governance.audit import AuditTrail, audit_key
+from engine.governance.handles import HandleVault, handles_path
 from engine.governance.keys import ApiKey, AuthError, KeyStore, Principal
 from engine.governance.ratelimit import Allowances, lease_size, retry_after
 
@@ -60,41 +61,50 @@ class KeyRateLimits:
     get ``LimiterUnavailable`` (the API answers 503 with ``Retry-After``)."""
 
     LEASE_WAIT_S = 0.5
-    #: leases a request waits for before it is refused (its key's other requests took them)
-    TRIES = 3
 
     def __init__(self, gateway: Any, default_rate_per_s: float, limiter: Any = None) -> None:
         self.gateway, self.default_rate = gateway, default_rate_per_s
         self.allowances = Allowances()
         self._limiter: Any = limiter
         self._leasing: dict[str, asyncio.Task[None]] = {}
+        #: requests of a key waiting for a lease: the next lease asks for at least as many
+        self._waiting: dict[str, int] = {}
         self._warned = 0.0
 
     async def admit(self, principal: Principal) -> float | None:
         """None if the request may go on, else the seconds the client should wait.
 
-        Raises ``LimiterUnavailable`` when the ledger does not answer in time."""
+        A request is refused only when the ledger refused this key a moment ago (the key is
+        over its limit). Losing a lease's tokens to the key's other requests is not that: it
+        waits for the next lease, up to ``LEASE_WAIT_S`` in all; then, as when the ledger does
+        not answer, ``LimiterUnavailable``."""
         rate = principal.rate_per_s if principal.rate_per_s is not None else self.default_rate
         if not rate:
             return None  # 0: no limit
         key = principal.key_id
-        for _ in range(self.TRIES):
-            spent, wait = self.allowances.spend(key, time.monotonic())
-            if spent:
-                if self.allowances.left(key) < max(1, lease_size(rate) // 2):
-                    self._lease(key, rate)  # in the background: the next ones need not wait
-                return None
-            if wait is not None:
-                return wait
-            try:
-                await asyncio.wait_for(asyncio.shield(self._lease(key, rate)), self.LEASE_WAIT_S)
-            except (ray.exceptions.RayError, TimeoutError) as e:
-                if time.monotonic() - self._warned > 30:
-                    self._warned = time.monotonic()
-                    log.warning("the rate limiter does not answer: 503 meanwhile (%r)", e)
-                raise LimiterUnavailable(str(e) or type(e).__name__) from e
-        # every lease it waited for was spent by this key's other requests: over the limit
-        return 1.0 / rate
+        deadline = time.monotonic() + self.LEASE_WAIT_S
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            while True:
+                spent, wait = self.allowances.spend(key, time.monotonic())
+                if spent:
+                    if self.allowances.left(key) < max(1, lease_size(rate) // 2):
+                        self._lease(key, rate)  # in the background: the next need not wait
+                    return None
+                if wait is not None:
+                    return wait
+                left = deadline - time.monotonic()
+                try:
+                    if left <= 0:
+                        raise TimeoutError("no lease of this key's tokens in time")
+                    await asyncio.wait_for(asyncio.shield(self._lease(key, rate)), left)
+                except (ray.exceptions.RayError, TimeoutError) as e:
+                    if time.monotonic() - self._warned > 30:
+                        self._warned = time.monotonic()
+                        log.warning("the rate limiter does not answer: 503 meanwhile (%r)", e)
+                    raise LimiterUnavailable(str(e) or type(e).__name__) from e
+        finally:
+            self._waiting[key] -= 1
 
     def _lease(self, key: str, rate: float) -> asyncio.Task[None]:
         """The lease in flight for ``key``, or a new one."""
@@ -115,7 +125,8 @@ class KeyRateLimits:
             if self._limiter is None or attempt:
                 self._limiter = (await self.gateway.routing.remote())["limiter"]
             try:
-                granted, wait = await self._limiter.take.remote(key, rate, lease_size(rate))
+                want = max(lease_size(rate), self._waiting.get(key, 0))
+                granted, wait = await self._limiter.take.remote(key, rate, want)
             except ray.exceptions.RayActorError:
                 if attempt:
                     raise
@@ -130,13 +141,23 @@ class Guard:
 
     keys: KeyStore
     audit: AuditTrail
+    handles: HandleVault
     limits: KeyRateLimits | None = None
 
     @classmethod
     def open(
         cls, keys_file: str, audit_file: str, pseudonym_key: str, limits: KeyRateLimits | None
     ) -> Guard:
-        return cls(KeyStore(keys_file), AuditTrail(audit_file, audit_key(pseudonym_key)), limits)
+        trail = AuditTrail(audit_file, audit_key(pseudonym_key))
+        return cls(KeyStore(keys_file), trail, HandleVault(handles_path(audit_file)), limits)
+
+    def subject(self, customer_key: int, exists: bool = True) -> str | None:
+        """How an audit record names a customer: their random handle (made now if need be);
+        for a customer with no record (``exists=False``) only a handle made before, else
+        None (a lookup of an unknown identifier makes nothing)."""
+        if exists:
+            return self.handles.handle(customer_key)
+        return self.handles.known(customer_key)
 
     def record(self, principal: Principal | None, action: str, **fields: Any) -> None:
         self.audit.append([{"action": action, "actor": _actor(principal), **fields}])

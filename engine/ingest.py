@@ -8,9 +8,11 @@ same stream yields the same routed events whatever the batching and the number o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.clock import ms_to_datetime
 from engine.config import EngineSettings
@@ -45,6 +47,46 @@ class IngestResult:
             return pa.Table.from_batches([empty_batch()])
         tables = [pa.Table.from_batches([p]) for p in self.parts.values()]
         return pa.concat_tables(tables, promote_options="default")
+
+
+#: what stands in for the identifier of an event that comes with its customer key
+_KEYED = "~"
+
+
+def keyed(batch: pa.RecordBatch, pseudonymizer: Pseudonymizer) -> pa.RecordBatch:
+    """``batch`` (valid events) with its identifiers replaced by their customer keys: what an
+    API replica writes to the ingest log, so the log holds no raw identifier (``ingest``
+    takes it as it would the identifiers)."""
+    keys = pseudonymizer.keys_of(batch.column("customer_id"))
+    out = batch.drop_columns(["customer_id"])
+    return out.append_column("customer_key", pa.array(keys, type=pa.uint64()))
+
+
+def _split_keys(batch: pa.RecordBatch | pa.Table) -> tuple[pa.RecordBatch | pa.Table, Any]:
+    """(the batch with identifiers for validation, its ``customer_key`` column or None).
+
+    A keyed event's identifier is a constant placeholder (dictionary-encoded: no copy per
+    event); events with both (a log stretch from before keys, concatenated) keep theirs."""
+    if "customer_key" not in batch.schema.names:
+        return batch, None
+    given = batch.column("customer_key")
+    if isinstance(given, pa.ChunkedArray):
+        given = given.combine_chunks()
+    rest = batch.drop_columns(["customer_key"])
+    n = rest.num_rows
+    placeholder = pa.DictionaryArray.from_arrays(
+        pa.array(np.zeros(n, dtype=np.int32)), pa.array([_KEYED])
+    )
+    if "customer_id" not in rest.schema.names:
+        return rest.append_column("customer_id", placeholder), given
+    ids = rest.column("customer_id")
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.dictionary_decode()
+    filled = pc.if_else(given.is_valid(), pa.scalar(_KEYED), ids)
+    column = rest.schema.get_field_index("customer_id")
+    return rest.set_column(column, "customer_id", filled), given
 
 
 class Ingestor:
@@ -104,7 +146,11 @@ class Ingestor:
     def ingest(
         self, batch: pa.RecordBatch | pa.Table, positions: np.ndarray | list[int] | None = None
     ) -> IngestResult:
-        """Turn one raw batch into a routed batch; invalid and late events become dead letters."""
+        """Turn one raw batch into a routed batch; invalid and late events become dead letters.
+
+        A batch may name customers by pseudonym already (a ``customer_key`` column, as the
+        API replicas publish them to the ingest log, see ``keyed``) instead of identifiers."""
+        batch, given = _split_keys(batch)
         checked = validate(conform(batch), positions)
         raw = checked.batch
         keep = checked.keep
@@ -121,7 +167,7 @@ class Ingestor:
             rows = rows[~late]
         if rows.size == 0:
             return IngestResult({}, letters)
-        keys = self.pseudonymizer.keys_of(raw.column("customer_id"))[rows]
+        keys = self._keys(raw.column("customer_id"), given, rows)
         groups = key_groups_of(keys, self.settings.key_groups)
         seq = np.arange(self._next_seq, self._next_seq + rows.size, dtype=np.uint64)
         self._next_seq += rows.size
@@ -154,6 +200,16 @@ class Ingestor:
             schema = pa.schema([ROUTED_SCHEMA.field(n) for n in arrays])
             parts[shard] = pa.RecordBatch.from_arrays(list(arrays.values()), schema=schema)
         return IngestResult(parts, letters, int(rows.size))
+
+    def _keys(self, ids: pa.Array, given: pa.Array | None, rows: np.ndarray) -> np.ndarray:
+        """The customer keys of ``rows``: given, or the pseudonyms of the identifiers."""
+        if given is None:
+            return self.pseudonymizer.keys_of(ids)[rows]
+        keys = given.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)[rows]
+        named = ~np.asarray(given.is_valid().to_numpy(zero_copy_only=False), dtype=bool)[rows]
+        if named.any():  # identifiers beside keys (a stretch of the log from before keys)
+            keys[named] = self.pseudonymizer.keys_of(ids.take(pa.array(rows[named])))
+        return keys
 
     def _late_mask(self, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """late[i]: ts[i] is older than the max event time seen before it, less the lateness.

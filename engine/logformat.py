@@ -31,7 +31,9 @@ from pyarrow import ipc
 from engine.errors import EventError
 from engine.events.deadletter import DeadLetter
 
-VERSION = 1
+#: 2: events name customers by key (``engine.ingest.keyed``); 1 (by identifier) is still read
+VERSION = 2
+READABLE = (1, 2)
 _OPTIONS = ipc.IpcWriteOptions(compression="lz4")
 
 
@@ -84,9 +86,9 @@ def decode_message(data: bytes) -> LogMessage:
     """A log message, either kind; ``EventError`` if it is not one."""
     try:
         doc = msgpack.unpackb(data)
-        if not isinstance(doc, dict) or doc.get("v") != VERSION:
+        if not isinstance(doc, dict) or doc.get("v") not in READABLE:
             version = doc.get("v") if isinstance(doc, dict) else None
-            raise EventError(f"log message version {version!r} is not {VERSION}")
+            raise EventError(f"log message version {version!r} is not one of {READABLE}")
         if doc.get("idle") is True:
             return LogMessage(idle=True)
         if "decisions" in doc:

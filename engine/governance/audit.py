@@ -6,7 +6,8 @@ chain; a record changed, removed, inserted or swapped breaks it at that line. Th
 (the key derives from ``KAIROS_PSEUDONYM_KEY``, a secret the service already holds), so whoever
 can write the file but lacks the key cannot rewrite the chain after an edit either.
 
-Customers appear only by a pseudonymous handle (``c:<customer key>``), never by identifier.
+Customers appear only by a random handle (``engine.governance.handles``), never by identifier
+or customer key: forgetting the handle makes a customer's records unlinkable, chain intact.
 
 Several writers (the API replicas of one node, ``kairos keys``) share one file: each append
 takes an exclusive ``flock``, reads the chain's head if another writer moved it, and writes its
@@ -37,11 +38,6 @@ GENESIS = "0" * 64
 def audit_key(secret: str) -> bytes:
     """The audit trail's MAC key, derived from the service's pseudonym secret."""
     return hashlib.blake2b(secret.encode(), digest_size=32, person=b"kairos-audit").digest()
-
-
-def handle(customer_key: int) -> str:
-    """A customer's pseudonymous handle in audit records."""
-    return f"c:{customer_key:016x}"
 
 
 def _mac(key: bytes, record: Mapping[str, Any]) -> str:
