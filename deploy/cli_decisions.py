@@ -89,7 +89,7 @@ def scoped(report: dict[str, Any], scope: str | None) -> dict[str, Any]:
     if scope is None:
         return report
     empty = {"offers_sent": 0, "accepted": 0, "acceptance_rate": 0.0, "net_value": 0.0,
-             "opt_outs": 0}  # fmt: skip
+             "incremental_net_value": 0.0, "opt_outs": 0}  # fmt: skip
     return dict(report["by_trigger"].get(scope, empty))
 
 
@@ -105,6 +105,13 @@ def simulate(
         ),
     ] = "blanket,rules,kairos,oracle",
     seed: int = 7,
+    world: Annotated[
+        str,
+        typer.Option(
+            help="uplift: customers who buy anyway, only when asked, never, or react badly "
+            "(engine/synthetic/uplift.py); classic: the world of the figures before it."
+        ),
+    ] = "uplift",
     out: Annotated[Path, typer.Option(help="Folder for the chart, report and models.")] = Path(
         "kairos-data/simulate"
     ),
@@ -112,15 +119,19 @@ def simulate(
 ) -> None:
     """Run one simulated population under blanket, rules-only, Kairos and oracle policies."""
     from deploy.chart import acceptance_chart
-    from models.simulate import POLICIES, Simulation, SimulationConfig, report
+    from models.simulate import POLICIES, WORLDS, Simulation, SimulationConfig, report
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     unknown = [p for p in names if p not in POLICIES]
     if unknown:
         raise EngineError(f"unknown policy {unknown}; known: {', '.join(POLICIES)}")
+    if world not in WORLDS:
+        raise EngineError(f"unknown world {world!r}; known: {', '.join(WORLDS)}")
     if warmup_days >= days:
         raise EngineError(f"--warmup-days ({warmup_days}) must be less than --days ({days})")
-    config = SimulationConfig(customers=customers, days=days, warmup_days=warmup_days, seed=seed)
+    config = SimulationConfig(
+        customers=customers, days=days, warmup_days=warmup_days, seed=seed, world=world
+    )
     quiet = Console(stderr=True, quiet=as_json)
     bar = Progress(
         TextColumn("[bold]{task.description:8}"), BarColumn(), TimeElapsedColumn(), console=quiet
@@ -153,7 +164,7 @@ def _print_report(
 ) -> None:
     table = Table(title=f"Closed loop, {customers:,} customers, after warm-up", header_style="bold")
     for column in ("policy", "offers sent", "accepted", "acceptance", "per 1,000", "net value",
-                   "opt-outs", "uplift (95% CI)"):  # fmt: skip
+                   "incremental", "opt-outs", "uplift (95% CI)", "true uplift"):  # fmt: skip
         table.add_column(column, justify="right" if column != "policy" else "left")
     for name, r in reports.items():
         u = r["uplift"]
@@ -164,12 +175,15 @@ def _print_report(
             f"{r['acceptance_rate']:.1%}",
             f"{r['accepted_per_1000_customers']:.1f}",
             f"{r['net_value']:,.0f}",
+            f"{r['incremental_net_value']:,.0f}",
             f"{r['opt_outs']:,}",
             f"{u['uplift']:+.1%} ({u['low']:+.1%}, {u['high']:+.1%})",
+            f"{u['true_uplift']:+.1%}",
         )
     console.print(table)
     moments = Table(title="By moment (trigger)", header_style="bold")
-    for column in ("moment", "policy", "offers sent", "acceptance", "net value", "opt-outs"):
+    for column in ("moment", "policy", "offers sent", "acceptance", "net value", "incremental",
+                   "opt-outs"):  # fmt: skip
         moments.add_column(column, justify="left" if column in ("moment", "policy") else "right")
     triggers = sorted({t for r in reports.values() for t in r["by_trigger"]})
     for trigger in triggers:
@@ -177,7 +191,8 @@ def _print_report(
             m = scoped(r, trigger)
             moments.add_row(
                 trigger, name, f"{m['offers_sent']:,}", f"{m['acceptance_rate']:.1%}",
-                f"{m['net_value']:,.0f}", f"{m['opt_outs']:,}",
+                f"{m['net_value']:,.0f}", f"{m['incremental_net_value']:,.0f}",
+                f"{m['opt_outs']:,}",
             )  # fmt: skip
         moments.add_section()
     console.print(moments)

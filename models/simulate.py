@@ -8,6 +8,8 @@
   outcomes and swapped in when the off-policy gate says it is better;
 * ``oracle``: the shipped catalog scored with the simulator's true propensities (the
   yardstick; Kairos never sees them);
+* ``uplift`` (uplift world only): the shipped catalog with the true probabilities of both
+  arms and of opt-out, decided on incremental value (the yardstick of issue 16);
 * ``ceiling`` (on request): Kairos's warm-up, then a "perfect learner" for the rest of the
   run: a model fitted to the simulator's true propensity of every candidate in the warm-up
   log, from the features Kairos has, with no label noise. How far a model with these features
@@ -40,13 +42,15 @@ from engine.local import LocalEngine
 from engine.rules.spec import RuleSet
 from engine.synthetic import telco
 from engine.synthetic.response import OracleScorer, ResponseSimulator
+from engine.synthetic.uplift import UpliftOracleScorer, UpliftSimulator
 from engine.units import DAY_MS, HOUR_MS
 from models.promotion import train_round
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
 from models.training import context_of, features_of
 
-POLICIES = ("blanket", "rules", "kairos", "oracle", "ceiling")
+POLICIES = ("blanket", "rules", "kairos", "oracle", "ceiling", "uplift")
+WORLDS = ("classic", "uplift")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ class SimulationConfig:
     shards: int = 2
     seed: int = 7
     start: datetime = datetime(2026, 9, 1, tzinfo=UTC)
+    #: "classic" (one response probability, a fixed fifth of it organic: the figures before
+    #: issue 16) or "uplift" (response types: ``engine.synthetic.uplift``)
+    world: str = "classic"
 
 
 class TruthFitScorer:
@@ -173,7 +180,10 @@ class Simulation:
         self.warmup_end = self.t0 + config.warmup_days * DAY_MS
 
     def simulator(self) -> ResponseSimulator:
-        return ResponseSimulator(self.pop, self.settings.pseudonym_key, seed=self.config.seed)
+        if self.config.world not in WORLDS:
+            raise ValueError(f"unknown world {self.config.world!r}; known: {', '.join(WORLDS)}")
+        kind = UpliftSimulator if self.config.world == "uplift" else ResponseSimulator
+        return kind(self.pop, self.settings.pseudonym_key, seed=self.config.seed)
 
     def run(self, name: str) -> PolicyRun:
         started = time.perf_counter()
@@ -238,6 +248,10 @@ class Simulation:
             return with_exploration(self.catalog, 0.0), ConstantScorer(1.0, "rules")
         if name == "oracle":
             return with_exploration(self.catalog, 0.0), OracleScorer(sim)
+        if name == "uplift":
+            if not isinstance(sim, UpliftSimulator):
+                raise ValueError("the uplift yardstick needs the uplift world (--world uplift)")
+            return with_exploration(self.catalog, 0.0), UpliftOracleScorer(sim)
         if name in ("kairos", "ceiling"):
             warm = with_exploration(self.catalog, self.config.warmup_exploration)
             return warm, ConstantScorer(self.config.prior_propensity, "prior")
@@ -293,15 +307,13 @@ def _split_due(pending: pa.Table, until_ms: int, floor_ms: int) -> tuple[pa.Tabl
 
 def _flatten(run: PolicyRun) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """All decisions of a run with the simulator's outcome per decision."""
+    flags = ("accepted", "opted_out", "organic", "converted")
     if not run.decisions:
-        empty = np.zeros(0, dtype=bool)
-        return DECISION_SCHEMA.empty_table(), {
-            "accepted": empty,
-            "opted_out": empty,
-            "organic": empty,
-        }
+        empty = {k: np.zeros(0, dtype=bool) for k in flags}
+        return DECISION_SCHEMA.empty_table(), {**empty, "incremental": np.zeros(0)}
     table = pa.concat_tables(run.decisions)
-    out = {k: np.zeros(table.num_rows, dtype=bool) for k in ("accepted", "opted_out", "organic")}
+    out = {k: np.zeros(table.num_rows, dtype=bool) for k in flags}
+    out["incremental"] = np.zeros(table.num_rows)
     offset = 0
     for chunk, outcome in zip(run.decisions, run.outcomes, strict=True):
         rows = offset + outcome["row"]
@@ -328,8 +340,7 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
     # uplift: conversions (accepted, or bought on their own) per would-be offer, vs control
     would = offer & after
     treated, held = would & ~control, would & control
-    conv = out["accepted"] | out["organic"]
-    pt = float(conv[treated].mean()) if treated.any() else float("nan")
+    pt = float(out["converted"][treated].mean()) if treated.any() else float("nan")
     pc = float(out["organic"][held].mean()) if held.any() else float("nan")
     nt, nc = int(treated.sum()), int(held.sum())
     half = 1.96 * float(np.sqrt(pt * (1 - pt) / max(nt, 1) + pc * (1 - pc) / max(nc, 1)))
@@ -350,6 +361,8 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
             "accepted": k_acc,
             "acceptance_rate": k_acc / k_sent if k_sent else 0.0,
             "net_value": float((value * (accepted & on)).sum() - cost[sent & on].sum()),
+            # against the same customers without the offers (the simulator's counterfactual)
+            "incremental_net_value": float(out["incremental"][sent & on].sum()),
             "opt_outs": int((out["opted_out"] & sent & on).sum()),
             "decisions": int((after & on).sum()),
         }
@@ -366,6 +379,12 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
             "conversion_treated": pt,
             "conversion_control": pc,
             "uplift": pt - pc,
+            # the same treated customers with and without the offer (the simulator's truth)
+            "true_uplift": float(
+                (out["converted"][treated].astype(float) - out["organic"][treated]).mean()
+            )
+            if treated.any()
+            else float("nan"),
             "low": pt - pc - half,
             "high": pt - pc + half,
             "treated": nt,

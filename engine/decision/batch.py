@@ -34,6 +34,9 @@ class DecisionBatch:
     reasons: np.ndarray = field(init=False)
     context: dict[str, np.ndarray] = field(default_factory=dict)
     propensity: np.ndarray = field(init=False)  #: (t x offers), NaN where not scored
+    baseline: np.ndarray = field(init=False)  #: P(convert | no action), NaN where not given
+    opt_out: np.ndarray = field(init=False)  #: P(opt-out | contact), NaN where not given
+    expected: np.ndarray = field(init=False)  #: the objective (Catalog.expected_values)
     versions: np.ndarray = field(init=False)  #: object: the model version per decision
     chosen: np.ndarray = field(init=False)  #: offer index, -1 for NO_ACTION
     probability: np.ndarray = field(init=False)
@@ -43,6 +46,9 @@ class DecisionBatch:
         t = self.size
         self.reasons = np.zeros(self.answered.shape, dtype=np.int8)
         self.propensity = np.full(self.answered.shape, np.nan)
+        self.baseline = np.full(self.answered.shape, np.nan)
+        self.opt_out = np.full(self.answered.shape, np.nan)
+        self.expected = np.full(self.answered.shape, np.nan)
         self.versions = np.full(t, None, dtype=object)
         self.chosen = np.full(t, -1, dtype=np.int64)
         self.probability = np.ones(t)

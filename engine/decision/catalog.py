@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -80,6 +81,9 @@ class PolicySpec(BaseModel):
     attribution_window: str | float = "72h"
     #: salt of the stable hashes (control group, exploration draws)
     seed: Annotated[int, Field(ge=0, lt=1 << 32)] = 0
+    #: what a customer's opt-out costs (the value of contacting them later): weighs a model's
+    #: P(opt-out | contact) in the objective; 0 leaves opt-outs out of it
+    customer_value: Annotated[float, Field(ge=0, le=MAX_NUMBER)] = 0.0
 
     _check = field_validator("attribution_window")(_duration)
 
@@ -103,6 +107,9 @@ class OfferSpec(BaseModel):
     eligible: ExprText | None = None
     channels: list[str] = Field(min_length=1)
     value: Annotated[float, Field(ge=0, le=MAX_NUMBER)]
+    #: the margin of the same conversion bought without the offer (default: ``value``): what
+    #: a customer who would have converted anyway brings without it
+    list_value: Annotated[float, Field(ge=0, le=MAX_NUMBER)] | None = None
     cost: Annotated[float, Field(ge=0, le=MAX_NUMBER)] = 0.0
     cooldown: str | float = "7d"
     enabled: bool = True
@@ -150,6 +157,29 @@ class Catalog:
     @property
     def offer_ids(self) -> tuple[str, ...]:
         return tuple(o.id for o in self.offers)
+
+    def expected_values(
+        self, propensity: np.ndarray, baseline: np.ndarray, opt_out: np.ndarray
+    ) -> np.ndarray:
+        """The objective per (decision, offer): incremental expected value against NO_ACTION,
+
+        ``P(convert | offer) x value - P(convert | no action) x list value - cost
+        - P(opt-out | contact) x customer value``;
+
+        ``baseline`` and ``opt_out`` are NaN where the model gives none (a response model):
+        then it is ``propensity x value - cost``, the response objective. NaN propensities
+        (not scored) stay NaN."""
+        values = np.array([o.spec.value for o in self.offers])
+        listed = np.array(
+            [o.spec.value if o.spec.list_value is None else o.spec.list_value for o in self.offers]
+        )
+        costs = np.array([o.spec.cost for o in self.offers])
+        return (
+            propensity * values
+            - np.nan_to_num(baseline) * listed
+            - costs
+            - np.nan_to_num(opt_out) * self.policy.customer_value
+        )
 
     @property
     def trigger_ids(self) -> tuple[str, ...]:

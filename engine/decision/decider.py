@@ -81,8 +81,6 @@ class Decider:
         self.outbound = outbound
         self._contact_keys = contact_keys(catalog.policy)
         self._offer_keys = [f"offer:{o.id}" for o in catalog.offers]
-        self._values = np.array([o.spec.value for o in catalog.offers])
-        self._costs = np.array([o.spec.cost for o in catalog.offers])
         self._cooldowns = np.array([o.cooldown_ms for o in catalog.offers], dtype=np.int64)
         store.ensure_decision_state(self._contact_keys + self._offer_keys)
         self.unavailable = 0  # scoring requests (a round of a step) that got no answer
@@ -283,13 +281,20 @@ class Decider:
             return
         check_response(request, response)
         batch.propensity[ti, oj] = response.propensity
+        if response.baseline is not None:
+            batch.baseline[ti, oj] = response.baseline
+        if response.opt_out is not None:
+            batch.opt_out[ti, oj] = response.opt_out
         batch.versions[ti] = response.version_of_rows()
 
     def _choose(self, batch: DecisionBatch, sel: np.ndarray) -> None:
         """Arbitrate the decisions ``sel`` (one round: a customer at most once) and record
         their contacts before the next round."""
         policy = self.catalog.policy
-        expected = batch.propensity[sel] * self._values - self._costs
+        expected = self.catalog.expected_values(
+            batch.propensity[sel], batch.baseline[sel], batch.opt_out[sel]
+        )
+        batch.expected[sel] = expected
         available = batch.candidates[sel]
         arb = arbitrate(expected, available, batch.ids[sel], policy.exploration, policy.seed)
         batch.chosen[sel], batch.probability[sel] = arb.chosen, arb.probability

@@ -21,7 +21,8 @@ CANDIDATE_TYPE = pa.struct(
     [
         pa.field("offer_id", pa.string()),
         pa.field("propensity", pa.float32()),  # null when excluded
-        pa.field("expected_value", pa.float64()),  # propensity * value - cost; null when excluded
+        # the objective (engine.decision.catalog.Catalog.expected_values); null when excluded
+        pa.field("expected_value", pa.float64()),
         pa.field("excluded", pa.string()),  # policy reason; null when it was a candidate
     ]
 )
@@ -121,7 +122,7 @@ def decision_table(batch: DecisionBatch, catalog: Catalog) -> pa.Table:
     t = batch.size
     values = np.array([o.spec.value for o in catalog.offers])
     costs = np.array([o.spec.cost for o in catalog.offers])
-    expected = batch.propensity * values - costs
+    expected = batch.expected
     has = batch.chosen >= 0
     pick = np.maximum(batch.chosen, 0)
     names = np.array([*catalog.offer_ids, NO_ACTION], dtype=object)

@@ -34,9 +34,13 @@ class ScoreRequest:
 
 @dataclass(frozen=True)
 class ScoreResponse:
-    propensity: np.ndarray  # float32, one per request row, in [0, 1]
+    propensity: np.ndarray  # float32, one per request row, in [0, 1]: P(convert | offer)
     versions: tuple[str, ...]  # the model versions that answered
     version_index: np.ndarray  # int8 per row: index into versions
+    #: an uplift model's P(convert | no action) per row (None: a response model)
+    baseline: np.ndarray | None = None
+    #: P(opt-out | contact) per row (None: not modelled)
+    opt_out: np.ndarray | None = None
 
     def version_of_rows(self) -> np.ndarray:
         return np.array(self.versions, dtype=object)[self.version_index]
@@ -65,9 +69,13 @@ class RemoteScorer(Protocol):
 
 
 def check_response(request: ScoreRequest, response: ScoreResponse) -> None:
-    """A response must answer every row with a probability; anything else is a scorer bug."""
-    p = response.propensity
-    if p.shape != (request.rows,):
-        raise EngineError(f"scorer answered {p.shape} propensities for {request.rows} rows")
-    if request.rows and (np.isnan(p).any() or p.min() < 0 or p.max() > 1):
-        raise EngineError("scorer answered propensities outside [0, 1]")
+    """A response must answer every row with a probability (and so must its baseline and
+    opt-out probabilities, if it gives them); anything else is a scorer bug."""
+    for name in ("propensity", "baseline", "opt_out"):
+        p = getattr(response, name)
+        if p is None and name != "propensity":
+            continue
+        if p.shape != (request.rows,):
+            raise EngineError(f"scorer answered {p.shape} {name} values for {request.rows} rows")
+        if request.rows and (np.isnan(p).any() or p.min() < 0 or p.max() > 1):
+            raise EngineError(f"scorer answered {name} values outside [0, 1]")

@@ -55,6 +55,8 @@ class ResponseSimulator:
     price_sensitivity: np.ndarray = field(init=False)
     affinity: np.ndarray = field(init=False)
     city_has_stock: np.ndarray = field(init=False)
+    #: the value at stake when a customer opts out of contact (future offers' margin)
+    customer_value: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.seed + 101)
@@ -62,6 +64,8 @@ class ResponseSimulator:
         self.price_sensitivity = rng.random(n)
         self.affinity = np.clip(rng.lognormal(-0.045, 0.3, n), 0.3, 2.5)
         self.city_has_stock = rng.random(int(self.pop.city.max()) + 1) < 0.6
+        plan = self.pop.plan_mb.astype(np.float64)
+        self.customer_value = np.clip(30.0 * np.sqrt(plan / np.median(plan)), 15.0, 80.0)
         keys = Pseudonymizer(self.pseudonym_key).keys_of(
             pa.array(self.pop.customer_id, type=pa.string())
         )
@@ -138,7 +142,10 @@ class ResponseSimulator:
         delivered = np.asarray(decisions.column("delivered").to_numpy(zero_copy_only=False), bool)
         would = np.asarray(decisions.column("action").to_numpy(zero_copy_only=False)) != "NO_ACTION"
         rows = np.flatnonzero(would)
-        empty = {k: np.zeros(0, dtype=bool) for k in ("accepted", "opted_out", "organic")}
+        empty = {
+            k: np.zeros(0, dtype=bool) for k in ("accepted", "opted_out", "organic", "converted")
+        }
+        empty["incremental"] = np.zeros(0)
         if rows.size == 0:
             return _events([]), {"row": np.zeros(0, dtype=np.int64), **empty}
         t = decisions.take(pa.array(rows))
@@ -191,7 +198,23 @@ class ResponseSimulator:
                     idx[i], int(at[i] + MINUTE_MS), kind="consent", channel="all", granted=False
                 )
             )
-        outcome = {"row": rows, "accepted": accepted, "opted_out": opted_out, "organic": organic}
+        value = t.column("value").to_numpy(zero_copy_only=False)
+        cost = t.column("cost").to_numpy(zero_copy_only=False)
+        # this world's counterfactual: without the offer, ``organic`` at the same value
+        incremental = np.where(
+            sent,
+            value * (accepted.astype(float) - organic) - cost
+            - opted_out * self.customer_value[idx],
+            0.0,
+        )  # fmt: skip
+        outcome = {
+            "row": rows,
+            "accepted": accepted,
+            "opted_out": opted_out,
+            "organic": organic,
+            "converted": accepted | organic,
+            "incremental": incremental,
+        }
         return _events(events), outcome
 
     def _event(self, index: int, ts: int, **fields: object) -> dict[str, object]:

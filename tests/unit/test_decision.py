@@ -133,6 +133,49 @@ def test_no_action_when_no_offer_beats_doing_nothing(event) -> None:
     assert not d["delivered"] and d["channel"] is None and d["propensity"] is None
 
 
+class _UpliftScorer:
+    """Per offer: P(convert | offer), P(convert | no action), P(opt-out | contact)."""
+
+    def __init__(self, arms: dict[str, tuple[float, float, float]]) -> None:
+        self.arms = arms
+
+    def score(self, request):
+        from engine.decision.scorer import ScoreResponse
+
+        names = request.feature_names
+        got = np.zeros((request.rows, 3), dtype=np.float32)
+        for offer, arm in self.arms.items():
+            got[request.features[:, names.index(f"offer={offer}")] == 1.0] = arm
+        n = request.rows
+        return ScoreResponse(got[:, 0], ("uplift",), np.zeros(n, np.int8), got[:, 1], got[:, 2])
+
+
+def test_an_uplift_model_decides_on_incremental_value_not_on_response(event) -> None:
+    """The likeliest buyer of the pass would buy it anyway at list price: the upgrade, less
+    likely taken but mostly because of the offer, wins; with both sure things, nothing is sent.
+    EV = p_offer x value - p_base x list_value - cost - p_opt_out x customer_value."""
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("usage", "c", ms(2026, 3, 2, 10), mb=850.0),
+    ]
+    priced = catalog("  customer_value: 40", "").replace("value: 6, cost", "value: 6, "
+                                                         "list_value: 8, cost")  # fmt: skip
+    # pass: 0.9 * 6 - 0.8 * 8 - 0.5 - 0.01 * 40 = -1.9; upgrade: 0.3 * 24 - 0.05 * 24 - 0.5
+    # - 0.02 * 40 = 4.7; as a response model would see them: 4.9 and 6.7
+    scorer = _UpliftScorer({"pass": (0.9, 0.8, 0.01), "upgrade": (0.3, 0.05, 0.02)})
+    (d,) = decide(rows, priced, scorer)[1]
+    assert d["action"] == "upgrade"
+    evs = {c["offer_id"]: c["expected_value"] for c in d["candidates"]}
+    assert evs == pytest.approx({"pass": -1.9, "upgrade": 4.7})
+    sure = _UpliftScorer({"pass": (0.9, 0.85, 0.0), "upgrade": (0.3, 0.3, 0.0)})
+    (d,) = decide(rows, priced, sure)[1]
+    assert d["action"] == NO_ACTION and d["reason"] == "no_positive_value"
+    # the log reproduces the choice from its own expected values
+    engine, _ = decide(rows, priced, scorer)
+    log = engine.decision_table()
+    assert reproduce_choices(log, 0.0, 0).tolist() == log.column("action").to_pylist()
+
+
 def test_exploration_logs_the_probability_of_the_action_taken() -> None:
     rng = np.random.default_rng(1)
     n, eps = 40_000, 0.2
