@@ -213,7 +213,7 @@ class DecideResponse(BaseModel):
     action: str = Field(description=f"An offer id, or {NO_ACTION}.")
     channel: str | None
     reason: str = Field(description="offer, no_candidate, no_positive_value, explored, "
-                        "control_group")  # fmt: skip
+                        "no_action_arm, control_group, model_unavailable")  # fmt: skip
     delivered: bool = Field(description="False for NO_ACTION and for the control group.")
     control: bool
     explored: bool

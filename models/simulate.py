@@ -305,6 +305,19 @@ def _split_due(pending: pa.Table, until_ms: int, floor_ms: int) -> tuple[pa.Tabl
     return now, later
 
 
+def _best_expected(decisions: pa.Table) -> float:
+    """The sum over ``decisions`` of their best candidate's expected value, if positive."""
+    if decisions.num_rows == 0:
+        return 0.0
+    candidates = decisions.column("candidates").combine_chunks()
+    counts = np.diff(candidates.offsets.to_numpy())
+    ev = candidates.flatten().field("expected_value").fill_null(-np.inf).to_numpy()
+    row = np.repeat(np.arange(decisions.num_rows), counts)
+    best = np.zeros(decisions.num_rows)
+    np.maximum.at(best, row, ev)
+    return float(best.sum())
+
+
 def _flatten(run: PolicyRun) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """All decisions of a run with the simulator's outcome per decision."""
     flags = ("accepted", "opted_out", "organic", "converted")
@@ -367,6 +380,8 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
             "decisions": int((after & on).sum()),
         }
 
+    reason = np.asarray(table.column("reason").to_numpy(zero_copy_only=False), dtype=object)
+    held = (reason == "no_action_arm") & after
     rule = np.asarray(table.column("rule_id").to_numpy(zero_copy_only=False), dtype=object)
     by_trigger = {str(t): totals(rule == t) for t in sorted(set(rule[after].tolist()))}
     return {
@@ -391,6 +406,11 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
             "control": nc,
         },
         "by_trigger": by_trigger,
+        # the randomized no-action arm and what the policy expected to earn on those decisions
+        "no_action_arm": {
+            "decisions": int(held.sum()),
+            "forgone_expected_value": _best_expected(table.filter(pa.array(held))),
+        },
         "daily_acceptance_rate": daily,
         "models": run.models,
         "seconds": round(run.seconds, 1),

@@ -1,10 +1,12 @@
 """Arbitration: the choice among a decision's candidates and NO_ACTION, and its reproduction.
 
-The offer with the highest expected value (propensity x value - cost) is chosen when that value
+The offer with the highest expected value (the catalog's objective) is chosen when that value
 is positive, else NO_ACTION; with probability ``exploration`` a uniform choice among the
-candidates and NO_ACTION instead. The probability of the chosen action is logged. Every draw
-comes from a stable hash of the decision id, so ``reproduce_choices`` recomputes each logged
-choice from the log alone.
+candidates and NO_ACTION instead; and before both, with probability ``no_action_share``,
+NO_ACTION whatever the values (a randomized no-action arm: the log then holds what customers
+do without an offer at every kind of moment, which uplift models learn from). The probability
+of the chosen action under all three is logged. Every draw comes from a stable hash of the
+decision id, so ``reproduce_choices`` recomputes each logged choice from the log alone.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from engine.partition import mix64
 
 EXPLORE_SALT = 0x65787031
 PICK_SALT = 0x7069636B
+HOLD_SALT = 0x686F6C64
 
 
 def rule_salt(rule_id: str) -> int:
@@ -42,10 +45,17 @@ class Arbitration:
     probability: np.ndarray
     explored: np.ndarray
     greedy: np.ndarray
+    #: NO_ACTION drawn for the randomized no-action arm
+    held: np.ndarray
 
 
 def arbitrate(
-    expected: np.ndarray, available: np.ndarray, ids: np.ndarray, exploration: float, seed: int
+    expected: np.ndarray,
+    available: np.ndarray,
+    ids: np.ndarray,
+    exploration: float,
+    seed: int,
+    no_action_share: float = 0.0,
 ) -> Arbitration:
     """Choose per row of the (decisions x offers) expected-value matrix; see the module doc."""
     t = expected.shape[0]
@@ -60,12 +70,17 @@ def arbitrate(
     # the k-th action among (NO_ACTION, available offers in catalog order)
     rank = np.cumsum(available, axis=1)
     picked = np.where(k == 0, -1, np.argmax(available & (rank == k[:, None]), axis=1))
-    chosen = np.where(explored, picked, greedy)
-    probability = (1.0 - exploration) * (chosen == greedy) + exploration / actions
-    return Arbitration(chosen.astype(np.int64), probability, explored, greedy)
+    held = (stable_uniform(ids, HOLD_SALT + seed) < no_action_share) & (n_avail > 0)
+    chosen = np.where(held, -1, np.where(explored, picked, greedy))
+    otherwise = (1.0 - exploration) * (chosen == greedy) + exploration / actions
+    share = np.where(n_avail > 0, no_action_share, 0.0)
+    probability = (1.0 - share) * otherwise + share * (chosen == -1)
+    return Arbitration(chosen.astype(np.int64), probability, explored | held, greedy, held)
 
 
-def reproduce_choices(decisions: pa.Table, exploration: float, seed: int) -> np.ndarray:
+def reproduce_choices(
+    decisions: pa.Table, exploration: float, seed: int, no_action_share: float = 0.0
+) -> np.ndarray:
     """Recompute every logged choice from the log alone: its candidates, expected values and
     decision id. Equal to the logged ``action`` column when the log is faithful."""
     n = decisions.num_rows
@@ -85,7 +100,7 @@ def reproduce_choices(decisions: pa.Table, exploration: float, seed: int) -> np.
     ev[row, col] = expected
     names[row, col] = offer
     ids = decisions.column("decision_id").to_numpy()
-    arb = arbitrate(ev, available, ids, exploration, seed)
+    arb = arbitrate(ev, available, ids, exploration, seed, no_action_share)
     return np.where(
         arb.chosen >= 0, names[np.arange(n), np.maximum(arb.chosen, 0)], NO_ACTION
     ).astype(object)

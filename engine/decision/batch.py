@@ -41,6 +41,7 @@ class DecisionBatch:
     chosen: np.ndarray = field(init=False)  #: offer index, -1 for NO_ACTION
     probability: np.ndarray = field(init=False)
     explored: np.ndarray = field(init=False)
+    held: np.ndarray = field(init=False)  #: NO_ACTION by the randomized no-action arm
 
     def __post_init__(self) -> None:
         t = self.size
@@ -53,6 +54,7 @@ class DecisionBatch:
         self.chosen = np.full(t, -1, dtype=np.int64)
         self.probability = np.ones(t)
         self.explored = np.zeros(t, dtype=bool)
+        self.held = np.zeros(t, dtype=bool)
 
     @property
     def size(self) -> int:

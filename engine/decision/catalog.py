@@ -78,6 +78,9 @@ class PolicySpec(BaseModel):
     consent: Literal["opt_out", "opt_in"] = "opt_out"
     control_share: Annotated[float, Field(ge=0, lt=1)] = 0.05
     exploration: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    #: share of decisions (with a candidate) randomized to NO_ACTION, logged with its
+    #: probability: what customers do without an offer, at every kind of moment
+    no_action_share: Annotated[float, Field(ge=0, le=0.5)] = 0.0
     attribution_window: str | float = "72h"
     #: salt of the stable hashes (control group, exploration draws)
     seed: Annotated[int, Field(ge=0, lt=1 << 32)] = 0

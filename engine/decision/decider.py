@@ -296,9 +296,10 @@ class Decider:
         )
         batch.expected[sel] = expected
         available = batch.candidates[sel]
-        arb = arbitrate(expected, available, batch.ids[sel], policy.exploration, policy.seed)
+        arb = arbitrate(expected, available, batch.ids[sel], policy.exploration, policy.seed,
+                        policy.no_action_share)  # fmt: skip
         batch.chosen[sel], batch.probability[sel] = arb.chosen, arb.probability
-        batch.explored[sel] = arb.explored
+        batch.explored[sel], batch.held[sel] = arb.explored, arb.held
         # control customers count as contacted too, so their logged would-be decisions
         # follow the same caps and cooldowns as everyone else's
         contacted = sel[arb.chosen >= 0]

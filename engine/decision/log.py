@@ -100,7 +100,8 @@ def candidates_array(
 
 def _reason(batch: DecisionBatch, has: np.ndarray) -> np.ndarray:
     """Why each decision came out as it did: offer, no_candidate, explored (NO_ACTION drawn),
-    no_positive_value, model_unavailable, or control_group (which overrides the rest)."""
+    no_action_arm (the randomized no-action arm), no_positive_value, model_unavailable, or
+    control_group (which overrides the rest)."""
     any_candidate = batch.candidates.any(axis=1)
     reason = np.where(
         has,
@@ -111,6 +112,7 @@ def _reason(batch: DecisionBatch, has: np.ndarray) -> np.ndarray:
             np.where(batch.explored, "explored", "no_positive_value"),
         ),
     ).astype(object)
+    reason[batch.held] = "no_action_arm"
     unavailable = (batch.reasons == Reason.MODEL_UNAVAILABLE).any(axis=1) & ~has
     reason[unavailable] = "model_unavailable"
     reason[batch.control] = "control_group"

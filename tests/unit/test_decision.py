@@ -197,6 +197,52 @@ def test_exploration_logs_the_probability_of_the_action_taken() -> None:
     np.testing.assert_array_equal(arb.chosen, again.chosen)
 
 
+def test_the_randomized_no_action_arm_logs_the_probability_of_every_action() -> None:
+    """With a no-action share h, NO_ACTION is drawn first with probability h, then the
+    exploring policy as before: the logged probability is the chance of the action taken under
+    both, and the arm's share is h of the decisions that had a candidate."""
+    rng = np.random.default_rng(2)
+    n, eps, h = 40_000, 0.1, 0.2
+    expected = rng.normal(size=(n, 3))
+    available = rng.random((n, 3)) < 0.7
+    ids = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+    arb = arbitrate(expected, available, ids, eps, seed=3, no_action_share=h)
+    actions = available.sum(axis=1) + 1
+    some = actions > 1
+    before = arbitrate(expected, available, ids, eps, seed=3)  # the same draws, no arm
+    np.testing.assert_array_equal(arb.chosen[~arb.held], before.chosen[~arb.held])
+    assert arb.held[some].mean() == pytest.approx(h, abs=0.01) and not arb.held[~some].any()
+    assert (arb.chosen[arb.held] == -1).all() and arb.explored[arb.held].all()
+    p_other = np.where(before.chosen == before.greedy, 1 - eps, 0.0) + eps / actions
+    p_none = np.where(before.greedy == -1, 1 - eps, 0.0) + eps / actions
+    want = np.where(arb.chosen == -1, h + (1 - h) * p_none, (1 - h) * p_other)
+    want[~some] = 1.0
+    np.testing.assert_allclose(arb.probability, want)
+    # the probabilities of every action of a decision add up to one
+    total = h + (1 - h) * (p_none + (actions - 1) * eps / actions
+                           + np.where(before.greedy >= 0, 1 - eps, 0.0))  # fmt: skip
+    np.testing.assert_allclose(total[some], 1.0)
+
+
+def test_no_action_arm_decisions_are_logged_with_their_reason_and_replay(event) -> None:
+    rows = [event("profile_update", f"c{i}", ms(2026, 3, 1), **PROFILE) for i in range(300)]
+    rows += [event("usage", f"c{i}", ms(2026, 3, 2, 10), mb=850.0) for i in range(300)]
+    text = catalog().replace("exploration: 0", "exploration: 0.1\n  no_action_share: 0.3")
+    engine, decisions = decide(rows, text, by_offer({"pass": 0.9, "upgrade": 0.9}))
+    reasons = [d["reason"] for d in decisions]
+    held = reasons.count("no_action_arm")
+    assert 60 < held < 120, held
+    assert all(d["action"] == NO_ACTION and d["explored"] and not d["delivered"]
+               for d in decisions if d["reason"] == "no_action_arm")  # fmt: skip
+    log = engine.decision_table()
+    assert reproduce_choices(log, 0.1, 0, 0.3).tolist() == log.column("action").to_pylist()
+    assert reproduce_choices(log, 0.1, 0).tolist() != log.column("action").to_pylist()
+    from models.simulate import _best_expected  # what the arm cost, by the policy's own values
+
+    arm = log.filter(pa.compute.equal(log.column("reason"), "no_action_arm"))
+    assert _best_expected(arm) == pytest.approx(held * (0.9 * 24 - 0.5))  # the upgrade each time
+
+
 # -- contact policy ----------------------------------------------------------------------------
 def _cap_then_trips(event, days):
     rows = [event("profile_update", "c", ms(2026, 3, 1), **PROFILE)]
