@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.errors import CatalogError, RuleError
-from engine.events.schema import CHANNELS
+from engine.events.schema import CHANNELS, PROFILE_FIELDS
 from engine.limits import MAX_NUMBER, unencodable_text
 from engine.rules.expr import Expression, compile_expression
 from engine.rules.probe import probe
@@ -101,6 +101,25 @@ class PolicySpec(BaseModel):
         return max([3, *(c.max for c in self.frequency_caps)])
 
 
+class ConversionSpec(BaseModel):
+    """The ordinary event that shows a customer did what the offer is about, with the offer
+    or without it: a ``purchase`` (or ``cart_add``) of ``item`` (any item if unset), a
+    ``checkout``, or a ``profile_update`` that sets ``field``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["purchase", "checkout", "cart_add", "profile_update"]
+    item: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    field: str | None = None
+
+    @field_validator("field")
+    @classmethod
+    def _profile_field(cls, value: str | None) -> str | None:
+        if value is not None and value not in PROFILE_FIELDS:
+            raise ValueError(f"unknown profile field {value!r}; known: {', '.join(PROFILE_FIELDS)}")
+        return value
+
+
 class OfferSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -115,6 +134,9 @@ class OfferSpec(BaseModel):
     list_value: Annotated[float, Field(ge=0, le=MAX_NUMBER)] | None = None
     cost: Annotated[float, Field(ge=0, le=MAX_NUMBER)] = 0.0
     cooldown: str | float = "7d"
+    #: the event that shows a conversion, with or without the offer (models.attribution);
+    #: None: only an accepted offer_response counts
+    conversion: ConversionSpec | None = None
     enabled: bool = True
 
     _check = field_validator("cooldown")(_duration)

@@ -156,3 +156,77 @@ def test_deciding_on_incremental_value_beats_deciding_on_response(small_run) -> 
     assert got["uplift"]["incremental_net_value"] > got["oracle"]["incremental_net_value"] + 50
     assert got["uplift"]["offers_sent"] < got["oracle"]["offers_sent"]
     assert got["oracle"]["net_value"] > got["oracle"]["incremental_net_value"]
+
+
+@pytest.mark.parametrize(("policy", "responses_only"),
+                         [("rules", False), ("uplift", False), ("rules", True)])  # fmt: skip
+def test_outcomes_of_every_arm_equal_a_per_pair_reference(
+    small_run, policy, responses_only
+) -> None:
+    """``models.attribution`` against a plain loop over the events: every (decision, answering
+    offer) row's arm, conversion (with the offer or without it) and opt-out within the window,
+    reading nothing after the cutoff."""
+    from engine.governance.pseudonym import Pseudonymizer
+    from models.attribution import attribute
+
+    sim, runs = small_run
+    run = runs[policy]
+    decisions = pa.concat_tables(run.decisions)
+    events = pa.concat_tables(run.responses)
+    if responses_only:  # accepted offers count without their purchase events too
+        kinds = pa.array(["purchase", "checkout"])
+        events = events.filter(pa.compute.invert(pa.compute.is_in(events.column("kind"), kinds)))
+    catalog = sim.catalog
+    cutoff = sim.t0 + 10 * DAY_MS
+    pseudonyms = Pseudonymizer(sim.settings.pseudonym_key)
+    got = attribute(decisions, events, catalog, cutoff, pseudonyms).to_pylist()
+    window = catalog.policy.attribution_window_ms
+    conversion = {o.id: o.spec.conversion for o in catalog.offers}
+    by_customer: dict[int, list[dict]] = {}
+    for e in events.to_pylist():
+        t = int(e["ts"].timestamp() * 1000)
+        if t <= cutoff:
+            by_customer.setdefault(pseudonyms.key_of(e["customer_id"]), []).append({**e, "t": t})
+    rows = decisions.to_pylist()
+    assert len(got) == sum(len(d["candidates"]) for d in rows) > 300
+    arms = set()
+    for g in got:
+        d = rows[g["row"]]
+        start = int(d["deliver_after"].timestamp() * 1000)
+        end = min(start + window, cutoff)
+        treated = d["delivered"] and d["action"] == g["offer_id"]
+        mine = [e for e in by_customer.get(d["customer_key"], []) if start <= e["t"] <= end]
+        spec = conversion[g["offer_id"]]
+        converted = any(e["kind"] == spec.kind and (spec.item is None or e["item"] == spec.item)
+                        for e in mine)  # fmt: skip
+        decision = f"{d['decision_id']:016x}"
+        if treated:
+            converted |= any(e["kind"] == "offer_response" and e["response"] == "accepted"
+                             and e["decision_id"] == decision for e in mine)  # fmt: skip
+        opted = any(e["kind"] == "consent" and e["channel"] == "all" and e["granted"] is False
+                    for e in mine)  # fmt: skip
+        excluded = next(c["excluded"] for c in d["candidates"] if c["offer_id"] == g["offer_id"])
+        arm = ("offer" if treated else "control" if d["control"]
+               else "no_action_arm" if d["reason"] == "no_action_arm"
+               else "suppressed" if excluded is not None
+               else "other_offer" if d["action"] != NO_ACTION else "no_action")  # fmt: skip
+        assert (g["treated"], g["converted"], g["opted_out"], g["arm"]) == (
+            treated, converted, opted, arm), (g, d["action"], d["reason"])  # fmt: skip
+        assert g["known"] == (start + window <= cutoff)
+        arms.add(arm)
+    assert {"offer", "control", "suppressed"} <= arms
+    assert policy == "rules" or "no_action" in arms
+    assert responses_only or sum(g["converted"] and not g["treated"] for g in got) > 20
+    assert sum(g["converted"] and g["treated"] for g in got) > 20
+
+
+def test_the_shipped_catalog_prices_conversions_as_the_simulated_world_does() -> None:
+    """List values and conversion events are business facts both sides must agree on (the
+    world's types and probabilities stay hidden from the engine)."""
+    from engine.synthetic.uplift import CONVERSION
+
+    for offer in load_catalog(DEFAULT_OFFERS).offers:
+        spec = offer.spec
+        assert spec.list_value == LIST_VALUE[offer.id]
+        assert spec.conversion is not None
+        assert (spec.conversion.kind, spec.conversion.item) == CONVERSION[offer.id]
