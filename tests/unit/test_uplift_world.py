@@ -230,3 +230,37 @@ def test_the_shipped_catalog_prices_conversions_as_the_simulated_world_does() ->
         assert spec.list_value == LIST_VALUE[offer.id]
         assert spec.conversion is not None
         assert (spec.conversion.kind, spec.conversion.item) == CONVERSION[offer.id]
+
+
+def test_uplift_training_rows_and_the_control_group_experiment(small_run) -> None:
+    """Training rows are the known pairs of the delivered and no-offer arms, with the features
+    the ranker serves with; the experiment pairs each would-be offer's treated rows with the
+    control group's."""
+    from engine.decision.features import feature_spec
+    from engine.governance.pseudonym import Pseudonymizer
+    from models.attribution import attribute
+    from models.training import features_of
+    from models.uplift import randomized, uplift_rows
+
+    sim, runs = small_run
+    decisions = pa.concat_tables(runs["rules"].decisions)
+    events = pa.concat_tables(runs["rules"].responses)
+    cutoff = sim.t0 + 12 * DAY_MS
+    pairs = attribute(decisions, events, sim.catalog, cutoff,
+                      Pseudonymizer(sim.settings.pseudonym_key))  # fmt: skip
+    spec = feature_spec(sim.catalog.trigger_ids, sim.catalog.offer_ids)
+    data = uplift_rows(decisions, pairs, spec)
+    arm = np.asarray(pairs.column("arm").to_numpy(zero_copy_only=False), dtype=object)
+    known = pairs.column("known").to_numpy(zero_copy_only=False)
+    wanted = known & np.isin(arm, ["offer", "control", "no_action_arm", "no_action"])
+    assert data.treated.size == int(wanted.sum()) > 100
+    assert set(data.arm.tolist()) <= {"offer", "control", "no_action_arm", "no_action"}
+    assert (data.treated == (data.arm == "offer")).all()
+    first = pairs.filter(pa.array(wanted)).slice(0, 1).to_pylist()[0]
+    row = decisions.slice(first["row"], 1)
+    np.testing.assert_array_equal(
+        data.features[0], features_of(row, spec, np.array([first["offer_id"]], dtype=object))[0]
+    )
+    exp = randomized(data)
+    assert (data.action[exp] == data.offer[exp]).all()
+    assert set(data.arm[exp].tolist()) == {"offer", "control"}

@@ -1,0 +1,164 @@
+"""Uplift and opt-out models learned from the engine's own log, and how to judge them.
+
+Training rows come from ``models.attribution``: one per (decision, answering offer) with a
+closed attribution window. Features are the ranker's (the decision's logged context, its
+trigger, the offer one-hot), so a model serves through the same feature builder.
+
+* ``fit_t_learner``: two boosters, one on the rows where the offer was delivered (P(convert |
+  offer, x)) and one on the rows where no offer reached the customer (control group,
+  randomized no-action arm, NO_ACTION chosen: P(convert | no action, x)); uplift is their
+  difference. Plus an opt-out booster on the delivered rows (P(opt-out | contact, x)).
+* ``fit_s_learner``: one booster with the treatment as a feature; uplift is its answer with
+  the feature at 1 minus at 0. Kept as the comparison that chose the T-learner (see
+  docs/benchmarks.md, "Uplift models").
+
+Judged on a randomized holdout: among decisions whose policy would send offer o, the control
+group is a random share that got nothing, so (treated, control) rows of the same would-be
+offer form an experiment. ``qini`` sorts them by predicted uplift and measures how much more
+conversion the top of the list gains over random targeting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import xgboost as xgb
+
+from engine.decision.features import FeatureSpec
+from models.training import DEFAULT_PARAMS, features_of
+
+#: rows where no offer reached the customer: what P(convert | no action) learns from
+UNTREATED_ARMS = ("control", "no_action_arm", "no_action")
+
+
+@dataclass(frozen=True)
+class UpliftRows:
+    """Training rows: features of (decision, offer) pairs and their outcomes."""
+
+    features: np.ndarray
+    treated: np.ndarray
+    converted: np.ndarray
+    opted_out: np.ndarray
+    arm: np.ndarray
+    ts: np.ndarray
+    action: np.ndarray  # the decision's action (the would-be offer for the control group)
+    offer: np.ndarray
+    customer_key: np.ndarray
+
+    def take(self, rows: np.ndarray) -> UpliftRows:
+        return UpliftRows(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+
+def uplift_rows(decisions: pa.Table, pairs: pa.Table, spec: FeatureSpec) -> UpliftRows:
+    """The known pairs of ``pairs`` (``models.attribution.attribute``) of the arms that say
+    something about an offer's effect: delivered, or no offer at all."""
+    arm = np.asarray(pairs.column("arm").to_numpy(zero_copy_only=False), dtype=object)
+    known = np.asarray(pairs.column("known").to_numpy(zero_copy_only=False), dtype=bool)
+    keep = np.flatnonzero(known & np.isin(arm, ("offer", *UNTREATED_ARMS)))
+    pairs = pairs.take(pa.array(keep))
+    rows = decisions.take(pa.array(pairs.column("row").to_numpy()))
+    offer = np.asarray(pairs.column("offer_id").to_numpy(zero_copy_only=False), dtype=object)
+    return UpliftRows(
+        features=features_of(rows, spec, offer),
+        treated=np.asarray(pairs.column("treated").to_numpy(zero_copy_only=False), bool),
+        converted=np.asarray(pairs.column("converted").to_numpy(zero_copy_only=False), bool),
+        opted_out=np.asarray(pairs.column("opted_out").to_numpy(zero_copy_only=False), bool),
+        arm=arm[keep],
+        ts=rows.column("ts").cast(pa.int64()).to_numpy(),
+        action=np.asarray(rows.column("action").to_numpy(zero_copy_only=False), dtype=object),
+        offer=offer,
+        customer_key=np.asarray(pairs.column("customer_key").to_numpy(), dtype=np.uint64),
+    )
+
+
+def _fit(x: np.ndarray, y: np.ndarray, names: list[str], rounds: int, seed: int) -> xgb.Booster:
+    data = xgb.DMatrix(x, label=y.astype(np.float32), feature_names=names)
+    params: dict[str, Any] = {**DEFAULT_PARAMS, "seed": seed}
+    return xgb.train(params, data, rounds)
+
+
+@dataclass
+class TLearner:
+    """P(convert | offer, x), P(convert | no action, x), P(opt-out | contact, x)."""
+
+    treated: xgb.Booster
+    baseline: xgb.Booster
+    opt_out: xgb.Booster
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(  # type: ignore[return-value]
+            np.asarray(b.inplace_predict(x), dtype=np.float64)
+            for b in (self.treated, self.baseline, self.opt_out)
+        )
+
+    def uplift(self, x: np.ndarray) -> np.ndarray:
+        p1, p0, _ = self.predict(x)
+        return p1 - p0
+
+
+def fit_t_learner(
+    data: UpliftRows, names: tuple[str, ...], rounds: int = 150, seed: int = 0
+) -> TLearner:
+    t = data.treated
+    return TLearner(
+        _fit(data.features[t], data.converted[t], list(names), rounds, seed),
+        _fit(data.features[~t], data.converted[~t], list(names), rounds, seed),
+        _fit(data.features[t], data.opted_out[t], list(names), rounds, seed),
+    )
+
+
+@dataclass
+class SLearner:
+    """One booster with the treatment as its last feature."""
+
+    booster: xgb.Booster
+
+    def uplift(self, x: np.ndarray) -> np.ndarray:
+        on = np.column_stack([x, np.ones(len(x), np.float32)])
+        off = np.column_stack([x, np.zeros(len(x), np.float32)])
+        return np.asarray(self.booster.inplace_predict(on) - self.booster.inplace_predict(off))
+
+
+def fit_s_learner(
+    data: UpliftRows, names: tuple[str, ...], rounds: int = 150, seed: int = 0
+) -> SLearner:
+    x = np.column_stack([data.features, data.treated.astype(np.float32)])
+    return SLearner(_fit(x, data.converted, [*names, "treated"], rounds, seed))
+
+
+def randomized(data: UpliftRows) -> np.ndarray:
+    """Rows of the experiment the control group makes: for each decision that would send an
+    offer, its row for that offer, treated unless the customer is in the control group."""
+    would = data.action == data.offer
+    return np.flatnonzero(would & ((data.arm == "offer") | (data.arm == "control")))
+
+
+def qini(score: np.ndarray, treated: np.ndarray, converted: np.ndarray) -> dict[str, float]:
+    """The Qini coefficient and the area under the uplift curve of targeting by ``score``.
+
+    Rows sorted by score, highest first; at each depth k the Qini curve is the conversions of
+    the treated among the top k minus those of the control among them scaled to the treated's
+    number: ``Q(k) = Y_t(k) - Y_c(k) N_t(k) / N_c(k)``. ``qini`` is the mean distance between
+    the curve and the straight line of random targeting, per row (0: no better than random);
+    ``auuc`` the mean of Q(k)/k (the uplift per targeted row, averaged over depths); both grow
+    with a better ranking. ``uplift`` is the overall difference in conversion rates."""
+    order = np.argsort(-np.asarray(score), kind="stable")
+    t = np.asarray(treated, dtype=bool)[order]
+    y = np.asarray(converted, dtype=float)[order]
+    n_t, n_c = np.cumsum(t), np.cumsum(~t)
+    y_t, y_c = np.cumsum(y * t), np.cumsum(y * ~t)
+    curve = y_t - np.where(n_c > 0, y_c * n_t / np.maximum(n_c, 1), 0.0)
+    n = curve.size
+    if n == 0 or n_t[-1] == 0 or n_c[-1] == 0:
+        return {"qini": float("nan"), "auuc": float("nan"), "uplift": float("nan"), "rows": n}
+    k = np.arange(1, n + 1)
+    random = curve[-1] * k / n
+    return {
+        "qini": float((curve - random).mean() / n),
+        "auuc": float((curve / k).mean()),
+        "uplift": float(y_t[-1] / n_t[-1] - y_c[-1] / n_c[-1]),
+        "rows": int(n),
+    }
