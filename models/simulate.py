@@ -10,6 +10,9 @@
   yardstick; Kairos never sees them);
 * ``uplift`` (uplift world only): the shipped catalog with the true probabilities of both
   arms and of opt-out, decided on incremental value (the yardstick of issue 16);
+* ``kairos-uplift`` (experimental, issue 16): Kairos's warm-up with a randomized no-action
+  arm, then a T-learner (``models.uplift``) trained from its own log at the end of the warm-up
+  and weekly after, deciding on incremental value; no promotion gate yet;
 * ``ceiling`` (on request): Kairos's warm-up, then a "perfect learner" for the rest of the
   run: a model fitted to the simulator's true propensity of every candidate in the warm-up
   log, from the features Kairos has, with no label noise. How far a model with these features
@@ -38,18 +41,21 @@ from engine.decision.features import FeatureSpec, feature_spec
 from engine.decision.log import DECISION_SCHEMA
 from engine.decision.scorer import OfferScorer, ScoreRequest, ScoreResponse
 from engine.events.schema import RAW_SCHEMA
+from engine.governance.pseudonym import Pseudonymizer
 from engine.local import LocalEngine
 from engine.rules.spec import RuleSet
 from engine.synthetic import telco
 from engine.synthetic.response import OracleScorer, ResponseSimulator
 from engine.synthetic.uplift import UpliftOracleScorer, UpliftSimulator
 from engine.units import DAY_MS, HOUR_MS
+from models.attribution import attribute
 from models.promotion import train_round
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
 from models.training import context_of, features_of
+from models.uplift import TLearner, fit_t_learner, uplift_rows
 
-POLICIES = ("blanket", "rules", "kairos", "oracle", "ceiling", "uplift")
+POLICIES = ("blanket", "rules", "kairos", "oracle", "ceiling", "uplift", "kairos-uplift")
 WORLDS = ("classic", "uplift")
 
 
@@ -113,6 +119,33 @@ def fit_truth(
     return TruthFitScorer(xgb.train(params, data, 300), spec)
 
 
+class TLearnerScorer:
+    """An OfferScorer answering with a T-learner's three probabilities (``kairos-uplift``)."""
+
+    def __init__(self, model: TLearner, spec: FeatureSpec, version: str) -> None:
+        self.model, self.spec, self.version = model, spec, version
+
+    def score(self, request: ScoreRequest) -> ScoreResponse:
+        if tuple(request.feature_names) != self.spec.names:
+            raise ValueError("the uplift model was fitted on other features")
+        p1, p0, p_out = (np.clip(p, 0.0, 1.0).astype(np.float32)
+                         for p in self.model.predict(request.features))  # fmt: skip
+        n = request.rows
+        return ScoreResponse(p1, (self.version,), np.zeros(n, np.int8), p0, p_out)
+
+
+def fit_uplift(
+    decisions: pa.Table, events: pa.Table, catalog: Catalog, cutoff_ms: int, key: str, seed: int
+) -> TLearnerScorer | None:
+    """A T-learner from a policy's own log at ``cutoff_ms`` (None: too few rows of an arm)."""
+    spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
+    pairs = attribute(decisions, events, catalog, cutoff_ms, Pseudonymizer(key))
+    data = uplift_rows(decisions, pairs, spec)
+    if data.treated.sum() < 200 or (~data.treated).sum() < 200:
+        return None
+    return TLearnerScorer(fit_t_learner(data, spec.names, seed=seed), spec, f"t-learner-{seed}")
+
+
 class ConstantScorer:
     """The same propensity for everything: the uninformed prior, or 1.0 for 'value only'."""
 
@@ -146,6 +179,17 @@ def blanket_catalog(catalog: Catalog) -> Catalog:
         "exploration": 0.0,
     }
     return parse_catalog(doc, "blanket")
+
+
+#: the randomized no-action arm of ``kairos-uplift``: in the warm-up, and after it
+WARMUP_NO_ACTION_SHARE = 0.2
+UPLIFT_NO_ACTION_SHARE = 0.1
+
+
+def with_no_action_arm(catalog: Catalog, share: float) -> Catalog:
+    doc = dict(catalog.document)
+    doc["policy"] = {**(doc.get("policy") or {}), "no_action_share": share}
+    return parse_catalog(doc, catalog.source)
 
 
 def with_exploration(catalog: Catalog, exploration: float) -> Catalog:
@@ -212,6 +256,10 @@ class Simulation:
                 if ceiling is not None:  # else the warm-up policy carries on
                     engine.set_catalog(self.catalog, ceiling)
                 run.models.append({"version": "ceiling", "promoted": ceiling is not None})
+            if name == "kairos-uplift" and steps[i + 1] >= self.warmup_end:
+                due_at = self.warmup_end + len(run.models) * 7 * DAY_MS
+                if steps[i + 1] >= due_at:
+                    self._retrain_uplift(engine, run, int(steps[i + 1]))
             if registry is not None and steps[i + 1] >= self.warmup_end:
                 known = sum(int(o["accepted"].size) for o in run.outcomes)
                 first = not run.models
@@ -241,6 +289,16 @@ class Simulation:
                 answers.append(events)
         return len(engine.decisions), answers
 
+    def _retrain_uplift(self, engine: LocalEngine, run: PolicyRun, cutoff_ms: int) -> None:
+        responses = pa.concat_tables(run.responses) if run.responses else _empty_raw()
+        scorer = fit_uplift(_all(run), responses, self.catalog, cutoff_ms,
+                            self.settings.pseudonym_key, seed=len(run.models))  # fmt: skip
+        if scorer is not None:
+            engine.set_catalog(with_no_action_arm(self.catalog, UPLIFT_NO_ACTION_SHARE), scorer)
+        run.models.append({"cutoff_day": (cutoff_ms - self.t0) / DAY_MS,
+                           "version": scorer.version if scorer else None,
+                           "promoted": scorer is not None})  # fmt: skip
+
     def _policy(self, name: str, sim: ResponseSimulator) -> tuple[Catalog, OfferScorer]:
         if name == "blanket":
             return blanket_catalog(self.catalog), ConstantScorer(1.0, "blanket")
@@ -254,6 +312,10 @@ class Simulation:
             return with_exploration(self.catalog, 0.0), UpliftOracleScorer(sim)
         if name in ("kairos", "ceiling"):
             warm = with_exploration(self.catalog, self.config.warmup_exploration)
+            return warm, ConstantScorer(self.config.prior_propensity, "prior")
+        if name == "kairos-uplift":
+            warm = with_exploration(self.catalog, self.config.warmup_exploration)
+            warm = with_no_action_arm(warm, WARMUP_NO_ACTION_SHARE)
             return warm, ConstantScorer(self.config.prior_propensity, "prior")
         raise ValueError(f"unknown policy '{name}'; known: {', '.join(POLICIES)}")
 
