@@ -141,7 +141,7 @@ def fit_uplift(
     spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
     pairs = attribute(decisions, events, catalog, cutoff_ms, Pseudonymizer(key))
     data = uplift_rows(decisions, pairs, spec)
-    if data.treated.sum() < 200 or (~data.treated).sum() < 200:
+    if data.treated.sum() < UPLIFT_MIN_ROWS or (~data.treated).sum() < UPLIFT_MIN_ROWS:
         return None
     return TLearnerScorer(fit_t_learner(data, spec.names, seed=seed), spec, f"t-learner-{seed}")
 
@@ -184,6 +184,8 @@ def blanket_catalog(catalog: Catalog) -> Catalog:
 #: the randomized no-action arm of ``kairos-uplift``: in the warm-up, and after it
 WARMUP_NO_ACTION_SHARE = 0.2
 UPLIFT_NO_ACTION_SHARE = 0.1
+#: rows of each arm (delivered, no offer) before a first T-learner is trained
+UPLIFT_MIN_ROWS = 50
 
 
 def with_no_action_arm(catalog: Catalog, share: float) -> Catalog:
@@ -257,7 +259,10 @@ class Simulation:
                     engine.set_catalog(self.catalog, ceiling)
                 run.models.append({"version": "ceiling", "promoted": ceiling is not None})
             if name == "kairos-uplift" and steps[i + 1] >= self.warmup_end:
-                due_at = self.warmup_end + len(run.models) * 7 * DAY_MS
+                # weekly; daily until a first model could be trained (enough rows of both arms)
+                last = run.models[-1] if run.models else None
+                every = 7 * DAY_MS if last and last["promoted"] else DAY_MS
+                due_at = self.warmup_end if last is None else last["cutoff_ms"] + every
                 if steps[i + 1] >= due_at:
                     self._retrain_uplift(engine, run, int(steps[i + 1]))
             if registry is not None and steps[i + 1] >= self.warmup_end:
@@ -295,7 +300,7 @@ class Simulation:
                             self.settings.pseudonym_key, seed=len(run.models))  # fmt: skip
         if scorer is not None:
             engine.set_catalog(with_no_action_arm(self.catalog, UPLIFT_NO_ACTION_SHARE), scorer)
-        run.models.append({"cutoff_day": (cutoff_ms - self.t0) / DAY_MS,
+        run.models.append({"cutoff_day": (cutoff_ms - self.t0) / DAY_MS, "cutoff_ms": cutoff_ms,
                            "version": scorer.version if scorer else None,
                            "promoted": scorer is not None})  # fmt: skip
 

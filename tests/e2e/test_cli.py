@@ -109,12 +109,12 @@ def test_rules_check_reports_problems_in_one_line_each_and_fails(tmp_path) -> No
 def test_simulate_json_reports_every_policy_and_writes_the_chart(tmp_path) -> None:
     done = kairos(
         "simulate", "--customers", "2000", "--days", "12", "--warmup-days", "6",
-        "--policies", "blanket,rules,kairos,oracle,ceiling",
+        "--policies", "blanket,rules,kairos,oracle,ceiling,uplift,kairos-uplift",
         "--out", str(tmp_path), "--json", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    for policy in ("blanket", "rules", "kairos", "oracle", "ceiling"):
+    for policy in ("blanket", "rules", "kairos", "oracle", "ceiling", "uplift", "kairos-uplift"):
         r = report[policy]
         assert {"offers_sent", "accepted", "acceptance_rate", "net_value", "opt_outs"} <= set(r)
         assert r["accepted"] <= r["offers_sent"]
@@ -124,11 +124,20 @@ def test_simulate_json_reports_every_policy_and_writes_the_chart(tmp_path) -> No
         for measure in ("offers_sent", "accepted", "opt_outs"):
             assert sum(m[measure] for m in moments) == r[measure]
         assert sum(m["net_value"] for m in moments) == pytest.approx(r["net_value"])
+        incremental = sum(m["incremental_net_value"] for m in moments)
+        assert incremental == pytest.approx(r["incremental_net_value"])
     assert set(report["blanket"]["offers_by_action"]) <= {"plan_upgrade"}
     assert set(report["blanket"]["by_trigger"]) == {"data_cap_nearing"}
     assert len(report["kairos"]["by_trigger"]) == 4
     assert report["kairos"]["models"], "kairos trained no model after its warm-up"
     assert [m["version"] for m in report["ceiling"]["models"]] == ["ceiling"]
+    trained = [m["version"] for m in report["kairos-uplift"]["models"] if m["version"]]
+    assert trained and trained[0].startswith("t-learner"), report["kairos-uplift"]["models"]
+    # the randomized no-action arm of its warm-up is in the log, not in the after-warm-up
+    # figures (its share there is 10 %)
+    assert report["kairos-uplift"]["no_action_arm"]["decisions"] > 0
+    # deciding on true incremental value beats deciding on true response
+    assert report["uplift"]["incremental_net_value"] > report["oracle"]["incremental_net_value"]
     assert (tmp_path / "acceptance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(report["targets"]) == 6
     assert sum("(on data_cap_nearing moments)" in t for t in report["targets"]) == 4
