@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from actors.gateway import GatewayActor
 from actors.ingestlog import LOG_ERRORS, IngestLog
 from actors.metrics import metrics
+from actors.runtime import confine_serve_grpc
 from deploy.security import AuthMiddleware, Guard, KeyRateLimits, install
 from deploy.service import ServiceConfig
 from engine.decision.catalog import NO_ACTION
@@ -474,6 +475,7 @@ class KairosApi:
         self.config = ServiceConfig.model_validate(config or {})
         cfg = self.config
         cfg.check_secrets(cfg.settings())  # serve run with the development key: refused
+        confine_serve_grpc()  # this replica's internal gRPC server on loopback, as the node
         # detached and restarted by Ray when it dies: a new gateway restores the engine from
         # the last checkpoint and reads the log from there
         self.gateway = GatewayActor.options(

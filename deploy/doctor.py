@@ -36,9 +36,10 @@ class Listener:
 
     @property
     def serve_internal(self) -> bool:
-        """A Serve replica's inter-deployment gRPC server: Ray 2.60 binds it to every interface
-        whatever the node address (``serve/_private/replica.py``, ``[::]:0``); it requires Ray's
-        token when token authentication is on."""
+        """A Serve replica's inter-deployment gRPC server bound to every interface: Ray 2.60's
+        default whatever the node address (``serve/_private/replica.py``, ``[::]:0``; Kairos's
+        deployments bind it to loopback on a loopback node: ``confine_serve_grpc``). It
+        requires Ray's token when token authentication is on."""
         return self.process.startswith("ray::ServeReplica") and self.address in ("::", "0.0.0.0")
 
     @property

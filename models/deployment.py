@@ -35,6 +35,10 @@ class RankerDeployment:
     def __init__(self) -> None:
         from ray.util.metrics import Gauge
 
+        from actors.runtime import confine_serve_grpc
+
+        confine_serve_grpc()  # this replica's internal gRPC server on loopback, as the node
+
         self.ranker: Ranker | None = None
         self.error: str | None = None
         self.swaps = 0

@@ -74,3 +74,34 @@ def test_a_serve_replica_s_internal_grpc_port_passes_only_with_ray_s_token() -> 
     assert diagnose(facts) == []
     facts.auth_mode = "disabled"
     assert any("ServeReplica:kairos:api (pid 20) listens on ::" in p for p in diagnose(facts))
+
+
+def test_serve_replicas_on_a_loopback_node_bind_their_internal_grpc_server_to_loopback(
+    monkeypatch,
+) -> None:
+    """Ray 2.60 binds each replica's inter-deployment gRPC server to ``[::]:0``; the
+    deployments' constructors make it 127.0.0.1 on a loopback node, and leave it alone on a
+    node with a routable address."""
+    import ray
+    from ray.serve._private import replica
+
+    from actors.runtime import confine_serve_grpc
+
+    class Server:
+        def __init__(self) -> None:
+            self.addresses: list[str] = []
+
+        def add_insecure_port(self, address: str) -> int:
+            self.addresses.append(address)
+            return 4242
+
+    original = replica.add_port_to_grpc_server
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", original)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.1.2.3")
+    assert not confine_serve_grpc() and replica.add_port_to_grpc_server is original
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    assert confine_serve_grpc() and confine_serve_grpc()  # twice: wrapped once
+    server = Server()
+    assert replica.add_port_to_grpc_server(server, "[::]:0") == 4242
+    assert replica.add_port_to_grpc_server(server, "10.1.2.3:5000") == 4242
+    assert server.addresses == ["127.0.0.1:0", "10.1.2.3:5000"]
