@@ -43,7 +43,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from actors.gateway import GatewayActor
 from actors.ingestlog import LOG_ERRORS, IngestLog
 from actors.metrics import metrics
-from actors.runtime import confine_serve_grpc
 from deploy.security import AuthMiddleware, Guard, KeyRateLimits, install
 from deploy.service import ServiceConfig
 from engine.decision.catalog import NO_ACTION
@@ -68,6 +67,7 @@ from engine.limits import (
 from engine.logformat import encode_decisions, encode_message
 from engine.state.store import PROFILE_COLUMNS
 from engine.yamlfile import DocumentLimitError, load_yaml
+from models.loopback import confine_serve_grpc
 
 log = logging.getLogger("ray.serve")
 API_APP = "kairos"

@@ -35,7 +35,7 @@ class RankerDeployment:
     def __init__(self) -> None:
         from ray.util.metrics import Gauge
 
-        from actors.runtime import confine_serve_grpc
+        from models.loopback import confine_serve_grpc
 
         confine_serve_grpc()  # this replica's internal gRPC server on loopback, as the node
 

@@ -98,7 +98,7 @@ def test_kairos_serve_listens_on_loopback_only_and_ray_refuses_everyone_without_
         assert len(census) >= 5, census  # the proxy, NATS, GCS, raylet, dashboard at least
         assert facts.auth_mode == "token"
         # every listener on loopback, Serve's inter-deployment gRPC server of each replica
-        # too (Ray 2.60 binds it to every interface; actors.runtime.confine_serve_grpc), and
+        # too (Ray 2.60 binds it to every interface; models.loopback.confine_serve_grpc), and
         # Ray's gRPC servers refuse a call without the token
         assert all(s.loopback for s in facts.listeners), census
         replicas: dict[int, dict[int, str]] = {}

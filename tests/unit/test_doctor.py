@@ -85,7 +85,7 @@ def test_serve_replicas_on_a_loopback_node_bind_their_internal_grpc_server_to_lo
     import ray
     from ray.serve._private import replica
 
-    from actors.runtime import confine_serve_grpc
+    from models.loopback import confine_serve_grpc
 
     class Server:
         def __init__(self) -> None:
