@@ -60,30 +60,30 @@ class HandleVault:
     def _customer(customer_key: int) -> str:
         return f"{int(customer_key):016x}"
 
+    def _select(self, customer: str) -> str | None:
+        row = self._db.execute(
+            "SELECT handle FROM handles WHERE customer = ?", (customer,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def handle(self, customer_key: int) -> str:
         """The customer's handle, made (random) the first time it is asked for."""
         customer = self._customer(customer_key)
         with self._lock:
-            row = self._db.execute(
-                "SELECT handle FROM handles WHERE customer = ?", (customer,)
-            ).fetchone()
-            if row is None:
+            found = self._select(customer)
+            if found is None:
                 self._db.execute(
                     "INSERT OR IGNORE INTO handles VALUES (?, ?)",
                     (customer, PREFIX + secrets.token_hex(12)),
                 )
-                row = self._db.execute(
-                    "SELECT handle FROM handles WHERE customer = ?", (customer,)
-                ).fetchone()
-        return str(row[0])
+                found = self._select(customer)
+        assert found is not None
+        return found
 
     def known(self, customer_key: int) -> str | None:
         """The customer's handle if one was made, else None (nothing is made)."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT handle FROM handles WHERE customer = ?", (self._customer(customer_key),)
-            ).fetchone()
-        return None if row is None else str(row[0])
+            return self._select(self._customer(customer_key))
 
     def forget(self, customer_key: int) -> bool:
         """Unlink the customer from their handle (erasure); True if there was one.

@@ -241,6 +241,23 @@ def _events(rows: list[dict[str, object]]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=RAW_SCHEMA)
 
 
+def truth_arguments(sim: ResponseSimulator, request: ScoreRequest) -> tuple[np.ndarray, ...]:
+    """What the simulator's truth needs of a scoring request's rows: (population index,
+    offer, days_left, km_from_home, cart_items, contacts_7d), read from the features."""
+    names = list(request.feature_names)
+    x = request.features
+
+    def col(name: str) -> np.ndarray:
+        return x[:, names.index(name)].astype(np.float64)
+
+    offers = np.full(request.rows, "", dtype=object)
+    for j, name in enumerate(names):
+        if name.startswith("offer="):
+            offers[x[:, j] == 1.0] = name[len("offer=") :]
+    idx = sim.index_of(request.customer_keys)
+    return idx, offers, col("days_left"), col("km_from_home"), col("cart_items"), col("contacts_7d")
+
+
 class OracleScorer:
     """An OfferScorer that knows the truth: the yardstick policy (d), never used by Kairos."""
 
@@ -248,23 +265,5 @@ class OracleScorer:
         self.sim = simulator
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
-        names = list(request.feature_names)
-        x = request.features
-
-        def col(name: str) -> np.ndarray:
-            return x[:, names.index(name)].astype(np.float64)
-
-        offers = np.full(request.rows, "", dtype=object)
-        for j, name in enumerate(names):
-            if name.startswith("offer="):
-                offers[x[:, j] == 1.0] = name[len("offer=") :]
-        idx = self.sim.index_of(request.customer_keys)
-        p = self.sim.propensity(
-            idx,
-            offers,
-            col("days_left"),
-            col("km_from_home"),
-            col("cart_items"),
-            col("contacts_7d"),
-        )
+        p = self.sim.propensity(*truth_arguments(self.sim, request))
         return ScoreResponse(p.astype(np.float32), ("oracle",), np.zeros(request.rows, np.int8))

@@ -51,6 +51,7 @@ from engine.synthetic.response import (
     ResponseSimulator,
     _events,
     _offer_salt,
+    truth_arguments,
 )
 from engine.units import DAY_MS, HOUR_MS, MINUTE_MS
 
@@ -317,24 +318,7 @@ class UpliftOracleScorer:
         self.sim = simulator
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
-        names = list(request.feature_names)
-        x = request.features
-
-        def col(name: str) -> np.ndarray:
-            return x[:, names.index(name)].astype(np.float64)
-
-        offers = np.full(request.rows, "", dtype=object)
-        for j, name in enumerate(names):
-            if name.startswith("offer="):
-                offers[x[:, j] == 1.0] = name[len("offer=") :]
-        p_offer, p_base, p_out = self.sim.arms(
-            self.sim.index_of(request.customer_keys),
-            offers,
-            col("days_left"),
-            col("km_from_home"),
-            col("cart_items"),
-            col("contacts_7d"),
-        )
+        p_offer, p_base, p_out = self.sim.arms(*truth_arguments(self.sim, request))
         return ScoreResponse(
             np.clip(p_offer, 0, 1).astype(np.float32),
             ("uplift-oracle",),
