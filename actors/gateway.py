@@ -38,13 +38,11 @@ from engine.checkpoint import checkpoints
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog, parse_catalog
 from engine.errors import CatalogError, RuleError
-from engine.gateway import GatewayLogic, Retrainer
+from engine.gateway import ApiActivity, GatewayLogic, Retrainer
 from engine.pipeline import Pipeline
 from engine.rules.spec import RuleSet, load_rules, parse_rules
 
 log = logging.getLogger(__name__)
-#: seconds after which an API replica's "busy" report no longer holds back an idle mark
-API_BUSY_EXPIRES_S = 60.0
 
 
 #: deploys the ranker for (rules, catalog); returns the model version it serves
@@ -114,8 +112,10 @@ class GatewayActor:
             checkpoint_root=config.checkpoint_uri or str(root / "checkpoints"),
         )
         self.lock = threading.RLock()
-        #: API replica -> (report sequence, working on event requests, when reported)
-        self._api_busy: dict[str, tuple[int, bool, float]] = {}
+        #: whether events made before now may still come from API replicas (Ray restarted
+        #: this actor: they told its predecessor of the requests under way)
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._api_activity = ApiActivity(restarted=restarted)
         self._busy_lock = threading.Lock()
         self._stop = threading.Event()
         self.source: LogSource | None = None
@@ -214,22 +214,18 @@ class GatewayActor:
         stats = self.supervisor.ready()
         return {"shards": len(stats), "customers": sum(s["customers"] for s in stats)}
 
-    def api_busy(self, replica: str, seq: int, busy: bool) -> None:
-        """An API replica started (``busy``) or finished its event requests; ``seq`` orders
-        one replica's reports (they may run out of order here)."""
+    def api_busy(self, replica: str, seq: int, hold_s: float) -> None:
+        """An API replica's events may still come for ``hold_s`` seconds (0: none are under
+        way); see ``ApiActivity``."""
         with self._busy_lock:
-            last = self._api_busy.get(replica)
-            if last is None or seq > last[0]:
-                self._api_busy[replica] = (seq, busy, time.monotonic())
+            self._api_activity.report(replica, seq, hold_s)
 
     def _mark_idle(self) -> bool:
-        """The log has been quiet for ``idle_release_ms``: mark it there, unless an API replica
-        still works on event requests (their events would come after the mark, late). A
-        replica's report older than ``API_BUSY_EXPIRES_S`` (a replica that died) is ignored."""
-        now = time.monotonic()
+        """The log has been quiet for ``idle_release_ms``: mark it there, unless events made
+        before may still come from the API replicas (after the mark they would be late)."""
         with self._busy_lock:
-            busy = any(b and now - at < API_BUSY_EXPIRES_S for _, b, at in self._api_busy.values())
-        return not busy and self.source is not None and self.source.mark_idle()
+            quiet = self._api_activity.quiet()
+        return quiet and self.source is not None and self.source.mark_idle()
 
     def pid(self) -> int:
         """This actor's process id (tests measure its memory)."""

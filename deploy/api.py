@@ -51,7 +51,13 @@ from engine.errors import EventError, PayloadTooLargeError
 from engine.events.codec import decode_json, decode_msgpack, event_id_from_text, rows_to_batch
 from engine.events.schema import CHANNELS, KIND_NAMES, PAYLOAD_FIELDS
 from engine.events.validation import conform, validate
-from engine.gateway import accepted_by_kind, letter_json, rejected_by_kind
+from engine.gateway import (
+    API_BUSY_EXPIRES_S,
+    API_BUSY_RETOLD_S,
+    accepted_by_kind,
+    letter_json,
+    rejected_by_kind,
+)
 from engine.governance.keys import RESTRICTED_KINDS, Principal
 from engine.ingest import Ingestor, keyed
 from engine.limits import (
@@ -350,8 +356,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 #: what a client is told to wait before trying again, in seconds
 RETRY_AFTER_S = 2
-#: a replica busy for this long tells the gateway again (its reports expire after 60 s)
-BUSY_RETOLD_S = 10.0
+#: after a 503 to an event request, the gateway marks no quiet spell in the log for this long:
+#: the client's retry carries events made before it (an idle mark would make them late)
+RETRIES_DUE_S = 2.0 * RETRY_AFTER_S
 #: requests Serve's proxy queues per API deployment before it answers 503
 MAX_QUEUED_REQUESTS = 512
 
@@ -510,6 +517,8 @@ class KairosApi:
         self._replica = secrets.token_hex(8)
         self._busy_seq = 0
         self._busy_told = 0.0
+        #: until when (time.monotonic()) retries of event requests refused with 503 are due
+        self._retries_due = 0.0
         self._lag_asked = 0.0
         self._lag_answered = time.monotonic()
 
@@ -605,25 +614,32 @@ class KairosApi:
                 415, f"content type {media!r} is not supported: use application/msgpack or JSON"
             )
         if self._events_in_flight >= self.config.max_events_in_flight:  # shed before reading
+            self._retries_due = time.monotonic() + RETRIES_DUE_S
             raise unavailable(
                 f"this replica is working on {self._events_in_flight} event requests: slow down"
             )
         self._events_in_flight += 1
-        if self._events_in_flight == 1 or time.monotonic() - self._busy_told > BUSY_RETOLD_S:
-            self._tell_busy(True)
+        if self._events_in_flight == 1 or time.monotonic() - self._busy_told > API_BUSY_RETOLD_S:
+            self._tell_busy(API_BUSY_EXPIRES_S)
         try:
             return await self._events(request, media)
+        except (HTTPException, ray.exceptions.RayError) as exc:  # a RayError answers 503
+            if getattr(exc, "status_code", 503) == 503:
+                self._retries_due = time.monotonic() + RETRIES_DUE_S
+            raise
         finally:
             self._events_in_flight -= 1
             if self._events_in_flight == 0:
-                self._tell_busy(False)
+                self._tell_busy(max(self._retries_due - time.monotonic(), 0.0))
 
-    def _tell_busy(self, busy: bool) -> None:
-        """Tell the gateway this replica starts or stops working on event requests: it marks a
-        quiet spell in the log only when none does (``GatewayActor.api_busy``). Not awaited."""
+    def _tell_busy(self, hold_s: float) -> None:
+        """Tell the gateway this replica's events may still come for ``hold_s`` seconds (it
+        starts on event requests, or refused some whose retries are due) or, with 0, that none
+        are under way: it marks a quiet spell in the log only when no replica's events may
+        still come (``GatewayActor.api_busy``). Not awaited."""
         self._busy_seq += 1
         self._busy_told = time.monotonic()
-        self.gateway.api_busy.remote(self._replica, self._busy_seq, busy)
+        self.gateway.api_busy.remote(self._replica, self._busy_seq, hold_s)
 
     async def _events(self, request: Request, media: str) -> JSONResponse:
         body = await _body(request, self.config.max_body_bytes)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from engine.clock import Clock, SystemClock
 from engine.events.deadletter import DeadLetter
 from engine.events.schema import KIND_NAMES
 from engine.limits import MAX_ERRORS_LISTED
@@ -44,6 +45,47 @@ class Retrainer(Protocol):
     def maybe_retrain(self, force: bool = False) -> Any: ...
 
     def set_catalog(self, catalog: Any) -> None: ...
+
+
+#: seconds after which an API replica's "busy" report no longer holds back an idle mark
+API_BUSY_EXPIRES_S = 60.0
+#: an API replica busy this long tells the gateway again; a (re)started gateway marks no quiet
+#: spell for this long, since the reports of requests under way went to the gateway before it
+API_BUSY_RETOLD_S = 10.0
+
+
+class ApiActivity:
+    """Whether events made before now may still reach the ingest log from the API replicas.
+
+    The gateway marks a quiet spell in the log (the watermark moves up to the newest event, so
+    every older event after the mark is late) only when none may: a replica reports, with a
+    per-replica ``seq`` (reports may arrive out of order), for how long its events may still
+    come: while it works on event requests (at most ``API_BUSY_EXPIRES_S``, so a replica that
+    died holds nothing back for long), for a while after it refused some with 503 (their
+    retries carry events made before), or 0. A gateway that was ``restarted`` under running
+    replicas has not heard of the requests under way: it waits ``API_BUSY_RETOLD_S``, in which
+    a busy replica tells again.
+    """
+
+    def __init__(self, clock: Clock | None = None, restarted: bool = False) -> None:
+        self.clock = clock or SystemClock()
+        self._grace_until = self.clock.monotonic() + (API_BUSY_RETOLD_S if restarted else 0.0)
+        #: replica -> (its last report's seq, until when its events may come)
+        self._until: dict[str, tuple[int, float]] = {}
+
+    def report(self, replica: str, seq: int, hold_s: float) -> None:
+        """``replica``'s events may come for ``hold_s`` more seconds (0: none are under way)."""
+        hold_s = min(max(float(hold_s), 0.0), API_BUSY_EXPIRES_S)
+        last = self._until.get(replica)
+        if last is None or seq > last[0]:
+            self._until[replica] = (seq, self.clock.monotonic() + hold_s)
+
+    def quiet(self) -> bool:
+        """No replica's events may still come: a quiet spell may be marked."""
+        now = self.clock.monotonic()
+        if now < self._grace_until:
+            return False
+        return all(until <= now for _, until in self._until.values())
 
 
 def letter_json(letter: DeadLetter) -> dict[str, Any]:

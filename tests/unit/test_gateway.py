@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from engine.clock import ManualClock
 from engine.events.deadletter import DeadLetter
-from engine.gateway import GatewayLogic
+from engine.gateway import API_BUSY_EXPIRES_S, API_BUSY_RETOLD_S, ApiActivity, GatewayLogic
 
 
 @dataclass
@@ -122,3 +123,56 @@ def test_an_answer_lists_at_most_the_first_errors_and_counts_them_all() -> None:
     assert [e["index"] for e in done.report["errors"]] == list(range(MAX_ERRORS_LISTED))
     assert done.report["errors_truncated"]
     assert done.rejected_by_kind == {"usage": n}
+
+
+# -- ApiActivity: when the gateway may mark a quiet spell in the log ---------------------------
+def _activity() -> tuple[ApiActivity, ManualClock]:
+    clock = ManualClock()
+    return ApiActivity(clock), clock
+
+
+def test_a_restarted_gateway_marks_no_quiet_spell_for_a_while() -> None:
+    """It has not heard of the requests under way when it restarted (their replicas told the
+    gateway before it): they tell again within API_BUSY_RETOLD_S. A new one starts quiet."""
+    assert ApiActivity(ManualClock()).quiet()
+    clock = ManualClock()
+    activity = ApiActivity(clock, restarted=True)
+    assert not activity.quiet()
+    clock.advance(API_BUSY_RETOLD_S - 0.1)
+    assert not activity.quiet()
+    clock.advance(0.1)
+    assert activity.quiet()
+
+
+def test_a_busy_replica_holds_back_quiet_until_it_is_done_or_its_report_expires() -> None:
+    activity, clock = _activity()
+    activity.report("a", 1, API_BUSY_EXPIRES_S)
+    clock.advance(5)
+    assert not activity.quiet()
+    activity.report("a", 2, 0.0)
+    assert activity.quiet()
+    activity.report("b", 1, API_BUSY_EXPIRES_S)  # a replica that dies while busy
+    clock.advance(API_BUSY_EXPIRES_S - 0.1)
+    assert not activity.quiet()
+    clock.advance(0.1)
+    assert activity.quiet()
+
+
+def test_a_replica_that_refused_events_holds_back_quiet_until_their_retries_are_due() -> None:
+    """A 503 client sends the same events again: a mark before that would make them late."""
+    activity, clock = _activity()
+    activity.report("a", 1, API_BUSY_EXPIRES_S)
+    activity.report("a", 2, 4.0)  # done, but refused some with 503
+    clock.advance(3.9)
+    assert not activity.quiet()
+    clock.advance(0.1)
+    assert activity.quiet()
+
+
+def test_reports_that_arrive_out_of_order_are_read_in_the_replicas_order() -> None:
+    activity, _ = _activity()
+    activity.report("a", 2, 0.0)
+    activity.report("a", 1, API_BUSY_EXPIRES_S)  # older: ignored
+    assert activity.quiet()
+    activity.report("a", 3, 1e9)  # a hold is never longer than a busy report's
+    assert not activity.quiet()
