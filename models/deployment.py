@@ -96,7 +96,13 @@ class RankerDeployment:
         answer = ranker.score(merged)
         bounds = np.cumsum([0, *(r.rows for r in requests)])
         return [
-            ScoreResponse(answer.propensity[a:b], answer.versions, answer.version_index[a:b])
+            ScoreResponse(
+                answer.propensity[a:b],
+                answer.versions,
+                answer.version_index[a:b],
+                None if answer.baseline is None else answer.baseline[a:b],
+                None if answer.opt_out is None else answer.opt_out[a:b],
+            )
             for a, b in itertools.pairwise(bounds)
         ]
 

@@ -52,6 +52,26 @@ def predictor(
     return lambda x: np.asarray(artifact.booster.inplace_predict(align(x, columns)))
 
 
+def uplift_predictor(
+    artifact: ModelArtifact, names: tuple[str, ...]
+) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(P(convert | offer), P(convert | no action), P(opt-out | contact)) of feature rows laid
+    out as ``names``; NaN for the last two from a response model (``models.incremental``)."""
+    artifact.check_compatible()
+    columns = column_map(artifact.feature_names, names)
+
+    def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        aligned = align(x, columns)
+        p1 = np.asarray(artifact.booster.inplace_predict(aligned), dtype=np.float64)
+        if artifact.baseline is None or artifact.opt_out is None:
+            return p1, np.full(p1.size, np.nan), np.full(p1.size, np.nan)
+        p0 = np.asarray(artifact.baseline.inplace_predict(aligned), dtype=np.float64)
+        out = np.asarray(artifact.opt_out.inplace_predict(aligned), dtype=np.float64)
+        return p1, p0, out
+
+    return predict
+
+
 class RankerConfig(BaseModel):
     """The ranker's ``user_config``: where models live and which versions serve."""
 
@@ -99,21 +119,35 @@ class Ranker:
         model.columns[names] = columns
         return columns
 
-    def _predict(self, model: _Loaded, request: ScoreRequest, rows: np.ndarray) -> np.ndarray:
+    def _predict(self, model: _Loaded, request: ScoreRequest, rows: np.ndarray) -> list[np.ndarray]:
+        """The model's probabilities of ``rows``: [P(convert | offer)], and for an uplift
+        model also P(convert | no action) and P(opt-out | contact)."""
         columns = self._columns(model, request.feature_names)
         x = request.features if rows.size == request.rows else request.features[rows]
         aligned = align(x, columns)
-        return np.asarray(model.artifact.booster.inplace_predict(aligned), dtype=np.float32)
+        artifact = model.artifact
+        boosters = [artifact.booster, artifact.baseline, artifact.opt_out]
+        return [np.asarray(b.inplace_predict(aligned), dtype=np.float32)
+                for b in boosters if b is not None]  # fmt: skip
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
+        """P(convert | offer) per row; with an uplift model among those serving, also
+        P(convert | no action) and P(opt-out | contact) (NaN in the rows a response model
+        answers, which the engine then scores on response)."""
         n = request.rows
         which = np.zeros(n, dtype=np.int8)
         if len(self.models) > 1 and self.config.challenger_share > 0:
             u = stable_uniform(request.customer_keys, CHALLENGER_SALT + self.config.seed)
             which[u < self.config.challenger_share] = 1
-        propensity = np.zeros(n, dtype=np.float32)
+        uplift = any(m.artifact.kind == "uplift" for m in self.models)
+        answers = [np.zeros(n, dtype=np.float32)]
+        if uplift:
+            answers += [np.full(n, np.nan, dtype=np.float32) for _ in range(2)]
         for i, model in enumerate(self.models):
             rows = np.flatnonzero(which == i)
             if rows.size:
-                propensity[rows] = self._predict(model, request, rows)
-        return ScoreResponse(np.clip(propensity, 0.0, 1.0), self.versions, which)
+                for column, p in zip(answers, self._predict(model, request, rows), strict=False):
+                    column[rows] = p
+        p1, *rest = (np.where(np.isnan(a), a, np.clip(a, 0.0, 1.0)) for a in answers)
+        baseline, opt_out = rest if rest else (None, None)
+        return ScoreResponse(p1, self.versions, which, baseline, opt_out)

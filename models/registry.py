@@ -2,7 +2,9 @@
 
 Layout under the registry root (a local folder or an object-store URI)::
 
-    <root>/v0001/model.json   the Booster (XGBoost's JSON format)
+    <root>/v0001/model.json   the Booster (XGBoost's JSON format): P(convert | offer)
+    <root>/v0001/baseline.json, opt_out.json   an uplift model's P(convert | no action) and
+                              P(opt-out | contact) boosters (absent for a response model)
     <root>/v0001/meta.json    feature names, feature-set version, metrics, status, lineage
     <root>/CHAMPION           the version serving by default
 
@@ -26,11 +28,16 @@ from engine.errors import ConfigError
 from engine.sink import resolve
 
 _VERSION = re.compile(r"^v(\d{4,})$")
+#: an uplift model's boosters besides ``model.json``, by file stem
+UPLIFT_PARTS = ("baseline", "opt_out")
 
 
 @dataclass
 class ModelArtifact:
-    """A trained ranker: the booster, the feature names it was trained on and its metrics."""
+    """A trained ranker: the booster, the feature names it was trained on and its metrics.
+
+    An uplift model (``models.uplift.TLearner``) has two more boosters on the same features:
+    ``baseline`` (P(convert | no action)) and ``opt_out`` (P(opt-out | contact))."""
 
     version: str
     booster: xgb.Booster
@@ -40,6 +47,13 @@ class ModelArtifact:
     status: str = "candidate"
     created_at: str = ""
     parent: str | None = None
+    baseline: xgb.Booster | None = None
+    opt_out: xgb.Booster | None = None
+
+    @property
+    def kind(self) -> str:
+        """``uplift`` (three boosters) or ``response`` (one)."""
+        return "uplift" if self.baseline is not None else "response"
 
     def check_compatible(self) -> FeatureSpec:
         """The feature spec to serve with; ConfigError if this engine cannot build the features."""
@@ -48,11 +62,14 @@ class ModelArtifact:
                 f"model {self.version} was trained on feature set {self.feature_set_version}; "
                 f"this engine builds feature set {FEATURE_SET_VERSION}: retrain it"
             )
-        booster_names = tuple(self.booster.feature_names or ())
-        if booster_names and booster_names != self.feature_names:
-            raise ConfigError(
-                f"model {self.version}: the booster's feature names differ from its metadata"
-            )
+        if (self.baseline is None) != (self.opt_out is None):
+            raise ConfigError(f"model {self.version}: an uplift model needs both of its boosters")
+        for booster in (self.booster, self.baseline, self.opt_out):
+            names = tuple(booster.feature_names or ()) if booster is not None else ()
+            if names and names != self.feature_names:
+                raise ConfigError(
+                    f"model {self.version}: the booster's feature names differ from its metadata"
+                )
         try:
             return FeatureSpec.from_names(self.feature_names)
         except ConfigError as exc:
@@ -67,6 +84,7 @@ class ModelArtifact:
             "status": self.status,
             "created_at": self.created_at,
             "parent": self.parent,
+            "kind": self.kind,
         }
 
 
@@ -104,8 +122,10 @@ class ModelRegistry:
         feature_names: tuple[str, ...],
         metrics: dict[str, Any],
         parent: str | None = None,
+        uplift: tuple[xgb.Booster, xgb.Booster] | None = None,
     ) -> ModelArtifact:
-        """Store a new version (status candidate) and return it."""
+        """Store a new version (status candidate) and return it. ``uplift``: the (baseline,
+        opt-out) boosters of an uplift model, whose ``booster`` is P(convert | offer)."""
         artifact = ModelArtifact(
             version=self._next_version(),
             booster=booster,
@@ -113,12 +133,16 @@ class ModelRegistry:
             metrics=metrics,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             parent=parent,
+            baseline=uplift[0] if uplift else None,
+            opt_out=uplift[1] if uplift else None,
         )
         artifact.check_compatible()
         self.fs.create_dir(self.path_of(artifact.version), recursive=True)
-        with self.fs.open_output_stream(self.path_of(artifact.version, "model.json")) as out:
-            out.write(bytes(booster.save_raw(raw_format="json")))
-        self._write_meta(artifact)
+        parts = {"model": booster, **dict(zip(UPLIFT_PARTS, uplift or (), strict=False))}
+        for stem, part in parts.items():
+            with self.fs.open_output_stream(self.path_of(artifact.version, f"{stem}.json")) as out:
+                out.write(bytes(part.save_raw(raw_format="json")))
+        self._write_meta(artifact)  # last: a version without its meta is not loaded
         return artifact
 
     def _write_meta(self, artifact: ModelArtifact) -> None:
@@ -132,18 +156,15 @@ class ModelRegistry:
         try:
             with self.fs.open_input_stream(self.path_of(version, "meta.json")) as f:
                 meta = json.loads(f.read())
-            with self.fs.open_input_stream(self.path_of(version, "model.json")) as f:
-                raw = f.read()
         except (FileNotFoundError, OSError) as exc:
             raise ConfigError(f"model {version} is not in the registry at {self.uri}") from exc
-        booster = xgb.Booster()
-        try:
-            booster.load_model(bytearray(raw))
-        except xgb.core.XGBoostError as exc:
-            raise ConfigError(f"model {version}: the booster cannot be loaded: {exc}") from exc
+        stems = ("model", *(UPLIFT_PARTS if meta.get("kind") == "uplift" else ()))
+        boosters = [self._booster(version, stem) for stem in stems]
         return ModelArtifact(
             version=meta["version"],
-            booster=booster,
+            booster=boosters[0],
+            baseline=boosters[1] if len(boosters) > 1 else None,
+            opt_out=boosters[2] if len(boosters) > 1 else None,
             feature_names=tuple(meta["feature_names"]),
             feature_set_version=int(meta["feature_set_version"]),
             metrics=meta.get("metrics", {}),
@@ -151,6 +172,19 @@ class ModelRegistry:
             created_at=meta.get("created_at", ""),
             parent=meta.get("parent"),
         )
+
+    def _booster(self, version: str, stem: str) -> xgb.Booster:
+        try:
+            with self.fs.open_input_stream(self.path_of(version, f"{stem}.json")) as f:
+                raw = f.read()
+        except (FileNotFoundError, OSError) as exc:
+            raise ConfigError(f"model {version}: {stem}.json is missing at {self.uri}") from exc
+        booster = xgb.Booster()
+        try:
+            booster.load_model(bytearray(raw))
+        except xgb.core.XGBoostError as exc:
+            raise ConfigError(f"model {version}: {stem}.json cannot be loaded: {exc}") from exc
+        return booster
 
     def update(self, artifact: ModelArtifact) -> None:
         """Rewrite a version's metadata (status, promotion decision)."""

@@ -10,9 +10,10 @@
   yardstick; Kairos never sees them);
 * ``uplift`` (uplift world only): the shipped catalog with the true probabilities of both
   arms and of opt-out, decided on incremental value (the yardstick of issue 16);
-* ``kairos-uplift`` (experimental, issue 16): Kairos's warm-up with a randomized no-action
-  arm, then a T-learner (``models.uplift``) trained from its own log at the end of the warm-up
-  and weekly after, deciding on incremental value; no promotion gate yet;
+* ``kairos-uplift`` (issue 16): Kairos's warm-up with a randomized no-action arm, then uplift
+  rounds (``models.promotion.uplift_round``: a T-learner trained from its own log, judged by
+  the DR incremental-value gate against the champion) at the end of the warm-up and weekly
+  after; the champion serves through the ``Ranker`` and decides on incremental value;
 * ``ceiling`` (on request): Kairos's warm-up, then a "perfect learner" for the rest of the
   run: a model fitted to the simulator's true propensity of every candidate in the warm-up
   log, from the features Kairos has, with no label noise. How far a model with these features
@@ -48,12 +49,10 @@ from engine.synthetic import telco
 from engine.synthetic.response import OracleScorer, ResponseSimulator
 from engine.synthetic.uplift import UpliftOracleScorer, UpliftSimulator
 from engine.units import DAY_MS, HOUR_MS
-from models.attribution import attribute
-from models.promotion import train_round
+from models.promotion import train_round, uplift_round
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
 from models.training import context_of, features_of
-from models.uplift import TLearner, fit_t_learner, uplift_rows
 
 POLICIES = ("blanket", "rules", "kairos", "oracle", "ceiling", "uplift", "kairos-uplift")
 WORLDS = ("classic", "uplift")
@@ -119,33 +118,6 @@ def fit_truth(
     return TruthFitScorer(xgb.train(params, data, 300), spec)
 
 
-class TLearnerScorer:
-    """An OfferScorer answering with a T-learner's three probabilities (``kairos-uplift``)."""
-
-    def __init__(self, model: TLearner, spec: FeatureSpec, version: str) -> None:
-        self.model, self.spec, self.version = model, spec, version
-
-    def score(self, request: ScoreRequest) -> ScoreResponse:
-        if tuple(request.feature_names) != self.spec.names:
-            raise ValueError("the uplift model was fitted on other features")
-        p1, p0, p_out = (np.clip(p, 0.0, 1.0).astype(np.float32)
-                         for p in self.model.predict(request.features))  # fmt: skip
-        n = request.rows
-        return ScoreResponse(p1, (self.version,), np.zeros(n, np.int8), p0, p_out)
-
-
-def fit_uplift(
-    decisions: pa.Table, events: pa.Table, catalog: Catalog, cutoff_ms: int, key: str, seed: int
-) -> TLearnerScorer | None:
-    """A T-learner from a policy's own log at ``cutoff_ms`` (None: too few rows of an arm)."""
-    spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
-    pairs = attribute(decisions, events, catalog, cutoff_ms, Pseudonymizer(key))
-    data = uplift_rows(decisions, pairs, spec)
-    if data.treated.sum() < UPLIFT_MIN_ROWS or (~data.treated).sum() < UPLIFT_MIN_ROWS:
-        return None
-    return TLearnerScorer(fit_t_learner(data, spec.names, seed=seed), spec, f"t-learner-{seed}")
-
-
 class ConstantScorer:
     """The same propensity for everything: the uninformed prior, or 1.0 for 'value only'."""
 
@@ -184,8 +156,6 @@ def blanket_catalog(catalog: Catalog) -> Catalog:
 #: the randomized no-action arm of ``kairos-uplift``: in the warm-up, and after it
 WARMUP_NO_ACTION_SHARE = 0.2
 UPLIFT_NO_ACTION_SHARE = 0.1
-#: rows of each arm (delivered, no offer) before a first T-learner is trained
-UPLIFT_MIN_ROWS = 50
 
 
 def with_no_action_arm(catalog: Catalog, share: float) -> Catalog:
@@ -237,7 +207,8 @@ class Simulation:
         catalog, scorer = self._policy(name, sim)
         engine = LocalEngine(self.settings, self.rules, catalog, scorer)
         run = PolicyRun(name)
-        registry = ModelRegistry(f"{self.registry_uri}/{name}") if name == "kairos" else None
+        learns = name in ("kairos", "kairos-uplift")
+        registry = ModelRegistry(f"{self.registry_uri}/{name}") if learns else None
         if registry is not None:
             registry.clear()  # a rerun must not start from an earlier run's champion
         outcomes_at_last_train = 0
@@ -259,13 +230,15 @@ class Simulation:
                     engine.set_catalog(self.catalog, ceiling)
                 run.models.append({"version": "ceiling", "promoted": ceiling is not None})
             if name == "kairos-uplift" and steps[i + 1] >= self.warmup_end:
-                # weekly; daily until a first model could be trained (enough rows of both arms)
+                assert registry is not None
+                # weekly; daily until a first model is promoted
                 last = run.models[-1] if run.models else None
-                every = 7 * DAY_MS if last and last["promoted"] else DAY_MS
+                champion = registry.champion()
+                every = 7 * DAY_MS if champion else DAY_MS
                 due_at = self.warmup_end if last is None else last["cutoff_ms"] + every
                 if steps[i + 1] >= due_at:
-                    self._retrain_uplift(engine, run, int(steps[i + 1]))
-            if registry is not None and steps[i + 1] >= self.warmup_end:
+                    self._retrain_uplift(engine, run, registry, int(steps[i + 1]))
+            elif registry is not None and steps[i + 1] >= self.warmup_end:
                 known = sum(int(o["accepted"].size) for o in run.outcomes)
                 first = not run.models
                 if first or known - outcomes_at_last_train >= self.config.retrain_every:
@@ -294,15 +267,23 @@ class Simulation:
                 answers.append(events)
         return len(engine.decisions), answers
 
-    def _retrain_uplift(self, engine: LocalEngine, run: PolicyRun, cutoff_ms: int) -> None:
+    def _retrain_uplift(
+        self, engine: LocalEngine, run: PolicyRun, registry: ModelRegistry, cutoff_ms: int
+    ) -> None:
         responses = pa.concat_tables(run.responses) if run.responses else _empty_raw()
-        scorer = fit_uplift(_all(run), responses, self.catalog, cutoff_ms,
-                            self.settings.pseudonym_key, seed=len(run.models))  # fmt: skip
-        if scorer is not None:
-            engine.set_catalog(with_no_action_arm(self.catalog, UPLIFT_NO_ACTION_SHARE), scorer)
+        result = uplift_round(_all(run), responses, self.catalog, registry, cutoff_ms,
+                              Pseudonymizer(self.settings.pseudonym_key),
+                              seed=len(run.models))  # fmt: skip
+        champion = registry.champion()
+        if result.promoted and champion is not None:
+            ranker = Ranker(RankerConfig(registry=registry.uri, champion=champion))
+            engine.set_catalog(with_no_action_arm(self.catalog, UPLIFT_NO_ACTION_SHARE), ranker)
+        gate = result.metrics.get("gate", {})
         run.models.append({"cutoff_day": (cutoff_ms - self.t0) / DAY_MS, "cutoff_ms": cutoff_ms,
-                           "version": scorer.version if scorer else None,
-                           "promoted": scorer is not None})  # fmt: skip
+                           "version": result.artifact.version if result.artifact else None,
+                           "promoted": result.promoted, "reason": result.reason,
+                           "gain": gate.get("gain"), "changed": gate.get("changed"),
+                           "qini": result.metrics.get("holdout", {}).get("qini")})  # fmt: skip
 
     def _policy(self, name: str, sim: ResponseSimulator) -> tuple[Catalog, OfferScorer]:
         if name == "blanket":

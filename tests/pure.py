@@ -32,9 +32,13 @@ def refuse_ray() -> Iterator[None]:
         yield
 
 
+#: ``make check``: the fast inner loop (long statistical tests are left to ``make test``)
+QUICK = os.environ.get("KAIROS_QUICK_TESTS") == "1"
+
+
 def examples(n: int) -> int:
     """``n`` Hypothesis examples in the whole suite; a fifth (at least 10) in ``make check``,
     which sets KAIROS_QUICK_TESTS=1 to stay under a minute."""
-    if os.environ.get("KAIROS_QUICK_TESTS") == "1":
+    if QUICK:
         return max(10, n // 5)
     return n

@@ -70,12 +70,14 @@ class RemoteScorer(Protocol):
 
 def check_response(request: ScoreRequest, response: ScoreResponse) -> None:
     """A response must answer every row with a probability (and so must its baseline and
-    opt-out probabilities, if it gives them); anything else is a scorer bug."""
+    opt-out probabilities, if it gives them, except that they are NaN in rows a response model
+    answered: a champion and a challenger of different kinds); anything else is a scorer bug."""
     for name in ("propensity", "baseline", "opt_out"):
         p = getattr(response, name)
         if p is None and name != "propensity":
             continue
         if p.shape != (request.rows,):
             raise EngineError(f"scorer answered {p.shape} {name} values for {request.rows} rows")
-        if request.rows and (np.isnan(p).any() or p.min() < 0 or p.max() > 1):
+        given = p if name == "propensity" else p[~np.isnan(p)]
+        if given.size and (np.isnan(given).any() or given.min() < 0 or given.max() > 1):
             raise EngineError(f"scorer answered {name} values outside [0, 1]")

@@ -103,3 +103,34 @@ def test_the_ranker_refuses_a_model_built_on_other_features(registry, tmp_path) 
     names = ("days_left", *bad.feature_names[1:])
     with pytest.raises(ConfigError, match="context columns differ"):
         ranker.score(ScoreRequest(bad.features, names, bad.customer_keys))
+
+
+def test_an_uplift_model_keeps_its_three_boosters_and_serves_beside_a_response_model(
+    registry,
+) -> None:
+    """Registered, loaded, and served with a response champion: its rows get all three
+    probabilities, the response model's rows NaN for the two it does not model."""
+    response = trained_model(registry, seed=1)
+    extra = (trained_model(registry, seed=2).booster, trained_model(registry, seed=3).booster)
+    uplift = registry.register(response.booster, SPEC.names, {}, uplift=extra)
+    loaded = registry.load(uplift.version)
+    assert loaded.kind == "uplift" and registry.load(response.version).kind == "response"
+    r = request(5_000)
+    for got, want in ((loaded.baseline, extra[0]), (loaded.opt_out, extra[1])):
+        assert got is not None
+        np.testing.assert_array_equal(got.inplace_predict(r.features),
+                                      want.inplace_predict(r.features))  # fmt: skip
+    config = RankerConfig(registry=registry.uri, champion=response.version,
+                          challenger=uplift.version, challenger_share=0.5)  # fmt: skip
+    scored = Ranker(config).score(r)
+    assert scored.baseline is not None and scored.opt_out is not None
+    mine = scored.version_index == 1
+    assert 0.4 < mine.mean() < 0.6
+    assert np.isnan(scored.baseline[~mine]).all() and np.isnan(scored.opt_out[~mine]).all()
+    np.testing.assert_allclose(scored.baseline[mine],
+                               extra[0].inplace_predict(r.features[mine]), rtol=1e-6)  # fmt: skip
+    alone = Ranker(RankerConfig(registry=registry.uri, champion=response.version)).score(r)
+    assert alone.baseline is None and alone.opt_out is None
+    registry.fs.delete_file(registry.path_of(uplift.version, "opt_out.json"))
+    with pytest.raises(ConfigError, match=r"opt_out\.json is missing"):
+        registry.load(uplift.version)

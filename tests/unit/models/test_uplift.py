@@ -73,3 +73,71 @@ def test_the_t_learner_ranks_by_effect_where_a_response_model_ranks_by_buying() 
     assert qini(s.uplift(test.features), test.treated, test.converted)["qini"] > response_q
     # the opt-out model follows the feature that drives opt-outs among the contacted
     assert np.corrcoef(p_out, test.features[:, 2])[0, 1] > 0.5
+
+
+# -- an uplift round: registry, serving, the incremental-value gate ----------------------------
+@pytest.fixture(scope="module")
+def warmup_log(tmp_path_factory):
+    """The uplift world under Kairos's warm-up policy (prior scores, 30 % exploration, a 20 %
+    randomized no-action arm) all along."""
+    import pyarrow as pa
+
+    from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
+    from engine.decision.catalog import load_catalog
+    from engine.rules.spec import load_rules
+    from models.simulate import Simulation, SimulationConfig
+
+    config = SimulationConfig(customers=3000, days=21, warmup_days=21, seed=13, world="uplift")
+    sim = Simulation(config, load_rules(DEFAULT_RULES), load_catalog(DEFAULT_OFFERS),
+                     str(tmp_path_factory.mktemp("unused")))  # fmt: skip
+    run = sim.run("kairos-uplift")
+    return pa.concat_tables(run.decisions), pa.concat_tables(run.responses), sim
+
+
+def test_an_uplift_round_registers_three_boosters_that_the_ranker_serves(
+    warmup_log, tmp_path
+) -> None:
+    from engine.decision.features import feature_spec
+    from engine.decision.scorer import ScoreRequest
+    from engine.governance.pseudonym import Pseudonymizer
+    from models.promotion import uplift_round
+    from models.ranker import Ranker, RankerConfig
+    from models.registry import ModelRegistry
+    from models.training import features_of
+
+    decisions, events, sim = warmup_log
+    registry = ModelRegistry(str(tmp_path / "models"))
+    key = Pseudonymizer(sim.settings.pseudonym_key)
+    result = uplift_round(decisions, events, sim.catalog, registry, sim.t0 + 21 * 86_400_000, key)
+    assert result.artifact is not None, result.reason
+    gate = result.metrics["gate"]
+    # the warm-up policy sends offers at random in a world where most lose money: a model of
+    # incremental value is better than it (confidently so only with more decisions than the
+    # ~550 of this small log's holdout)
+    assert gate["gain"]["value"] > 0.1 and gate["against"] == "the logging policy", gate
+    assert result.promoted == (gate["gain"]["low"] > 0) and gate["decisions"] > 400
+    errors = result.metrics["holdout"]["calibration_error"]  # a small, later holdout: loose
+    assert errors["p_convert_offer"] < 0.2 and errors["p_convert_no_action"] < 0.2, errors
+    assert errors["p_opt_out"] < 0.05, errors
+    registry.set_champion(result.artifact.version)
+    loaded = registry.load(result.artifact.version)
+    assert loaded.kind == "uplift" and loaded.status == "champion"
+    spec = feature_spec(sim.catalog.trigger_ids, sim.catalog.offer_ids)
+    x = features_of(decisions.slice(0, 500), spec,
+                    np.full(500, sim.catalog.offer_ids[0], dtype=object))  # fmt: skip
+    served = Ranker(RankerConfig(registry=registry.uri, champion=loaded.version)).score(
+        ScoreRequest(x, spec.names, np.arange(500, dtype=np.uint64))
+    )
+    for got, booster in ((served.propensity, result.artifact.booster),
+                         (served.baseline, result.artifact.baseline),
+                         (served.opt_out, result.artifact.opt_out)):  # fmt: skip
+        assert got is not None and booster is not None
+        np.testing.assert_allclose(got, np.clip(booster.inplace_predict(x), 0, 1), rtol=1e-5)
+    # a candidate trained on shuffled labels is refused against that champion
+    bad = uplift_round(decisions, events, sim.catalog, registry, sim.t0 + 21 * 86_400_000, key,
+                       shuffle_labels=True, seed=1)  # fmt: skip
+    assert bad.artifact is not None and not bad.promoted, bad.reason
+    assert registry.champion() == loaded.version
+    assert registry.load(bad.artifact.version).status == "refused"
+    assert f"champion {loaded.version}" in bad.reason
+    assert bad.metrics["holdout"]["qini"]["qini"] < result.metrics["holdout"]["qini"]["qini"]
