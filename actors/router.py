@@ -22,7 +22,7 @@ import ray
 
 from engine.batcher import MicroBatcher, RouterStats, Send
 from engine.clock import Clock, SystemClock
-from engine.decision.response import response_table
+from engine.decision.response import offer_responses, response_table
 from engine.errors import WorkerLostError
 from engine.events.deadletter import DeadLetter, dead_letter_table
 from engine.ingest import Ingestor
@@ -106,8 +106,9 @@ class Router:
         self.stats.ingested += result.accepted
         if self.response_sink is not None and result.accepted:
             responses = response_table(result.routed)
-            self.stats.responses += responses.num_rows
-            self.response_sink.write(responses)
+            self.stats.responses += offer_responses(responses)
+            if responses.num_rows:
+                self.response_sink.write(responses)
         self._carry_out(self.batcher.add(result.parts))
         self._harvest(block=False)
         return result.dead_letters

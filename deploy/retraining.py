@@ -1,6 +1,10 @@
 """Retraining while the engine runs: every N new offer responses, train a candidate from the
-decision log and the responses so far; if the promotion gate passes, swap it into the running ranker
-through Serve's ``reconfigure()`` (an in-place update: no request is lost)."""
+decision log and the response log so far; if the promotion gate passes, swap it into the running
+ranker through Serve's ``reconfigure()`` (an in-place update: no request is lost).
+
+A catalog whose offers name their conversions gets uplift rounds (``uplift_round``: a
+T-learner judged on incremental value; the response log holds the conversions and opt-outs of
+every arm); one without gets response rounds (``train_round``)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from engine.decision.log import DECISION_SCHEMA
 from engine.decision.response import RESPONSE_SCHEMA
 from engine.errors import ConfigError
 from models.deployment import deploy_ranker
-from models.promotion import TrainResult, train_round
+from models.promotion import TrainResult, train_round, uplift_round
 from models.ranker import RankerConfig
 from models.registry import ModelRegistry
 
@@ -21,8 +25,9 @@ from models.registry import ModelRegistry
 def _read(uri: str | None, schema: pa.Schema, hive: bool) -> pa.Table:
     if uri is None:
         return schema.empty_table()
-    try:
-        data = ds.dataset(uri, format="parquet", partitioning="hive" if hive else None)
+    try:  # the schema given: files written before a column was added read it as nulls
+        data = ds.dataset(uri, format="parquet", partitioning="hive" if hive else None,
+                          schema=schema)  # fmt: skip
     except (FileNotFoundError, OSError):
         return schema.empty_table()
     if not data.files:
@@ -41,7 +46,12 @@ class Retrainer:
         every: int = 1_000,
         replicas: int = 1,
         num_cpus: float = 0.25,
+        kind: str | None = None,
     ) -> None:
+        """``kind``: ``uplift`` or ``response`` rounds (None: uplift when some offer of the
+        catalog names its conversion)."""
+        if kind not in (None, "uplift", "response"):
+            raise ConfigError(f"unknown kind of retraining {kind!r}: uplift or response")
         if supervisor.decision_uri is None or supervisor.response_uri is None:
             raise ConfigError("retraining needs the engine's decision log and response log")
         self.supervisor = supervisor
@@ -50,12 +60,20 @@ class Retrainer:
         self.every = every
         self.replicas = replicas
         self.num_cpus = num_cpus
+        self.kind = kind
         self.trained_at = 0
         self.history: list[TrainResult] = []
 
     def set_catalog(self, catalog: Catalog) -> None:
         """Train for this catalog from now on (the running one was swapped)."""
         self.catalog = catalog
+
+    @property
+    def uplift(self) -> bool:
+        """Whether rounds train uplift models (by default: some offer names its conversion)."""
+        if self.kind is not None:
+            return self.kind == "uplift"
+        return any(o.spec.conversion is not None for o in self.catalog.offers)
 
     def due(self) -> bool:
         return self.supervisor.router.stats.responses - self.trained_at >= self.every
@@ -71,7 +89,8 @@ class Retrainer:
         decisions = _read(self.supervisor.decision_uri, DECISION_SCHEMA, hive=True)
         responses = _read(self.supervisor.response_uri, RESPONSE_SCHEMA, hive=False)
         cutoff = self.supervisor.ingestor.watermark_ms  # event time, as far as it has gone
-        result = train_round(
+        round_ = uplift_round if self.uplift else train_round
+        result = round_(
             decisions, responses, self.catalog, self.registry, cutoff, seed=len(self.history)
         )
         self.history.append(result)

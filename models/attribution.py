@@ -55,6 +55,20 @@ def _column(events: pa.Table, name: str) -> np.ndarray:
     return np.asarray(events.column(name).to_numpy(zero_copy_only=False), dtype=object)
 
 
+def _sets_field(events: pa.Table, name: str) -> np.ndarray:
+    """Which events set profile field ``name``: raw events carry its column, the response log
+    the names of the fields an update set (``engine.decision.response``)."""
+    if name in events.schema.names:
+        return np.asarray(events.column(name).is_valid().to_numpy(), dtype=bool)
+    if "fields" not in events.schema.names:
+        return np.zeros(events.num_rows, dtype=bool)
+    sets = events.column("fields").combine_chunks()
+    flat = np.asarray(sets.flatten().to_numpy(zero_copy_only=False), dtype=object) == name
+    counts = np.diff(sets.offsets.to_numpy()) if len(sets) else np.zeros(0, dtype=np.int64)
+    row = np.repeat(np.arange(len(sets)), counts)
+    return np.bincount(row[flat], minlength=len(sets)) > 0
+
+
 def conversion_mask(events: pa.Table, catalog: Catalog) -> dict[str, np.ndarray]:
     """Per offer with a ``conversion``: which events are one."""
     kind, item = _column(events, "kind"), _column(events, "item")
@@ -67,7 +81,7 @@ def conversion_mask(events: pa.Table, catalog: Catalog) -> dict[str, np.ndarray]
         if spec.item is not None:
             hit &= item == spec.item
         if spec.field is not None:
-            hit &= np.asarray(events.column(spec.field).is_valid().to_numpy(), dtype=bool)
+            hit &= _sets_field(events, spec.field)
         out[offer.id] = hit
     return out
 

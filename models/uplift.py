@@ -74,10 +74,16 @@ def uplift_rows(decisions: pa.Table, pairs: pa.Table, spec: FeatureSpec) -> Upli
     )
 
 
-def _fit(x: np.ndarray, y: np.ndarray, names: list[str], rounds: int, seed: int) -> xgb.Booster:
+def _fit(
+    x: np.ndarray,
+    y: np.ndarray,
+    names: list[str],
+    rounds: int,
+    seed: int,
+    params: dict[str, Any] | None = None,
+) -> xgb.Booster:
     data = xgb.DMatrix(x, label=y.astype(np.float32), feature_names=names)
-    params: dict[str, Any] = {**DEFAULT_PARAMS, "seed": seed}
-    return xgb.train(params, data, rounds)
+    return xgb.train({**DEFAULT_PARAMS, **(params or {}), "seed": seed}, data, rounds)
 
 
 @dataclass
@@ -100,13 +106,17 @@ class TLearner:
 
 
 def fit_t_learner(
-    data: UpliftRows, names: tuple[str, ...], rounds: int = 150, seed: int = 0
+    data: UpliftRows,
+    names: tuple[str, ...],
+    rounds: int = 150,
+    seed: int = 0,
+    params: dict[str, Any] | None = None,
 ) -> TLearner:
+    """The three boosters; ``params`` override ``models.training.DEFAULT_PARAMS``."""
     t = data.treated
+    fit = [(data.converted, t), (data.converted, ~t), (data.opted_out, t)]
     return TLearner(
-        _fit(data.features[t], data.converted[t], list(names), rounds, seed),
-        _fit(data.features[~t], data.converted[~t], list(names), rounds, seed),
-        _fit(data.features[t], data.opted_out[t], list(names), rounds, seed),
+        *(_fit(data.features[rows], y[rows], list(names), rounds, seed, params) for y, rows in fit)
     )
 
 

@@ -146,7 +146,7 @@ def test_the_running_engine_retrains_from_its_outcomes_and_swaps_the_winner_in(
         decision_uri=str(tmp_path / "decisions"),
         response_uri=str(tmp_path / "responses"),
     )
-    retrainer = Retrainer(sup, registry, catalog, every=100)
+    retrainer = Retrainer(sup, registry, catalog, every=100, kind="response")
     answered = sim.simulator()
     seen: set[str] = set()
     arrival = sim.events.column("ts").cast(pa.int64()).to_numpy()
@@ -180,5 +180,97 @@ def test_the_running_engine_retrains_from_its_outcomes_and_swaps_the_winner_in(
         assert winner is not None and registry.champion() == winner.version
         served = status.remote().result(timeout_s=30)
         assert served["versions"] == [winner.version] and served["swaps"] > swaps
+    finally:
+        sup.shutdown()
+
+
+def test_the_running_engine_learns_incremental_value_from_its_own_logs(
+    ray_cluster, tmp_path
+) -> None:
+    """The uplift world: a champion that offers everything to everyone (a response model sure
+    that everybody buys) serves; conversions of every arm and opt-outs flow back as ordinary
+    events; the retrainer trains an uplift model from the engine's own decision and response
+    logs, the incremental-value gate finds it better, and Serve serves its three
+    probabilities."""
+    from ray import serve
+
+    from deploy.retraining import Retrainer
+    from engine.decision.features import feature_spec
+    from engine.decision.scorer import ScoreRequest
+    from models.simulate import with_no_action_arm
+    from models.training import fit
+
+    rules = load_rules(ROOT / "deploy" / "config" / "rules.yaml")
+    shipped = load_catalog(ROOT / "deploy" / "config" / "offers.yaml")
+    config = SimulationConfig(customers=8000, days=18, warmup_days=18, seed=21, world="uplift")
+    sim = Simulation(config, rules, shipped, str(tmp_path / "sim"))
+    catalog = with_no_action_arm(with_exploration(shipped, 0.3), 0.2)
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
+    rng = np.random.default_rng(0)
+    x = rng.random((2_000, len(spec.names))).astype(np.float32)
+    sure = fit(x, (rng.random(2_000) < 0.97).astype(np.float32), spec.names, rounds=5)
+    blanket = registry.register(sure, spec.names, {})
+    registry.set_champion(blanket.version)
+    deploy_ranker(RankerConfig(registry=registry.uri, champion=blanket.version), num_cpus=0.25)
+    handle = serve.get_deployment_handle(RANKER_DEPLOYMENT, app_name=RANKER_APP)
+    sup = Supervisor(
+        EngineSettings(shards=2, allowed_lateness_s=60),
+        rules,
+        shard_cpus=0.25,
+        namespace_prefix="it-uplift",
+        catalog=catalog,
+        scorer=ServeScorer(),
+        decision_uri=str(tmp_path / "decisions"),
+        response_uri=str(tmp_path / "responses"),
+    )
+    retrainer = Retrainer(sup, registry, catalog, every=10**9)  # uplift: the catalog's offers
+    assert retrainer.uplift  # name their conversions
+    answered = sim.simulator()
+    seen: set[str] = set()
+    arrival = sim.events.column("ts").cast(pa.int64()).to_numpy()
+    try:
+        for day in range(18):
+            lo, hi = np.searchsorted(arrival, [sim.t0 + day * DAY, sim.t0 + (day + 1) * DAY])
+            sup.router.submit(sim.events.slice(int(lo), int(hi - lo)))
+            sup.router.drain()
+            sup.router.write_logs()
+            logged = ds.dataset(str(tmp_path / "decisions"), format="parquet", partitioning="hive")
+            new = [f for f in logged.files if f not in seen]
+            seen.update(new)
+            if new:
+                answers, _ = answered.respond(ds.dataset(new, format="parquet").to_table())
+                ts = np.full(answers.num_rows, int(arrival[hi - 1]))  # at the end of the day
+                field = answers.schema.field("ts")
+                answers = answers.set_column(
+                    answers.schema.get_field_index("ts"), field, pa.array(ts).cast(field.type)
+                ).sort_by("ts")
+                sup.router.submit(answers)
+        result = retrainer.maybe_retrain(force=True)
+        assert result is not None and result.artifact is not None, result
+        # the response log kept the conversions of every arm and the opt-outs, by key only
+        outcomes = ds.dataset(str(tmp_path / "responses"), format="parquet").to_table()
+        kinds = set(outcomes.column("kind").to_pylist())
+        assert {"offer_response", "purchase", "consent"} <= kinds, kinds
+        assert "customer_id" not in outcomes.schema.names
+        rows = result.metrics["train_rows"]
+        assert rows["treated"] > 200 and rows["untreated"] > 200, rows
+        gate = result.metrics["gate"]
+        assert gate["against"] == f"champion {blanket.version}"
+        # offering everything loses money here: the uplift model is confidently better
+        assert result.promoted and gate["gain"]["low"] > 0, result.reason
+        winner = result.artifact
+        assert registry.champion() == winner.version and registry.load(winner.version).kind == (
+            "uplift"
+        )
+        served = handle.status.remote().result(timeout_s=30)
+        assert served["versions"] == [winner.version]
+        request = ScoreRequest(x[:50], spec.names, np.arange(50, dtype=np.uint64))
+        answer = handle.remote(request).result(timeout_s=30)
+        assert answer.baseline is not None and answer.opt_out is not None
+        assert winner.baseline is not None
+        np.testing.assert_allclose(
+            answer.baseline, np.clip(winner.baseline.inplace_predict(x[:50]), 0, 1), rtol=1e-5
+        )
     finally:
         sup.shutdown()

@@ -1,0 +1,211 @@
+"""Which uplift learner decides best: the true incremental value of its greedy policy.
+
+Qini (``bench_uplift.py``) says how well a model ranks customers by uplift; a decision needs
+more, the level: an offer is sent when P(convert | offer) x value - P(convert | no action) x
+list value - cost - P(opt-out) x customer value > 0, so a model whose estimated uplift is
+too high for the customers it picks (the winner's curse of noisy estimates) sends offers
+that lose money. Per seed of the uplift world this runs Kairos's warm-up policy (prior scores,
+30 % exploration, a 20 % randomized no-action arm) for ``--days``, trains each learner on the
+first 75 % of the time, and on the held-out decisions takes each learner's greedy choice
+among the available offers and sums the simulator's true incremental value of it (and of the
+truth's own choice, the ceiling). It also sums what the learner expected of its choices:
+expected far above true is the winner's curse. Static: the held-out customers' contacts and
+fatigue are as logged, not as the learner's policy would have made them.
+
+Run (seeds for development; the figures of docs/benchmarks.md use other seeds for the
+closed loop):
+
+    python loadtests/bench_uplift_policy.py --seeds 1,2 [--customers 20000 --days 42]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import xgboost as xgb
+
+from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
+from engine.decision.catalog import NO_ACTION, load_catalog
+from engine.decision.features import build_features, feature_spec
+from engine.governance.pseudonym import Pseudonymizer
+from engine.rules.spec import load_rules
+from engine.synthetic.uplift import UpliftSimulator
+from models.attribution import attribute
+from models.incremental import IncrementalLog, greedy_policy, incremental_log
+from models.simulate import Simulation, SimulationConfig
+from models.training import DEFAULT_PARAMS
+from models.uplift import UpliftRows, fit_t_learner, uplift_rows
+
+Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _booster(x: np.ndarray, y: np.ndarray, names: list[str], params: dict[str, Any],
+             rounds: int) -> xgb.Booster:  # fmt: skip
+    data = xgb.DMatrix(x, label=y.astype(np.float32), feature_names=names)
+    return xgb.train({**DEFAULT_PARAMS, **params}, data, rounds)
+
+
+def x_learner(data: UpliftRows, names: list[str], rounds: int = 150) -> Predict:
+    """Künzel et al.'s X-learner: the T-learner's two outcome models, then the effect itself
+    learned from imputed effects of each arm, mixed by the share treated."""
+    t = data.treated
+    mu1 = _booster(data.features[t], data.converted[t], names, {}, rounds)
+    mu0 = _booster(data.features[~t], data.converted[~t], names, {}, rounds)
+    d1 = data.converted[t] - mu0.inplace_predict(data.features[t])
+    d0 = mu1.inplace_predict(data.features[~t]) - data.converted[~t]
+    reg = {"objective": "reg:squarederror", "eval_metric": "rmse"}
+    tau1 = _booster(data.features[t], d1, names, reg, rounds)
+    tau0 = _booster(data.features[~t], d0, names, reg, rounds)
+    out = _booster(data.features[t], data.opted_out[t], names, {}, rounds)
+    g = float(t.mean())
+
+    def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p0 = np.asarray(mu0.inplace_predict(x), np.float64)
+        tau = g * tau0.inplace_predict(x) + (1 - g) * tau1.inplace_predict(x)
+        return np.clip(p0 + tau, 0, 1), p0, np.asarray(out.inplace_predict(x), np.float64)
+
+    return predict
+
+
+def calibrated(
+    predict: Predict, log: IncrementalLog, pairs: Any, spec: Any, catalog: Any
+) -> Predict:
+    """``predict`` with its uplift recalibrated per offer on ``log`` (decisions it was not
+    trained on): the DR pseudo-outcome of converting on offer o against NO_ACTION regressed on
+    the predicted uplift P(convert | o) - P(convert | no action)."""
+    r = log.pair_row
+    x = build_features({k: v[r] for k, v in log.context.items()}, log.rule_ids[r],
+                       log.pair_offer, spec)  # fmt: skip
+    p1, p0, _ = predict(x)
+    w = 1.0 / np.maximum(log.propensity[r], 1e-6)
+    took = log.action[r] == log.pair_offer
+    held = log.action[r] == NO_ACTION
+    converted = log_converted(log, pairs)
+    tau = p1 - p0
+    gamma = tau + took * w * (converted - p1) - held * w * (converted - p0)
+    line = {}
+    for o in catalog.offer_ids:
+        k = log.pair_offer == o
+        if k.sum() < 50:
+            line[o] = (0.0, 1.0)
+            continue
+        beta, alpha = np.polyfit(tau[k], gamma[k], 1)
+        line[o] = (float(alpha), float(beta))
+    print("calibration", {o: (round(a, 4), round(b, 3)) for o, (a, b) in line.items()})
+    names = list(spec.names)
+
+    def predict_calibrated(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p1, p0, out = predict(x)
+        p1 = p1.copy()
+        for o, (alpha, beta) in line.items():
+            k = x[:, names.index(f"offer={o}")] == 1
+            p1[k] = np.clip(p0[k] + alpha + beta * (p1[k] - p0[k]), 0, 1)
+        return p1, p0, out
+
+    return predict_calibrated
+
+
+def log_converted(log: IncrementalLog, pairs: pa.Table) -> np.ndarray:
+    """Per pair of ``log``: did the customer convert on that offer (``attribute``'s label)."""
+    row = pairs.column("row").to_numpy()
+    offer = np.asarray(pairs.column("offer_id").to_numpy(zero_copy_only=False), dtype=object)
+    converted = np.asarray(pairs.column("converted").to_numpy(zero_copy_only=False), bool)
+    index = {(int(d), o): c for d, o, c in zip(row.tolist(), offer.tolist(), converted.tolist(),
+                                              strict=True)}  # fmt: skip
+    d = log.decision[log.pair_row]
+    return np.array([index[(int(i), o)] for i, o in zip(d.tolist(), log.pair_offer.tolist(),
+                                                         strict=True)], dtype=float)  # fmt: skip
+
+
+def learners(train: UpliftRows, names: tuple[str, ...]) -> dict[str, Predict]:
+    shallow = {"max_depth": 3, "min_child_weight": 50}
+    return {
+        "t-learner": fit_t_learner(train, names).predict,
+        "t-learner shallow": fit_t_learner(train, names, rounds=100, params=shallow).predict,
+        "x-learner": x_learner(train, list(names)),
+    }
+
+
+def one_seed(seed: int, customers: int, days: int, out: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    config = SimulationConfig(customers=customers, days=days, warmup_days=days, seed=seed,
+                              world="uplift")  # fmt: skip
+    catalog = load_catalog(DEFAULT_OFFERS)
+    sim = Simulation(config, load_rules(DEFAULT_RULES), catalog, out)
+    run = sim.run("kairos-uplift")  # the warm-up policy all along
+    decisions, events = pa.concat_tables(run.decisions), pa.concat_tables(run.responses)
+    cutoff = sim.t0 + days * 86_400_000
+    pairs = attribute(decisions, events, catalog, cutoff, Pseudonymizer(sim.settings.pseudonym_key))
+    spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
+    data = uplift_rows(decisions, pairs, spec)
+    boundary = np.quantile(data.ts, 0.75)
+    middle = np.quantile(data.ts, 0.5)
+    full = incremental_log(decisions, pairs, catalog)
+    ts = decisions.column("ts").cast(pa.int64()).to_numpy()
+    log = full.take(np.flatnonzero(ts[full.decision] >= boundary))
+    calibration = full.take(np.flatnonzero((ts[full.decision] >= middle)
+                                           & (ts[full.decision] < boundary)))  # fmt: skip
+    early = data.take(np.flatnonzero(data.ts < middle))
+    train = data.take(np.flatnonzero(data.ts < boundary))
+    # the truth of every held-out (decision, offer) pair
+    truth_sim = sim.simulator()
+    assert isinstance(truth_sim, UpliftSimulator)
+    r = log.pair_row
+    keys = decisions.column("customer_key").to_numpy()[log.decision[r]]
+    ctx = {k: v[r].astype(np.float64) for k, v in log.context.items()}
+    arms = truth_sim.arms(
+        truth_sim.index_of(keys), log.pair_offer, ctx["days_left"], ctx["km_from_home"],
+        ctx["cart_items"], ctx["contacts_7d"],
+    )  # fmt: skip
+
+    def truth(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert len(features) == r.size  # the held-out pairs, in their order
+        return arms
+
+    true_policy = greedy_policy(log, truth, spec, catalog)
+    true_ev = true_policy.q_pair - true_policy.q0[r]  # true incremental value of each pair
+
+    def value(action: np.ndarray) -> float:
+        chosen = log.pair_offer == action[r]
+        return float(true_ev[chosen].sum())
+
+    sent = int((true_policy.action != NO_ACTION).sum())
+    results: dict[str, Any] = {
+        "truth": {"sent": sent, "true_incremental": value(true_policy.action)}
+    }
+    models = learners(train, spec.names)
+    for name, predict in learners(early, spec.names).items():
+        models[f"{name} (half) calibrated"] = calibrated(predict, calibration, pairs, spec,
+                                                         catalog)  # fmt: skip
+        models[f"{name} (half)"] = predict
+    for name, predict in models.items():
+        policy = greedy_policy(log, predict, spec, catalog)
+        chosen = log.pair_offer == policy.action[r]
+        expected = float((policy.q_pair - policy.q0[r])[chosen].sum())
+        sent = int((policy.action != NO_ACTION).sum())
+        results[name] = {
+            "sent": sent, "true_incremental": value(policy.action), "expected": expected,
+        }  # fmt: skip
+    return {"seed": seed, "holdout_decisions": log.n, "results": results,
+            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="1,2")
+    parser.add_argument("--customers", type=int, default=20_000)
+    parser.add_argument("--days", type=int, default=42)
+    parser.add_argument("--out", default="/tmp/bench-uplift-policy")
+    args = parser.parse_args()
+    for s in args.seeds.split(","):
+        print(json.dumps(one_seed(int(s), args.customers, args.days, args.out)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
