@@ -156,6 +156,7 @@ def uplift_round(
     shuffle_labels: bool = False,
     seed: int = 0,
     rounds: int = 150,
+    calibrate: bool = True,
 ) -> TrainResult:
     """Train a T-learner on the decisions whose attribution windows closed by ``cutoff_ms``
     before the latest ``holdout`` share of time; judge it on the rest: Qini / AUUC on the
@@ -164,7 +165,8 @@ def uplift_round(
     response objective's) or, with none, against the policy that logged the decisions.
 
     ``events``: every event that may convert or opt out (the engine's outcome log, or a
-    simulator's events), by identifier (pseudonymized with ``pseudonymizer``) or key."""
+    simulator's events), by identifier (pseudonymized with ``pseudonymizer``) or key.
+    ``calibrate``: recalibrate the model's uplift per offer (``models.uplift``)."""
     spec: FeatureSpec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
     pairs = attribute(decisions, events, catalog, cutoff_ms, pseudonymizer)
     data = uplift_rows(decisions, pairs, spec)
@@ -180,13 +182,14 @@ def uplift_round(
         rng = np.random.default_rng(seed)
         train = replace(train, converted=rng.permutation(train.converted),
                         opted_out=rng.permutation(train.opted_out))  # fmt: skip
-    model = fit_t_learner(train, spec.names, rounds=rounds, seed=seed)
+    model = fit_t_learner(train, spec.names, rounds=rounds, seed=seed, calibrate=calibrate)
     p1, p0, p_out = model.predict(test.features)
     t = test.treated
     experiment = randomized(test)
     metrics: dict[str, Any] = {
         "kind": "uplift",
         "train_rows": arms,
+        "calibration_lines": {k: list(v) for k, v in model.lines.items()},
         "cutoff_ms": int(cutoff_ms),
         "shuffled_labels": shuffle_labels,
         "holdout": {
@@ -222,7 +225,7 @@ def uplift_round(
     metrics["gate"] = {"against": against, "reason": reason, **gate.as_dict()}
     artifact = registry.register(
         model.treated, spec.names, metrics, parent=champion_version,
-        uplift=(model.baseline, model.opt_out),
+        uplift=(model.baseline, model.opt_out), lines=model.lines,
     )  # fmt: skip
     if promoted:
         registry.set_champion(artifact.version)

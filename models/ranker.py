@@ -21,6 +21,7 @@ from engine.decision.policy import stable_uniform
 from engine.decision.scorer import ScoreRequest, ScoreResponse
 from engine.errors import ConfigError
 from models.registry import ModelArtifact, ModelRegistry
+from models.uplift import calibrate
 
 CHALLENGER_SALT = 0x6368616C
 
@@ -67,7 +68,7 @@ def uplift_predictor(
             return p1, np.full(p1.size, np.nan), np.full(p1.size, np.nan)
         p0 = np.asarray(artifact.baseline.inplace_predict(aligned), dtype=np.float64)
         out = np.asarray(artifact.opt_out.inplace_predict(aligned), dtype=np.float64)
-        return p1, p0, out
+        return calibrate(p1, p0, aligned, artifact.feature_names, artifact.lines), p0, out
 
     return predict
 
@@ -127,8 +128,12 @@ class Ranker:
         aligned = align(x, columns)
         artifact = model.artifact
         boosters = [artifact.booster, artifact.baseline, artifact.opt_out]
-        return [np.asarray(b.inplace_predict(aligned), dtype=np.float32)
-                for b in boosters if b is not None]  # fmt: skip
+        out = [np.asarray(b.inplace_predict(aligned), dtype=np.float32)
+               for b in boosters if b is not None]  # fmt: skip
+        if artifact.lines and len(out) == 3:
+            names = artifact.feature_names
+            out[0] = calibrate(out[0], out[1], aligned, names, artifact.lines).astype(np.float32)
+        return out
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
         """P(convert | offer) per row; with an uplift model among those serving, also

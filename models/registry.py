@@ -49,6 +49,8 @@ class ModelArtifact:
     parent: str | None = None
     baseline: xgb.Booster | None = None
     opt_out: xgb.Booster | None = None
+    #: an uplift model's calibration lines per offer (``models.uplift.calibrate``)
+    lines: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -85,6 +87,7 @@ class ModelArtifact:
             "created_at": self.created_at,
             "parent": self.parent,
             "kind": self.kind,
+            "uplift_lines": {k: list(v) for k, v in self.lines.items()},
         }
 
 
@@ -123,9 +126,11 @@ class ModelRegistry:
         metrics: dict[str, Any],
         parent: str | None = None,
         uplift: tuple[xgb.Booster, xgb.Booster] | None = None,
+        lines: dict[str, tuple[float, float]] | None = None,
     ) -> ModelArtifact:
         """Store a new version (status candidate) and return it. ``uplift``: the (baseline,
-        opt-out) boosters of an uplift model, whose ``booster`` is P(convert | offer)."""
+        opt-out) boosters of an uplift model, whose ``booster`` is P(convert | offer), and
+        ``lines`` its calibration (``models.uplift.calibrate``)."""
         artifact = ModelArtifact(
             version=self._next_version(),
             booster=booster,
@@ -135,6 +140,7 @@ class ModelRegistry:
             parent=parent,
             baseline=uplift[0] if uplift else None,
             opt_out=uplift[1] if uplift else None,
+            lines=dict(lines or {}),
         )
         artifact.check_compatible()
         self.fs.create_dir(self.path_of(artifact.version), recursive=True)
@@ -165,6 +171,7 @@ class ModelRegistry:
             booster=boosters[0],
             baseline=boosters[1] if len(boosters) > 1 else None,
             opt_out=boosters[2] if len(boosters) > 1 else None,
+            lines={k: (float(a), float(b)) for k, (a, b) in meta.get("uplift_lines", {}).items()},
             feature_names=tuple(meta["feature_names"]),
             feature_set_version=int(meta["feature_set_version"]),
             metrics=meta.get("metrics", {}),

@@ -8,6 +8,11 @@ trigger, the offer one-hot), so a model serves through the same feature builder.
   offer, x)) and one on the rows where no offer reached the customer (control group,
   randomized no-action arm, NO_ACTION chosen: P(convert | no action, x)); uplift is their
   difference. Plus an opt-out booster on the delivered rows (P(opt-out | contact, x)).
+  With ``calibrate``, the uplift is recalibrated per offer (``calibration_lines``): the
+  difference of two noisy models is noisier than either, and deciding on it picks the rows
+  whose uplift it overstates most (the winner's curse); a line fitted on out-of-fold
+  predictions against doubly robust pseudo-outcomes of the randomized arms pulls it back to
+  what the log supports (``docs/benchmarks.md``, "Which uplift learner decides best").
 * ``fit_s_learner``: one booster with the treatment as a feature; uplift is its answer with
   the feature at 1 minus at 0. Kept as the comparison that chose the T-learner (see
   docs/benchmarks.md, "Uplift models").
@@ -20,13 +25,14 @@ conversion the top of the list gains over random targeting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import xgboost as xgb
 
+from engine.decision.catalog import NO_ACTION
 from engine.decision.features import FeatureSpec
 from models.training import DEFAULT_PARAMS, features_of
 
@@ -47,6 +53,7 @@ class UpliftRows:
     action: np.ndarray  # the decision's action (the would-be offer for the control group)
     offer: np.ndarray
     customer_key: np.ndarray
+    probability: np.ndarray  # the logged probability of the decision's action
 
     def take(self, rows: np.ndarray) -> UpliftRows:
         return UpliftRows(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
@@ -71,6 +78,7 @@ def uplift_rows(decisions: pa.Table, pairs: pa.Table, spec: FeatureSpec) -> Upli
         action=np.asarray(rows.column("action").to_numpy(zero_copy_only=False), dtype=object),
         offer=offer,
         customer_key=np.asarray(pairs.column("customer_key").to_numpy(), dtype=np.uint64),
+        probability=np.asarray(pairs.column("probability").to_numpy(), dtype=np.float64),
     )
 
 
@@ -86,23 +94,94 @@ def _fit(
     return xgb.train({**DEFAULT_PARAMS, **(params or {}), "seed": seed}, data, rounds)
 
 
+#: a calibration line per offer id: calibrated uplift = intercept + slope x predicted uplift
+Lines = dict[str, tuple[float, float]]
+#: rows of the randomized arms an offer needs before its uplift is recalibrated
+MIN_CALIBRATION_ROWS = 200
+CALIBRATION_FOLDS = 2
+
+
+def calibrate(
+    p1: np.ndarray, p0: np.ndarray, x: np.ndarray, names: tuple[str, ...], lines: Lines
+) -> np.ndarray:
+    """P(convert | offer) moved so the uplift over ``p0`` follows each offer's line (rows of
+    offers without one, or of features without the offer's column, stay as they are)."""
+    if not lines:
+        return p1
+    out = np.array(p1, dtype=np.float64, copy=True)
+    index = {n: i for i, n in enumerate(names)}
+    for offer, (intercept, slope) in lines.items():
+        column = index.get(f"offer={offer}")
+        if column is None:
+            continue
+        rows = x[:, column] == 1
+        out[rows] = p0[rows] + intercept + slope * (out[rows] - p0[rows])
+    return np.clip(out, 0.0, 1.0)
+
+
 @dataclass
 class TLearner:
-    """P(convert | offer, x), P(convert | no action, x), P(opt-out | contact, x)."""
+    """P(convert | offer, x), P(convert | no action, x), P(opt-out | contact, x); ``lines``
+    recalibrate the uplift (``calibrate``) of feature rows laid out as ``names``."""
 
     treated: xgb.Booster
     baseline: xgb.Booster
     opt_out: xgb.Booster
+    names: tuple[str, ...] = ()
+    lines: Lines = field(default_factory=dict)
 
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def raw(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(  # type: ignore[return-value]
             np.asarray(b.inplace_predict(x), dtype=np.float64)
             for b in (self.treated, self.baseline, self.opt_out)
         )
 
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p1, p0, out = self.raw(x)
+        return calibrate(p1, p0, x, self.names, self.lines), p0, out
+
     def uplift(self, x: np.ndarray) -> np.ndarray:
         p1, p0, _ = self.predict(x)
         return p1 - p0
+
+
+def _fit_three(
+    data: UpliftRows, names: tuple[str, ...], rounds: int, seed: int, params: dict[str, Any] | None
+) -> TLearner:
+    t = data.treated
+    fit = [(data.converted, t), (data.converted, ~t), (data.opted_out, t)]
+    treated, baseline, opt_out = (
+        _fit(data.features[rows], y[rows], list(names), rounds, seed, params) for y, rows in fit
+    )
+    return TLearner(treated, baseline, opt_out, names=tuple(names))
+
+
+def calibration_lines(
+    data: UpliftRows, uplift: np.ndarray, p1: np.ndarray, p0: np.ndarray
+) -> Lines:
+    """Per offer, the least-squares line from predicted uplift to the doubly robust
+    pseudo-outcome of the randomized arms:
+
+        gamma = uplift + [delivered] (y - p1) / p - [NO_ACTION] (y - p0) / p
+
+    with ``p`` the logged probability of the decision's action. Its mean given the features
+    is the true uplift (for any predictions, when the logged probabilities are right), so the
+    line says how much of the predicted uplift is real. Rows of the control group (random by
+    customer, not by decision) and of decisions that sent another offer stay out; an offer
+    with fewer than ``MIN_CALIBRATION_ROWS`` rows gets no line."""
+    held = ~data.treated & (data.action == NO_ACTION) & (data.arm != "control")
+    usable = data.treated | held
+    w = 1.0 / np.maximum(data.probability, 1e-6)
+    residual = data.converted - np.where(data.treated, p1, p0)
+    gamma = uplift + np.where(data.treated, 1.0, -1.0) * w * residual
+    lines: Lines = {}
+    for offer in sorted(set(data.offer[usable].tolist())):
+        rows = usable & (data.offer == offer)
+        if rows.sum() < MIN_CALIBRATION_ROWS or np.ptp(uplift[rows]) == 0:
+            continue
+        slope, intercept = np.polyfit(uplift[rows], gamma[rows], 1)
+        lines[str(offer)] = (float(intercept), float(slope))
+    return lines
 
 
 def fit_t_learner(
@@ -111,13 +190,26 @@ def fit_t_learner(
     rounds: int = 150,
     seed: int = 0,
     params: dict[str, Any] | None = None,
+    calibrate: bool = False,
 ) -> TLearner:
-    """The three boosters; ``params`` override ``models.training.DEFAULT_PARAMS``."""
-    t = data.treated
-    fit = [(data.converted, t), (data.converted, ~t), (data.opted_out, t)]
-    return TLearner(
-        *(_fit(data.features[rows], y[rows], list(names), rounds, seed, params) for y, rows in fit)
-    )
+    """The three boosters; ``params`` override ``models.training.DEFAULT_PARAMS``. With
+    ``calibrate``, ``CALIBRATION_FOLDS`` more T-learners, each trained without one fold of
+    customers, predict that fold, and ``calibration_lines`` of those out-of-fold predictions
+    recalibrate the model trained on all rows (lines fitted on models trained on less data:
+    if anything, they pull its uplift back further than it needs)."""
+    model = _fit_three(data, names, rounds, seed, params)
+    if not calibrate:
+        return model
+    fold = (data.customer_key % np.uint64(CALIBRATION_FOLDS)).astype(np.int64)
+    p1, p0 = np.zeros(fold.size), np.zeros(fold.size)
+    for k in range(CALIBRATION_FOLDS):
+        inside = fold == k
+        if inside.all() or not inside.any():
+            return model
+        part = _fit_three(data.take(np.flatnonzero(~inside)), names, rounds, seed, params)
+        p1[inside], p0[inside], _ = part.raw(data.features[inside])
+    model.lines = calibration_lines(data, p1 - p0, p1, p0)
+    return model
 
 
 @dataclass

@@ -11,6 +11,7 @@ from engine.decision.scorer import ScoreRequest
 from engine.errors import ConfigError
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
+from models.uplift import calibrate
 from tests.factories import SPEC, generated_rows, trained_model
 
 
@@ -112,9 +113,12 @@ def test_an_uplift_model_keeps_its_three_boosters_and_serves_beside_a_response_m
     probabilities, the response model's rows NaN for the two it does not model."""
     response = trained_model(registry, seed=1)
     extra = (trained_model(registry, seed=2).booster, trained_model(registry, seed=3).booster)
-    uplift = registry.register(response.booster, SPEC.names, {}, uplift=extra)
+    offer = SPEC.offers[0]
+    lines = {offer: (0.01, 0.5)}
+    uplift = registry.register(response.booster, SPEC.names, {}, uplift=extra, lines=lines)
     loaded = registry.load(uplift.version)
     assert loaded.kind == "uplift" and registry.load(response.version).kind == "response"
+    assert loaded.lines == lines
     r = request(5_000)
     for got, want in ((loaded.baseline, extra[0]), (loaded.opt_out, extra[1])):
         assert got is not None
@@ -129,6 +133,15 @@ def test_an_uplift_model_keeps_its_three_boosters_and_serves_beside_a_response_m
     assert np.isnan(scored.baseline[~mine]).all() and np.isnan(scored.opt_out[~mine]).all()
     np.testing.assert_allclose(scored.baseline[mine],
                                extra[0].inplace_predict(r.features[mine]), rtol=1e-6)  # fmt: skip
+    # its P(convert | offer) carries the calibration of its uplift, offer by offer
+    x = r.features[mine]
+    p1, p0 = response.booster.inplace_predict(x), extra[0].inplace_predict(x)
+    want = calibrate(p1, p0, x, SPEC.names, lines)
+    np.testing.assert_allclose(scored.propensity[mine], want, rtol=1e-5, atol=1e-6)
+    of_offer = x[:, SPEC.names.index(f"offer={offer}")] == 1
+    assert 0 < of_offer.sum() < of_offer.size
+    np.testing.assert_allclose(scored.propensity[mine][~of_offer], np.clip(p1[~of_offer], 0, 1),
+                               rtol=1e-5)  # fmt: skip
     alone = Ranker(RankerConfig(registry=registry.uri, champion=response.version)).score(r)
     assert alone.baseline is None and alone.opt_out is None
     registry.fs.delete_file(registry.path_of(uplift.version, "opt_out.json"))
