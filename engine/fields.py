@@ -75,6 +75,8 @@ FIELDS: tuple[Field, ...] = (
           "months as a customer", True),
     Field("channels", "profile", pa.list_(pa.string()), None, None, np.dtype(np.uint8), 0,
           "bitmask of reachable channels", True, max_chars=32, max_items=16),
+    Field("customer_value", "profile", pa.float64(), "num", (0.0, 1e9), _f64(), np.nan,
+          "what losing the customer (an opt-out) costs; unset: the catalog's", True),
     # -- aggregates ---------------------------------------------------------------------------
     Field("cycle_usage_mb", "aggregate", None, "num", None, _f64(), 0.0,
           "data used in the current billing cycle"),

@@ -27,7 +27,12 @@ from engine.config import EngineSettings
 from engine.decision.arbitration import decision_ids
 from engine.decision.catalog import Catalog
 from engine.decision.decider import INBOUND, Decider
-from engine.decision.log import DECISION_SCHEMA, decision_id_text, empty_decisions
+from engine.decision.log import (
+    DECISION_SCHEMA,
+    conform_decisions,
+    decision_id_text,
+    empty_decisions,
+)
 from engine.decision.scorer import OfferScorer
 from engine.errors import EngineError
 from engine.events.deadletter import DEAD_LETTER_SCHEMA
@@ -490,6 +495,7 @@ class ShardLogic:
         recorded in the contact state and count as this shard's decisions; a copy read before
         (a retried request, published again) is skipped. Returns the rows the decision log
         has not had: all but the copies."""
+        decisions = conform_decisions(decisions)  # a message an older version wrote
         ids = decisions.column("decision_id").to_numpy()
         live = np.array(
             [self.inbound_live.pop(int(i), None) is not None for i in ids.tolist()], dtype=bool
@@ -513,7 +519,7 @@ class ShardLogic:
                 delivered.column("action").to_pylist(),
             )
         if replay.num_rows:
-            self._count_decisions(replay.cast(DECISION_SCHEMA))
+            self._count_decisions(replay)
         return decisions.filter(pa.array(~copy)) if copy.any() else decisions
 
     def end_stream(self) -> ApplyResult:
@@ -637,7 +643,7 @@ class ShardLogic:
         self.watermark_ms = snapshot.watermark_ms
         self.counters = {**dict.fromkeys(self.counters, 0), **snapshot.counters}
         self.recent_triggers = Recent.from_table(snapshot.recent_triggers.cast(TRIGGER_SCHEMA))
-        self.recent_decisions = Recent.from_table(snapshot.recent_decisions.cast(DECISION_SCHEMA))
+        self.recent_decisions = Recent.from_table(conform_decisions(snapshot.recent_decisions))
         self.inbound_live = dict.fromkeys(snapshot.inbound, self.watermark_ms)
         if self.decider is not None:  # the decider reads and writes the new store
             self.decider = Decider(self.decider.catalog, self.decider.scorer, self.store)

@@ -4,7 +4,8 @@ Qini (``bench_uplift.py``) says how well a model ranks customers by uplift; a de
 more, the level: an offer is sent when P(convert | offer) x value - P(convert | no action) x
 list value - cost - P(opt-out) x customer value > 0, so a model whose estimated uplift is
 too high for the customers it picks (the winner's curse of noisy estimates) sends offers
-that lose money. Per seed of the uplift world this runs Kairos's warm-up policy (prior scores,
+that lose money (the calibration of ``fit_t_learner(calibrate=True)`` is to pull it back).
+Per seed of the uplift world this runs Kairos's warm-up policy (prior scores,
 30 % exploration, a 20 % randomized no-action arm) for ``--days``, trains each learner on the
 first 75 % of the time, and on the held-out decisions takes each learner's greedy choice
 among the available offers and sums the simulator's true incremental value of it (and of the
@@ -32,12 +33,12 @@ import xgboost as xgb
 
 from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
 from engine.decision.catalog import NO_ACTION, load_catalog
-from engine.decision.features import build_features, feature_spec
+from engine.decision.features import feature_spec
 from engine.governance.pseudonym import Pseudonymizer
 from engine.rules.spec import load_rules
 from engine.synthetic.uplift import UpliftSimulator
 from models.attribution import attribute
-from models.incremental import IncrementalLog, greedy_policy, incremental_log
+from models.incremental import greedy_policy, incremental_log
 from models.simulate import Simulation, SimulationConfig
 from models.training import DEFAULT_PARAMS
 from models.uplift import UpliftRows, fit_t_learner, uplift_rows
@@ -73,61 +74,15 @@ def x_learner(data: UpliftRows, names: list[str], rounds: int = 150) -> Predict:
     return predict
 
 
-def calibrated(
-    predict: Predict, log: IncrementalLog, pairs: Any, spec: Any, catalog: Any
-) -> Predict:
-    """``predict`` with its uplift recalibrated per offer on ``log`` (decisions it was not
-    trained on): the DR pseudo-outcome of converting on offer o against NO_ACTION regressed on
-    the predicted uplift P(convert | o) - P(convert | no action)."""
-    r = log.pair_row
-    x = build_features({k: v[r] for k, v in log.context.items()}, log.rule_ids[r],
-                       log.pair_offer, spec)  # fmt: skip
-    p1, p0, _ = predict(x)
-    w = 1.0 / np.maximum(log.propensity[r], 1e-6)
-    took = log.action[r] == log.pair_offer
-    held = log.action[r] == NO_ACTION
-    converted = log_converted(log, pairs)
-    tau = p1 - p0
-    gamma = tau + took * w * (converted - p1) - held * w * (converted - p0)
-    line = {}
-    for o in catalog.offer_ids:
-        k = log.pair_offer == o
-        if k.sum() < 50:
-            line[o] = (0.0, 1.0)
-            continue
-        beta, alpha = np.polyfit(tau[k], gamma[k], 1)
-        line[o] = (float(alpha), float(beta))
-    print("calibration", {o: (round(a, 4), round(b, 3)) for o, (a, b) in line.items()})
-    names = list(spec.names)
-
-    def predict_calibrated(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        p1, p0, out = predict(x)
-        p1 = p1.copy()
-        for o, (alpha, beta) in line.items():
-            k = x[:, names.index(f"offer={o}")] == 1
-            p1[k] = np.clip(p0[k] + alpha + beta * (p1[k] - p0[k]), 0, 1)
-        return p1, p0, out
-
-    return predict_calibrated
-
-
-def log_converted(log: IncrementalLog, pairs: pa.Table) -> np.ndarray:
-    """Per pair of ``log``: did the customer convert on that offer (``attribute``'s label)."""
-    row = pairs.column("row").to_numpy()
-    offer = np.asarray(pairs.column("offer_id").to_numpy(zero_copy_only=False), dtype=object)
-    converted = np.asarray(pairs.column("converted").to_numpy(zero_copy_only=False), bool)
-    index = {(int(d), o): c for d, o, c in zip(row.tolist(), offer.tolist(), converted.tolist(),
-                                              strict=True)}  # fmt: skip
-    d = log.decision[log.pair_row]
-    return np.array([index[(int(i), o)] for i, o in zip(d.tolist(), log.pair_offer.tolist(),
-                                                         strict=True)], dtype=float)  # fmt: skip
-
-
 def learners(train: UpliftRows, names: tuple[str, ...]) -> dict[str, Predict]:
     shallow = {"max_depth": 3, "min_child_weight": 50}
     return {
         "t-learner": fit_t_learner(train, names).predict,
+        "t-learner calibrated": fit_t_learner(train, names, calibrate=True).predict,
         "t-learner shallow": fit_t_learner(train, names, rounds=100, params=shallow).predict,
+        "t-learner shallow calibrated": fit_t_learner(
+            train, names, rounds=100, params=shallow, calibrate=True
+        ).predict,
         "x-learner": x_learner(train, list(names)),
     }
 
@@ -145,13 +100,9 @@ def one_seed(seed: int, customers: int, days: int, out: str) -> dict[str, Any]:
     spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
     data = uplift_rows(decisions, pairs, spec)
     boundary = np.quantile(data.ts, 0.75)
-    middle = np.quantile(data.ts, 0.5)
     full = incremental_log(decisions, pairs, catalog)
     ts = decisions.column("ts").cast(pa.int64()).to_numpy()
     log = full.take(np.flatnonzero(ts[full.decision] >= boundary))
-    calibration = full.take(np.flatnonzero((ts[full.decision] >= middle)
-                                           & (ts[full.decision] < boundary)))  # fmt: skip
-    early = data.take(np.flatnonzero(data.ts < middle))
     train = data.take(np.flatnonzero(data.ts < boundary))
     # the truth of every held-out (decision, offer) pair
     truth_sim = sim.simulator()
@@ -179,12 +130,7 @@ def one_seed(seed: int, customers: int, days: int, out: str) -> dict[str, Any]:
     results: dict[str, Any] = {
         "truth": {"sent": sent, "true_incremental": value(true_policy.action)}
     }
-    models = learners(train, spec.names)
-    for name, predict in learners(early, spec.names).items():
-        models[f"{name} (half) calibrated"] = calibrated(predict, calibration, pairs, spec,
-                                                         catalog)  # fmt: skip
-        models[f"{name} (half)"] = predict
-    for name, predict in models.items():
+    for name, predict in learners(train, spec.names).items():
         policy = greedy_policy(log, predict, spec, catalog)
         chosen = log.pair_offer == policy.action[r]
         expected = float((policy.q_pair - policy.q0[r])[chosen].sum())

@@ -63,6 +63,8 @@ class IncrementalLog:
     action: np.ndarray  # logged action per decision
     propensity: np.ndarray  # logging probability of that action
     reward: np.ndarray  # per decision, as in the module's docstring
+    #: what an opt-out costs per decision (the profile's; NaN: the catalog's)
+    customer_value: np.ndarray | None = None
 
     def take(self, rows: np.ndarray) -> IncrementalLog:
         """The decisions ``rows`` (sorted, unique) only."""
@@ -80,6 +82,7 @@ class IncrementalLog:
             self.action[rows],
             self.propensity[rows],
             self.reward[rows],
+            None if self.customer_value is None else self.customer_value[rows],
         )
 
 
@@ -117,7 +120,12 @@ def incremental_log(decisions: pa.Table, pairs: pa.Table, catalog: Catalog) -> I
     delivered = np.asarray(decisions.column("delivered").to_numpy(zero_copy_only=False), bool)
     cost = np.array([costs.get(a, 0.0) for a in action.tolist()])
     reward -= np.where(delivered, cost, 0.0)
-    reward -= opted_out * catalog.policy.customer_value
+    given = (
+        decisions.column("customer_value") if "customer_value" in decisions.schema.names else None
+    )
+    value = np.full(n, np.nan) if given is None else given.to_numpy(zero_copy_only=False)
+    value = np.asarray(value, dtype=np.float64)
+    reward -= opted_out * np.where(np.isnan(value), catalog.policy.customer_value, value)
     rows = np.flatnonzero(usable & np.isin(action, [NO_ACTION, *values]))
     flat = decisions.column("candidates").combine_chunks().flatten()
     excluded = flat.field("excluded").is_valid().to_numpy(zero_copy_only=False)
@@ -135,6 +143,7 @@ def incremental_log(decisions: pa.Table, pairs: pa.Table, catalog: Catalog) -> I
         action,
         np.asarray(decisions.column("probability").to_numpy(), dtype=np.float64),
         reward,
+        value,
     )
     return log.take(rows)
 
@@ -166,6 +175,7 @@ def greedy_policy(
         np.asarray(p1, np.float64)[:, None] * one_hot,
         np.asarray(p0, np.float64)[:, None] * one_hot,
         np.asarray(p_out, np.float64)[:, None] * one_hot,
+        None if log.customer_value is None else log.customer_value[r],
     )
     ev = ev_matrix[np.arange(r.size), which] if r.size else np.zeros(0)
     listed = np.array([o.spec.value if o.spec.list_value is None else o.spec.list_value

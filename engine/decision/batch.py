@@ -30,6 +30,8 @@ class DecisionBatch:
     via: np.ndarray  #: int (t x offers): the channel it would go out on, -1 if none
     after: np.ndarray  #: int64: deliver no earlier than this (quiet hours)
     control: np.ndarray  #: bool: the customer is in the control group
+    #: float: what an opt-out costs, from the profile (NaN: the catalog's customer value)
+    customer_value: np.ndarray
     #: int8 (t x offers): why an answering offer is not a candidate (0: it is one)
     reasons: np.ndarray = field(init=False)
     context: dict[str, np.ndarray] = field(default_factory=dict)

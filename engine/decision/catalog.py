@@ -184,7 +184,11 @@ class Catalog:
         return tuple(o.id for o in self.offers)
 
     def expected_values(
-        self, propensity: np.ndarray, baseline: np.ndarray, opt_out: np.ndarray
+        self,
+        propensity: np.ndarray,
+        baseline: np.ndarray,
+        opt_out: np.ndarray,
+        customer_value: np.ndarray | None = None,
     ) -> np.ndarray:
         """The objective per (decision, offer): incremental expected value against NO_ACTION,
 
@@ -193,7 +197,8 @@ class Catalog:
 
         ``baseline`` and ``opt_out`` are NaN where the model gives none (a response model):
         then it is ``propensity x value - cost``, the response objective. NaN propensities
-        (not scored) stay NaN."""
+        (not scored) stay NaN. ``customer_value``: per decision, from the customer's profile;
+        NaN (or None) is the policy's ``customer_value``."""
         values = np.array([o.spec.value for o in self.offers])
         listed = np.array(
             [o.spec.value if o.spec.list_value is None else o.spec.list_value for o in self.offers]
@@ -203,8 +208,15 @@ class Catalog:
             propensity * values
             - np.nan_to_num(baseline) * listed
             - costs
-            - np.nan_to_num(opt_out) * self.policy.customer_value
+            - np.nan_to_num(opt_out) * self._customer_value(customer_value, len(propensity))
         )
+
+    def _customer_value(self, given: np.ndarray | None, n: int) -> np.ndarray | float:
+        """Per decision (a column), the profile's customer value or the policy's."""
+        if given is None:
+            return self.policy.customer_value
+        value = np.asarray(given, dtype=np.float64).reshape(n)
+        return np.where(np.isnan(value), self.policy.customer_value, value)[:, None]
 
     @property
     def trigger_ids(self) -> tuple[str, ...]:

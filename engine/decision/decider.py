@@ -220,6 +220,7 @@ class Decider:
             via=via,
             after=after,
             control=in_control_group(keys, policy),
+            customer_value=np.asarray(view.column("customer_value")[rows], dtype=np.float64),
         )
 
     def exclusions(
@@ -292,8 +293,9 @@ class Decider:
         their contacts before the next round."""
         policy = self.catalog.policy
         expected = self.catalog.expected_values(
-            batch.propensity[sel], batch.baseline[sel], batch.opt_out[sel]
-        )
+            batch.propensity[sel], batch.baseline[sel], batch.opt_out[sel],
+            batch.customer_value[sel],
+        )  # fmt: skip
         batch.expected[sel] = expected
         available = batch.candidates[sel]
         arb = arbitrate(expected, available, batch.ids[sel], policy.exploration, policy.seed,

@@ -48,8 +48,22 @@ DECISION_SCHEMA = pa.schema(
         pa.field("model_version", pa.string()),
         pa.field("candidates", pa.list_(CANDIDATE_TYPE)),
         *(pa.field(CONTEXT_PREFIX + name, pa.float32()) for name in CONTEXT_FIELDS),
+        # what an opt-out of this customer costs, from the profile (null: the catalog's
+        # policy customer_value); since issue 16, null in older logs
+        pa.field("customer_value", pa.float64()),
     ]
 )
+
+
+def conform_decisions(table: pa.Table) -> pa.Table:
+    """Decision-log rows in ``DECISION_SCHEMA``: columns added since they were written (by
+    an older version, in a log or a checkpoint) are null."""
+    names = table.schema.names
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in names else pa.nulls(table.num_rows, f.type)
+        for f in DECISION_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=DECISION_SCHEMA)
 
 
 def empty_decisions() -> pa.Table:
@@ -161,4 +175,6 @@ def decision_table(batch: DecisionBatch, catalog: Catalog) -> pa.Table:
     }
     for name in CONTEXT_FIELDS:
         columns[CONTEXT_PREFIX + name] = pa.array(batch.context[name], type=pa.float32())
+    value = batch.customer_value
+    columns["customer_value"] = pa.array(value, mask=np.isnan(value), type=pa.float64())
     return pa.Table.from_pydict(columns, schema=DECISION_SCHEMA)

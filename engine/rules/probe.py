@@ -29,6 +29,7 @@ _PROFILE = {
     "device_model": "x",
     "tenure_months": 2400,
     "channels": ["sms", "push"],
+    "customer_value": 1e9,
     "overage_cycles": 1200,
 }
 _EVENTS: list[tuple[EventKind, dict[str, Any]]] = [

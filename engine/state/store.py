@@ -54,6 +54,9 @@ COLUMNS: dict[str, Column] = {
 }
 
 PROFILE_COLUMNS = names("profile")
+#: columns added after snapshots were first written: an older snapshot without one restores
+#: with the column's default (any other missing column is an error)
+ADDED_COLUMNS = frozenset({"customer_value"})
 STRING_COLUMNS = ("tz", "device_model")
 RULE_PREFIX = "rule:"
 DECISION_PREFIX = "decision:"
@@ -203,9 +206,11 @@ class CustomerStore:
         store.keys[:n] = keys
         store.size = n
         for name in COLUMNS:
-            if name not in table.column_names:
+            if name in table.column_names:
+                store.cols[name][:n] = table.column(name).to_numpy()
+            elif name not in ADDED_COLUMNS:
                 raise StateError(f"snapshot table has no column '{name}'")
-            store.cols[name][:n] = table.column(name).to_numpy()
+            # else: a column added since the snapshot was written starts at its default
         for name in table.column_names:
             for prefix, state in (
                 (RULE_PREFIX, store.rule_state),

@@ -176,6 +176,28 @@ def test_an_uplift_model_decides_on_incremental_value_not_on_response(event) -> 
     assert reproduce_choices(log, 0.0, 0).tolist() == log.column("action").to_pylist()
 
 
+def test_a_customer_value_in_the_profile_prices_that_customer_s_opt_out(event) -> None:
+    """The upgrade is worth sending at the catalog's customer value (40: EV 4.7); to a
+    customer whose profile says losing them costs 300, its 2 % opt-out risk makes it worth
+    -0.5 and the pass (1 % risk) -4.5: nothing is sent. The log keeps the value used."""
+    rows = [
+        event("profile_update", "c", ms(2026, 3, 1), **PROFILE),
+        event("profile_update", "v", ms(2026, 3, 1), **PROFILE, customer_value=300.0),
+        event("usage", "c", ms(2026, 3, 2, 10), mb=850.0),
+        event("usage", "v", ms(2026, 3, 2, 10), mb=850.0),
+    ]
+    priced = catalog("  customer_value: 40", "").replace("value: 6, cost", "value: 6, "
+                                                         "list_value: 8, cost")  # fmt: skip
+    scorer = _UpliftScorer({"pass": (0.9, 0.8, 0.01), "upgrade": (0.3, 0.05, 0.02)})
+    engine, decisions = decide(rows, priced, scorer)
+    by = {d["customer_key"]: d for d in decisions}
+    c, v = (by[engine.ingestor.owner_of(x)[0]] for x in ("c", "v"))
+    assert c["action"] == "upgrade" and c["customer_value"] is None
+    assert v["action"] == NO_ACTION and v["customer_value"] == 300.0
+    evs = {x["offer_id"]: x["expected_value"] for x in v["candidates"]}
+    assert evs == pytest.approx({"pass": 5.4 - 6.4 - 0.5 - 3.0, "upgrade": 7.2 - 1.2 - 0.5 - 6.0})
+
+
 def test_exploration_logs_the_probability_of_the_action_taken() -> None:
     rng = np.random.default_rng(1)
     n, eps = 40_000, 0.2

@@ -260,3 +260,25 @@ def test_a_recent_window_of_many_small_tables_stays_few_and_in_order() -> None:
     assert found.column("decision_id").to_pylist() == [1_500, 1_999]
     newest = recent.of(3, ["decision_id"], 3)
     assert [r["decision_id"] for r in newest] == [1_998, 1_991, 1_984]
+
+
+def test_a_snapshot_from_before_a_column_was_added_restores_it_at_its_default() -> None:
+    """Golden records written before ``customer_value`` existed restore with it unset (the
+    catalog's value applies); a snapshot missing any other column is refused."""
+    import pyarrow as pa
+
+    from engine.errors import StateError
+    from engine.state.store import CustomerStore
+
+    store = CustomerStore(capacity=16)
+    slots = store.slots_for(np.array([7, 9], dtype=np.uint64))
+    store.cols["customer_value"][slots] = [120.0, 80.0]
+    store.cols["tenure_months"][slots] = [3, 4]
+    table = store.to_arrow()
+    old = table.drop_columns(["customer_value"])
+    restored = CustomerStore.from_arrow(old)
+    assert np.isnan(restored.cols["customer_value"][: restored.size]).all()
+    np.testing.assert_array_equal(restored.cols["tenure_months"][:2], [3, 4])
+    with pytest.raises(StateError, match="no column 'tenure_months'"):
+        CustomerStore.from_arrow(table.drop_columns(["tenure_months"]))
+    assert isinstance(old, pa.Table)

@@ -222,10 +222,11 @@ def test_the_gate_promotes_a_5_percent_better_model_and_refuses_worse_ones() -> 
 
 def test_incremental_log_rewards_by_hand() -> None:
     """Two decisions: a delivered (accepted, so it converted at the offer's value) with b
-    bought organically at list value; NO_ACTION whose customer bought a and opted out."""
+    bought organically at list value; NO_ACTION whose customer bought a and opted out (a
+    customer whose profile values them at 100)."""
     decisions = pa.table({
         "rule_id": ["r", "r"], "action": ["a", NO_ACTION], "delivered": [True, False],
-        "control": [False, False], "probability": [0.8, 0.1],
+        "control": [False, False], "probability": [0.8, 0.1], "customer_value": [None, 100.0],
         "candidates": [[{"offer_id": "a", "excluded": None}, {"offer_id": "b", "excluded": None}],
                        [{"offer_id": "a", "excluded": None},
                         {"offer_id": "b", "excluded": "cooldown"}]],
@@ -239,6 +240,6 @@ def test_incremental_log_rewards_by_hand() -> None:
     })  # fmt: skip
     log = incremental_log(decisions, pairs, CATALOG)
     assert log.n == 2
-    assert log.reward.tolist() == [10 + 8 - 0.5, 12 - 30]
+    assert log.reward.tolist() == [10 + 8 - 0.5, 12 - 100]  # the profile's customer value
     assert log.pair_available.tolist() == [True, True, True, False]
     assert log.propensity.tolist() == [0.8, 0.1]
