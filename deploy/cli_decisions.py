@@ -63,7 +63,21 @@ TARGETS: tuple[tuple[str, str, str, str, str, float, str | None], ...] = (
      BLANKET_SCOPE),
     ("kairos net value >= 1.2x rules", "kairos", "net_value", ">=", "rules", 1.2, None),
     ("kairos net value >= 90% of oracle", "kairos", "net_value", ">=", "oracle", 0.9, None),
+    # issue 16, the uplift world: Kairos deciding on incremental value against the yardstick
+    ("kairos-uplift incremental net value > 0", "kairos-uplift", "incremental_net_value", ">",
+     "kairos-uplift", 0.0, None),
+    ("kairos-uplift incremental net value >= 50% of uplift", "kairos-uplift",
+     "incremental_net_value", ">=", "uplift", 0.5, None),
+    ("kairos-uplift offers sent <= 2x uplift", "kairos-uplift", "offers_sent", "<=", "uplift", 2.0,
+     None),
+    ("kairos-uplift opt-outs <= 1.5x uplift", "kairos-uplift", "opt_outs", "<=", "uplift", 1.5,
+     None),
 )  # fmt: skip
+#: what ``kairos simulate`` runs by default, per world
+DEFAULT_POLICIES = {
+    "uplift": "blanket,rules,kairos,kairos-uplift,oracle,uplift",
+    "classic": "blanket,rules,kairos,oracle",
+}
 
 
 def targets(reports: dict[str, dict[str, Any]]) -> dict[str, bool]:
@@ -98,12 +112,14 @@ def simulate(
     days: Annotated[int, typer.Option(min=2, max=180)] = 84,
     warmup_days: Annotated[int, typer.Option(min=1)] = 42,
     policies: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Comma-separated: blanket, rules, kairos, oracle, and ceiling (Kairos's "
-            "features fitted to the true propensities: how far a model with them can go)."
+            help="Comma-separated: blanket, rules, kairos (the response ranker), kairos-uplift "
+            "(Kairos deciding on incremental value), oracle (true response), uplift (true "
+            "incremental value, uplift world only), and ceiling (Kairos's features fitted to "
+            "the true propensities). Default: all but ceiling (classic: not the uplift ones)."
         ),
-    ] = "blanket,rules,kairos,oracle",
+    ] = None,
     seed: int = 7,
     world: Annotated[
         str,
@@ -117,10 +133,12 @@ def simulate(
     ),
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Run one simulated population under blanket, rules-only, Kairos and oracle policies."""
+    """Run one simulated population under blanket, rules-only, Kairos and yardstick policies."""
     from deploy.chart import acceptance_chart
     from models.simulate import POLICIES, WORLDS, Simulation, SimulationConfig, report
 
+    if policies is None:
+        policies = DEFAULT_POLICIES.get(world, DEFAULT_POLICIES["classic"])
     names = [p.strip() for p in policies.split(",") if p.strip()]
     unknown = [p for p in names if p not in POLICIES]
     if unknown:
@@ -209,7 +227,13 @@ def _print_report(
 
 def train(
     decisions: Annotated[Path, typer.Argument(help="Decision log: Parquet file or folder.")],
-    responses: Annotated[Path, typer.Argument(help="offer_response events (Parquet/NDJSON).")],
+    responses: Annotated[
+        Path,
+        typer.Argument(
+            help="Outcome events (Parquet/NDJSON): offer responses, and for an uplift model the "
+            "conversions and consent changes of every customer (or the service's response log)."
+        ),
+    ],
     registry: Annotated[Path, typer.Option(help="Model registry folder.")] = Path(
         "kairos-data/models"
     ),
@@ -217,6 +241,13 @@ def train(
     cutoff: Annotated[
         str | None,
         typer.Option(help="Training cutoff (ISO time with a zone); default: newest event."),
+    ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            help="uplift (a T-learner judged on incremental value) or response; default: uplift "
+            "when the catalog's offers name their conversions."
+        ),
     ] = None,
 ) -> None:
     """Train a candidate ranker from the decision log and outcomes; promote it if it wins."""
@@ -226,10 +257,15 @@ def train(
     import pyarrow.dataset as ds
 
     from engine.clock import utc_ms
+    from engine.config import EngineSettings
     from engine.eventfile import read_events
+    from engine.governance.pseudonym import Pseudonymizer
     from engine.limits import TS_RANGE_TEXT, time_in_range
-    from models.promotion import train_round
+    from models.promotion import train_round, uplift_round
     from models.registry import ModelRegistry
+
+    if kind not in (None, "uplift", "response"):
+        raise EngineError(f"--kind {kind!r}: uplift or response")
 
     try:
         log = ds.dataset(str(decisions), format="parquet").to_table()
@@ -248,12 +284,22 @@ def train(
             raise EngineError(
                 f"--cutoff {cutoff!r} is not an ISO date-time with a zone (e.g. 2026-03-01T00:00Z)"
             ) from exc
-    result = train_round(log, events, load_catalog(offers), ModelRegistry(str(registry)), cutoff_ms)
+    catalog = load_catalog(offers)
+    if kind is None:
+        kind = "uplift" if any(o.spec.conversion for o in catalog.offers) else "response"
+    store = ModelRegistry(str(registry))
+    if kind == "uplift":  # events name customers by identifier: keyed as the engine keys them
+        key = Pseudonymizer(EngineSettings().pseudonym_key)
+        result = uplift_round(log, events, catalog, store, cutoff_ms, key)
+    else:
+        result = train_round(log, events, catalog, store, cutoff_ms)
     if result.artifact is None:
         raise EngineError(f"no model trained: {result.reason}")
     m = result.metrics
-    console.print(f"trained {result.artifact.version} on {m['train_rows']:,} rows")
+    console.print(f"trained {kind} model {result.artifact.version} on "
+                  f"{json.dumps(m['train_rows'])} rows")  # fmt: skip
     console.print(f"holdout: {json.dumps(m['holdout'], default=float)}")
-    console.print(f"off-policy: {json.dumps(m['offpolicy'], default=float)}")
+    gate = m["gate"] if kind == "uplift" else m["offpolicy"]
+    console.print(f"gate: {json.dumps(gate, default=float)}")
     verdict = "[green]promoted[/]" if result.promoted else "[red]refused[/]"
     console.print(f"{verdict}: {result.reason}")
