@@ -7,7 +7,9 @@ request, the in-process Booster rate on the same matrix for comparison, and the 
 The model (--model): ``full`` (default) is the largest the training settings allow, 150 trees
 grown to depth 5 on labels that depend on many features, the worst case for scoring speed;
 ``bootstrap`` is the champion a fresh service trains on a short simulated log (shallower
-trees: its data is small and recency-weighted).
+trees: its data is small and recency-weighted); ``uplift`` is an uplift model (issue 16) of
+three ``full``-size boosters (P(convert | offer), P(convert | no action), P(opt-out)) with
+calibration lines for every offer: three times the trees per row.
 
     python loadtests/bench_ranker.py --rows 100000 --concurrency 2 --seconds 10
 """
@@ -66,6 +68,23 @@ def full_model(registry: ModelRegistry, sample: ScoreRequest) -> str:
     return artifact.version
 
 
+def uplift_model(registry: ModelRegistry, sample: ScoreRequest) -> str:
+    """Register and promote an uplift model of three ``full``-size boosters; its version."""
+    x = sample.features
+    rng = np.random.default_rng(3)
+    boosters = []
+    for shift in (0.0, -1.0, -3.0):
+        logit = np.sin(x[:, :8] / 7.0).sum(axis=1) + 0.5 * x[:, 13:].sum(axis=1) + shift
+        labels = (rng.random(x.shape[0]) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+        boosters.append(fit(x, labels, sample.feature_names))
+    lines = {name.split("=", 1)[1]: (0.01, 0.5) for name in sample.feature_names
+             if name.startswith("offer=")}  # fmt: skip
+    artifact = registry.register(boosters[0], sample.feature_names, {"benchmark": "uplift"},
+                                 uplift=(boosters[1], boosters[2]), lines=lines)  # fmt: skip
+    registry.set_champion(artifact.version)
+    return artifact.version
+
+
 def model_size(registry: ModelRegistry, version: str) -> dict[str, float]:
     trees = registry.load(version).booster.get_dump()
     leaves = [tree.count("leaf=") for tree in trees]
@@ -80,7 +99,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--model", choices=("full", "bootstrap"), default="full")
+    parser.add_argument("--model", choices=("full", "bootstrap", "uplift"), default="full")
     args = parser.parse_args()
     init_ray(num_cpus=2, object_store_mb=1024)
     with tempfile.TemporaryDirectory() as root:
@@ -89,6 +108,8 @@ def main() -> None:
         version = None  # bootstrap: the registry's first champion
         if args.model == "full":
             version = full_model(registry, matrix(50_000, seed=1))
+        elif args.model == "uplift":
+            version = uplift_model(registry, matrix(50_000, seed=1))
         version = start_ranker(
             registry.uri,
             load_rules(DEFAULT_RULES),
