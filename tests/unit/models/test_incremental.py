@@ -51,7 +51,7 @@ def truth(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.clip(p1, 0, 1), p0, out
 
 
-def blend(weight: float, bad: UpliftPredict = None) -> UpliftPredict:  # type: ignore[assignment]
+def blend(weight: float, bad: UpliftPredict | None = None) -> UpliftPredict:
     """A model between a wrong one (weight 0: a response model that ignores the no-action arm
     and opt-outs, and gets a's persuadables backwards) and the truth (weight 1)."""
 
@@ -61,7 +61,7 @@ def blend(weight: float, bad: UpliftPredict = None) -> UpliftPredict:  # type: i
                                                      0, 1), p1)  # fmt: skip
         return flipped, np.zeros(len(x)), np.zeros(len(x))
 
-    worse = bad or wrong
+    worse = bad if bad is not None else wrong
 
     def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         good, poor = truth(x), worse(x)
@@ -170,7 +170,7 @@ CHAMPION = blend(0.5)
 
 
 @cache
-def _levels() -> tuple[float, float, float]:
+def levels() -> tuple[float, float, float]:
     """(the champion's true incremental value per decision, the share of contexts on which a
     model follows the truth to be 5 % better than it, the share on which it follows the wrong
     model to be 5 % worse), on a large sample of decisions."""
@@ -203,7 +203,7 @@ def test_the_gate_promotes_a_5_percent_better_model_and_refuses_worse_ones() -> 
     model differs from the champion on 1 % of decisions, where the log rarely took its
     action; with 5 % exploration or fewer decisions the gate refuses more of them, see
     docs/benchmarks.md)."""
-    target, better_share, worse_share = _levels()
+    target, better_share, worse_share = levels()
     assert target > 0
     n, explore = 100_000, 0.2
     better = _promoted(mixed(truth, CHAMPION, better_share), 40, n, explore)
