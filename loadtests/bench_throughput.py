@@ -61,10 +61,19 @@ def parquet_bytes(customers: int, total: int, seed: int) -> bytes:
     return sink.getvalue()
 
 
-def start_ranker(out_dir: str) -> Catalog:
-    """Deploy the ranker with a bootstrapped champion; returns the catalog it serves."""
+def start_ranker(out_dir: str, uplift: bool = False) -> Catalog:
+    """Deploy the ranker with a bootstrapped champion (``uplift``: an uplift model of three
+    full-size boosters, as ``bench_ranker.py --model uplift``); returns the catalog it serves."""
     catalog = load_catalog(OFFERS)
-    deploy_champion(f"{out_dir}/models", load_rules(RULES), catalog)
+    if not uplift:
+        deploy_champion(f"{out_dir}/models", load_rules(RULES), catalog)
+        return catalog
+    from loadtests.bench_ranker import matrix, uplift_model
+    from models.registry import ModelRegistry
+
+    registry = ModelRegistry(f"{out_dir}/models-uplift")
+    version = uplift_model(registry, matrix(50_000, seed=1))
+    deploy_champion(registry.uri, catalog=catalog, version=version)
     return catalog
 
 
@@ -198,6 +207,11 @@ def main() -> None:
         action="store_true",
         help="decide on every trigger: shipped catalog, ranker on Ray Serve, decision log",
     )
+    parser.add_argument(
+        "--uplift",
+        action="store_true",
+        help="with --decisions: the ranker serves an uplift model (three boosters)",
+    )
     args = parser.parse_args()
     data = parquet_bytes(args.customers, args.events, args.seed)
     init_ray(num_cpus=max(2, *args.shards), object_store_mb=2048)
@@ -212,7 +226,7 @@ def main() -> None:
         file=sys.stderr,
     )
     with tempfile.TemporaryDirectory() as out_dir:
-        catalog = start_ranker(out_dir) if args.decisions else None
+        catalog = start_ranker(out_dir, args.uplift) if args.decisions else None
         for shards in args.shards:
             settings = EngineSettings(
                 shards=shards,

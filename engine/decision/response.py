@@ -70,17 +70,17 @@ def response_table(routed: pa.RecordBatch | pa.Table) -> pa.Table:
 def _fields_set(picked: pa.RecordBatch | pa.Table) -> pa.Array:
     """Per row, the names of the profile fields it carries (null for other kinds)."""
     kinds = np.asarray(picked.column("kind").to_numpy(zero_copy_only=False))
-    update = np.flatnonzero(kinds == int(EventKind.PROFILE_UPDATE))
-    out: list[list[str] | None] = [None] * picked.num_rows
-    if update.size:
-        names = [n for n in PROFILE_FIELDS if n in picked.schema.names]
-        valid = np.column_stack([
-            np.asarray(picked.column(n).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-            for n in names
-        ])[update]  # fmt: skip
-        for i, row in zip(update.tolist(), valid.tolist(), strict=True):
-            out[i] = [n for n, v in zip(names, row, strict=True) if v]
-    return pa.array(out, pa.list_(pa.string()))
+    update = kinds == int(EventKind.PROFILE_UPDATE)
+    names = np.array([n for n in PROFILE_FIELDS if n in picked.schema.names], dtype=object)
+    if not update.any() or names.size == 0:
+        return pa.nulls(picked.num_rows, pa.list_(pa.string()))
+    valid = np.column_stack([
+        np.asarray(picked.column(n).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        for n in names
+    ]) & update[:, None]  # fmt: skip
+    offsets = np.concatenate(([0], np.cumsum(valid.sum(axis=1)))).astype(np.int32)
+    values = pa.array(np.broadcast_to(names, valid.shape)[valid], pa.string())
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~update))
 
 
 def offer_responses(table: pa.Table) -> int:
