@@ -8,8 +8,9 @@ The model (--model): ``full`` (default) is the largest the training settings all
 grown to depth 5 on labels that depend on many features, the worst case for scoring speed;
 ``bootstrap`` is the champion a fresh service trains on a short simulated log (shallower
 trees: its data is small and recency-weighted); ``uplift`` is an uplift model (issue 16) of
-three ``full``-size boosters (P(convert | offer), P(convert | no action), P(opt-out)) with
-calibration lines for every offer: three times the trees per row.
+three boosters of ``UPLIFT_ROUNDS`` (50) depth-5 trees (P(convert | offer), P(convert | no
+action), P(opt-out)) with calibration lines for every offer: as many trees per row as
+``full``.
 
     python loadtests/bench_ranker.py --rows 100000 --concurrency 2 --seconds 10
 """
@@ -36,6 +37,7 @@ from engine.decision.catalog import load_catalog
 from engine.decision.features import CONTEXT_FIELDS, build_features, feature_spec
 from engine.decision.scorer import RANKER_APP, RANKER_DEPLOYMENT, ScoreRequest
 from engine.rules.spec import load_rules
+from models.promotion import UPLIFT_ROUNDS
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
 from models.training import fit
@@ -69,14 +71,15 @@ def full_model(registry: ModelRegistry, sample: ScoreRequest) -> str:
 
 
 def uplift_model(registry: ModelRegistry, sample: ScoreRequest) -> str:
-    """Register and promote an uplift model of three ``full``-size boosters; its version."""
+    """Register and promote an uplift model of three boosters of ``UPLIFT_ROUNDS`` trees (the
+    size ``uplift_round`` trains); its version."""
     x = sample.features
     rng = np.random.default_rng(3)
     boosters = []
     for shift in (0.0, -1.0, -3.0):
         logit = np.sin(x[:, :8] / 7.0).sum(axis=1) + 0.5 * x[:, 13:].sum(axis=1) + shift
         labels = (rng.random(x.shape[0]) < 1 / (1 + np.exp(-logit))).astype(np.float32)
-        boosters.append(fit(x, labels, sample.feature_names))
+        boosters.append(fit(x, labels, sample.feature_names, rounds=UPLIFT_ROUNDS))
     lines = {name.split("=", 1)[1]: (0.01, 0.5) for name in sample.feature_names
              if name.startswith("offer=")}  # fmt: skip
     artifact = registry.register(boosters[0], sample.feature_names, {"benchmark": "uplift"},

@@ -83,6 +83,9 @@ def learners(train: UpliftRows, names: tuple[str, ...]) -> dict[str, Predict]:
         "t-learner shallow calibrated": fit_t_learner(
             train, names, rounds=100, params=shallow, calibrate=True
         ).predict,
+        "t-learner 50 trees calibrated": fit_t_learner(
+            train, names, rounds=50, calibrate=True
+        ).predict,
         "x-learner": x_learner(train, list(names)),
     }
 

@@ -50,6 +50,11 @@ from models.training import (
 )
 from models.uplift import fit_t_learner, qini, randomized, uplift_rows
 
+#: trees per booster of an uplift model: its three boosters score at the cost of one response
+#: model of 150 trees (in the true value of their choices, 50 and 150 trees calibrated are
+#: within each other's noise: docs/benchmarks.md, "Which uplift learner decides best")
+UPLIFT_ROUNDS = 50
+
 
 @dataclass
 class TrainResult:
@@ -155,7 +160,7 @@ def uplift_round(
     min_rows: int = 50,
     shuffle_labels: bool = False,
     seed: int = 0,
-    rounds: int = 150,
+    rounds: int = UPLIFT_ROUNDS,
     calibrate: bool = True,
 ) -> TrainResult:
     """Train a T-learner on the decisions whose attribution windows closed by ``cutoff_ms``
