@@ -23,8 +23,8 @@ the logged probabilities are right, and a better q makes it less noisy.
 
 ``incremental_gain`` compares two policies on the same decisions with the same q (the
 candidate's): their difference is 0 on every decision where both choose the same, so the
-interval is that of the gain alone. ``incremental_value`` is a policy's value against never
-contacting anyone (the NO_ACTION policy), per decision: the incremental value the gate reports.
+interval is that of the gain alone. It also reports each policy's value against never
+contacting anyone (the NO_ACTION policy), per decision: its estimated incremental value.
 """
 
 from __future__ import annotations
