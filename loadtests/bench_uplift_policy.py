@@ -40,7 +40,7 @@ from engine.synthetic.uplift import UpliftSimulator
 from models.attribution import attribute
 from models.incremental import greedy_policy, incremental_log
 from models.simulate import Simulation, SimulationConfig
-from models.training import DEFAULT_PARAMS
+from models.training import fit
 from models.uplift import UpliftRows, fit_t_learner, uplift_rows
 
 Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -48,8 +48,7 @@ Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 def _booster(x: np.ndarray, y: np.ndarray, names: list[str], params: dict[str, Any],
              rounds: int) -> xgb.Booster:  # fmt: skip
-    data = xgb.DMatrix(x, label=y.astype(np.float32), feature_names=names)
-    return xgb.train({**DEFAULT_PARAMS, **params}, data, rounds)
+    return fit(x, y.astype(np.float32), tuple(names), rounds, params)
 
 
 def x_learner(data: UpliftRows, names: list[str], rounds: int = 150) -> Predict:

@@ -136,6 +136,17 @@ def train_round(
     )
     metrics["gate"] = {"promoted": promoted, "reason": reason}
     artifact = registry.register(booster, spec.names, metrics, parent=champion_version)
+    return _decide(registry, artifact, promoted, reason, metrics)
+
+
+def _decide(
+    registry: ModelRegistry,
+    artifact: ModelArtifact,
+    promoted: bool,
+    reason: str,
+    metrics: dict[str, Any],
+) -> TrainResult:
+    """A registered candidate becomes the champion, or stays as ``refused``."""
     if promoted:
         registry.set_champion(artifact.version)
         artifact.status = "champion"
@@ -232,10 +243,4 @@ def uplift_round(
         model.treated, spec.names, metrics, parent=champion_version,
         uplift=(model.baseline, model.opt_out), lines=model.lines,
     )  # fmt: skip
-    if promoted:
-        registry.set_champion(artifact.version)
-        artifact.status = "champion"
-    else:
-        artifact.status = "refused"
-        registry.update(artifact)
-    return TrainResult(artifact, promoted, reason, metrics)
+    return _decide(registry, artifact, promoted, reason, metrics)

@@ -34,7 +34,8 @@ import xgboost as xgb
 
 from engine.decision.catalog import NO_ACTION
 from engine.decision.features import FeatureSpec
-from models.training import DEFAULT_PARAMS, features_of
+from models.training import features_of
+from models.training import fit as fit_booster
 
 #: rows where no offer reached the customer: what P(convert | no action) learns from
 UNTREATED_ARMS = ("control", "no_action_arm", "no_action")
@@ -80,18 +81,6 @@ def uplift_rows(decisions: pa.Table, pairs: pa.Table, spec: FeatureSpec) -> Upli
         customer_key=np.asarray(pairs.column("customer_key").to_numpy(), dtype=np.uint64),
         probability=np.asarray(pairs.column("probability").to_numpy(), dtype=np.float64),
     )
-
-
-def _fit(
-    x: np.ndarray,
-    y: np.ndarray,
-    names: list[str],
-    rounds: int,
-    seed: int,
-    params: dict[str, Any] | None = None,
-) -> xgb.Booster:
-    data = xgb.DMatrix(x, label=y.astype(np.float32), feature_names=names)
-    return xgb.train({**DEFAULT_PARAMS, **(params or {}), "seed": seed}, data, rounds)
 
 
 #: a calibration line per offer id: calibrated uplift = intercept + slope x predicted uplift
@@ -151,7 +140,8 @@ def _fit_three(
     t = data.treated
     fit = [(data.converted, t), (data.converted, ~t), (data.opted_out, t)]
     treated, baseline, opt_out = (
-        _fit(data.features[rows], y[rows], list(names), rounds, seed, params) for y, rows in fit
+        fit_booster(data.features[rows], y[rows].astype(np.float32), names, rounds, params, seed)
+        for y, rows in fit
     )
     return TLearner(treated, baseline, opt_out, names=tuple(names))
 
@@ -228,7 +218,8 @@ def fit_s_learner(
     data: UpliftRows, names: tuple[str, ...], rounds: int = 150, seed: int = 0
 ) -> SLearner:
     x = np.column_stack([data.features, data.treated.astype(np.float32)])
-    return SLearner(_fit(x, data.converted, [*names, "treated"], rounds, seed))
+    labels = data.converted.astype(np.float32)
+    return SLearner(fit_booster(x, labels, (*names, "treated"), rounds, seed=seed))
 
 
 def randomized(data: UpliftRows) -> np.ndarray:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -24,6 +27,35 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.integration
 
 DAY = 86_400_000
+
+
+def _live_days(
+    sim: Simulation, sup: Supervisor, decisions: Path, days: int, each_day: Any = None
+) -> None:
+    """Feed the engine ``days`` of the simulation's events, a day at a time; after each, the
+    simulator answers the decisions logged that day (at the day's end: a later event time
+    would make the next day's events late) and ``each_day`` runs (a retraining check)."""
+    answered = sim.simulator()
+    seen: set[str] = set()
+    arrival = sim.events.column("ts").cast(pa.int64()).to_numpy()
+    for day in range(days):
+        lo, hi = np.searchsorted(arrival, [sim.t0 + day * DAY, sim.t0 + (day + 1) * DAY])
+        sup.router.submit(sim.events.slice(int(lo), int(hi - lo)))
+        sup.router.drain()
+        sup.router.write_logs()
+        logged = ds.dataset(str(decisions), format="parquet", partitioning="hive")
+        new = [f for f in logged.files if f not in seen]
+        seen.update(new)
+        if new:
+            answers, _ = answered.respond(ds.dataset(new, format="parquet").to_table())
+            ts = np.full(answers.num_rows, int(arrival[hi - 1]))
+            field = answers.schema.field("ts")
+            answers = answers.set_column(
+                answers.schema.get_field_index("ts"), field, pa.array(ts).cast(field.type)
+            ).sort_by("ts")
+            sup.router.submit(answers)
+        if each_day is not None:
+            each_day()
 
 
 @pytest.fixture(scope="module")
@@ -147,29 +179,8 @@ def test_the_running_engine_retrains_from_its_outcomes_and_swaps_the_winner_in(
         response_uri=str(tmp_path / "responses"),
     )
     retrainer = Retrainer(sup, registry, catalog, every=100, kind="response")
-    answered = sim.simulator()
-    seen: set[str] = set()
-    arrival = sim.events.column("ts").cast(pa.int64()).to_numpy()
     try:
-        for day in range(16):
-            lo, hi = np.searchsorted(arrival, [sim.t0 + day * DAY, sim.t0 + (day + 1) * DAY])
-            sup.router.submit(sim.events.slice(int(lo), int(hi - lo)))
-            sup.router.drain()
-            sup.router.write_logs()
-            logged = ds.dataset(str(tmp_path / "decisions"), format="parquet", partitioning="hive")
-            new = [f for f in logged.files if f not in seen]
-            seen.update(new)
-            if new:
-                responses, _ = answered.respond(ds.dataset(new, format="parquet").to_table())
-                # they arrive at the end of the day (a later event time would make the next
-                # day's events late)
-                ts = np.full(responses.num_rows, int(arrival[hi - 1]))
-                field = responses.schema.field("ts")
-                responses = responses.set_column(
-                    responses.schema.get_field_index("ts"), field, pa.array(ts).cast(field.type)
-                ).sort_by("ts")
-                sup.router.submit(responses)
-            retrainer.maybe_retrain()
+        _live_days(sim, sup, tmp_path / "decisions", 16, retrainer.maybe_retrain)
         retrainer.maybe_retrain(force=True)  # and once more at the end of the stream
         assert sup.router.stats.responses > 100
         trained = [r for r in retrainer.history if r.artifact is not None]
@@ -226,26 +237,8 @@ def test_the_running_engine_learns_incremental_value_from_its_own_logs(
     )
     retrainer = Retrainer(sup, registry, catalog, every=10**9)  # uplift: the catalog's offers
     assert retrainer.uplift  # name their conversions
-    answered = sim.simulator()
-    seen: set[str] = set()
-    arrival = sim.events.column("ts").cast(pa.int64()).to_numpy()
     try:
-        for day in range(18):
-            lo, hi = np.searchsorted(arrival, [sim.t0 + day * DAY, sim.t0 + (day + 1) * DAY])
-            sup.router.submit(sim.events.slice(int(lo), int(hi - lo)))
-            sup.router.drain()
-            sup.router.write_logs()
-            logged = ds.dataset(str(tmp_path / "decisions"), format="parquet", partitioning="hive")
-            new = [f for f in logged.files if f not in seen]
-            seen.update(new)
-            if new:
-                answers, _ = answered.respond(ds.dataset(new, format="parquet").to_table())
-                ts = np.full(answers.num_rows, int(arrival[hi - 1]))  # at the end of the day
-                field = answers.schema.field("ts")
-                answers = answers.set_column(
-                    answers.schema.get_field_index("ts"), field, pa.array(ts).cast(field.type)
-                ).sort_by("ts")
-                sup.router.submit(answers)
+        _live_days(sim, sup, tmp_path / "decisions", 18)
         result = retrainer.maybe_retrain(force=True)
         assert result is not None and result.artifact is not None, result
         # the response log kept the conversions of every arm and the opt-outs, by key only
