@@ -7,6 +7,7 @@ rescaling moves whole key groups. Python's ``hash()`` is never used: it differs 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,11 @@ from engine.errors import ConfigError
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+
+
+def rule_salt(rule_id: str) -> int:
+    """A rule's 64-bit salt for ids derived from (event, rule): decision ids, deadline ids."""
+    return int.from_bytes(hashlib.blake2b(rule_id.encode(), digest_size=8).digest(), "little")
 
 
 def mix64(keys: np.ndarray) -> np.ndarray:

@@ -40,11 +40,12 @@ from engine.events.schema import CHANNELS, ROUTED_SCHEMA, TS_TYPE, EventKind, sp
 from engine.ingest import NO_WATERMARK
 from engine.limits import TS_RANGE_TEXT, time_in_range
 from engine.rules.evaluate import candidates, cooldown, once_per_period, period_of
-from engine.rules.spec import RuleSet
+from engine.rules.spec import CompiledRule, RuleSet
+from engine.rules.timers import match_pattern, with_timer_rows
 from engine.snapshot import ShardSnapshot
 from engine.state.buffer import EventBuffer, Released, rows_holding
 from engine.state.store import COLUMNS, NEVER, CustomerStore
-from engine.state.view import BatchView, RowsView
+from engine.state.view import BatchView, RowsView, sort_order
 from engine.trigger import TRIGGER_SCHEMA, empty_triggers, trigger_table
 
 #: inbound decisions awaiting their log record (``ShardLogic.decide_inbound``), at most
@@ -52,7 +53,6 @@ MAX_INBOUND_AWAITED = 100_000
 
 #: release everything: used when a stream ends
 END_OF_STREAM = np.iinfo(np.int64).max // 2
-_TS_BITS = 41  # 70 years of milliseconds
 #: rows of the newest triggers and decisions a shard keeps for golden-record reads
 RECENT_ROWS = 50_000
 #: newest triggers and decisions shown per customer
@@ -196,34 +196,6 @@ def _merge(parts: list[ApplyResult]) -> ApplyResult:
     )
 
 
-def sort_order(slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """Stable order by (slot, ts); rows arrive in sequence order, so ties keep it.
-
-    When slot, time offset and row number fit in 64 bits together (a micro-batch of 64k
-    events spanning up to ~3 days of 100k-customer shard: 17 + 28 + 16 bits), the packed keys
-    are unique and a plain value sort orders them (SIMD sort, ~20x a stable argsort); the row
-    number is read back from the low bits. Otherwise a stable argsort or a lexsort.
-    """
-    n = slots.size
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    lo = int(ts.min())
-    span = int(ts.max()) - lo
-    top = int(slots.max())
-    row_bits = max(1, (n - 1).bit_length())
-    ts_bits = max(1, span.bit_length())
-    if top.bit_length() + ts_bits + row_bits <= 64:
-        key = slots.astype(np.uint64) << np.uint64(ts_bits + row_bits)
-        key |= (ts - lo).astype(np.uint64) << np.uint64(row_bits)
-        key |= np.arange(n, dtype=np.uint64)
-        key.sort()
-        return (key & np.uint64((1 << row_bits) - 1)).astype(np.int64)
-    if span < (1 << _TS_BITS) and top < (1 << (63 - _TS_BITS)):
-        key = (slots.astype(np.int64) << _TS_BITS) | (ts - lo)
-        return np.argsort(key, kind="stable")
-    return np.lexsort((ts, slots))
-
-
 class ShardLogic:
     """One shard's customers, event buffer and rules."""
 
@@ -243,7 +215,7 @@ class ShardLogic:
         self.buffer = EventBuffer(settings.dedupe_window_ms)
         self.watermark_ms = NO_WATERMARK
         self.rules = rules
-        self.store.ensure_rules([r.state_key for r in rules.rules])
+        self.store.ensure_rules(rules.state_keys)
         self.counters: dict[str, int] = {
             "received": 0,
             "applied": 0,
@@ -264,7 +236,7 @@ class ShardLogic:
 
     def set_rules(self, rules: RuleSet) -> None:
         """Swap the rule set; state of rules kept (same id and type) carries over."""
-        self.store.ensure_rules([r.state_key for r in rules.rules])
+        self.store.ensure_rules(rules.state_keys)
         self.rules = rules
 
     def set_catalog(self, catalog: Catalog | None, scorer: OfferScorer | None = None) -> None:
@@ -317,7 +289,13 @@ class ShardLogic:
         limit = self.settings.micro_batch_max_events
         if self.decider is not None:  # bounded trigger-to-decision time
             limit = min(limit, self.settings.decision_step_max_events)
-        result = _merge([self._step(part) for part in release_parts(released, limit)])
+        parts = release_parts(released, limit)
+        result = _merge(
+            [
+                self._step(part, horizon)
+                for part, horizon in zip(parts, self._horizons(parts), strict=True)
+            ]
+        )
         result.received = received
         result.duplicates = duplicates
         result.pending = self.buffer.pending_rows
@@ -526,7 +504,17 @@ class ShardLogic:
         """Release and apply every pending event (the stream has ended)."""
         return self.apply(None, END_OF_STREAM)
 
-    def _step(self, released: Released) -> ApplyResult:
+    def _horizons(self, parts: list[Released]) -> list[int]:
+        """Up to when each part may fire deadlines: just before the next part's first event,
+        and for the last, just before the watermark (an event at the watermark is not late,
+        and may still come)."""
+        firsts = [
+            int(np.asarray(p.table.column("ts").cast(pa.int64()).to_numpy())[p.rows].min())
+            for p in parts[1:]
+        ]
+        return [t - 1 for t in firsts] + [self.watermark_ms - 1]
+
+    def _step(self, released: Released, horizon: int) -> ApplyResult:
         """Apply one step; if it fails, its events are returned as dead letters with the error
         instead of being lost (they were acknowledged upstream), and the shard goes on.
 
@@ -536,12 +524,13 @@ class ShardLogic:
         so a failing step leaves it as it was.
         """
         try:
-            return self._process(released)
+            return self._process(released, horizon)
         except Exception as exc:  # any failure of one step: keep its events, keep the shard
             return ApplyResult(empty_triggers(), failed=failed_letters(released, exc))
 
-    def _process(self, released: Released) -> ApplyResult:
-        if released.num_rows == 0:
+    def _process(self, released: Released, horizon: int) -> ApplyResult:
+        patterns = [r for r in self.rules.rules if r.pattern is not None]
+        if released.num_rows == 0 and not any(self._due(r, horizon) for r in patterns):
             return ApplyResult(empty_triggers())
         rows = released.rows
         table = released.table
@@ -550,12 +539,19 @@ class ShardLogic:
         ts = np.asarray(table.column("ts").cast(pa.int64()).to_numpy())[rows]
         order = sort_order(slots, ts)
         view = BatchView(table, rows[order], slots[order], self.store)
+        matches = [(rule, match_pattern(rule, view, self.store, horizon)) for rule in patterns]
+        view, matched = with_timer_rows(view, matches, self.store)
         tables = []
         counts: dict[str, int] = {}
         fired: list[tuple[str, np.ndarray]] = []
         marks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # written last
         for rule in self.rules.rules:
-            fired_rows = self._fire(rule, view, marks)
+            if rule.pattern is not None:
+                fired_rows = matched[rule.id]
+                if rule.when is not None and fired_rows.size:  # a filter on found matches
+                    fired_rows = fired_rows[rule.when.evaluate(RowsView(view, fired_rows))]
+            else:
+                fired_rows = self._fire(rule, view, marks)
             counts[rule.id] = int(fired_rows.size)
             if fired_rows.size == 0:
                 continue
@@ -578,6 +574,9 @@ class ShardLogic:
         view.write_back()
         for state, slots, mark in marks:
             state[slots] = mark
+        for rule, match in matches:
+            for key, values in zip(rule.state_keys, match.write_values, strict=True):
+                self.store.rule_state[key][match.write_slots] = values
         triggers = pa.concat_tables(tables) if tables else empty_triggers()
         return ApplyResult(
             triggers,
@@ -587,6 +586,11 @@ class ShardLogic:
             decide_ms_parts=[decide_ms] if decisions.num_rows else [],
             triggers_by_rule=counts,
         )
+
+    def _due(self, rule: CompiledRule, horizon: int) -> bool:
+        """Whether a deadline of pattern ``rule`` is due by ``horizon``."""
+        deadline = self.store.rule_state[rule.state_keys[-1]][: self.store.size]
+        return bool(((deadline != NEVER) & (deadline <= horizon)).any())
 
     def _fire(
         self, rule: Any, view: BatchView, marks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -635,7 +639,7 @@ class ShardLogic:
         """
         snapshot.check_owner(self.key_range)
         store = CustomerStore.from_arrow(snapshot.customers)
-        store.ensure_rules([r.state_key for r in self.rules.rules])
+        store.ensure_rules(self.rules.state_keys)
         buffer = EventBuffer.from_arrow(
             self.settings.dedupe_window_ms, snapshot.pending, snapshot.seen
         )

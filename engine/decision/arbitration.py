@@ -11,7 +11,6 @@ decision id, so ``reproduce_choices`` recomputes each logged choice from the log
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,15 +18,11 @@ import pyarrow as pa
 
 from engine.decision.catalog import NO_ACTION
 from engine.decision.policy import stable_uniform
-from engine.partition import mix64
+from engine.partition import mix64, rule_salt
 
 EXPLORE_SALT = 0x65787031
 PICK_SALT = 0x7069636B
 HOLD_SALT = 0x686F6C64
-
-
-def rule_salt(rule_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(rule_id.encode(), digest_size=8).digest(), "little")
 
 
 def decision_ids(event_ids: np.ndarray, rule_ids: np.ndarray) -> np.ndarray:

@@ -27,9 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine.errors import CatalogError, RuleError
 from engine.events.schema import CHANNELS, PROFILE_FIELDS
 from engine.limits import MAX_NUMBER, unencodable_text
+from engine.rules.duration import parse_duration_ms
 from engine.rules.expr import Expression, compile_expression
 from engine.rules.probe import probe
-from engine.rules.spec import RULE_ID, VOCABULARY, ExprText, parse_duration_ms
+from engine.rules.spec import RULE_ID, VOCABULARY, ExprText
 from engine.yamlfile import load_yaml
 
 NO_ACTION = "NO_ACTION"

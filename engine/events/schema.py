@@ -41,6 +41,9 @@ class EventKind(IntEnum):
 
 
 KIND_NAMES: tuple[str, ...] = tuple(k.wire_name for k in EventKind)
+#: the kind code of a pattern's deadline: not an event kind (never on the wire or in a log), a
+#: row a shard adds to its step so the match is decided as of that moment (``engine.rules.timers``)
+TIMER_KIND = 127
 
 #: what a profile update may carry (``engine.fields``); overage_cycles is billing history: it
 #: replaces the running count

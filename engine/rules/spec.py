@@ -1,20 +1,22 @@
 """The rule file: YAML -> validated specs -> compiled rules, with errors naming file, rule, field.
 
-A rule file holds ``rules:``, a list of rules of three types:
+A rule file holds ``rules:``, a list of rules of four types:
 
 * ``threshold``: fires the first time ``value >= threshold`` in a period (once per billing
   cycle or local day) per customer;
 * ``condition``: fires when ``when`` holds, at most once per ``cooldown`` per customer;
 * ``location``: a condition rule spelled for the commonest case, a location event more than
-  ``min_distance_km`` from home.
+  ``min_distance_km`` from home;
+* ``pattern``: a sequence of steps (``begin``, ``followed_by``, ``not_followed_by``) with
+  ``times``, ``optional`` and ``within``, compiled to a small state machine
+  (``engine.rules.pattern``); an absence at the end fires on an event-time timer.
 
-Each has ``on`` (event kinds), an optional ``when`` and ``emit`` (numbers the trigger carries).
+Each has ``on`` (event kinds; a pattern's steps have their own), an optional ``when`` and
+``emit`` (numbers the trigger carries).
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +31,17 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from engine.errors import RuleError
 from engine.events.schema import KIND_NAMES, EventKind
 from engine.fields import expression_names
-from engine.limits import MAX_DURATION_MS, unencodable_text
+from engine.limits import unencodable_text
+from engine.rules.duration import parse_duration_ms
 from engine.rules.expr import Expression, Type, compile_expression
+from engine.rules.pattern import Automaton, compile_pattern
 from engine.rules.probe import probe
-from engine.units import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
 from engine.yamlfile import load_yaml
 
 #: what rule expressions can name; event fields are missing (NaN / empty) on other kinds
@@ -47,31 +51,7 @@ PROFILE_NAMES: dict[str, Type] = dict(expression_names("profile"))
 AGGREGATE_NAMES: dict[str, Type] = dict(expression_names("aggregate"))
 VOCABULARY: dict[str, Type] = {**EVENT_NAMES, **PROFILE_NAMES, **AGGREGATE_NAMES}
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_MS = {"ms": 1, "s": SECOND_MS, "m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS, None: SECOND_MS}
 RULE_ID = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"
-
-
-def parse_duration_ms(value: str | float) -> int:
-    """'24h', '30m', '90s', '7d', '250ms' or a number of seconds, as milliseconds; ValueError
-    unless it is within [0, MAX_DURATION_MS] (ten years), so every duration fits the engine's
-    int64 event-time arithmetic."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 24h, 30m or 90s")
-    if isinstance(value, int | float):
-        seconds = float(value) if abs(value) < 1e300 else math.inf
-        ms = seconds * 1000
-    else:
-        text = str(value)
-        match = _DURATION.match(text) if len(text) <= 64 else None
-        if not match:
-            raise ValueError(f"'{text[:64]}' is not a duration such as 24h, 30m, 90s or 7d")
-        ms = float(match.group(1)) * _UNIT_MS[match.group(2)]
-    if not (math.isfinite(ms) and 0 <= ms <= MAX_DURATION_MS):
-        raise ValueError(
-            f"duration {str(value)[:64]!r} is outside 0 .. 3650d (the limit max_duration_ms)"
-        )
-    return round(ms)
 
 
 def _number_as_text(value: Any) -> Any:
@@ -84,26 +64,40 @@ def _number_as_text(value: Any) -> Any:
 ExprText = Annotated[str, BeforeValidator(_number_as_text)]
 
 
-class _RuleBase(BaseModel):
+def _event_kinds(value: Any) -> Any:
+    kinds = [value] if isinstance(value, str) else value
+    if not isinstance(kinds, list) or not kinds:
+        raise ValueError("needs one or more event kinds")
+    unknown = [k for k in kinds if k not in KIND_NAMES]
+    if unknown:
+        raise ValueError(f"unknown event kind(s) {unknown}; known: {', '.join(KIND_NAMES)}")
+    return kinds
+
+
+#: event kinds, one (``on: usage``) or a list
+Kinds = Annotated[list[str], BeforeValidator(_event_kinds)]
+
+
+def _duration(value: Any) -> Any:
+    parse_duration_ms(value)
+    return value
+
+
+Duration = Annotated[str | float, BeforeValidator(_duration)]
+
+
+class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: Annotated[str, Field(pattern=RULE_ID)]
     description: str = ""
-    on: list[str]
     when: ExprText | None = None
     emit: dict[str, ExprText] = Field(default_factory=dict)
     enabled: bool = True
 
-    @field_validator("on", mode="before")
-    @classmethod
-    def _kinds(cls, value: Any) -> Any:
-        kinds = [value] if isinstance(value, str) else value
-        if not isinstance(kinds, list) or not kinds:
-            raise ValueError("needs one or more event kinds")
-        unknown = [k for k in kinds if k not in KIND_NAMES]
-        if unknown:
-            raise ValueError(f"unknown event kind(s) {unknown}; known: {', '.join(KIND_NAMES)}")
-        return kinds
+
+class _RuleBase(_Common):
+    on: Kinds
 
 
 class ThresholdSpec(_RuleBase):
@@ -137,10 +131,72 @@ class LocationSpec(_RuleBase):
         return value
 
 
-RuleSpec = Annotated[ThresholdSpec | ConditionSpec | LocationSpec, Field(discriminator="type")]
+STEP_NAME = r"^[A-Za-z][A-Za-z0-9_]{0,31}$"
+#: how a step follows the one before (Flink's names); ``next``/``not_next`` are refused when
+#: compiled, with the reason
+STEP_LINKS = ("begin", "followed_by", "not_followed_by", "next", "not_next")
 
 
-_RULE_ADAPTER: TypeAdapter[ThresholdSpec | ConditionSpec | LocationSpec] = TypeAdapter(RuleSpec)
+class PatternStep(BaseModel):
+    """One step of a pattern: its link (the key naming it), the events it takes, how often."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    begin: Annotated[str, Field(pattern=STEP_NAME)] | None = None
+    followed_by: Annotated[str, Field(pattern=STEP_NAME)] | None = None
+    not_followed_by: Annotated[str, Field(pattern=STEP_NAME)] | None = None
+    next: Annotated[str, Field(pattern=STEP_NAME)] | None = None
+    not_next: Annotated[str, Field(pattern=STEP_NAME)] | None = None
+    on: Kinds
+    when: ExprText | None = None
+    #: how many events of the step, in order (any events may come between them)
+    times: int | list[int] = 1
+    optional: bool = False
+    within: Duration | None = None
+
+    @property
+    def link(self) -> str:
+        """'begin', 'followed_by', ... (exactly one is set: see the validator)."""
+        return next(k for k in STEP_LINKS if getattr(self, k) is not None)
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self, self.link))
+
+    @property
+    def absent(self) -> bool:
+        return self.link in ("not_followed_by", "not_next")
+
+    @model_validator(mode="after")
+    def _one_link(self) -> PatternStep:
+        links = [k for k in STEP_LINKS if getattr(self, k) is not None]
+        if len(links) != 1:
+            raise ValueError(
+                "a step names itself with exactly one of begin, followed_by or not_followed_by"
+                + (f" (found {', '.join(links)})" if links else "")
+            )
+        return self
+
+
+class PatternSpec(_Common):
+    type: Literal["pattern"]
+    pattern: Annotated[list[PatternStep], Field(min_length=1, max_length=32)]
+    #: the longest time from the first positive step's event to the last one's
+    within: Duration | None = None
+    #: after a match: drop every partial match begun before it, or keep them
+    skip: Literal["past_last_event", "no_skip"] = "past_last_event"
+
+    @property
+    def on(self) -> list[str]:
+        """Every event kind a step listens to, in the order first named."""
+        return list(dict.fromkeys(k for step in self.pattern for k in step.on))
+
+
+AnySpec = ThresholdSpec | ConditionSpec | LocationSpec | PatternSpec
+RuleSpec = Annotated[AnySpec, Field(discriminator="type")]
+
+
+_RULE_ADAPTER: TypeAdapter[AnySpec] = TypeAdapter(RuleSpec)
 
 
 DISTANCE_FROM_HOME = "distance_km(lat, lon, home_lat, home_lon)"
@@ -150,13 +206,14 @@ DISTANCE_FROM_HOME = "distance_km(lat, lon, home_lat, home_lon)"
 class CompiledRule:
     """A rule ready to evaluate: its spec, the kinds it listens to and compiled expressions."""
 
-    spec: ThresholdSpec | ConditionSpec | LocationSpec
+    spec: AnySpec
     kinds: tuple[EventKind, ...]
     when: Expression | None
     emit: dict[str, Expression]
     value: Expression | None = None
     threshold: Expression | None = None
     cooldown_ms: int = 0
+    pattern: Automaton | None = None
 
     @property
     def id(self) -> str:
@@ -171,12 +228,24 @@ class CompiledRule:
         """Every name the rule's expressions read."""
         exprs = [e for e in (self.when, self.value, self.threshold) if e is not None]
         exprs += list(self.emit.values())
+        if self.pattern is not None:
+            exprs += [c.when for c in self.pattern.conditions if c.when is not None]
         return frozenset().union(*(e.names for e in exprs)) if exprs else frozenset()
 
     @property
     def state_key(self) -> str:
-        """Identifies the rule's per-customer state; a changed type starts it afresh."""
+        """Identifies the rule's per-customer state; a changed type starts it afresh (and a
+        changed pattern: its state machine's digest is part of the key)."""
+        if self.pattern is not None:
+            return f"{self.id}:pattern:{self.pattern.digest}"
         return f"{self.id}:{self.type}"
+
+    @property
+    def state_keys(self) -> list[str]:
+        """The store's int64 state columns of this rule (a pattern has one per register)."""
+        if self.pattern is not None:
+            return [f"{self.state_key}:{name}" for name in self.pattern.register_names]
+        return [self.state_key]
 
 
 @dataclass(frozen=True)
@@ -191,11 +260,16 @@ class RuleSet:
     def names(self) -> frozenset[str]:
         return frozenset().union(*(r.names for r in self.rules)) if self.rules else frozenset()
 
+    @property
+    def state_keys(self) -> list[str]:
+        """Every per-customer state column of the rules (``CompiledRule.state_keys``)."""
+        return [key for rule in self.rules for key in rule.state_keys]
+
     def __len__(self) -> int:
         return len(self.rules)
 
 
-def _compile(spec: ThresholdSpec | ConditionSpec | LocationSpec, where: str) -> CompiledRule:
+def _compile(spec: AnySpec, where: str) -> CompiledRule:
     problems: list[str] = []
 
     def expr(fieldname: str, text: str | None, want: Type | None) -> Expression | None:
@@ -216,6 +290,15 @@ def _compile(spec: ThresholdSpec | ConditionSpec | LocationSpec, where: str) -> 
         if compiled is not None:
             emit[name] = compiled
     kinds = tuple(EventKind.from_wire(k) for k in spec.on)
+    if isinstance(spec, PatternSpec):
+
+        def refuse(fieldname: str, message: str) -> None:
+            problems.append(f"{where}: rule '{spec.id}': field '{fieldname}': {message}")
+
+        automaton = compile_pattern(spec, lambda f, text: expr(f, text, "bool"), refuse)
+        if problems or automaton is None:
+            raise RuleError(problems[0], problems)
+        return CompiledRule(spec, kinds, when, emit, pattern=automaton)
     if isinstance(spec, ThresholdSpec):
         value = expr("value", spec.value, "num")
         threshold = expr("threshold", spec.threshold, "num")
@@ -255,7 +338,7 @@ def _field_path(loc: tuple[Any, ...]) -> tuple[int | None, str]:
     # pydantic locations look like ('rules', 3, 'threshold', 'once_per')
     index = loc[1] if len(loc) > 1 and loc[0] == "rules" and isinstance(loc[1], int) else None
     rest = [str(p) for p in loc[2:]]
-    if len(rest) > 1 and rest[0] in ("threshold", "condition", "location"):
+    if len(rest) > 1 and rest[0] in ("threshold", "condition", "location", "pattern"):
         rest = rest[1:]  # the discriminator tag pydantic puts in the path
     return index, ".".join(rest) if rest else "type"
 
@@ -274,7 +357,7 @@ def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
         raise RuleError(f"{source}: 'rules' must be a list")
     unknown = set(document) - {"rules"}
     problems: list[str] = [f"{source}: unknown top-level key '{k}'" for k in sorted(unknown)]
-    specs: list[ThresholdSpec | ConditionSpec | LocationSpec] = []
+    specs: list[AnySpec] = []
     for index, raw in enumerate(raw_rules):
         rid = str(raw.get("id", f"#{index + 1}")) if isinstance(raw, Mapping) else f"#{index + 1}"
         try:

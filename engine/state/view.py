@@ -16,10 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.calendar import billing_cycle, days_left, local_day, local_hour, local_ms
-from engine.events.schema import ALL_CHANNELS, CHANNEL_BITS, ROUTED_SCHEMA, EventKind
+from engine.events.schema import ALL_CHANNELS, CHANNEL_BITS, ROUTED_SCHEMA, TIMER_KIND, EventKind
 from engine.fields import expression_names, names
-from engine.state.store import PROFILE_COLUMNS, STRING_COLUMNS, CustomerStore
+from engine.state.store import NEVER, PROFILE_COLUMNS, STRING_COLUMNS, CustomerStore
 
+#: event-time bits of the packed sort key (70 years of milliseconds)
+TS_BITS = 41
 _EVENT_NAMES = expression_names("event")
 _STRING_EVENT_FIELDS = tuple(n for n, t in _EVENT_NAMES.items() if t == "str")
 _NUMERIC_EVENT_FIELDS = tuple(n for n, t in _EVENT_NAMES.items() if t == "num")
@@ -87,6 +89,34 @@ def segmented_count(
     if first is None:
         first = np.maximum.accumulate(np.where(starts, np.arange(values.size), 0))
     return total - (total[first] - values[first])
+
+
+def sort_order(slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Stable order by (slot, ts); rows arrive in sequence order, so ties keep it.
+
+    When slot, time offset and row number fit in 64 bits together (a micro-batch of 64k
+    events spanning up to ~3 days of 100k-customer shard: 17 + 28 + 16 bits), the packed keys
+    are unique and a plain value sort orders them (SIMD sort, ~20x a stable argsort); the row
+    number is read back from the low bits. Otherwise a stable argsort or a lexsort.
+    """
+    n = slots.size
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    lo = int(ts.min())
+    span = int(ts.max()) - lo
+    top = int(slots.max())
+    row_bits = max(1, (n - 1).bit_length())
+    ts_bits = max(1, span.bit_length())
+    if top.bit_length() + ts_bits + row_bits <= 64:
+        key = slots.astype(np.uint64) << np.uint64(ts_bits + row_bits)
+        key |= (ts - lo).astype(np.uint64) << np.uint64(row_bits)
+        key |= np.arange(n, dtype=np.uint64)
+        key.sort()
+        return (key & np.uint64((1 << row_bits) - 1)).astype(np.int64)
+    if span < (1 << TS_BITS) and top < (1 << (63 - TS_BITS)):
+        key = (slots.astype(np.int64) << TS_BITS) | (ts - lo)
+        return np.argsort(key, kind="stable")
+    return np.lexsort((ts, slots))
 
 
 class RowsView:
@@ -377,8 +407,15 @@ class BatchView:
         cols = self.store.cols
         for name, where, values in writes:
             cols[name][where] = values
-        cols["last_event_ms"][slots] = np.maximum(cols["last_event_ms"][slots], self.ts[last])
-        sizes = np.diff(np.append(np.flatnonzero(self.group_first), self.size))
+        heads = np.flatnonzero(self.group_first)
+        timer = self.kind == TIMER_KIND  # a pattern's deadline: the state as of it, not an event
+        if timer.any():
+            newest = np.maximum.reduceat(np.where(timer, NEVER, self.ts), heads)
+            sizes = np.add.reduceat((~timer).astype(np.int64), heads)
+        else:
+            newest = self.ts[last]
+            sizes = np.diff(np.append(heads, self.size))
+        cols["last_event_ms"][slots] = np.maximum(cols["last_event_ms"][slots], newest)
         cols["event_count"][slots] += sizes.astype(np.int32)
 
     def _last_rows(self, rows: np.ndarray) -> np.ndarray:

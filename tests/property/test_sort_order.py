@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.shard import sort_order
+from engine.state.view import sort_order
 from tests.pure import examples
 
 #: small spans take the packed value sort, wide ones the stable argsort, the widest lexsort

@@ -20,9 +20,10 @@ from engine.events.codec import decode_json, decode_msgpack, rows_to_batch
 from engine.events.validation import validate
 from engine.limits import MAX_ERRORS_LISTED, MAX_EVENTS_PER_REQUEST, MAX_ID_CHARS
 from engine.local import LocalEngine
+from engine.rules.duration import parse_duration_ms
 from engine.rules.expr import compile_expression
 from engine.rules.probe import probe
-from engine.rules.spec import VOCABULARY, load_rules, parse_duration_ms, parse_rules_text
+from engine.rules.spec import VOCABULARY, load_rules, parse_rules_text
 from engine.testing import FixedScorer, by_offer
 from engine.yamlfile import DocumentLimitError, load_yaml
 from tests.conftest import RULES_FILE, ms

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import RuleError
-from engine.rules.spec import load_rules, parse_duration_ms, parse_rules_text
+from engine.rules.duration import parse_duration_ms
+from engine.rules.spec import load_rules, parse_rules_text
 
 
 def test_shipped_rules_load(rules) -> None:
