@@ -52,7 +52,9 @@ def match_pattern(
     result = run_pattern(
         rule.pattern, bits, view.slot[relevant], view.ts[relevant], state, horizon, store.size
     )
-    rows = np.where(result.rows >= 0, relevant[np.maximum(result.rows, 0)], -1)
+    rows = np.full(result.rows.size, -1, dtype=np.int64)
+    at_event = result.rows >= 0
+    rows[at_event] = relevant[result.rows[at_event]]
     return replace(result, rows=rows)
 
 
