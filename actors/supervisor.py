@@ -99,6 +99,7 @@ class Supervisor:
             "offers": document_digest(catalog.document if catalog else None),
         }
         self.ingestor = Ingestor(settings)
+        self.ingestor.listen(rules.listening)
         self._shard_cpus = shard_cpus
         self._scorer = scorer
         self._started = 0
@@ -175,6 +176,7 @@ class Supervisor:
         self.router.drain()
         ray.get([s.set_rules.remote(dict(rules.document)) for s in self.shards])
         self.rules = rules
+        self.ingestor.listen(rules.listening)
         return rules
 
     def connect_scorers(self) -> list[str]:
@@ -354,6 +356,7 @@ class Supervisor:
         try:
             if rules is not None and rules != dict(self.rules.document):
                 self.rules = parse_rules(rules, "the checkpoint's rules")
+                self.ingestor.listen(self.rules.listening)
             running = dict(self.catalog.document) if self.catalog is not None else None
             if running is not None and offers is not None and offers != running:
                 self.catalog = parse_catalog(offers, "the checkpoint's offers")

@@ -346,7 +346,11 @@ def rules_check(file: Annotated[Path, typer.Argument(help="Rule file to validate
         table.add_column(column)
     for rule in ruleset.rules:
         spec = rule.spec
-        if rule.type == "threshold":
+        if rule.pattern is not None:
+            fires = rule.pattern.words
+            if rule.when is not None:
+                fires += f" Reported when {rule.when}."
+        elif rule.type == "threshold":
             fires = f"{rule.value} >= {rule.threshold}, once per {getattr(spec, 'once_per', '')}"
         else:
             cooldown = getattr(spec, "cooldown", 0)

@@ -7,6 +7,7 @@ same stream yields the same routed events whatever the batching and the number o
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,8 @@ class Ingestor:
         self, settings: EngineSettings, pseudonymizer: Pseudonymizer | None = None
     ) -> None:
         self.settings = settings
+        #: wire kind -> ids of the rules that listen to it, named in a late event's letter
+        self.listeners: dict[str, tuple[str, ...]] = {}
         self.pseudonymizer = pseudonymizer or Pseudonymizer(settings.pseudonym_key)
         self.shard_map = ShardMap(settings.key_groups, settings.shards)
         self._owner = self.shard_map.owner_table()
@@ -238,11 +241,13 @@ class Ingestor:
         out = []
         for i, seen in zip(late_rows.tolist(), seen_before.tolist(), strict=True):
             value = ms_to_datetime(int(ts[i])).isoformat()
+            unseen = self.listeners.get(kinds[i].as_py(), ())
+            missed = f"; rules that could not see it: {', '.join(unseen)}" if unseen else ""
             out.append(
                 DeadLetter(
                     int(positions[i]),
                     f"late: event time {value} is more than {lateness:g}s older than the newest "
-                    f"event already seen ({ms_to_datetime(seen).isoformat()})",
+                    f"event already seen ({ms_to_datetime(seen).isoformat()}){missed}",
                     "ts",
                     value,
                     ids[i].as_py(),
@@ -250,6 +255,15 @@ class Ingestor:
                 )
             )
         return out
+
+    def listen(self, rule_kinds: Mapping[str, Sequence[str]]) -> None:
+        """Which rules listen to which event kinds (rule id -> wire kinds), so a late event's
+        dead letter names the rules that could not see it."""
+        by_kind: dict[str, list[str]] = {}
+        for rule_id, kinds in rule_kinds.items():
+            for kind in kinds:
+                by_kind.setdefault(kind, []).append(rule_id)
+        self.listeners = {k: tuple(v) for k, v in by_kind.items()}
 
     def owner_of(self, customer_id: str) -> tuple[int, int]:
         """(customer key, owning shard) of an external customer identifier."""

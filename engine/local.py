@@ -61,6 +61,7 @@ class LocalEngine:
         """Forget everything held in memory (ingest position, every shard), as a crash of the
         process would; outputs, like files, stay. Then ``recover`` restores from CURRENT."""
         self.ingestor = Ingestor(self.settings)
+        self.ingestor.listen(self.rules.listening)
         self.shards = [
             ShardLogic(
                 i,
@@ -156,6 +157,8 @@ class LocalEngine:
             self._collect(shard.end_stream())
 
     def set_rules(self, rules: RuleSet) -> None:
+        self.rules = rules
+        self.ingestor.listen(rules.listening)
         for shard in self.shards:
             shard.set_rules(rules)
 

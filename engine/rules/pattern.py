@@ -9,8 +9,10 @@ A pattern is a list of steps, each naming itself with its link to the step befor
   the match then completes at that deadline, on an event-time timer.
 
 A positive step may take ``times: n`` events (in order, others between them allowed) and may be
-``optional``; the pattern's ``within`` bounds the time from its first event to its last
-positive one. Each step has ``on`` (event kinds) and an optional ``when``.
+``optional`` (skipped whole); the pattern's ``within`` bounds the time from its first event to
+its last positive one. Each step has ``on`` (event kinds) and an optional ``when``. An absence
+between steps forbids its events from the previous step's first event (as Flink's
+``notFollowedBy`` after ``times``) to the next step's first.
 
 **What a match is.** Per customer, events are taken in event-time order (ties in arrival
 order). A match completes at the first event (or deadline) at which some choice of the
@@ -30,8 +32,8 @@ match, drops the rest. So the state per customer is a handful of int64 registers
 deadline, stored as columns of the golden record (``engine.state.store``), and a batch is
 evaluated with segmented cumulative maxima (``engine.rules.matcher``).
 
-What does not compile (strict contiguity ``next``/``not_next``, ``times`` ranges, an absence
-beside an optional step, ...) is refused with the rule, the step and the construct named.
+What does not compile (strict contiguity ``next``/``not_next``, ``times`` ranges, an optional
+first or last step, ...) is refused with the rule, the step and the construct named.
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ def compile_pattern(
     conditions: list[Condition] = []
     element_cond: list[int] = []
     optional: list[bool] = []
+    block: list[int] = []  # elements left in the step from each element on
     #: absence conditions between element i and element i + 1 (by element index)
     gap_kills: dict[int, list[int]] = {}
     trailing: int | None = None
@@ -179,10 +182,6 @@ def compile_pattern(
         if step.absent:
             if step.times != 1 or step.optional:
                 no(where, "an absence takes neither times nor optional")
-            neighbours = [steps[j] for j in (i - 1, i + 1) if 0 <= j < len(steps)]
-            if any(n.optional for n in neighbours):
-                no(where, "an absence beside an optional step is not compiled (which events "
-                          "it forbids would depend on the step being taken)")  # fmt: skip
             if i > positives[-1]:  # at the end
                 if trailing is not None:
                     no(where, "one not_followed_by at the end, at most")
@@ -205,14 +204,13 @@ def compile_pattern(
             continue
         if step.optional and (i == 0 or i == positives[-1]):
             no(where, "the first and the last positive step cannot be optional")
-        if step.optional and times != 1:
-            no(where, "an optional step takes one event (times: 1)")
-        for _ in range(times):
+        for k in range(times):  # an optional step is skipped whole: from its first element
             element_cond.append(cond)
-            optional.append(step.optional)
+            optional.append(step.optional and k == 0)
+            block.append(times - k)
     if problems_before[0] or not element_cond:
         return None
-    states = _states(element_cond, optional, gap_kills)
+    states = _states(element_cond, optional, block, gap_kills)
     registers = len(states) + (trailing is not None) + 1
     if registers > MAX_REGISTERS:
         no("pattern", f"compiles to {registers} registers per customer; at most "
@@ -231,21 +229,29 @@ def compile_pattern(
 
 
 def _states(
-    element_cond: list[int], optional: list[bool], gap_kills: dict[int, list[int]]
+    element_cond: list[int],
+    optional: list[bool],
+    block: list[int],
+    gap_kills: dict[int, list[int]],
 ) -> list[State]:
-    """Every (last taken, next to take) pair: an optional element may be skipped, and a state
-    that skips it is guarded by the absences of every gap it spans."""
+    """Every (last taken, next to take) pair: an optional step may be skipped (all its
+    elements), and a state that skips it is guarded by the absences of every gap it spans."""
     n = len(element_cond)
     states: list[State] = []
     for last in range(n - 1):
         nxt = last + 1
-        kills = list(gap_kills.get(last, []))
+        # an absence after a step with times guards from the step's first event on (Flink's
+        # notFollowedBy after times(n)); the gap's own kills are those after its last element
+        kills = list(gap_kills.get(last + block[last] - 1, []))
         while True:
             states.append(State(last, nxt, tuple(kills)))
-            if not optional[nxt] or nxt == n - 1:
+            if not optional[nxt]:
                 break
-            kills += gap_kills.get(nxt, [])
-            nxt += 1
+            after = nxt + block[nxt]  # the first element after the optional step
+            if after >= n:
+                break
+            kills += gap_kills.get(after - 1, [])
+            nxt = after
     return states
 
 
@@ -280,8 +286,8 @@ def explain(spec: PatternSpec, automaton: Automaton) -> str:
         text += f"; all within {_duration_words(automaton.within_ms)} of the first"
     if automaton.trailing is not None:
         text += (
-            f". Fires {_duration_words(automaton.trailing_ms)} after the last step's event, "
-            "on an event-time timer"
+            f". Fires {_duration_words(automaton.trailing_ms)} after the earliest pending "
+            "match's last step, on an event-time timer"
         )
     else:
         text += ". Fires at the event that completes it"

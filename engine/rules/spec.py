@@ -265,6 +265,11 @@ class RuleSet:
         """Every per-customer state column of the rules (``CompiledRule.state_keys``)."""
         return [key for rule in self.rules for key in rule.state_keys]
 
+    @property
+    def listening(self) -> dict[str, list[str]]:
+        """Rule id -> the event kinds it reads (``Ingestor.listen``)."""
+        return {rule.id: list(rule.spec.on) for rule in self.rules}
+
     def __len__(self) -> int:
         return len(self.rules)
 

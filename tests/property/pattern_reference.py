@@ -58,6 +58,16 @@ class ReferencePattern:
                 return out, False
         return out, True
 
+    def _guards_after(self, step: int) -> frozenset[int]:
+        """The absences between ``step`` and the next positive step."""
+        steps = self.spec.pattern
+        guards = set()
+        for k in range(step + 1, len(steps)):
+            if k == self.trailing or not steps[k].absent:
+                break
+            guards.add(k)
+        return frozenset(guards)
+
     def pending_deadline(self) -> int | None:
         return min(self.waits) + self.trailing_ms if self.waits else None
 
@@ -80,8 +90,8 @@ class ReferencePattern:
 
         def take(p: Partial) -> None:
             nonlocal completed
-            if p.taken + 1 < steps[p.step].times:
-                kept.add(Partial(p.start, p.step, p.taken + 1, frozenset()))
+            if p.taken + 1 < steps[p.step].times:  # the absences after the step guard already
+                kept.add(Partial(p.start, p.step, p.taken + 1, self._guards_after(p.step)))
                 return
             nxt, done = self._after(p.start, p.step)
             kept.update(nxt)

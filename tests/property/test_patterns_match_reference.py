@@ -38,16 +38,16 @@ def patterns(draw: Any) -> dict[str, Any]:
     if draw(st.booleans()):
         steps[0]["times"] = draw(st.integers(1, 3))
     for i in range(1, draw(st.integers(0, 4)) + 1):
-        beside_optional = steps[-1].get("optional", False)
-        if draw(st.integers(0, 2)) == 0 and not beside_optional:
+        if draw(st.integers(0, 2)) == 0:
             steps.append({"not_followed_by": f"s{i}", "on": kinds()})
         else:
             step: dict[str, Any] = {"followed_by": f"s{i}", "on": kinds()}
             roll = draw(st.integers(0, 3))
             if roll == 1:
                 step["times"] = draw(st.integers(2, 3))
-            elif roll == 2 and "not_followed_by" not in steps[-1]:
+            elif roll == 2:
                 step["optional"] = True
+                step["times"] = draw(st.integers(1, 2))
             steps.append(step)
     if steps[-1].get("optional") or "not_followed_by" in steps[-1]:
         # the last positive step cannot be optional; an absence at the end needs within

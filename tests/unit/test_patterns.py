@@ -1,0 +1,296 @@
+"""Pattern rules: what compiles (and what is refused, by name), Flink's examples, timers.
+
+Flink's CEP examples (``NotPatternITCase``, ``AfterMatchSkipITCase``) that this subset supports
+are rewritten here with the events as Kairos kinds: a = cart_add, b = checkout, c = page_view,
+d = purchase, e = location; Flink's list order is the event time order (1 ms apart unless the
+example gives times). Flink reports every match; Kairos fires once per completing event (and
+once per moment with skip past_last_event), so a Flink result is the set of its last events.
+Not rewritten: examples with next/notNext (strict contiguity), oneOrMore, times ranges, an
+optional last step, and skip-to-first/last strategies, which this subset refuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine.config import EngineSettings
+from engine.errors import RuleError
+from engine.events.schema import EventKind
+from engine.local import LocalEngine
+from engine.rules.spec import parse_rules, parse_rules_text
+from engine.shard import ShardLogic
+from engine.state.store import NEVER
+from engine.testing import EventFactory
+
+T0 = 1_772_323_200_000  # 2026-03-01
+KINDS = {"a": "cart_add", "b": "checkout", "c": "page_view", "d": "purchase", "e": "location"}
+FIELDS: dict[str, dict[str, Any]] = {
+    "cart_add": {"item": "sku", "amount": 1.0},
+    "page_view": {"page": "home"},
+    "purchase": {"amount": 5.0},
+    "location": {"lat": 1.0, "lon": 1.0},
+}
+
+
+def step(link: str, name: str, letter: str, **more: Any) -> dict[str, Any]:
+    return {link: name, "on": KINDS[letter], **more}
+
+
+def fires(steps: list[dict[str, Any]], events: list[tuple[str, int]], **rule: Any) -> list[int]:
+    """Times (ms after T0) at which the pattern fires over ``events`` (letter, ms after T0)."""
+    rules = parse_rules({"rules": [{"id": "p", "type": "pattern", "pattern": steps, **rule}]})
+    engine = LocalEngine(EngineSettings(shards=1, allowed_lateness_s=60), rules)
+    rows = []
+    for i, (letter, t) in enumerate(events):
+        kind = KINDS[letter]
+        rows.append({"event_id": i + 1, "customer_id": "c", "kind": kind, "ts": T0 + t,
+                     **FIELDS.get(kind, {})})  # fmt: skip
+    assert engine.submit_rows(rows) == []
+    engine.end_stream()
+    ts = engine.trigger_table().column("ts").cast("int64").to_pylist()
+    return sorted(t - T0 for t in ts)
+
+
+def in_order(letters: str) -> list[tuple[str, int]]:
+    """Flink's list order as event times 1, 2, 3, ... ms."""
+    return [(letter, i + 1) for i, letter in enumerate(letters)]
+
+
+# -- Flink's NotPatternITCase ---------------------------------------------------------------
+def test_not_followed_by() -> None:
+    """testNotFollowedBy: a, not b, c, d over a1 c1 b1 c2 d: one match, (a1 c1 d)."""
+    steps = [step("begin", "a", "a"), step("not_followed_by", "nb", "b"),
+             step("followed_by", "c", "c"), step("followed_by", "d", "d")]  # fmt: skip
+    assert fires(steps, in_order("acbcd"), skip="no_skip") == [5]
+
+
+def test_not_followed_by_before_optional() -> None:
+    """testNotFollowedByBeforeOptional: a, not b, c optional, d over a1 c1 b1 c2 d: (a1 c1 d)
+    only: skipping c, b1 is between a1 and d."""
+    steps = [step("begin", "a", "a"), step("not_followed_by", "nb", "b"),
+             step("followed_by", "c", "c", optional=True),
+             step("followed_by", "d", "d")]  # fmt: skip
+    assert fires(steps, in_order("acbcd"), skip="no_skip") == [5]
+    # without c1 nothing fits: b1 comes between a1 and every later c or the d
+    assert fires(steps, in_order("abcd"), skip="no_skip") == []
+
+
+def test_not_followed_by_with_branching_at_start() -> None:
+    """testNotFollowedByWithBranchingAtStart: a1 b1 c1 a2 c2 d: (a2 c2 d)."""
+    steps = [step("begin", "a", "a"), step("not_followed_by", "nb", "b"),
+             step("followed_by", "c", "c"), step("followed_by", "d", "d")]  # fmt: skip
+    assert fires(steps, in_order("abcacd"), skip="no_skip") == [6]
+
+
+def test_not_followed_by_within_at_end() -> None:
+    """testNotFollowedByWithinAtEnd: a, not b within 3 ms over a1@1 b1@2 a2@4 c@5 b2@10 a3@11
+    b3@13: only a2 matches, completing at its deadline, 7."""
+    steps = [step("begin", "a", "a"), step("not_followed_by", "nb", "b", within="3ms")]
+    events = [("a", 1), ("b", 2), ("a", 4), ("c", 5), ("b", 10), ("a", 11), ("b", 13)]
+    assert fires(steps, events) == [7]
+
+
+def test_ignore_state_of_times_with_not_followed_by() -> None:
+    """testIgnoreStateOfTimesWithNotFollowedBy: a, not b, c times 2 optional, d over
+    a1 d1 e b1 c1 c2 d2: (a1 d1) only; b1 ends every partial match waiting for c or d."""
+    steps = [step("begin", "a", "a"), step("not_followed_by", "nb", "b"),
+             step("followed_by", "c", "c", times=2, optional=True),
+             step("followed_by", "d", "d")]  # fmt: skip
+    assert fires(steps, in_order("adebccd"), skip="no_skip") == [2]
+
+
+def test_not_followed_by_before_optional_times() -> None:
+    """testNotFollowedByBeforeOptionalTimes: a, not b, c times 2 optional, d over
+    a1 c1 b1 c2 d: (a1 c1 c2 d); the absence before c guards until c's first event."""
+    steps = [step("begin", "a", "a"), step("not_followed_by", "nb", "b"),
+             step("followed_by", "c", "c", times=2, optional=True),
+             step("followed_by", "d", "d")]  # fmt: skip
+    assert fires(steps, in_order("acbcd"), skip="no_skip") == [5]
+
+
+@pytest.mark.parametrize(("letters", "want"), [("abcbd", []), ("adebbcd", [])])
+def test_times_with_not_followed_by(letters: str, want: list[int]) -> None:
+    """testTimesWithNotFollowedBy and ...After: a, b times 2, not c, d: a c between the b's, or
+    after them, ends the match (the absence guards from the step's first event on)."""
+    steps = [step("begin", "a", "a"), step("followed_by", "b", "b", times=2),
+             step("not_followed_by", "nc", "c"), step("followed_by", "d", "d")]  # fmt: skip
+    assert fires(steps, in_order(letters), skip="no_skip") == want
+    assert fires(steps, in_order("abbd"), skip="no_skip") == [4]
+
+
+# -- Flink's AfterMatchSkipITCase -----------------------------------------------------------
+def test_skip_past_last_event_and_no_skip() -> None:
+    """testSkipPastLast: a times 3 over six a's: (a1 a2 a3), (a4 a5 a6); testNoSkip: every
+    window of three, completing at a3, a4, a5, a6."""
+    steps = [step("begin", "a", "a", times=3)]
+    assert fires(steps, in_order("aaaaaa")) == [3, 6]
+    assert fires(steps, in_order("aaaaaa"), skip="no_skip") == [3, 4, 5, 6]
+
+
+def test_skip_past_last_event_drops_partial_matches() -> None:
+    """testSkipPastLast2: a, b, c, d over a1 a2 b1 b2 c1 c2 d1 d2: one match, at d1."""
+    steps = [step("begin", "a", "a"), step("followed_by", "b", "b"),
+             step("followed_by", "c", "c"), step("followed_by", "d", "d")]  # fmt: skip
+    events = [*in_order("aabbcc"), ("d", 7), ("d", 7)]
+    assert fires(steps, events) == [7]
+
+
+# -- what compiles --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("steps", "extra", "words"),
+    [
+        ([step("begin", "a", "a"), step("next", "b", "b")], {}, "'next' (strict contiguity)"),
+        ([step("begin", "a", "a"), step("not_next", "b", "b")], {}, "'not_next'"),
+        ([step("begin", "a", "a"), step("followed_by", "b", "b", times=[1, 3])], {},
+         "a range of times is not compiled"),
+        ([step("begin", "a", "a"), step("not_followed_by", "b", "b")], {},
+         "needs 'within'"),
+        ([step("begin", "a", "a"), step("not_followed_by", "b", "b", within="1m"),
+          step("followed_by", "c", "c")], {}, "'within' on a not_followed_by between steps"),
+        ([step("begin", "a", "a"), step("not_followed_by", "b", "b", within="1m")],
+         {"skip": "no_skip"}, "no_skip with a not_followed_by at the end"),
+        ([step("begin", "a", "a", optional=True), step("followed_by", "b", "b")], {},
+         "first and the last positive step cannot be optional"),
+        ([step("begin", "a", "a"), step("followed_by", "b", "b", optional=True)], {},
+         "first and the last positive step cannot be optional"),
+        ([step("begin", "a", "a"), step("begin", "b", "b")], {}, "only it, is 'begin'"),
+        ([step("followed_by", "a", "a")], {}, "only it, is 'begin'"),
+        ([step("begin", "a", "a", times=17)], {}, "times must be a whole number from 1 to 16"),
+        ([step("begin", "a", "a", times=16), step("followed_by", "b", "b", times=16)], {},
+         "compiles to 32 registers per customer; at most 24"),
+    ],
+)  # fmt: skip
+def test_what_does_not_compile_is_refused_naming_the_rule_step_and_construct(
+    steps: list[dict[str, Any]], extra: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(RuleError) as info:
+        parse_rules(
+            {"rules": [{"id": "shop_moment", "type": "pattern", "pattern": steps, **extra}]}
+        )
+    assert "rule 'shop_moment'" in str(info.value)
+    assert words in str(info.value)
+
+
+def test_a_step_names_its_link_once() -> None:
+    with pytest.raises(RuleError, match="exactly one of begin, followed_by or not_followed_by"):
+        parse_rules_text("""
+rules:
+  - id: p
+    type: pattern
+    pattern:
+      - {begin: a, followed_by: b, on: cart_add}
+""")
+
+
+CART = """
+rules:
+  - id: cart_abandoned
+    type: pattern
+    pattern:
+      - {begin: added, on: cart_add}
+      - {not_followed_by: paid, on: checkout, within: 30m}
+    emit: {items: cart_items}
+"""
+
+
+def test_a_pattern_is_explained_in_words_with_its_state_size() -> None:
+    rule = parse_rules_text(CART).rules[0]
+    assert rule.pattern is not None
+    assert rule.pattern.words.startswith("a cart_add (added), then no checkout within 30m")
+    assert "2 registers (16 bytes) per customer" in rule.pattern.words
+    assert len(rule.state_keys) == 2
+
+
+# -- timers in a shard ------------------------------------------------------------------------
+MIN = 60_000
+
+
+def _shard() -> ShardLogic:
+    return ShardLogic(0, EngineSettings(shards=1, allowed_lateness_s=0), parse_rules_text(CART))
+
+
+def _routed(event: EventFactory, rows: list[tuple[str, str, int]]) -> Any:
+    from engine.events.codec import rows_to_batch
+    from engine.ingest import Ingestor
+
+    batch, _, _ = rows_to_batch([event(k, c, T0 + t, **FIELDS.get(k, {})) for k, c, t in rows])
+    return Ingestor(EngineSettings(shards=1, allowed_lateness_s=3600)).ingest(batch).parts[0]
+
+
+def test_a_deadline_fires_when_the_watermark_passes_it_never_before(event: EventFactory) -> None:
+    shard = _shard()
+    added = _routed(event, [("cart_add", "c1", 0)])
+    assert shard.apply(added, T0).triggers.num_rows == 0
+    # the watermark at the deadline: an event of that time may still come; not yet
+    assert shard.apply(None, T0 + 30 * MIN).triggers.num_rows == 0
+    fired = shard.apply(None, T0 + 30 * MIN + 1).triggers
+    assert fired.num_rows == 1
+    assert fired.column("ts").cast("int64").to_pylist() == [T0 + 30 * MIN]
+    assert shard.apply(None, T0 + 90 * MIN).triggers.num_rows == 0  # once
+
+
+def test_a_deadline_due_inside_a_micro_batch_fires_in_its_output(event: EventFactory) -> None:
+    shard = _shard()
+    batch = _routed(event, [("cart_add", "c1", 0), ("page_view", "c1", 10 * MIN),
+                            ("page_view", "c1", 45 * MIN)])  # fmt: skip
+    result = shard.apply(batch, T0 + 45 * MIN)
+    assert result.triggers.column("ts").cast("int64").to_pylist() == [T0 + 30 * MIN]
+    assert dict(result.triggers.column("values")[0].as_py())["items"] == 1
+
+
+def test_an_event_at_the_deadline_comes_before_it(event: EventFactory) -> None:
+    """A checkout at exactly the deadline is within the 30 minutes: no trigger."""
+    shard = _shard()
+    batch = _routed(event, [("cart_add", "c1", 0), ("checkout", "c1", 30 * MIN)])
+    assert shard.apply(batch, T0 + 60 * MIN).triggers.num_rows == 0
+
+
+def test_fired_and_expired_partial_matches_leave_no_state(event: EventFactory) -> None:
+    rules = parse_rules_text(
+        """
+rules:
+  - id: three_views
+    type: pattern
+    pattern:
+      - {begin: viewed, on: page_view, times: 3}
+    within: 1h
+"""
+        + CART.split("rules:\n", 1)[1]
+    )
+    shard = ShardLogic(0, EngineSettings(shards=1, allowed_lateness_s=0), rules)
+    batch = _routed(event, [("cart_add", "c1", 0), ("page_view", "c2", 0),
+                            ("page_view", "c2", MIN)])  # fmt: skip
+    shard.apply(batch, T0 + MIN)
+    state = shard.store.rule_state
+    assert any((state[k][: shard.store.size] != NEVER).any() for k in rules.state_keys)
+    result = shard.apply(None, T0 + 2 * 3_600_000)
+    assert result.triggers.column("rule_id").to_pylist() == ["cart_abandoned"]
+    for key in rules.state_keys:
+        assert (state[key][: shard.store.size] == NEVER).all(), key
+
+
+def test_a_deadline_row_is_not_an_event_of_the_golden_record(event: EventFactory) -> None:
+    shard = _shard()
+    shard.apply(_routed(event, [("cart_add", "c1", 0)]), T0)
+    shard.apply(None, T0 + 31 * MIN)
+    key = int(np.asarray(shard.store.keys[:1])[0])
+    record = shard.customer(key)
+    assert record is not None
+    assert record["event_count"] == 1
+    assert record["last_event_ms"] == T0
+    assert [t["rule_id"] for t in record["recent_triggers"]] == ["cart_abandoned"]
+    assert EventKind.CART_ADD.wire_name == "cart_add"
+
+
+def test_a_late_event_is_dead_lettered_naming_the_rules_that_could_not_see_it() -> None:
+    rules = parse_rules_text(CART)
+    engine = LocalEngine(EngineSettings(shards=1, allowed_lateness_s=60), rules)
+    fresh = {"event_id": 1, "customer_id": "c", "kind": "page_view", "ts": T0 + 10 * MIN,
+             "page": "home"}  # fmt: skip
+    late = {"event_id": 2, "customer_id": "c", "kind": "checkout", "ts": T0}
+    letters = engine.submit_rows([fresh, late])
+    assert [letter.reason.split(":")[0] for letter in letters] == ["late"]
+    assert letters[0].reason.endswith("rules that could not see it: cart_abandoned")
