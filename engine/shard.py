@@ -40,6 +40,7 @@ from engine.events.schema import CHANNELS, ROUTED_SCHEMA, TS_TYPE, EventKind, sp
 from engine.ingest import NO_WATERMARK
 from engine.limits import TS_RANGE_TEXT, time_in_range
 from engine.rules.evaluate import candidates, cooldown, once_per_period, period_of
+from engine.rules.sequential import warm
 from engine.rules.spec import CompiledRule, RuleSet
 from engine.rules.timers import match_pattern, with_timer_rows
 from engine.snapshot import ShardSnapshot
@@ -216,6 +217,8 @@ class ShardLogic:
         self.watermark_ms = NO_WATERMARK
         self.rules = rules
         self.store.ensure_rules(rules.state_keys)
+        if any(r.pattern is not None for r in rules.rules):
+            warm()
         self.counters: dict[str, int] = {
             "received": 0,
             "applied": 0,
@@ -236,6 +239,8 @@ class ShardLogic:
 
     def set_rules(self, rules: RuleSet) -> None:
         """Swap the rule set; state of rules kept (same id and type) carries over."""
+        if any(r.pattern is not None for r in rules.rules):
+            warm()
         self.store.ensure_rules(rules.state_keys)
         self.rules = rules
 

@@ -1,4 +1,5 @@
-"""Pattern rules: the vectorized state machine equals the per-event reference.
+"""Pattern rules: the state machine (compiled loop and vector operations) equals the per-event
+reference.
 
 Random patterns (begin, followed_by with times and optional, not_followed_by between steps and
 at the end with within, the pattern's within, both skip strategies) over random streams (1-6
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import RuleError
-from engine.rules.matcher import run_pattern
+from engine.rules.matcher import ROUNDS, run_pattern
 from engine.rules.pattern import Automaton
 from engine.rules.spec import PatternSpec, parse_rules
 from engine.state.store import NEVER
@@ -91,9 +92,14 @@ def streams(draw: Any) -> list[tuple[int, int, str]]:
 
 
 def vectorized(
-    a: Automaton, spec: PatternSpec, events: list[tuple[int, int, str]], cuts: list[int]
+    a: Automaton,
+    spec: PatternSpec,
+    events: list[tuple[int, int, str]],
+    cuts: list[int],
+    rounds: int = ROUNDS,
 ) -> list[tuple[int, int, bool]]:
-    """Matches of ``a`` over ``events`` released in steps at the ``cuts`` (event times)."""
+    """Matches of ``a`` over ``events`` released in steps at the ``cuts`` (event times), with
+    ``rounds`` vectorized rounds before the compiled loop (0: the compiled loop alone)."""
     customers = 1 + max(c for c, _, _ in events)
     state = [np.full(customers, NEVER, dtype=np.int64) for _ in a.register_names]
     arrival = np.arange(len(events))
@@ -111,7 +117,14 @@ def vectorized(
         relevant = order[bits_all[:, order].any(axis=0)]
         horizon = hi_ms  # every event up to it is in this step or before
         result = run_pattern(
-            a, bits_all[:, relevant], slot[relevant], ts[relevant], state, horizon, customers
+            a,
+            bits_all[:, relevant],
+            slot[relevant],
+            ts[relevant],
+            state,
+            horizon,
+            customers,
+            rounds,
         )
         for k in range(len(a.register_names)):
             state[k][result.write_slots] = result.write_values[k]
@@ -136,8 +149,9 @@ def check(rule: dict[str, Any], events: list[tuple[int, int, str]], cuts: list[i
     assert built is not None
     spec, a = built
     want = sorted(reference(spec, events))
-    got = sorted(vectorized(a, spec, events, cuts))
-    assert got == want
+    assert sorted(vectorized(a, spec, events, cuts)) == want  # the compiled loop
+    assert sorted(vectorized(a, spec, events, cuts, rounds=1)) == want  # vector ops, then loop
+    assert sorted(vectorized(a, spec, events, cuts, rounds=99)) == want  # vector ops alone
 
 
 @settings(
