@@ -456,7 +456,9 @@ class ShardLogic:
             "ts": pa.array(ts, type=pa.int64()).cast(TS_TYPE),
             "page": pa.array(list(pages or [None] * n), type=ROUTED_SCHEMA.field("page").type),
         }
-        view = BatchView(pa.Table.from_pydict(columns), order, slots[order], store)
+        view = BatchView(
+            pa.Table.from_pydict(columns), order, slots[order], store, self.rules.windows
+        )
         decisions = decider.decide_inbound(view, channel_ix[order])
         back = np.empty(n, dtype=np.int64)
         back[order] = np.arange(n)
@@ -543,7 +545,7 @@ class ShardLogic:
         slots = self.store.slots_for(keys)
         ts = np.asarray(table.column("ts").cast(pa.int64()).to_numpy())[rows]
         order = sort_order(slots, ts)
-        view = BatchView(table, rows[order], slots[order], self.store)
+        view = BatchView(table, rows[order], slots[order], self.store, self.rules.windows)
         matches = [(rule, match_pattern(rule, view, self.store, horizon)) for rule in patterns]
         view, matched = with_timer_rows(view, matches, self.store)
         tables = []
@@ -551,6 +553,8 @@ class ShardLogic:
         fired: list[tuple[str, np.ndarray]] = []
         marks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # written last
         for rule in self.rules.rules:
+            if rule.window is not None:  # read by other rules; fires nothing
+                continue
             if rule.pattern is not None:
                 fired_rows = matched[rule.id]
                 if rule.when is not None and fired_rows.size:  # a filter on found matches

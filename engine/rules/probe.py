@@ -7,6 +7,7 @@ accepted ranges, and one never profiled (every profile value missing). The view 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -74,9 +75,15 @@ def probe_view() -> BatchView:
     return BatchView(table, order, slots[order], store)
 
 
-def probe(expression: Expression) -> None:
-    """Evaluate ``expression`` on the representative events; RuleError if it cannot run."""
+def probe(expression: Expression, windows: Mapping[str, Any] | None = None) -> None:
+    """Evaluate ``expression`` on the representative events; RuleError if it cannot run.
+    ``windows``: the window rules it may read (computed over the same events)."""
     view = probe_view()
+    if windows:
+        store = CustomerStore()
+        store.ensure_rules([key for w in windows.values() for key in w.keys])
+        store.slots_for(np.asarray(view.store.keys[: view.store.size]))
+        view = BatchView(view.table, view.order, view.slot, store, windows)
     try:
         with np.errstate(all="ignore"):
             out = expression.evaluate(view)

@@ -17,6 +17,7 @@ Each has ``on`` (event kinds; a pattern's steps have their own), an optional ``w
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from engine.rules.duration import parse_duration_ms
 from engine.rules.expr import Expression, Type, compile_expression
 from engine.rules.pattern import Automaton, compile_pattern
 from engine.rules.probe import probe
+from engine.rules.windows import MAX_BUCKETS, Window
 from engine.yamlfile import load_yaml
 
 #: what rule expressions can name; event fields are missing (NaN / empty) on other kinds
@@ -192,7 +194,33 @@ class PatternSpec(_Common):
         return list(dict.fromkeys(k for step in self.pattern for k in step.on))
 
 
-AnySpec = ThresholdSpec | ConditionSpec | LocationSpec | PatternSpec
+class WindowSpec(_Common):
+    """A named aggregate over event time (``engine.rules.windows``); it fires nothing."""
+
+    type: Literal["window"]
+    on: Kinds
+    #: what each event adds (default: 1, a count)
+    sum: ExprText | None = None
+    session: Duration | None = None
+    tumbling: str | None = None
+    sliding: Duration | None = None
+    every: Duration | None = None
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> WindowSpec:
+        shapes = [k for k in ("session", "tumbling", "sliding") if getattr(self, k) is not None]
+        if len(shapes) != 1:
+            raise ValueError("a window is exactly one of session, tumbling or sliding")
+        if self.emit:
+            raise ValueError("a window fires nothing, so it emits nothing: other rules read it")
+        if (self.sliding is None) != (self.every is None):
+            raise ValueError("a sliding window needs 'every' (its bucket), and only it")
+        if self.tumbling is not None and self.tumbling not in ("hour", "day", "billing_cycle"):
+            parse_duration_ms(self.tumbling)  # a duration, aligned to the epoch
+        return self
+
+
+AnySpec = ThresholdSpec | ConditionSpec | LocationSpec | PatternSpec | WindowSpec
 RuleSpec = Annotated[AnySpec, Field(discriminator="type")]
 
 
@@ -214,6 +242,7 @@ class CompiledRule:
     threshold: Expression | None = None
     cooldown_ms: int = 0
     pattern: Automaton | None = None
+    window: Window | None = None
 
     @property
     def id(self) -> str:
@@ -242,9 +271,12 @@ class CompiledRule:
 
     @property
     def state_keys(self) -> list[str]:
-        """The store's int64 state columns of this rule (a pattern has one per register)."""
+        """The store's int64 state columns of this rule (a pattern or a window has one per
+        register)."""
         if self.pattern is not None:
             return [f"{self.state_key}:{name}" for name in self.pattern.register_names]
+        if self.window is not None:
+            return list(self.window.keys)
         return [self.state_key]
 
 
@@ -266,6 +298,11 @@ class RuleSet:
         return [key for rule in self.rules for key in rule.state_keys]
 
     @property
+    def windows(self) -> dict[str, Window]:
+        """The window rules by name (``BatchView.windows``)."""
+        return {r.id: r.window for r in self.rules if r.window is not None}
+
+    @property
     def listening(self) -> dict[str, list[str]]:
         """Rule id -> the event kinds it reads (``Ingestor.listen``)."""
         return {rule.id: list(rule.spec.on) for rule in self.rules}
@@ -274,15 +311,49 @@ class RuleSet:
         return len(self.rules)
 
 
-def _compile(spec: AnySpec, where: str) -> CompiledRule:
+def _window(spec: WindowSpec, when: Expression | None, value: Expression | None) -> Window:
+    kinds = tuple(EventKind.from_wire(k) for k in spec.on)
+    digest = hashlib.sha256(repr(spec.model_dump()).encode()).hexdigest()[:8]
+    if spec.session is not None:
+        shape, size, every, period = "session", parse_duration_ms(spec.session), 0, None
+    elif spec.tumbling is not None:
+        calendar = spec.tumbling in ("hour", "day", "billing_cycle")
+        shape, every = "tumbling", 0
+        size = 0 if calendar else max(1, parse_duration_ms(spec.tumbling))
+        period = spec.tumbling if calendar else None
+    else:
+        assert spec.sliding is not None and spec.every is not None
+        shape, period = "sliding", None
+        size, every = parse_duration_ms(spec.sliding), parse_duration_ms(spec.every)
+    window = Window(spec.id, kinds, when, value, shape, size, every, period)
+    keys = tuple(f"{spec.id}:window:{digest}:{name}" for name in window.register_names)
+    return Window(spec.id, kinds, when, value, shape, size, every, period, keys)
+
+
+def _sliding_problem(spec: WindowSpec) -> str | None:
+    if spec.sliding is None or spec.every is None:
+        return None
+    size, every = parse_duration_ms(spec.sliding), parse_duration_ms(spec.every)
+    if every <= 0 or size % every or not 1 <= size // every <= MAX_BUCKETS:
+        return (
+            f"a sliding window is a whole number of buckets, 1 to {MAX_BUCKETS} "
+            f"({spec.sliding} every {spec.every} is not)"
+        )
+    return None
+
+
+def _compile(spec: AnySpec, where: str, windows: dict[str, Window] | None = None) -> CompiledRule:
     problems: list[str] = []
+    windows = windows or {}
+    number: Type = "num"
+    vocabulary: dict[str, Type] = {**VOCABULARY, **dict.fromkeys(windows, number)}
 
     def expr(fieldname: str, text: str | None, want: Type | None) -> Expression | None:
         if text is None:
             return None
         try:
-            compiled = compile_expression(text, VOCABULARY, want)
-            probe(compiled)  # it runs on representative events, or it is refused now
+            compiled = compile_expression(text, vocabulary, want)
+            probe(compiled, windows)  # it runs on representative events, or it is refused now
         except RuleError as exc:
             problems.append(f"{where}: rule '{spec.id}': field '{fieldname}': {exc}")
             return None
@@ -295,6 +366,14 @@ def _compile(spec: AnySpec, where: str) -> CompiledRule:
         if compiled is not None:
             emit[name] = compiled
     kinds = tuple(EventKind.from_wire(k) for k in spec.on)
+    if isinstance(spec, WindowSpec):
+        value = expr("sum", spec.sum, "num")
+        sliding = _sliding_problem(spec)
+        if sliding:
+            problems.append(f"{where}: rule '{spec.id}': field 'every': {sliding}")
+        if problems:
+            raise RuleError(problems[0], problems)
+        return CompiledRule(spec, kinds, when, emit, window=_window(spec, when, value))
     if isinstance(spec, PatternSpec):
 
         def refuse(fieldname: str, message: str) -> None:
@@ -343,7 +422,7 @@ def _field_path(loc: tuple[Any, ...]) -> tuple[int | None, str]:
     # pydantic locations look like ('rules', 3, 'threshold', 'once_per')
     index = loc[1] if len(loc) > 1 and loc[0] == "rules" and isinstance(loc[1], int) else None
     rest = [str(p) for p in loc[2:]]
-    if len(rest) > 1 and rest[0] in ("threshold", "condition", "location", "pattern"):
+    if len(rest) > 1 and rest[0] in ("threshold", "condition", "location", "pattern", "window"):
         rest = rest[1:]  # the discriminator tag pydantic puts in the path
     return index, ".".join(rest) if rest else "type"
 
@@ -373,18 +452,30 @@ def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
                 problems.append(f"{source}: rule '{rid}': field '{path}': {err['msg']}")
     seen: set[str] = set()
     compiled: list[CompiledRule] = []
-    for spec in specs:
+    windows: dict[str, Window] = {}
+    # windows first (over the base names only), then the rules that may read them
+    for spec in sorted(specs, key=lambda s: not isinstance(s, WindowSpec)):
         if spec.id in seen:
             problems.append(f"{source}: rule '{spec.id}': field 'id': duplicate rule id")
             continue
         seen.add(spec.id)
+        if isinstance(spec, WindowSpec) and spec.id in VOCABULARY:
+            problems.append(
+                f"{source}: rule '{spec.id}': field 'id': a window's name must not be a known "
+                "name (it would hide it)"
+            )
+            continue
         try:
-            rule = _compile(spec, source)
+            rule = _compile(spec, source, None if isinstance(spec, WindowSpec) else windows)
         except RuleError as exc:
             problems.extend(exc.problems)
             continue
+        if rule.window is not None and spec.enabled:
+            windows[spec.id] = rule.window
         if spec.enabled:
             compiled.append(rule)
+    order = {spec.id: i for i, spec in enumerate(specs)}
+    compiled.sort(key=lambda r: order[r.id])
     if problems:
         raise RuleError(problems[0], problems)
     return RuleSet(tuple(compiled), source, dict(document))

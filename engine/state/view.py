@@ -9,7 +9,9 @@ values in the store.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -135,9 +137,17 @@ class BatchView:
     """A sorted batch with per-row slots; implements the expression Context."""
 
     def __init__(
-        self, table: pa.Table, order: np.ndarray, slots: np.ndarray, store: CustomerStore
+        self,
+        table: pa.Table,
+        order: np.ndarray,
+        slots: np.ndarray,
+        store: CustomerStore,
+        windows: Mapping[str, Any] | None = None,
     ) -> None:
-        """``order``: rows of ``table`` in (customer, time, arrival) order; ``slots`` match it."""
+        """``order``: rows of ``table`` in (customer, time, arrival) order; ``slots`` match it.
+        ``windows``: the window rules' names and their computations (``engine.rules.windows``:
+        ``as_of(view)`` and ``store_after(view)``), read like any column."""
+        self.windows: Mapping[str, Any] = windows or {}
         self.table = table
         self.order = order
         self.slot = slots
@@ -145,6 +155,7 @@ class BatchView:
         self.size = int(order.size)
         n = self.size
         self._cache: dict[str, np.ndarray] = {}
+        self._windows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.kind = self.gather("kind")
         self.ts = self.gather("ts")
         self.group_first = np.ones(n, dtype=bool)
@@ -186,7 +197,18 @@ class BatchView:
             self._cache[name] = cached
         return cached
 
+    def window_state(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(value per row, state registers per row) of window ``name`` (cached)."""
+        key = f"@window:{name}"
+        cached = self._windows.get(key)
+        if cached is None:
+            cached = self.windows[name].as_of(self)
+            self._windows[key] = cached
+        return cached
+
     def _compute(self, name: str) -> np.ndarray:
+        if name in self.windows:
+            return self.window_state(name)[0]
         if name in _NUMERIC_EVENT_FIELDS:
             return self._numeric(name)
         if name in _STRING_EVENT_FIELDS:
@@ -387,6 +409,8 @@ class BatchView:
         """
         last = np.flatnonzero(self.group_last)
         slots = self.slot[last]
+        for name in self.windows:  # before any write: they read the store as it was
+            self.window_state(name)
         writes: list[tuple[str, np.ndarray, np.ndarray]] = []  # (column, slots, values)
         if (self.kind == EventKind.PROFILE_UPDATE).any():
             for name in PROFILE_COLUMNS:
@@ -417,6 +441,8 @@ class BatchView:
             sizes = np.diff(np.append(heads, self.size))
         cols["last_event_ms"][slots] = np.maximum(cols["last_event_ms"][slots], newest)
         cols["event_count"][slots] += sizes.astype(np.int32)
+        for window in self.windows.values():
+            window.store_after(self)
 
     def _last_rows(self, rows: np.ndarray) -> np.ndarray:
         """Of ``rows`` (ascending view rows), each customer's last one."""

@@ -294,3 +294,38 @@ def test_a_late_event_is_dead_lettered_naming_the_rules_that_could_not_see_it() 
     letters = engine.submit_rows([fresh, late])
     assert [letter.reason.split(":")[0] for letter in letters] == ["late"]
     assert letters[0].reason.endswith("rules that could not see it: cart_abandoned")
+
+
+@pytest.mark.parametrize(
+    ("window", "words"),
+    [
+        ({"on": "usage", "session": "1h", "tumbling": "day"}, "exactly one of session"),
+        ({"on": "usage", "sliding": "1h"}, "needs 'every'"),
+        ({"on": "usage", "sliding": "1h", "every": "7m"}, "a whole number of buckets"),
+        ({"on": "usage", "sliding": "10h", "every": "1m"}, "a whole number of buckets, 1 to 60"),
+        ({"on": "usage", "session": "1h", "emit": {"x": "mb"}}, "it emits nothing"),
+        ({"on": "usage", "tumbling": "fortnight"}, "is not a duration"),
+        ({"on": "usage", "session": "1h", "sum": "item"}, "field 'sum'"),
+    ],
+)
+def test_a_window_that_cannot_work_is_refused(window: dict[str, Any], words: str) -> None:
+    with pytest.raises(RuleError, match=words):
+        parse_rules({"rules": [{"id": "w", "type": "window", **window}]})
+
+
+def test_a_window_is_read_by_name_and_may_not_hide_a_known_name() -> None:
+    rules = parse_rules_text("""
+rules:
+  - {id: views, type: window, on: page_view, session: 30m}
+  - {id: busy_cart, type: condition, on: cart_add, when: views >= 3}
+""")
+    assert [r.id for r in rules.rules] == ["views", "busy_cart"]
+    assert "views" in rules.rules[1].names
+    with pytest.raises(RuleError, match="must not be a known name"):
+        parse_rules_text("rules:\n  - {id: cart_items, type: window, on: cart_add, session: 1h}")
+    with pytest.raises(RuleError, match="unknown name 'viewz'"):
+        parse_rules_text("""
+rules:
+  - {id: views, type: window, on: page_view, session: 30m}
+  - {id: busy_cart, type: condition, on: cart_add, when: viewz >= 3}
+""")

@@ -1,0 +1,212 @@
+"""Window rules: named aggregates over event time, usable in every other rule's expressions.
+
+``type: window`` names a number (a count of the window's events, or the ``sum`` of an
+expression over them) that other rules read like any other name, as of each event:
+
+* ``session: 30m``: the events of the customer's current session, a session ending when none
+  came for the gap; 0 once the gap has passed (so ``browsing > 0`` at a deadline says the visit
+  is still going);
+* ``tumbling: hour | day | billing_cycle`` (the customer's local calendar) or a duration
+  (aligned to the epoch, UTC): the events of the current period, 0 in a new one;
+* ``sliding: 1h`` with ``every: 5m``: the events of the last hour, counted in 5-minute buckets
+  (those that start after the event's time less the hour): exact for bucket edges, at most one
+  bucket early inside one.
+
+Each window keeps a few int64 columns per customer in the golden record (its key time, and
+the aggregate's bits; a sliding window one per bucket), so checkpoints and rescaling carry it.
+The as-of values are vector operations over the step's view (``BatchView``), computed when a
+rule or the write-back asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine.events.schema import EventKind
+from engine.rules.expr import Expression
+from engine.state.store import NEVER
+from engine.state.view import RowsView, segmented_cumsum
+from engine.units import HOUR_MS
+
+if TYPE_CHECKING:
+    from engine.state.view import BatchView
+
+#: most buckets of a sliding window (its bytes per customer are 8 x (buckets + 1))
+MAX_BUCKETS = 60
+
+
+@dataclass(frozen=True)
+class Window:
+    """A compiled window rule."""
+
+    name: str
+    kinds: tuple[EventKind, ...]
+    when: Expression | None
+    value: Expression | None  # None: a count
+    shape: str  # session | tumbling | sliding
+    size_ms: int = 0  # the gap, the period (a duration) or the sliding window's length
+    every_ms: int = 0  # a sliding window's bucket
+    period: str | None = None  # a tumbling window's calendar period
+    keys: tuple[str, ...] = field(default=())  # its state columns in the store
+
+    @property
+    def buckets(self) -> int:
+        return self.size_ms // self.every_ms if self.shape == "sliding" else 0
+
+    @property
+    def register_names(self) -> list[str]:
+        if self.shape == "sliding":
+            return ["bucket", *(f"b{i}" for i in range(self.buckets))]
+        return ["key", "total"]
+
+    def events(self, view: BatchView) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of the window's events, what each adds: 1, or the sum's value, NaN as 0)."""
+        wanted = np.zeros(256, dtype=bool)
+        wanted[[int(k) for k in self.kinds]] = True
+        rows = np.flatnonzero(wanted[view.kind.astype(np.uint8)])
+        if rows.size and self.when is not None:
+            rows = rows[np.asarray(self.when.evaluate(RowsView(view, rows)), dtype=bool)]
+        if self.value is None or rows.size == 0:
+            return rows, np.ones(rows.size, dtype=np.float64)
+        values = np.asarray(self.value.evaluate(RowsView(view, rows)), dtype=np.float64)
+        return rows, np.nan_to_num(values, nan=0.0)
+
+    def contributions(self, view: BatchView) -> np.ndarray:
+        """What each row adds (0 on rows that are not the window's events)."""
+        rows, values = self.events(view)
+        out = np.zeros(view.size, dtype=np.float64)
+        out[rows] = values
+        return out
+
+    def store_after(self, view: BatchView) -> None:
+        """Write each customer's state after the step's last row (``BatchView.write_back``;
+        ``view.window_state`` computed it before any write)."""
+        last = np.flatnonzero(view.group_last)
+        slots = view.slot[last]
+        _, state = view.window_state(self.name)
+        for key, values in zip(self.keys, state, strict=True):
+            view.store.rule_state[key][slots] = values[last]
+
+    # -- as of each row -----------------------------------------------------------------------
+    def as_of(self, view: BatchView) -> tuple[np.ndarray, np.ndarray]:
+        """(value per row, state per row: registers x rows, as stored after that row)."""
+        state = [view.store.rule_state[k][view.slot] for k in self.keys]
+        if view.size == 0:
+            return np.zeros(0), np.zeros((len(self.keys), 0), dtype=np.int64)
+        if self.shape == "session":
+            return self._session(view, state[0], _floats(state[1]))
+        if self.shape == "tumbling":
+            return self._tumbling(view, state[0], _floats(state[1]))
+        return self._sliding(view, state)
+
+    def _session(
+        self, view: BatchView, last: np.ndarray, total: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows, adds = self.events(view)
+        ts = view.ts
+        n = view.size
+        at = np.full(n, NEVER, dtype=np.int64)  # the customer's last window event so far
+        agg = np.zeros(n, dtype=np.float64)
+        if rows.size:
+            r_first = view.group_start[rows] != np.append(-1, view.group_start[rows[:-1]])
+            prev = np.empty(rows.size, dtype=np.int64)
+            prev[1:] = ts[rows[:-1]]
+            prev[r_first] = last[rows[r_first]]
+            fresh = (prev == NEVER) | (ts[rows] - prev > self.size_ms)
+            carry = np.where(r_first & ~fresh, total[rows], 0.0)
+            sums = segmented_cumsum(adds + carry, r_first | fresh)
+            at[rows] = ts[rows]
+            agg[rows] = sums
+        has = np.zeros(n, dtype=bool)
+        has[rows] = True
+        src = np.maximum.accumulate(np.where(has, np.arange(n), -1))
+        mine = src >= view.group_start
+        at = np.where(mine, at[np.maximum(src, 0)], last)
+        agg = np.where(mine, agg[np.maximum(src, 0)], np.where(last == NEVER, 0.0, total))
+        open_ = (at != NEVER) & (ts - at <= self.size_ms)
+        return np.where(open_, agg, 0.0), np.stack([at, _bits(agg)])
+
+    def _period(self, view: BatchView) -> np.ndarray:
+        if self.period == "day":
+            return view.column("@local_day").astype(np.int64)
+        if self.period == "hour":
+            return view.column("@local_ms").astype(np.int64) // HOUR_MS
+        if self.period == "billing_cycle":
+            return view.column("@cycle").astype(np.int64)
+        return view.ts // self.size_ms
+
+    def _tumbling(
+        self, view: BatchView, key: np.ndarray, total: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        period = self._period(view)
+        starts = view.group_first.copy()
+        starts[1:] |= period[1:] != period[:-1]
+        carry = np.where(view.group_first & (key == period), total, 0.0)
+        values = segmented_cumsum(self.contributions(view) + carry, starts)
+        return values, np.stack([period, _bits(values)])
+
+    def _sliding(self, view: BatchView, state: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        k = self.buckets
+        c = self.contributions(view)
+        bucket = view.ts // self.every_ms
+        n = view.size
+        group = np.cumsum(view.group_first) - 1
+        # this step's events of the window, per row: a running sum less the part too old
+        running = segmented_cumsum(c, view.group_first)
+        span = int(bucket.max() - bucket.min()) + k + 2 if n else 1
+        keyed = group * span + (bucket - (int(bucket.min()) if n else 0))
+        first_in = np.searchsorted(keyed, keyed - k + 1, side="left")
+        before = np.where(first_in > view.group_start, running[np.maximum(first_in - 1, 0)], 0.0)
+        inside = running - before
+        # the stored buckets still inside, newest first
+        stored_b = state[0]
+        ring = np.stack([_floats(s) for s in state[1:]]) if k else np.zeros((0, n))
+        newest_first = np.stack(
+            [ring[(stored_b - d) % k, np.arange(n)] for d in range(k)]
+        )  # d = how many buckets older than the stored newest
+        cum = np.cumsum(newest_first, axis=0)
+        count = np.clip(stored_b - bucket + k, 0, k)
+        count = np.where(stored_b == NEVER, 0, count)
+        old = np.where(count > 0, cum[np.maximum(count - 1, 0), np.arange(n)], 0.0)
+        values = inside + old
+        return values, self._sliding_state(view, c, bucket, stored_b, ring)
+
+    def _sliding_state(
+        self,
+        view: BatchView,
+        c: np.ndarray,
+        bucket: np.ndarray,
+        stored_b: np.ndarray,
+        ring: np.ndarray,
+    ) -> np.ndarray:
+        """The registers after each customer's last row (other rows: the same, unused)."""
+        k = self.buckets
+        n = view.size
+        last = np.flatnonzero(view.group_last)
+        newest = np.maximum(np.where(stored_b == NEVER, bucket, stored_b), bucket)[last]
+        group_of = np.cumsum(view.group_first) - 1
+        # stored buckets that are still among the newest k after the step, then this step's
+        out = np.zeros((k, last.size))
+        b_stored = stored_b[last]
+        for d in range(k):
+            b = newest - d
+            keep = (b_stored != NEVER) & (b <= b_stored) & (b > b_stored - k)
+            out[b % k, np.arange(last.size)] = np.where(keep, ring[b % k, last], 0.0)
+        adds = (c != 0) & (bucket > newest[group_of] - k)
+        np.add.at(out, (bucket[adds] % k, group_of[adds]), c[adds])
+        registers = np.zeros((k + 1, n), dtype=np.int64)
+        registers[0, last] = newest
+        registers[1:, last] = _bits(out)
+        return registers
+
+
+def _floats(bits: np.ndarray) -> np.ndarray:
+    """A state column's int64 bits as the float64 they hold."""
+    return np.ascontiguousarray(bits, dtype=np.int64).view(np.float64)
+
+
+def _bits(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.float64).view(np.int64)
