@@ -346,7 +346,15 @@ def rules_check(file: Annotated[Path, typer.Argument(help="Rule file to validate
         table.add_column(column)
     for rule in ruleset.rules:
         spec = rule.spec
-        if rule.pattern is not None:
+        if rule.window is not None:
+            summed = getattr(spec, "sum", None)
+            w, what = rule.window, f"sum of {summed}" if summed else "count"
+            shape = {"session": f"session (gap {getattr(spec, 'session', '')})",
+                     "tumbling": f"per {getattr(spec, 'tumbling', '')}",
+                     "sliding": f"last {getattr(spec, 'sliding', '')} in "
+                                f"{getattr(spec, 'every', '')} buckets"}[w.shape]  # fmt: skip
+            fires = f"nothing: other rules read '{w.name}', the {what} of its events, {shape}"
+        elif rule.pattern is not None:
             fires = rule.pattern.words
             if rule.when is not None:
                 fires += f" Reported when {rule.when}."

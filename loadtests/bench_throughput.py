@@ -9,6 +9,10 @@ step's triggers to its logged decisions (a shard applies a micro-batch in steps 
 ``--repeat`` times (3) on fresh shards; the median run is printed, with every run's
 events_per_s and the first one's.
 
+``--compare-rules FILE`` runs each repeat twice, alternately with the shipped rules and with
+FILE (``loadtests/rules_with_patterns.yaml``: the shipped rules with patterns and windows),
+and prints both medians and their ratio.
+
 ``--checkpoint-every S`` runs each repeat twice, alternately: without checkpoints and through
 the durable pipeline (``engine.pipeline``: a checkpoint every S seconds and one at the end, the
 sinks committed with them), and prints both medians and their ratio.
@@ -84,9 +88,10 @@ def run(
     out_dir: str,
     catalog: Catalog | None,
     checkpoint_every: float | None = None,
+    rules_path: str | Path = RULES,
 ) -> dict[str, object]:
     shards = settings.shards
-    rules = load_rules(RULES)
+    rules = load_rules(rules_path)
     root = f"{out_dir}/checkpoints-{shards}-{time.time_ns()}" if checkpoint_every else None
     supervisor = Supervisor(
         settings,
@@ -212,6 +217,12 @@ def main() -> None:
         action="store_true",
         help="with --decisions: the ranker serves an uplift model (three boosters)",
     )
+    parser.add_argument(
+        "--compare-rules",
+        type=Path,
+        default=None,
+        help="also run with this rule file, alternately with the shipped one; compare",
+    )
     args = parser.parse_args()
     data = parquet_bytes(args.customers, args.events, args.seed)
     init_ray(num_cpus=max(2, *args.shards), object_store_mb=2048)
@@ -234,6 +245,21 @@ def main() -> None:
                 micro_batch_max_events=args.micro_batch,
                 decision_step_max_events=args.decision_step,
             )
+            if args.compare_rules is not None:
+                shipped, other = [], []
+                for _ in range(max(1, args.repeat)):  # alternately: the VM's speed drifts
+                    shipped.append(run(data, settings, args.batch, out_dir, catalog))
+                    other.append(
+                        run(data, settings, args.batch, out_dir, catalog, None, args.compare_rules)
+                    )
+                a, b = median_run(shipped), median_run(other)
+                print(json.dumps({"shipped_rules": a}), flush=True)
+                print(json.dumps({"rules": str(args.compare_rules), **b}), flush=True)
+                ratio = float(b["events_per_s"]) / float(a["events_per_s"])  # type: ignore[arg-type]
+                print(
+                    json.dumps({"shards": shards, "throughput_ratio": round(ratio, 3)}), flush=True
+                )
+                continue
             if args.checkpoint_every is None:
                 runs = [
                     run(data, settings, args.batch, out_dir, catalog)

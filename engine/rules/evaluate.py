@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.rules.rows import rows_where
 from engine.rules.spec import CompiledRule
 from engine.state.view import BatchView, RowsView
 
@@ -23,15 +24,11 @@ def candidates(rule: CompiledRule, view: BatchView) -> np.ndarray:
 
     Conditions are evaluated on the rows of the rule's kinds only.
     """
-    wanted = np.zeros(256, dtype=bool)  # kind codes are small: a lookup table, not isin
-    wanted[[int(k) for k in rule.kinds]] = True
-    rows = np.flatnonzero(wanted[view.kind.astype(np.uint8)])
+    rows = rows_where(rule.kinds, rule.when, view)
     if rows.size == 0:
         return rows
     ctx = RowsView(view, rows)
     keep = np.ones(rows.size, dtype=bool)
-    if rule.when is not None:
-        keep &= np.asarray(rule.when.evaluate(ctx), dtype=bool)
     if rule.value is not None and rule.threshold is not None:
         with np.errstate(invalid="ignore"):
             keep &= rule.value.evaluate(ctx) >= rule.threshold.evaluate(ctx)

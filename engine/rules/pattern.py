@@ -65,10 +65,6 @@ class Condition:
     kinds: tuple[EventKind, ...]
     when: Expression | None
 
-    def words(self) -> str:
-        kinds = " or ".join(k.wire_name for k in self.kinds)
-        return kinds + (f" where {self.when.source}" if self.when is not None else "")
-
 
 @dataclass(frozen=True)
 class State:

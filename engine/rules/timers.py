@@ -19,8 +19,9 @@ import pyarrow as pa
 from engine.events.schema import TIMER_KIND, TS_TYPE
 from engine.partition import mix64, rule_salt
 from engine.rules.matcher import PatternResult, run_pattern
+from engine.rules.rows import rows_where
 from engine.state.store import CustomerStore
-from engine.state.view import BatchView, RowsView, sort_order
+from engine.state.view import BatchView, sort_order
 
 if TYPE_CHECKING:
     from engine.rules.pattern import Automaton
@@ -29,15 +30,9 @@ if TYPE_CHECKING:
 
 def pattern_bits(a: Automaton, view: BatchView) -> tuple[np.ndarray, np.ndarray]:
     """(conditions x rows: the row is an event of that step, the rows any step takes)."""
-    kinds = view.kind.astype(np.uint8)
     bits = np.zeros((len(a.conditions), view.size), dtype=bool)
     for c, cond in enumerate(a.conditions):
-        wanted = np.zeros(256, dtype=bool)  # kind codes are small: a lookup table
-        wanted[[int(k) for k in cond.kinds]] = True
-        rows = np.flatnonzero(wanted[kinds])
-        if rows.size and cond.when is not None:
-            rows = rows[np.asarray(cond.when.evaluate(RowsView(view, rows)), dtype=bool)]
-        bits[c, rows] = True
+        bits[c, rows_where(cond.kinds, cond.when, view)] = True
     relevant = np.flatnonzero(bits.any(axis=0))
     return bits[:, relevant], relevant
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from engine.events.schema import EventKind
 from engine.rules.expr import Expression
+from engine.rules.rows import rows_where
 from engine.state.store import NEVER
 from engine.state.view import RowsView, segmented_cumsum
 from engine.units import HOUR_MS
@@ -64,11 +65,7 @@ class Window:
 
     def events(self, view: BatchView) -> tuple[np.ndarray, np.ndarray]:
         """(rows of the window's events, what each adds: 1, or the sum's value, NaN as 0)."""
-        wanted = np.zeros(256, dtype=bool)
-        wanted[[int(k) for k in self.kinds]] = True
-        rows = np.flatnonzero(wanted[view.kind.astype(np.uint8)])
-        if rows.size and self.when is not None:
-            rows = rows[np.asarray(self.when.evaluate(RowsView(view, rows)), dtype=bool)]
+        rows = rows_where(self.kinds, self.when, view)
         if self.value is None or rows.size == 0:
             return rows, np.ones(rows.size, dtype=np.float64)
         values = np.asarray(self.value.evaluate(RowsView(view, rows)), dtype=np.float64)
