@@ -85,11 +85,12 @@ class Window:
         slots = view.slot[last]
         _, state = view.window_state(self.name)
         for key, values in zip(self.keys, state, strict=True):
-            view.store.rule_state[key][slots] = values[last]
+            view.store.rule_state[key][slots] = values
 
     # -- as of each row -----------------------------------------------------------------------
     def as_of(self, view: BatchView) -> tuple[np.ndarray, np.ndarray]:
-        """(value per row, state per row: registers x rows, as stored after that row)."""
+        """(value per row, state: registers x customers, as stored after each customer's last
+        row of the step)."""
         state = [view.store.rule_state[k][view.slot] for k in self.keys]
         if view.size == 0:
             return np.zeros(0), np.zeros((len(self.keys), 0), dtype=np.int64)
@@ -124,7 +125,8 @@ class Window:
         at = np.where(mine, at[np.maximum(src, 0)], last)
         agg = np.where(mine, agg[np.maximum(src, 0)], np.where(last == NEVER, 0.0, total))
         open_ = (at != NEVER) & (ts - at <= self.size_ms)
-        return np.where(open_, agg, 0.0), np.stack([at, _bits(agg)])
+        last = view.group_last
+        return np.where(open_, agg, 0.0), np.stack([at[last], _bits(agg[last])])
 
     def _period(self, view: BatchView) -> np.ndarray:
         if self.period == "day":
@@ -143,7 +145,8 @@ class Window:
         starts[1:] |= period[1:] != period[:-1]
         carry = np.where(view.group_first & (key == period), total, 0.0)
         values = segmented_cumsum(self.contributions(view) + carry, starts)
-        return values, np.stack([period, _bits(values)])
+        last = view.group_last
+        return values, np.stack([period[last], _bits(values[last])])
 
     def _sliding(self, view: BatchView, state: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         k = self.buckets
@@ -158,46 +161,51 @@ class Window:
         first_in = np.searchsorted(keyed, keyed - k + 1, side="left")
         before = np.where(first_in > view.group_start, running[np.maximum(first_in - 1, 0)], 0.0)
         inside = running - before
-        # the stored buckets still inside, newest first
-        stored_b = state[0]
-        ring = np.stack([_floats(s) for s in state[1:]]) if k else np.zeros((0, n))
-        newest_first = np.stack(
-            [ring[(stored_b - d) % k, np.arange(n)] for d in range(k)]
-        )  # d = how many buckets older than the stored newest
-        cum = np.cumsum(newest_first, axis=0)
-        count = np.clip(stored_b - bucket + k, 0, k)
-        count = np.where(stored_b == NEVER, 0, count)
-        old = np.where(count > 0, cum[np.maximum(count - 1, 0), np.arange(n)], 0.0)
+        # the stored buckets still inside: a circular range of each customer's ring (slot j
+        # holds the bucket b with b % k == j), summed from prefix sums over the slots
+        heads = np.flatnonzero(view.group_first)
+        stored_b = state[0][heads]
+        ring = np.stack([_floats(s[heads]) for s in state[1:]])  # k x customers
+        prefix = np.zeros((k + 1, heads.size))
+        np.cumsum(ring, axis=0, out=prefix[1:])
+        newest_stored = stored_b[group]
+        count = np.clip(newest_stored - bucket + k, 0, k)
+        count = np.where(newest_stored == NEVER, 0, count)
+        hi = newest_stored % k
+        lo = (newest_stored - count + 1) % k
+        whole = prefix[k, group]
+        straight = prefix[hi + 1, group] - prefix[lo, group]
+        wrapped = whole - prefix[lo, group] + prefix[hi + 1, group]
+        old = np.where(count == 0, 0.0, np.where(lo <= hi, straight, wrapped))
+        old = np.where(count == k, whole, old)
         values = inside + old
-        return values, self._sliding_state(view, c, bucket, stored_b, ring)
+        return values, self._sliding_state(view, c, bucket, group, stored_b, ring)
 
     def _sliding_state(
         self,
         view: BatchView,
         c: np.ndarray,
         bucket: np.ndarray,
+        group: np.ndarray,
         stored_b: np.ndarray,
         ring: np.ndarray,
     ) -> np.ndarray:
-        """The registers after each customer's last row (other rows: the same, unused)."""
+        """The registers after each customer's last row (a column per customer);
+        ``stored_b`` and ``ring`` are per customer."""
         k = self.buckets
-        n = view.size
         last = np.flatnonzero(view.group_last)
-        newest = np.maximum(np.where(stored_b == NEVER, bucket, stored_b), bucket)[last]
-        group_of = np.cumsum(view.group_first) - 1
-        # stored buckets that are still among the newest k after the step, then this step's
-        out = np.zeros((k, last.size))
-        b_stored = stored_b[last]
-        for d in range(k):
-            b = newest - d
-            keep = (b_stored != NEVER) & (b <= b_stored) & (b > b_stored - k)
-            out[b % k, np.arange(last.size)] = np.where(keep, ring[b % k, last], 0.0)
-        adds = (c != 0) & (bucket > newest[group_of] - k)
-        np.add.at(out, (bucket[adds] % k, group_of[adds]), c[adds])
-        registers = np.zeros((k + 1, n), dtype=np.int64)
-        registers[0, last] = newest
-        registers[1:, last] = _bits(out)
-        return registers
+        customers = last.size
+        newest = np.maximum(np.where(stored_b == NEVER, bucket[last], stored_b), bucket[last])
+        # slot j after the step holds the bucket b in (newest - k, newest] with b % k == j;
+        # the stored value of that slot is the same bucket's if it is not newer than stored
+        slot = np.arange(k)[:, None]
+        b = newest[None, :] - ((newest[None, :] - slot) % k)
+        keep = (stored_b[None, :] != NEVER) & (b <= stored_b[None, :])
+        out = np.where(keep, ring, 0.0)
+        adds = (c != 0) & (bucket > newest[group] - k)
+        flat = (bucket[adds] % k) * customers + group[adds]
+        out += np.bincount(flat, weights=c[adds], minlength=k * customers).reshape(k, customers)
+        return np.concatenate([newest[None, :], _bits(out)])
 
 
 def _floats(bits: np.ndarray) -> np.ndarray:

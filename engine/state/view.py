@@ -198,7 +198,8 @@ class BatchView:
         return cached
 
     def window_state(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(value per row, state registers per row) of window ``name`` (cached)."""
+        """(value per row, state registers per customer after the step) of window ``name``
+        (cached)."""
         key = f"@window:{name}"
         cached = self._windows.get(key)
         if cached is None:
