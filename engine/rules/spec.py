@@ -215,8 +215,9 @@ class WindowSpec(_Common):
             raise ValueError("a window fires nothing, so it emits nothing: other rules read it")
         if (self.sliding is None) != (self.every is None):
             raise ValueError("a sliding window needs 'every' (its bucket), and only it")
-        if self.tumbling is not None and self.tumbling not in ("hour", "day", "billing_cycle"):
-            parse_duration_ms(self.tumbling)  # a duration, aligned to the epoch
+        calendar = self.tumbling in (None, "hour", "day", "billing_cycle")
+        if not calendar and parse_duration_ms(str(self.tumbling)) <= 0:  # aligned to the epoch
+            raise ValueError("a tumbling window's period must be longer than 0")
         return self
 
 
@@ -319,7 +320,7 @@ def _window(spec: WindowSpec, when: Expression | None, value: Expression | None)
     elif spec.tumbling is not None:
         calendar = spec.tumbling in ("hour", "day", "billing_cycle")
         shape, every = "tumbling", 0
-        size = 0 if calendar else max(1, parse_duration_ms(spec.tumbling))
+        size = 0 if calendar else parse_duration_ms(spec.tumbling)
         period = spec.tumbling if calendar else None
     else:
         assert spec.sliding is not None and spec.every is not None

@@ -305,6 +305,7 @@ def test_a_late_event_is_dead_lettered_naming_the_rules_that_could_not_see_it() 
         ({"on": "usage", "sliding": "10h", "every": "1m"}, "a whole number of buckets, 1 to 60"),
         ({"on": "usage", "session": "1h", "emit": {"x": "mb"}}, "it emits nothing"),
         ({"on": "usage", "tumbling": "fortnight"}, "is not a duration"),
+        ({"on": "usage", "tumbling": "0s"}, "longer than 0"),
         ({"on": "usage", "session": "1h", "sum": "item"}, "field 'sum'"),
     ],
 )
