@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow as pa
 import ray
 
 from actors.ingestlog import LogConfig, LogSource
@@ -40,6 +41,7 @@ from engine.decision.catalog import Catalog, load_catalog, parse_catalog
 from engine.errors import CatalogError, RuleError
 from engine.gateway import ApiActivity, GatewayLogic, Retrainer
 from engine.pipeline import Pipeline
+from engine.reference import EMPTY, ReferenceDataError, load_reference
 from engine.rules.spec import RuleSet, load_rules, parse_rules
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class GatewayConfig:
     rules_file: str
     offers_file: str | None
     name: str = "kairos"
+    #: the reference tables at start-up (None: none; ``PUT /v1/reference/{name}`` sets them)
+    reference_file: str | None = None
     shard_cpus: float = 0.25
     idle_release_ms: float = 2_000.0
     #: the ingest log (None: ``submit`` feeds the engine directly, nothing is durable)
@@ -94,6 +98,7 @@ class GatewayActor:
         root = Path(config.data_dir).resolve()
         rules = load_rules(config.rules_file)
         catalog = load_catalog(config.offers_file) if config.offers_file else None
+        reference = load_reference(config.reference_file) if config.reference_file else EMPTY
         #: per-key rate limits across API replicas (``routing()`` hands it to them)
         self.limiter = RateLimiterActor.remote()
         self.supervisor = Supervisor(
@@ -110,6 +115,7 @@ class GatewayActor:
             observer=self._observe,
             idle_release_ms=config.idle_release_ms,
             checkpoint_root=config.checkpoint_uri or str(root / "checkpoints"),
+            reference=reference,
         )
         self.lock = threading.RLock()
         #: whether events made before now may still come from API replicas (Ray restarted
@@ -349,6 +355,31 @@ class GatewayActor:
         except CatalogError as exc:
             return {"ok": False, "errors": exc.problems}
         return {"ok": True, "offers": len(catalog.offers)}
+
+    def reference(self) -> dict[str, Any]:
+        """The reference tables' version and rows (``GET /v1/reference``)."""
+        return self.supervisor.reference.summary()
+
+    def reference_table(self, name: str) -> list[dict[str, Any]]:
+        """The rows of reference table ``name`` (``GET /v1/reference/{name}``)."""
+        rows: list[dict[str, Any]] = self.supervisor.reference.tables[name].to_pylist()
+        return rows
+
+    def set_reference(self, name: str, table: pa.Table) -> dict[str, Any]:
+        """Validate reference table ``name`` whole, with the others, and broadcast it to every
+        shard; an invalid one changes nothing. Returns {"ok": True, "version": ..., "rows": n}
+        or {"ok": False, "errors": [...]}."""
+        try:
+            self.supervisor.reference.replaced(name, table)  # before the lock: costs nothing
+            with self.lock:
+                reference = self.supervisor.set_reference(name, table)
+                self._make_durable(
+                    lambda: self.supervisor.reference.version == reference.version,
+                    lambda: self.supervisor.set_reference(name, table),
+                )
+        except ReferenceDataError as exc:
+            return {"ok": False, "errors": exc.problems}
+        return {"ok": True, "version": reference.version, "rows": table.num_rows}
 
     # -- reading -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from engine.checkpoint import write_shard
 from engine.config import EngineSettings
 from engine.decision.catalog import parse_catalog
 from engine.decision.scorer import OfferScorer, RemoteScorer, ScorerUnavailableError
+from engine.reference import EMPTY, ReferenceData
 from engine.rules.spec import parse_rules
 from engine.shard import ApplyResult, ShardLogic
 from engine.snapshot import ShardSnapshot
@@ -52,10 +53,12 @@ class ShardActor:
         key_range: tuple[int, int],
         catalog_document: dict[str, Any] | None = None,
         scorer: OfferScorer | None = None,
+        reference: ReferenceData = EMPTY,
     ) -> None:
         rules = parse_rules(rules_document, "rules")
         catalog = parse_catalog(catalog_document, "offers") if catalog_document else None
         self.logic = ShardLogic(shard_id, settings, rules, key_range, catalog, scorer)
+        self.logic.set_reference(reference)
         self._catalog, self._scorer = catalog, scorer
         #: new at every start (Ray restarts a dead shard empty): the router notices a restart
         #: that came between two calls by this changing, and the engine recovers
@@ -69,6 +72,7 @@ class ShardActor:
         self.logic = ShardLogic(
             shard_id, logic.settings, logic.rules, key_range, catalog, self._scorer
         )
+        self.logic.set_reference(logic.reference)
 
     def connect_scorer(self) -> str | None:
         """Connect the scorer ahead of the first decision; None when ready (or no scorer),
@@ -150,6 +154,11 @@ class ShardActor:
         """Replace the rules (already validated by the caller; validated again here)."""
         self.logic.set_rules(parse_rules(rules_document, "rules"))
         return len(self.logic.rules)
+
+    def set_reference(self, reference: ReferenceData) -> str:
+        """Replace the reference tables (validated by the caller); returns their version."""
+        self.logic.set_reference(reference)
+        return reference.version
 
     def customer(self, customer_key: int) -> dict[str, Any] | None:
         return self.logic.customer(customer_key)

@@ -41,6 +41,7 @@ from engine.errors import CatalogError, RuleError, StateError, WorkerLostError
 from engine.events.deadletter import DeadLetter
 from engine.faults import crash_point
 from engine.ingest import Ingestor
+from engine.reference import EMPTY, ReferenceData, ReferenceDataError
 from engine.rules.spec import RuleSet, parse_rules
 from engine.sink import ParquetSink
 
@@ -83,20 +84,24 @@ class Supervisor:
         checkpoint_root: str | None = None,
         keep_checkpoints: int = 3,
         spares: int = 2,
+        reference: ReferenceData = EMPTY,
     ) -> None:
         """``catalog`` and ``scorer`` (e.g. a ServeScorer) switch decisions on; they are
         logged under ``decision_uri`` by day, and offer responses under ``response_uri``.
         ``idle_release_ms``: a live service releases the watermark when input goes quiet.
-        ``checkpoint_root``: where checkpoints go (a folder or an object-store URI)."""
+        ``checkpoint_root``: where checkpoints go (a folder or an object-store URI).
+        ``reference``: the reference tables rules read (``set_reference`` replaces one)."""
         self.checkpoint_root = checkpoint_root
         self.keep_checkpoints = keep_checkpoints
         self.settings = settings
         self.rules = rules
         self.catalog = catalog
+        self.reference = reference
         #: digests of the configuration this process started with (see restored_config)
         self._started_from = {
             "rules": document_digest(rules.document),
             "offers": document_digest(catalog.document if catalog else None),
+            "reference": reference.version,
         }
         self.ingestor = Ingestor(settings)
         self.ingestor.listen(rules.listening)
@@ -165,6 +170,7 @@ class Supervisor:
             self.ingestor.shard_map.range_of(i),
             offers,
             self._scorer,
+            self.reference,
         )
 
     def set_rules(self, document: dict[str, Any], source: str = "rules") -> RuleSet:
@@ -178,6 +184,19 @@ class Supervisor:
         self.rules = rules
         self.ingestor.listen(rules.listening)
         return rules
+
+    def set_reference(self, name: str, table: pa.Table) -> ReferenceData:
+        """Replace reference table ``name`` on every shard between micro-batches.
+
+        The table is validated whole, with the others (a stock of an unknown store is refused):
+        an invalid one raises ReferenceDataError before any shard sees it; the running data
+        stays.
+        """
+        reference = self.reference.replaced(name, table)
+        self.router.drain()
+        ray.get([s.set_reference.remote(reference) for s in [*self.shards, *self.spares]])
+        self.reference = reference
+        return reference
 
     def connect_scorers(self) -> list[str]:
         """Have every shard connect to the ranker (call once it is deployed); the problems."""
@@ -284,6 +303,9 @@ class Supervisor:
                 "offers": config_entry(
                     self.catalog.document if self.catalog else None, self._started_from["offers"]
                 ),
+                "reference": config_entry(
+                    self.reference.document(), self._started_from["reference"]
+                ),
             },
             **extra,
         }
@@ -317,6 +339,10 @@ class Supervisor:
             snapshots = rescale(snapshots, ranges, self.settings.key_groups)
         epoch = int(document["epoch"])
         self._restore_config(document)
+        ran_with = {s.reference_version for s in snapshots} - {"", self.reference.version}
+        if ran_with:
+            log.warning("the shards ran with reference data %s; restored with %s (the files "
+                        "were edited since)", sorted(ran_with), self.reference.version)  # fmt: skip
         rules, offers = dict(self.rules.document), self.catalog
         document_of_offers = dict(offers.document) if offers else None
 
@@ -327,6 +353,7 @@ class Supervisor:
                 for call in (
                     shard.set_rules.remote(rules),  # a restarted shard has its first rules
                     shard.set_catalog.remote(document_of_offers),
+                    shard.set_reference.remote(self.reference),
                     shard.restore.remote(snapshot),
                 )
             ]
@@ -344,8 +371,9 @@ class Supervisor:
         return document
 
     def _restore_config(self, document: Mapping[str, Any]) -> None:
-        """The rules and offers running at the checkpoint (set at run time, maybe), unless this
-        process started from other ones (edited files win; see ``restored_config``)."""
+        """The rules, offers and reference tables running at the checkpoint (set at run time,
+        maybe), unless this process started from other ones (edited files win; see
+        ``restored_config``)."""
         rules = restored_config(document, "rules", self._started_from["rules"])
         offers = restored_config(document, "offers", self._started_from["offers"])
         recorded = document.get("config", {})
@@ -353,6 +381,15 @@ class Supervisor:
             if restored is None and (recorded.get(name) or {}).get("document") is not None:
                 log.warning("the %s files were edited since the checkpointed run started: "
                             "they replace the %s it ran with", name, name)  # fmt: skip
+        tables = restored_config(document, "reference", self._started_from["reference"])
+        try:
+            if tables is not None:
+                reference = ReferenceData.from_document(tables)
+                if reference.version != self.reference.version:
+                    self.reference = reference
+        except ReferenceDataError as exc:
+            log.error("the checkpoint's reference data is not valid here; using the files: %s",
+                      exc)  # fmt: skip
         try:
             if rules is not None and rules != dict(self.rules.document):
                 self.rules = parse_rules(rules, "the checkpoint's rules")

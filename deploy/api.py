@@ -5,6 +5,9 @@
 ``POST /v1/customers/lookup`` the golden record, from the owning shard (the id in the body)
 ``GET|PUT /v1/rules``     the running rules; a PUT swaps them (an invalid one changes nothing)
 ``GET|PUT /v1/offers``    the running offer catalog, likewise
+``GET /v1/reference``     the reference tables' version and rows; ``GET|PUT
+                          /v1/reference/{name}`` one table's rows; a PUT replaces it (JSON, YAML,
+                          CSV or Parquet; validated whole with the others, else nothing changes)
 ``GET  /v1/stats``        ingest and engine counters
 ``GET  /healthz``, ``GET /readyz``; OpenAPI at ``/openapi.json``, docs at ``/docs``.
 
@@ -66,11 +69,19 @@ from engine.limits import (
     MAX_ERRORS_LISTED,
     MAX_EVENTS_PER_REQUEST,
     MAX_ID_CHARS,
+    MAX_REFERENCE_BYTES,
     TS_RANGE_TEXT,
     depth_over,
     time_in_range,
 )
 from engine.logformat import encode_decisions, encode_message
+from engine.reference import (
+    TABLE_NAMES,
+    ReferenceDataError,
+    UnreadableTableError,
+    read_table,
+    validate_table,
+)
 from engine.state.store import PROFILE_COLUMNS
 from engine.yamlfile import DocumentLimitError, load_yaml
 from models.loopback import confine_serve_grpc
@@ -81,6 +92,15 @@ API_DEPLOYMENT = "api"
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/plain")
+CSV_TYPES = ("text/csv", "application/csv")
+PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet")
+#: a reference table's content type -> its format (``engine.reference.read_table``)
+REFERENCE_FORMATS = {
+    **dict.fromkeys(JSON_TYPES, "json"),
+    **dict.fromkeys(YAML_TYPES, "yaml"),
+    **dict.fromkeys(CSV_TYPES, "csv"),
+    **dict.fromkeys(PARQUET_TYPES, "parquet"),
+}
 
 # -- the API's documents ---------------------------------------------------------------------
 _PY_TYPES: dict[str, Any] = {"double": float, "string": str, "bool": bool, "int8": int}
@@ -266,6 +286,13 @@ async def _body(request: Request, limit: int, name: str = "max_body_bytes") -> b
             413, f"body of {size:,} bytes is over the limit of {limit:,} bytes ({name})"
         )
     return body
+
+
+def _reference_name(name: str) -> None:
+    if name not in TABLE_NAMES:
+        raise HTTPException(
+            404, f"no reference table {safe_text(name, 64)!r}; known: {', '.join(TABLE_NAMES)}"
+        )
 
 
 def safe_text(value: object, limit: int = 1_000) -> str:
@@ -866,6 +893,59 @@ class KairosApi:
         result = await self.gateway.set_offers.remote(document)
         self._audit_change(request, "offers.change", document, result)
         return self._outcome(result, "offers")
+
+    @api.get("/v1/reference", summary="The reference tables: their version and rows")
+    async def get_reference(self) -> JSONResponse:
+        return JSONResponse(await self.gateway.reference.remote())
+
+    @api.get(
+        "/v1/reference/{name}",
+        responses={404: {"description": "No reference table of that name."}},
+        summary="The rows of one reference table",
+    )
+    async def get_reference_table(self, name: str) -> JSONResponse:
+        _reference_name(name)
+        rows = await self.gateway.reference_table.remote(name)
+        return JSONResponse(jsonable_encoder({"name": name, "rows": rows}))
+
+    @api.put(
+        "/v1/reference/{name}",
+        responses={
+            400: {"description": "The body does not parse in its content type."},
+            404: {"description": "No reference table of that name."},
+            413: {"description": f"The body is over {MAX_REFERENCE_BYTES:,} bytes."},
+            415: {"description": "Another content type than JSON, YAML, CSV or Parquet."},
+            422: {"model": Problems, "description": "Invalid: the running table stays."},
+        },
+        summary="Replace one reference table (stores, stock, recalls, accessories)",
+    )
+    async def put_reference(self, name: str, request: Request) -> JSONResponse:
+        """The whole table: rows as JSON or YAML (a list of maps), CSV with a header, or
+        Parquet. Validated whole, with the other tables (stock of an unknown store is refused),
+        then broadcast to every shard between micro-batches; on any problem nothing changes and
+        the answer lists every problem (table, column, row)."""
+        _reference_name(name)
+        media = _media_type(request)
+        fmt = REFERENCE_FORMATS.get(media)
+        if fmt is None:
+            raise HTTPException(
+                415,
+                f"content type {media!r} is not supported: use JSON, YAML, CSV "
+                "(text/csv) or Parquet (application/vnd.apache.parquet)",
+            )
+        body = await _body(request, MAX_REFERENCE_BYTES, "max_reference_bytes")
+        try:
+            table = validate_table(name, read_table(name, body, fmt))
+        except UnreadableTableError as exc:
+            raise HTTPException(400, safe_text(exc)) from exc
+        except ReferenceDataError as exc:
+            result: dict[str, Any] = {"ok": False, "errors": exc.problems}
+        else:
+            result = await self.gateway.set_reference.remote(name, table)
+        self.guard.record(_principal(request), "reference.change", table=name,
+                          applied=bool(result["ok"]), version=result.get("version"),
+                          sha256=hashlib.sha256(body).hexdigest())  # fmt: skip
+        return self._outcome(result, f"reference table '{name}'")
 
     def _audit_change(
         self, request: Request, action: str, document: Any, result: dict[str, Any]

@@ -15,10 +15,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from deploy import cli_decisions, cli_security, doctor, service
-from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
+from deploy.paths import DEFAULT_OFFERS, DEFAULT_REFERENCE, DEFAULT_RULES
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog
 from engine.errors import EngineError
+from engine.reference import EMPTY, ReferenceData, load_reference
 from engine.rules.spec import RuleSet, load_rules
 
 app = typer.Typer(
@@ -71,6 +72,7 @@ def _live_replay(
     resume: str | None = None,
     checkpoint_every_s: float | None = 10.0,
     source_name: str = "events",
+    reference: ReferenceData = EMPTY,
 ) -> Any:
     from actors.runtime import init_ray
     from deploy.replay import Progress as ReplayProgress
@@ -117,6 +119,7 @@ def _live_replay(
             source_name=source_name,
             resume=resume,
             checkpoint_every_s=checkpoint_every_s,
+            reference=reference,
         )
         bar.update(task, completed=table.num_rows, rate=f"{report.events_per_s:,.0f} events/s")
         final = ReplayProgress(
@@ -218,6 +221,9 @@ def generate(
 def replay_command(
     file: Annotated[Path, typer.Argument(help="Parquet or NDJSON event file.")],
     rules: Annotated[Path, typer.Option(help="Rule file.")] = DEFAULT_RULES,
+    reference: Annotated[
+        Path, typer.Option(help="Reference tables the rules read (stores, stock, recalls).")
+    ] = DEFAULT_REFERENCE,
     shards: Annotated[int | None, typer.Option(min=1, help="Shard actors.")] = None,
     out: Annotated[Path, typer.Option(help="Where triggers and dead letters go.")] = Path(
         "kairos-data"
@@ -250,7 +256,7 @@ def replay_command(
         resume = runs[-1]
     report = _live_replay(
         _events_file(file), settings, ruleset, out, address, catalog, resume, checkpoint_every,
-        str(file.resolve()),
+        str(file.resolve()), load_reference(reference),
     )  # fmt: skip
     _summary(report, ruleset)
 
@@ -276,7 +282,7 @@ def demo(
     catalog = load_catalog(DEFAULT_OFFERS)
     report = _live_replay(
         _events_file(data), _settings(shards=shards), ruleset, out, None, catalog,
-        source_name=str(data.resolve()),
+        source_name=str(data.resolve()), reference=load_reference(DEFAULT_REFERENCE),
     )  # fmt: skip
     _summary(report, ruleset)
     if loop_customers:

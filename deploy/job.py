@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
+from deploy.paths import DEFAULT_OFFERS, DEFAULT_REFERENCE, DEFAULT_RULES
 from engine.errors import EngineError
 
 
@@ -30,10 +30,12 @@ def _replay(args: argparse.Namespace) -> dict[str, Any]:
     from deploy.replay import replay
     from engine.config import EngineSettings
     from engine.decision.catalog import load_catalog
+    from engine.reference import load_reference
     from engine.rules.spec import load_rules
 
     rules = load_rules(args.rules)
     catalog = load_catalog(args.offers_file) if args.offers else None
+    reference = load_reference(args.reference)
     if args.file:
         from engine.eventfile import read_events
 
@@ -52,7 +54,14 @@ def _replay(args: argparse.Namespace) -> dict[str, Any]:
     settings = EngineSettings(shards=args.shards)
     print(f"replaying {table.num_rows:,} events through {args.shards} shards", flush=True)
     report = replay(
-        table, settings, rules, Path(args.out), unreadable=unreadable, lines=lines, catalog=catalog
+        table,
+        settings,
+        rules,
+        Path(args.out),
+        unreadable=unreadable,
+        lines=lines,
+        catalog=catalog,
+        reference=reference,
     )
     stats = report.stats
     return {
@@ -99,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--rules", default=str(DEFAULT_RULES))
     common.add_argument("--offers-file", default=str(DEFAULT_OFFERS))
+    common.add_argument("--reference", default=str(DEFAULT_REFERENCE))
     common.add_argument("--seed", type=int, default=7)
     common.add_argument("--out", default="kairos-data/jobs", help="output folder (or URI)")
     r = sub.add_parser("replay", parents=[common], help="replay events through the engine")

@@ -25,6 +25,7 @@ from engine.decision.catalog import Catalog
 from engine.decision.scorer import OfferScorer
 from engine.events.deadletter import DeadLetter
 from engine.pipeline import Pipeline, Recovery
+from engine.reference import EMPTY, ReferenceData
 from engine.rules.spec import RuleSet
 from engine.source import TableSource
 
@@ -86,14 +87,15 @@ def replay(
     resume: str | None = None,
     on_step: Callable[[Supervisor, Pipeline], None] | None = None,
     scorer: OfferScorer | None = None,
+    reference: ReferenceData = EMPTY,
 ) -> ReplayReport:
     """Stream ``table`` (raw events in arrival order) through sharded actors on the running Ray.
 
     With a ``catalog``, shards decide on every trigger through the ranker deployment (which
     must be running) and the decision log goes to ``out_dir/decisions/<run>``. ``resume``
     names an earlier run to continue from its last checkpoint (the same ``source_name`` and
-    table). ``on_step`` is called after every step (tests inject faults there); ``scorer``
-    replaces the ranker deployment's.
+    table). ``reference``: the reference tables rules read. ``on_step`` is called after every
+    step (tests inject faults there); ``scorer`` replaces the ranker deployment's.
     """
     from actors.scorer import ServeScorer
 
@@ -113,6 +115,7 @@ def replay(
         scorer=(scorer or ServeScorer()) if catalog else None,
         decision_uri=str(decision_dir) if catalog else None,
         checkpoint_root=str(checkpoint_dir),
+        reference=reference,
     )
     source = TableSource(table, source_name, lines, unreadable or [])
     pipeline = Pipeline(source, supervisor, checkpoint_every_s, chunk=chunk)

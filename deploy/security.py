@@ -30,6 +30,7 @@ from engine.governance.audit import AuditTrail, audit_key
 from engine.governance.handles import HandleVault, handles_path
 from engine.governance.keys import ApiKey, AuthError, KeyStore, Principal
 from engine.governance.ratelimit import Allowances, lease_size, retry_after
+from engine.reference import TABLE_NAMES
 
 log = logging.getLogger("ray.serve")
 
@@ -43,6 +44,12 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", "/v1/offers"): "admin",
     ("PUT", "/v1/offers"): "admin",
     ("GET", "/v1/stats"): "admin",
+    ("GET", "/v1/reference"): "admin",
+    **{
+        (method, f"/v1/reference/{name}"): "admin"
+        for method in ("GET", "PUT")
+        for name in TABLE_NAMES
+    },
 }
 #: answered without a key: liveness and readiness say nothing about customers or configuration
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from actors.gateway import GatewayConfig, MakeRetrainer, StartRanker
 from actors.ingestlog import LogConfig
-from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
+from deploy.paths import DEFAULT_OFFERS, DEFAULT_REFERENCE, DEFAULT_RULES
 from deploy.ranker import make_retrainer, start_ranker
 from engine.config import DEFAULT_PSEUDONYM_KEY, EngineSettings
 from engine.errors import EngineError
@@ -37,6 +37,10 @@ class ServiceConfig(BaseModel):
     rules: str = Field(str(DEFAULT_RULES), description="Rule file at start-up.")
     offers: str | None = Field(
         str(DEFAULT_OFFERS), description="Offer catalog at start-up (None: no offers)."
+    )
+    reference: str | None = Field(
+        str(DEFAULT_REFERENCE),
+        description="Reference tables at start-up (stores, stock, recalls; None: none).",
     )
     shards: int = Field(2, ge=1)
     shard_cpus: float = Field(0.25, gt=0)
@@ -124,6 +128,7 @@ class ServiceConfig(BaseModel):
             data_dir=self.data_dir,
             rules_file=self.rules,
             offers_file=self.offers,
+            reference_file=self.reference,
             name=self.name,
             shard_cpus=self.shard_cpus,
             idle_release_ms=self.idle_release_ms,
@@ -171,6 +176,9 @@ def serve(
     ),
     rules: Annotated[Path, typer.Option(help="Rule file at start-up.")] = DEFAULT_RULES,
     offers: Annotated[Path, typer.Option(help="Offer catalog at start-up.")] = DEFAULT_OFFERS,
+    reference: Annotated[
+        Path, typer.Option(help="Reference tables at start-up (stores, stock, recalls).")
+    ] = DEFAULT_REFERENCE,
     no_offers: Annotated[bool, typer.Option(help="Run without decisions.")] = False,
     shards: Annotated[int, typer.Option(min=1, help="Shard actors.")] = 2,
     replicas: Annotated[int, typer.Option(min=1, help="API replicas.")] = 2,
@@ -227,6 +235,7 @@ def serve(
         data_dir=str(data_dir.resolve()),
         rules=str(rules.resolve()),
         offers=None if no_offers else str(offers.resolve()),
+        reference=str(reference.resolve()),
         shards=shards,
         retrain_every=retrain_every,
         nats_url=nats,

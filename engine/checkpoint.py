@@ -258,6 +258,9 @@ def rescale(
     customers = _unify_pool(snapshots)
     watermark = min(s.watermark_ms for s in snapshots)
     inbound = tuple(sorted({i for s in snapshots for i in s.inbound}))
+    versions = {s.reference_version for s in snapshots}
+    if len(versions) > 1:
+        raise StateError(f"the snapshots ran with different reference data: {sorted(versions)}")
     out = []
     for shard_id, (start, stop) in enumerate(ranges):
 
@@ -278,6 +281,7 @@ def rescale(
                 recent_triggers=mine(merged["recent_triggers"]),
                 recent_decisions=mine(merged["recent_decisions"]),
                 inbound=inbound,
+                reference_version=versions.pop() if len(versions) == 1 else "",
             )
         )
     return out

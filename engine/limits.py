@@ -23,6 +23,12 @@ MAX_ID_CHARS = 256
 #: a rules or offers document: bytes, nesting depth (deeper: 422); YAML aliases are refused
 MAX_DOCUMENT_BYTES = 1 << 20
 MAX_DOCUMENT_DEPTH = 16
+#: a reference table (``PUT /v1/reference/{name}``): bytes of the body (YAML: the document
+#: limit), rows, characters of a text value, and bytes a Parquet body may decode to
+MAX_REFERENCE_BYTES = 16 << 20
+MAX_REFERENCE_ROWS = 200_000
+MAX_REFERENCE_CHARS = 256
+MAX_REFERENCE_DECODED_BYTES = 64 << 20
 #: a rule or eligibility expression: characters and syntax-tree depth
 MAX_EXPRESSION_CHARS = 2_000
 MAX_EXPRESSION_DEPTH = 32
@@ -44,6 +50,10 @@ LIMITS: dict[str, float] = {
     "max_id_chars": MAX_ID_CHARS,
     "max_document_bytes": MAX_DOCUMENT_BYTES,
     "max_document_depth": MAX_DOCUMENT_DEPTH,
+    "max_reference_bytes": MAX_REFERENCE_BYTES,
+    "max_reference_rows": MAX_REFERENCE_ROWS,
+    "max_reference_chars": MAX_REFERENCE_CHARS,
+    "max_reference_decoded_bytes": MAX_REFERENCE_DECODED_BYTES,
     "max_expression_chars": MAX_EXPRESSION_CHARS,
     "max_expression_depth": MAX_EXPRESSION_DEPTH,
     "max_number": MAX_NUMBER,

@@ -24,6 +24,7 @@ from engine.errors import StateError
 from engine.events.codec import rows_to_batch
 from engine.events.deadletter import DeadLetter
 from engine.ingest import Ingestor
+from engine.reference import EMPTY, ReferenceData
 from engine.rules.spec import RuleSet
 from engine.shard import ApplyResult, ShardLogic
 from engine.trigger import TRIGGER_SCHEMA
@@ -39,9 +40,11 @@ class LocalEngine:
         catalog: Catalog | None = None,
         scorer: OfferScorer | None = None,
         checkpoint_root: str | None = None,
+        reference: ReferenceData = EMPTY,
     ) -> None:
         self.settings = settings
         self.rules = rules
+        self.reference = reference
         self.catalog = catalog
         self.scorer = scorer
         self.ingestor = Ingestor(settings)
@@ -73,6 +76,8 @@ class LocalEngine:
             )
             for i in range(self.settings.shards)
         ]
+        for shard in self.shards:
+            shard.set_reference(self.reference)
 
     def submit(
         self, batch: pa.RecordBatch | pa.Table, positions: np.ndarray | None = None
@@ -161,6 +166,12 @@ class LocalEngine:
         self.ingestor.listen(rules.listening)
         for shard in self.shards:
             shard.set_rules(rules)
+
+    def set_reference(self, reference: ReferenceData) -> None:
+        """Swap the reference tables on every shard (between steps)."""
+        self.reference = reference
+        for shard in self.shards:
+            shard.set_reference(reference)
 
     def set_catalog(self, catalog: Catalog | None, scorer: OfferScorer | None = None) -> None:
         for shard in self.shards:

@@ -39,6 +39,7 @@ from engine.events.deadletter import DEAD_LETTER_SCHEMA
 from engine.events.schema import CHANNELS, ROUTED_SCHEMA, TS_TYPE, EventKind, sparse_routed
 from engine.ingest import NO_WATERMARK
 from engine.limits import TS_RANGE_TEXT, time_in_range
+from engine.reference import EMPTY, ReferenceData
 from engine.rules.evaluate import candidates, cooldown, once_per_period, period_of
 from engine.rules.sequential import warm
 from engine.rules.spec import CompiledRule, RuleSet
@@ -216,6 +217,8 @@ class ShardLogic:
         self.buffer = EventBuffer(settings.dedupe_window_ms)
         self.watermark_ms = NO_WATERMARK
         self.rules = rules
+        #: the reference tables rules read (``set_reference``; its version goes in snapshots)
+        self.reference: ReferenceData = EMPTY
         self.store.ensure_rules(rules.state_keys)
         if any(r.pattern is not None for r in rules.rules):
             warm()
@@ -243,6 +246,10 @@ class ShardLogic:
             warm()
         self.store.ensure_rules(rules.state_keys)
         self.rules = rules
+
+    def set_reference(self, reference: ReferenceData) -> None:
+        """Swap the reference tables (between micro-batches: the next step reads the new ones)."""
+        self.reference = reference
 
     def set_catalog(self, catalog: Catalog | None, scorer: OfferScorer | None = None) -> None:
         """Swap the offer catalog (None: no decisions); contact history carries over."""
@@ -457,7 +464,12 @@ class ShardLogic:
             "page": pa.array(list(pages or [None] * n), type=ROUTED_SCHEMA.field("page").type),
         }
         view = BatchView(
-            pa.Table.from_pydict(columns), order, slots[order], store, self.rules.windows
+            pa.Table.from_pydict(columns),
+            order,
+            slots[order],
+            store,
+            self.rules.windows,
+            self.reference,
         )
         decisions = decider.decide_inbound(view, channel_ix[order])
         back = np.empty(n, dtype=np.int64)
@@ -545,7 +557,9 @@ class ShardLogic:
         slots = self.store.slots_for(keys)
         ts = np.asarray(table.column("ts").cast(pa.int64()).to_numpy())[rows]
         order = sort_order(slots, ts)
-        view = BatchView(table, rows[order], slots[order], self.store, self.rules.windows)
+        view = BatchView(
+            table, rows[order], slots[order], self.store, self.rules.windows, self.reference
+        )
         matches = [(rule, match_pattern(rule, view, self.store, horizon)) for rule in patterns]
         view, matched = with_timer_rows(view, matches, self.store)
         tables = []
@@ -638,6 +652,7 @@ class ShardLogic:
             recent_triggers=self.recent_triggers.to_table(),
             recent_decisions=self.recent_decisions.to_table(),
             inbound=tuple(self.inbound_live),
+            reference_version=self.reference.version,
         )
 
     def restore(self, snapshot: ShardSnapshot) -> None:

@@ -43,6 +43,9 @@ class ShardSnapshot:
     #: ids of inbound decisions applied to the contact state whose log record is still to be
     #: read (``ShardLogic.record_inbound`` skips them); few, and carried whole on a rescale
     inbound: tuple[int, ...] = ()
+    #: the version (digest) of the reference tables the shard ran with (``engine.reference``);
+    #: the checkpoint's manifest holds the tables themselves
+    reference_version: str = ""
     format: int = field(default=FORMAT_VERSION)
 
     @property
@@ -60,6 +63,7 @@ class ShardSnapshot:
             "counters": dict(self.counters),
             "customers": self.customers.num_rows,
             "inbound": list(self.inbound),
+            "reference_version": self.reference_version,
         }
 
     @classmethod
@@ -82,6 +86,7 @@ class ShardSnapshot:
             watermark_ms=int(metadata["watermark_ms"]),
             counters={str(k): int(v) for k, v in metadata.get("counters", {}).items()},
             inbound=tuple(int(i) for i in metadata.get("inbound", ())),
+            reference_version=str(metadata.get("reference_version", "")),
             **{name: tables[name] for name in TABLES},
         )
 

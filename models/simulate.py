@@ -73,6 +73,9 @@ class SimulationConfig:
     #: "classic" (one response probability, a fixed fifth of it organic: the figures before
     #: issue 16) or "uplift" (response types: ``engine.synthetic.uplift``)
     world: str = "classic"
+    #: web events come in visits (``telco.events``); False: each at a time of its own (the
+    #: world of the figures before issue 17)
+    visits: bool = True
 
 
 class TruthFitScorer:
@@ -190,7 +193,12 @@ class Simulation:
         self.pop = telco.population(config.customers, seed=config.seed)
         total = int(config.customers * config.days * config.events_per_customer_day)
         self.events = telco.events(
-            self.pop, total, days=config.days, seed=config.seed, start=config.start
+            self.pop,
+            total,
+            days=config.days,
+            seed=config.seed,
+            start=config.start,
+            visits=config.visits,
         )
         self.t0 = int(config.start.timestamp() * 1000)
         self.warmup_end = self.t0 + config.warmup_days * DAY_MS
@@ -205,7 +213,8 @@ class Simulation:
         started = time.perf_counter()
         sim = self.simulator()
         catalog, scorer = self._policy(name, sim)
-        engine = LocalEngine(self.settings, self.rules, catalog, scorer)
+        # the engine knows the world's stores and stock, as a retailer knows its own inventory
+        engine = LocalEngine(self.settings, self.rules, catalog, scorer, reference=sim.reference)
         run = PolicyRun(name)
         learns = name in ("kairos", "kairos-uplift")
         registry = ModelRegistry(f"{self.registry_uri}/{name}") if learns else None

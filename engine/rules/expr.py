@@ -23,6 +23,7 @@ import numpy as np
 
 from engine.errors import RuleError
 from engine.limits import MAX_EXPRESSION_CHARS, MAX_EXPRESSION_DEPTH, MAX_NUMBER
+from engine.reference import EARTH_RADIUS_KM, ReferenceData
 
 Type = Literal["num", "bool", "str"]
 Array = np.ndarray
@@ -34,7 +35,26 @@ class Context(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def reference(self) -> ReferenceData:
+        """The reference tables the reference functions read (``engine.reference``)."""
+        ...
+
     def column(self, name: str) -> Array: ...
+
+
+class _Subset:
+    """Rows ``rows`` of a Context, as a Context (``and``/``or`` evaluate their later operands
+    only on the rows the earlier ones left undecided)."""
+
+    def __init__(self, ctx: Context, rows: Array) -> None:
+        self.ctx = ctx
+        self.rows = rows
+        self.size = int(rows.size)
+        self.reference = ctx.reference
+
+    def column(self, name: str) -> Array:
+        return self.ctx.column(name)[self.rows]
 
 
 @dataclass(frozen=True)
@@ -46,9 +66,8 @@ class Function:
     impl: Callable[..., Array]
     #: context columns the function reads implicitly (e.g. event time)
     reads: tuple[str, ...] = ()
-
-
-EARTH_RADIUS_KM = 6371.0088
+    #: it reads the reference tables: called with the context's ReferenceData first
+    reference: bool = False
 
 
 def haversine_km(lat1: Array, lon1: Array, lat2: Array, lon2: Array) -> Array:
@@ -73,7 +92,17 @@ BUILTINS: dict[str, Function] = {
     # implicit-context functions: computed by the evaluation context on demand
     "days_left": Function((), "num", _ctx_fn("@days_left"), reads=("@days_left",)),
     "local_hour": Function((), "num", _ctx_fn("@local_hour"), reads=("@local_hour",)),
+    # reference tables (engine.reference): the recall list, accessories, stores with stock
+    "recalled": Function(("str",), "bool", ReferenceData.recalled, reference=True),
+    "replacement_of": Function(("str",), "str", ReferenceData.replacement_of, reference=True),
+    "accessory_of": Function(("str",), "str", ReferenceData.accessory_of, reference=True),
+    "nearest_store_km": Function(
+        ("str", "num", "num"), "num", ReferenceData.nearest_store_km, reference=True
+    ),
 }
+#: ``and``/``or`` over at least this many rows evaluate a later operand only on the rows still
+#: undecided, when they are fewer than half (the result is the same: every operation is per row)
+SHORT_CIRCUIT_ROWS = 64
 
 _ARITH: dict[type[ast.operator], Callable[[Array, Array], Array]] = {
     ast.Add: operator.add,
@@ -185,12 +214,22 @@ class _Compiler:
             for operand, (typ, _) in zip(node.values, parts, strict=True):
                 self.expect(operand, typ, "bool", "'and'/'or'")
             fns = [f for _, f in parts]
-            combine = np.logical_and if isinstance(node.op, ast.And) else np.logical_or
+            conjunction = isinstance(node.op, ast.And)
+            combine = np.logical_and if conjunction else np.logical_or
 
             def boolop(ctx: Context) -> Array:
-                out = fns[0](ctx)
+                out = np.asarray(fns[0](ctx))
                 for f in fns[1:]:
-                    out = combine(out, f(ctx))
+                    if out.ndim == 0 or ctx.size < SHORT_CIRCUIT_ROWS:
+                        out = combine(out, f(ctx))
+                        continue
+                    undecided = np.flatnonzero(out if conjunction else ~out)
+                    if undecided.size * 2 >= ctx.size:
+                        out = combine(out, f(ctx))
+                        continue
+                    out = out.copy()
+                    if undecided.size:
+                        out[undecided] = combine(out[undecided], f(_Subset(ctx, undecided)))
                 return out
 
             return "bool", boolop
@@ -277,6 +316,8 @@ class _Compiler:
         if fn.reads:
             return fn.result, fn.impl
         impl = fn.impl
+        if fn.reference:
+            return fn.result, lambda ctx: impl(ctx.reference, *(f(ctx) for f in compiled))
         return fn.result, lambda ctx: impl(*(f(ctx) for f in compiled))
 
     def expect(self, node: ast.AST, got: Type, want: Type, where: str) -> None:

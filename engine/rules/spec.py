@@ -44,6 +44,7 @@ from engine.rules.expr import Expression, Type, compile_expression
 from engine.rules.pattern import Automaton, compile_pattern
 from engine.rules.probe import probe
 from engine.rules.windows import MAX_BUCKETS, Window
+from engine.state.view import CURRENT_LOCATION
 from engine.yamlfile import load_yaml
 
 #: what rule expressions can name; event fields are missing (NaN / empty) on other kinds
@@ -51,7 +52,14 @@ from engine.yamlfile import load_yaml
 EVENT_NAMES: dict[str, Type] = dict(expression_names("event"))
 PROFILE_NAMES: dict[str, Type] = dict(expression_names("profile"))
 AGGREGATE_NAMES: dict[str, Type] = dict(expression_names("aggregate"))
-VOCABULARY: dict[str, Type] = {**EVENT_NAMES, **PROFILE_NAMES, **AGGREGATE_NAMES}
+#: where the phone is now (the latest location as of each event: ``BatchView.last_location``)
+CURRENT_NAMES: dict[str, Type] = dict.fromkeys(CURRENT_LOCATION, "num")
+VOCABULARY: dict[str, Type] = {
+    **EVENT_NAMES,
+    **PROFILE_NAMES,
+    **AGGREGATE_NAMES,
+    **CURRENT_NAMES,
+}
 
 RULE_ID = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"
 
@@ -133,6 +141,9 @@ class LocationSpec(_RuleBase):
         return value
 
 
+#: calendar periods of the customer's local time (tumbling windows, sliding windows' buckets)
+CALENDAR_PERIODS = ("hour", "day", "billing_cycle")
+
 STEP_NAME = r"^[A-Za-z][A-Za-z0-9_]{0,31}$"
 #: how a step follows the one before (Flink's names); ``next``/``not_next`` are refused when
 #: compiled, with the reason
@@ -203,8 +214,24 @@ class WindowSpec(_Common):
     sum: ExprText | None = None
     session: Duration | None = None
     tumbling: str | None = None
-    sliding: Duration | None = None
-    every: Duration | None = None
+    #: a duration, or with a calendar ``every`` the number of its periods
+    sliding: int | str | float | None = None
+    #: a sliding window's bucket: a duration, or ``hour``, ``day``, ``billing_cycle``
+    every: int | str | float | None = None
+    #: a sliding count of the buckets with an event (each bucket counts once)
+    distinct: bool = False
+
+    @property
+    def calendar_every(self) -> bool:
+        return self.every in CALENDAR_PERIODS
+
+    @field_validator("sliding", "every", mode="before")
+    @classmethod
+    def _duration_or_period(cls, value: Any) -> Any:
+        if value in CALENDAR_PERIODS or (isinstance(value, int) and not isinstance(value, bool)):
+            return value  # checked with the other fields below
+        parse_duration_ms(value)
+        return value
 
     @model_validator(mode="after")
     def _one_shape(self) -> WindowSpec:
@@ -215,7 +242,16 @@ class WindowSpec(_Common):
             raise ValueError("a window fires nothing, so it emits nothing: other rules read it")
         if (self.sliding is None) != (self.every is None):
             raise ValueError("a sliding window needs 'every' (its bucket), and only it")
-        calendar = self.tumbling in (None, "hour", "day", "billing_cycle")
+        if self.distinct and (self.sliding is None or self.sum is not None):
+            raise ValueError("'distinct' counts the buckets of a sliding count (no 'sum')")
+        if self.sliding is not None and self.calendar_every:
+            if not isinstance(self.sliding, int) or not 1 <= self.sliding <= MAX_BUCKETS:
+                raise ValueError(
+                    f"with 'every: {self.every}', 'sliding' is a number of them, 1 to {MAX_BUCKETS}"
+                )
+        elif isinstance(self.sliding, int) and not isinstance(self.sliding, bool):
+            parse_duration_ms(self.sliding)
+        calendar = self.tumbling in (None, *CALENDAR_PERIODS)
         if not calendar and parse_duration_ms(str(self.tumbling)) <= 0:  # aligned to the epoch
             raise ValueError("a tumbling window's period must be longer than 0")
         return self
@@ -322,17 +358,22 @@ def _window(spec: WindowSpec, when: Expression | None, value: Expression | None)
         shape, every = "tumbling", 0
         size = 0 if calendar else parse_duration_ms(spec.tumbling)
         period = spec.tumbling if calendar else None
+    elif spec.calendar_every:
+        assert isinstance(spec.sliding, int)
+        shape, size, every, period = "sliding", spec.sliding, 1, str(spec.every)
     else:
         assert spec.sliding is not None and spec.every is not None
         shape, period = "sliding", None
         size, every = parse_duration_ms(spec.sliding), parse_duration_ms(spec.every)
     window = Window(spec.id, kinds, when, value, shape, size, every, period)
     keys = tuple(f"{spec.id}:window:{digest}:{name}" for name in window.register_names)
-    return Window(spec.id, kinds, when, value, shape, size, every, period, keys)
+    return Window(
+        spec.id, kinds, when, value, shape, size, every, period, keys, distinct=spec.distinct
+    )
 
 
 def _sliding_problem(spec: WindowSpec) -> str | None:
-    if spec.sliding is None or spec.every is None:
+    if spec.sliding is None or spec.every is None or spec.calendar_every:
         return None
     size, every = parse_duration_ms(spec.sliding), parse_duration_ms(spec.every)
     if every <= 0 or size % every or not 1 <= size // every <= MAX_BUCKETS:

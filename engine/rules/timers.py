@@ -99,7 +99,7 @@ def with_timer_rows(
     rows = np.concatenate([view.order, table.num_rows + np.arange(t_slots.size)])
     all_slots = np.concatenate([view.slot, t_slots])
     order = sort_order(all_slots, np.concatenate([view.ts, t_ts]))  # stable: after events
-    grown = BatchView(combined, rows[order], all_slots[order], store, view.windows)
+    grown = BatchView(combined, rows[order], all_slots[order], store, view.windows, view.reference)
     position = np.empty(order.size, dtype=np.int64)
     position[order] = np.arange(order.size)
     fired: dict[str, np.ndarray] = {}

@@ -10,7 +10,13 @@ expression over them) that other rules read like any other name, as of each even
   (aligned to the epoch, UTC): the events of the current period, 0 in a new one;
 * ``sliding: 1h`` with ``every: 5m``: the events of the last hour, counted in 5-minute buckets
   (those that start after the event's time less the hour): exact for bucket edges, at most one
-  bucket early inside one.
+  bucket early inside one. ``every`` may be a calendar period (``hour``, ``day``,
+  ``billing_cycle``, the customer's local calendar); ``sliding`` is then a number of them
+  (``sliding: 6, every: billing_cycle``: this cycle and the five before).
+* ``distinct: true`` (sliding, a count): each bucket counts once, if an event came in it: the
+  number of buckets (periods) of the window with an event (``on: usage, when: cycle_usage_mb >
+  plan_data_cap_mb, sliding: 6, every: billing_cycle, distinct: true``: of the last six billing
+  cycles, those in which the customer went over the cap).
 
 Each window keeps a few int64 columns per customer in the golden record (its key time, and
 the aggregate's bits; a sliding window one per bucket), so checkpoints and rescaling carry it.
@@ -50,12 +56,16 @@ class Window:
     shape: str  # session | tumbling | sliding
     size_ms: int = 0  # the gap, the period (a duration) or the sliding window's length
     every_ms: int = 0  # a sliding window's bucket
-    period: str | None = None  # a tumbling window's calendar period
+    period: str | None = None  # a tumbling window's calendar period, a sliding window's bucket
     keys: tuple[str, ...] = field(default=())  # its state columns in the store
+    distinct: bool = False  # a sliding count of buckets with an event, not of events
 
     @property
     def buckets(self) -> int:
-        return self.size_ms // self.every_ms if self.shape == "sliding" else 0
+        """A sliding window's buckets (with a calendar bucket, ``size_ms`` is their number)."""
+        if self.shape != "sliding":
+            return 0
+        return self.size_ms if self.period is not None else self.size_ms // self.every_ms
 
     @property
     def register_names(self) -> list[str]:
@@ -151,9 +161,22 @@ class Window:
     def _sliding(self, view: BatchView, state: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         k = self.buckets
         c = self.contributions(view)
-        bucket = view.ts // self.every_ms
         n = view.size
         group = np.cumsum(view.group_first) - 1
+        heads = np.flatnonzero(view.group_first)
+        stored_b = state[0][heads]
+        ring = np.stack([_floats(s[heads]) for s in state[1:]])  # k x customers
+        if self.period is None:
+            bucket = view.ts // self.every_ms
+        else:  # a customer's calendar bucket never goes back (a changed time zone, cycle day)
+            bucket = self._period(view)
+            floor = stored_b[group]
+            bucket = np.where(floor == NEVER, bucket, np.maximum(bucket, floor))
+            low = int(bucket.min())
+            span = int(bucket.max()) - low + 1
+            bucket = np.maximum.accumulate(group * span + (bucket - low)) - group * span + low
+        if self.distinct:
+            c = _once_per_bucket(c, bucket, group, stored_b, ring)
         # this step's events of the window, per row: a running sum less the part too old
         running = segmented_cumsum(c, view.group_first)
         span = int(bucket.max() - bucket.min()) + k + 2 if n else 1
@@ -163,9 +186,6 @@ class Window:
         inside = running - before
         # the stored buckets still inside: a circular range of each customer's ring (slot j
         # holds the bucket b with b % k == j), summed from prefix sums over the slots
-        heads = np.flatnonzero(view.group_first)
-        stored_b = state[0][heads]
-        ring = np.stack([_floats(s[heads]) for s in state[1:]])  # k x customers
         prefix = np.zeros((k + 1, heads.size))
         np.cumsum(ring, axis=0, out=prefix[1:])
         newest_stored = stored_b[group]
@@ -206,6 +226,27 @@ class Window:
         flat = (bucket[adds] % k) * customers + group[adds]
         out += np.bincount(flat, weights=c[adds], minlength=k * customers).reshape(k, customers)
         return np.concatenate([newest[None, :], _bits(out)])
+
+
+def _once_per_bucket(
+    c: np.ndarray, bucket: np.ndarray, group: np.ndarray, stored_b: np.ndarray, ring: np.ndarray
+) -> np.ndarray:
+    """``c`` (0 or 1 per row) kept at each customer's first event of each bucket, and only if
+    the stored ring has not counted that bucket already."""
+    rows = np.flatnonzero(c != 0)
+    out = np.zeros_like(c)
+    if rows.size == 0:
+        return out
+    g, b = group[rows], bucket[rows]
+    first = np.ones(rows.size, dtype=bool)
+    first[1:] = (g[1:] != g[:-1]) | (b[1:] != b[:-1])
+    rows, g, b = rows[first], g[first], b[first]
+    k = ring.shape[0]
+    newest = stored_b[g]
+    held = (newest != NEVER) & (b <= newest) & (b > newest - k)
+    counted = held & (ring[b % k, g] != 0)
+    out[rows[~counted]] = 1.0
+    return out
 
 
 def _floats(bits: np.ndarray) -> np.ndarray:

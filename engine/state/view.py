@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from engine.calendar import billing_cycle, days_left, local_day, local_hour, local_ms
 from engine.events.schema import ALL_CHANNELS, CHANNEL_BITS, ROUTED_SCHEMA, TIMER_KIND, EventKind
 from engine.fields import expression_names, names
+from engine.reference import EMPTY, ReferenceData
 from engine.state.store import NEVER, PROFILE_COLUMNS, STRING_COLUMNS, CustomerStore
 
 #: event-time bits of the packed sort key (70 years of milliseconds)
@@ -32,6 +33,9 @@ AGGREGATES = names("aggregate")
 _COUNTS = ("overage_cycles", "purchase_count", "offers_accepted", "offers_declined")
 #: counts a profile update may set outright (from the billing system's history)
 SEEDED_COUNTS = ("overage_cycles",)
+#: where the phone is as of each event: the latest location event's (lat, lon), this one's if it
+#: is one (the golden record's last_lat/last_lon before the batch)
+CURRENT_LOCATION = ("current_lat", "current_lon")
 
 
 def _nulls(name: str, size: int) -> np.ndarray:
@@ -128,6 +132,7 @@ class RowsView:
         self.view = view
         self.rows = rows
         self.size = int(rows.size)
+        self.reference = view.reference
 
     def column(self, name: str) -> np.ndarray:
         return self.view.column(name)[self.rows]
@@ -143,11 +148,14 @@ class BatchView:
         slots: np.ndarray,
         store: CustomerStore,
         windows: Mapping[str, Any] | None = None,
+        reference: ReferenceData = EMPTY,
     ) -> None:
         """``order``: rows of ``table`` in (customer, time, arrival) order; ``slots`` match it.
         ``windows``: the window rules' names and their computations (``engine.rules.windows``:
-        ``as_of(view)`` and ``store_after(view)``), read like any column."""
+        ``as_of(view)`` and ``store_after(view)``), read like any column. ``reference``: the
+        tables the reference functions of expressions read."""
         self.windows: Mapping[str, Any] = windows or {}
+        self.reference = reference
         self.table = table
         self.order = order
         self.slot = slots
@@ -220,6 +228,8 @@ class BatchView:
             return self.profile(name).astype(np.float64)
         if name == "cycle_usage_mb":
             return self._cycle_usage()
+        if name in CURRENT_LOCATION:
+            return self.last_location()[CURRENT_LOCATION.index(name)]
         if name in _COUNTS:
             return self._count_running(name, self._increments(name))
         if name == "cart_items":

@@ -8,8 +8,8 @@ stories of DESIGN.md:
   the price-sensitive ones take one-off passes; a light user near the end of the cycle
   ignores an upgrade and only sometimes takes a pass, early in the cycle more often;
 * travellers away from home take roaming passes; others rarely do;
-* owners of a recalled phone take the swap, much more often when the store in their city
-  has stock;
+* owners of a recalled phone take the swap, much more often when a store within 20 km of
+  home has the replacement in stock (the world's reference tables: stores and their stock);
 * a browsing customer with a cart takes a cart incentive, more often with a fuller cart;
 
 multiplied by a per-customer affinity (noise) and by contact fatigue (each offer in the
@@ -31,10 +31,13 @@ from engine.decision.policy import stable_uniform
 from engine.decision.scorer import ScoreRequest, ScoreResponse
 from engine.events.schema import RAW_SCHEMA, TS_TYPE
 from engine.governance.pseudonym import Pseudonymizer
-from engine.synthetic.telco import Population
+from engine.reference import ReferenceData
+from engine.synthetic.telco import Population, reference_tables
 from engine.units import DAY_MS, HOUR_MS, MINUTE_MS
 
 RECALLED = ("Nimbus X2",)
+#: a recall owner with the replacement in stock this close to home takes the swap more often
+SWAP_STORE_KM = 20.0
 FATIGUE = 0.6
 ACCEPT_SALT, DECLINE_SALT, OPTOUT_SALT, DELAY_SALT, ORGANIC_SALT = 11, 12, 13, 14, 15
 #: share of the (uncontacted) propensity that converts on its own: the control group's baseline
@@ -54,7 +57,10 @@ class ResponseSimulator:
     seed: int = 0
     price_sensitivity: np.ndarray = field(init=False)
     affinity: np.ndarray = field(init=False)
-    city_has_stock: np.ndarray = field(init=False)
+    #: the world's stores, stock and recall list (``telco.reference_tables``)
+    reference: ReferenceData = field(default_factory=lambda: ReferenceData(reference_tables()))
+    #: per customer: a store within ``SWAP_STORE_KM`` of home has the replacement in stock
+    swap_store_near: np.ndarray = field(init=False)
     #: the value at stake when a customer opts out of contact (future offers' margin)
     customer_value: np.ndarray = field(init=False)
 
@@ -63,7 +69,9 @@ class ResponseSimulator:
         n = self.pop.size
         self.price_sensitivity = rng.random(n)
         self.affinity = np.clip(rng.lognormal(-0.045, 0.3, n), 0.3, 2.5)
-        self.city_has_stock = rng.random(int(self.pop.city.max()) + 1) < 0.6
+        replacement = self.reference.replacement_of(self.pop.device)
+        km = self.reference.nearest_store_km(replacement, self.pop.home_lat, self.pop.home_lon)
+        self.swap_store_near = np.nan_to_num(km, nan=np.inf) <= SWAP_STORE_KM
         plan = self.pop.plan_mb.astype(np.float64)
         self.customer_value = np.clip(30.0 * np.sqrt(plan / np.median(plan)), 15.0, 80.0)
         keys = Pseudonymizer(self.pseudonym_key).keys_of(
@@ -110,7 +118,7 @@ class ResponseSimulator:
         p[rp] = np.where(self.pop.traveller[idx[rp]] & away, 0.40, 0.04)
         sw = offers == "device_swap"
         owner = np.isin(self.pop.device[idx[sw]], RECALLED)
-        stock = self.city_has_stock[self.pop.city[idx[sw]]]
+        stock = self.swap_store_near[idx[sw]]
         p[sw] = np.where(owner, np.where(stock, 0.50, 0.12), 0.0)
         ct = offers == "cart_incentive"
         p[ct] = 0.12 + 0.05 * np.minimum(np.nan_to_num(cart_items[ct]), 4)

@@ -43,6 +43,20 @@ DEVICES = [
 ]
 DEVICE_WEIGHTS = np.array([0.06, 0.10, 0.18, 0.16, 0.10, 0.16, 0.16, 0.08])
 PAGES = ["home", "plans", "roaming", "devices", "support", "checkout"]
+#: recalled models and the model each is swapped for (reference table ``recalls``)
+RECALLS = {"Nimbus X2": "Nimbus X3"}
+#: the travel charger of each model's maker (reference table ``accessories``)
+ACCESSORIES = {model: f"{model.split()[0]} travel charger" for model in DEVICES}
+#: stores per city (fewer than its weight would say in the small ones), and the share of stores
+#: holding a phone model or a travel charger in stock
+STORES_PER_CITY = (2, 6)
+PHONE_STOCK_SHARE = 0.35
+ACCESSORY_STOCK_SHARE = 0.3
+#: web events come in visits: a share of them start one, the others follow the one before after
+#: a gap of about 90 s (``_in_visits``)
+WEB_KINDS = ("page_view", "cart_add", "checkout")
+VISIT_START_SHARE = 0.3
+VISIT_GAP_MS = 90_000
 CHANNEL_SETS = [["sms"], ["sms", "email"], ["sms", "email", "push"], ["sms", "push", "app"]]
 
 
@@ -101,6 +115,43 @@ def population(customers: int, seed: int = 7) -> Population:
     )
 
 
+def reference_tables(seed: int = 7) -> dict[str, pa.Table]:
+    """Stores around the cities, their stock of every phone model and travel charger, the
+    recall list and each model's accessory: the reference tables (``engine.reference``) of the
+    synthetic world. A small city has two stores, a large one up to six, each within about
+    10 km of the centre; a store holds a product with the shares above (1 to 20 units)."""
+    rng = np.random.default_rng(seed + 505)
+    weights = np.array([c[4] for c in CITIES])
+    low, high = STORES_PER_CITY
+    per_city = np.round(low + (high - low) * weights / weights.max()).astype(int)
+    ids, names, lats, lons = [], [], [], []
+    for (city, lat, lon, _, _), count in zip(CITIES, per_city, strict=True):
+        for i in range(count):
+            ids.append(f"{city[:3].upper()}-{i + 1:02d}")
+            names.append(f"Kairos Mobile {city} {i + 1}")
+            lats.append(round(lat + rng.normal(0, 0.06), 5))
+            lons.append(round(lon + rng.normal(0, 0.08), 5))
+    products = [*DEVICES, *dict.fromkeys(ACCESSORIES.values())]
+    share = np.array([PHONE_STOCK_SHARE] * len(DEVICES)
+                     + [ACCESSORY_STOCK_SHARE] * (len(products) - len(DEVICES)))  # fmt: skip
+    held = rng.random((len(ids), len(products))) < share[None, :]
+    store_ix, product_ix = np.nonzero(held)
+    return {
+        "stores": pa.table({"store_id": ids, "lat": lats, "lon": lons, "name": names}),
+        "stock": pa.table(
+            {
+                "store_id": pa.array(np.array(ids, dtype=object)[store_ix], pa.string()),
+                "product": pa.array(np.array(products, dtype=object)[product_ix], pa.string()),
+                "quantity": pa.array(rng.integers(1, 21, store_ix.size), pa.int64()),
+            }
+        ),
+        "recalls": pa.table({"device_model": list(RECALLS), "replacement": list(RECALLS.values())}),
+        "accessories": pa.table(
+            {"device_model": list(ACCESSORIES), "product": list(ACCESSORIES.values())}
+        ),
+    }
+
+
 def billing_history(pop: Population, months: int, seed: int = 7) -> np.ndarray:
     """Per customer, how many of the last ``months`` cycles used more than the cap.
 
@@ -124,6 +175,7 @@ def events(
     duplicate_share: float = 0.001,
     lateness_ms: int = 10_000,
     billing_months: int = 12,
+    visits: bool = True,
 ) -> pa.Table:
     """About ``total`` raw events (one profile_update per customer first) in arrival order.
 
@@ -151,6 +203,8 @@ def events(
         p=[0.62, 0.25, 0.07, 0.01, 0.025, 0.01, 0.015],
     )
     n = rest
+    if visits:  # page views, cart additions and checkouts in visits (else each on its own)
+        ts = _in_visits(ts, who, kind, seed)
     mb = np.full(n, np.nan)
     is_usage = kind == "usage"
     usage_per_cust = np.bincount(who[is_usage], minlength=n_cust)
@@ -235,6 +289,30 @@ def events(
         picks = np.sort(rng.choice(n, size=n_dup, replace=False))
         body = _with_duplicates(body, picks)
     return _conform_table(pa.concat_tables([_conform_table(profile), _conform_table(body)]))
+
+
+def _in_visits(ts: np.ndarray, who: np.ndarray, kind: np.ndarray, seed: int) -> np.ndarray:
+    """Web events (page views, cart additions, checkouts) re-timed into visits: taken per
+    customer in time order, each starts a visit with probability ``VISIT_START_SHARE`` (and
+    every customer's first does), else it comes a gap of ``VISIT_GAP_MS`` on average (at least
+    5 s) after the one before. Counts per kind and customer are unchanged; only web times move.
+    Drawn from a random stream of its own, so every other column is as without visits."""
+    rng = np.random.default_rng(seed + 606)
+    web = np.flatnonzero(np.isin(kind, WEB_KINDS))
+    if web.size == 0:
+        return ts
+    web = web[np.lexsort((ts[web], who[web]))]
+    starts = rng.random(web.size) < VISIT_START_SHARE
+    starts[0] = True
+    starts[1:] |= who[web[1:]] != who[web[:-1]]
+    gaps = np.where(starts, 0, 5_000 + rng.exponential(VISIT_GAP_MS - 5_000, web.size)).astype(
+        np.int64
+    )
+    anchor = np.maximum.accumulate(np.where(starts, np.arange(web.size), 0))
+    total = np.cumsum(gaps)
+    out = ts.copy()
+    out[web] = ts[web[anchor]] + total - total[anchor]
+    return out
 
 
 def _with_duplicates(body: pa.Table, picks: np.ndarray) -> pa.Table:

@@ -1,13 +1,17 @@
 """Window rules: the value every rule reads equals a per-event reference's, whatever the cut.
 
-Session, tumbling and sliding windows (counts and sums) over random streams, read as of each
+Session, tumbling and sliding windows (counts and sums, and a count of the local days with a
+heavy usage event among the last three: a calendar bucket, counted once) over random streams,
+read as of each
 event by a rule that fires on every event and emits them; micro-batches of 1, 7 and 65,536
 events, 1 or 3 shards, and a snapshot and restore in the middle give the same values.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,11 +32,14 @@ rules:
   - {id: mb_3h, type: window, on: usage, sum: mb, tumbling: 3h}
   - {id: mb_2h, type: window, on: usage, sum: mb, sliding: 2h, every: 30m}
   - {id: buys_2h, type: window, on: purchase, when: amount > 20, sliding: 2h, every: 2h}
+  - {id: heavy_days, type: window, on: usage, when: mb > 100, sliding: 3, every: day,
+     distinct: true}
   - id: every_event
     type: condition
     on: [usage, location, purchase, cart_add, checkout, profile_update, offer_response, consent]
     when: 1 == 1
-    emit: {busy: busy, carts: carts, mb_3h: mb_3h, mb_2h: mb_2h, buys_2h: buys_2h}
+    emit: {busy: busy, carts: carts, mb_3h: mb_3h, mb_2h: mb_2h, buys_2h: buys_2h,
+           heavy_days: heavy_days}
 """)
 
 
@@ -42,8 +49,16 @@ def reference(events: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
     state: dict[str, dict[str, Any]] = {}
     for e in sorted(accepted(events), key=lambda e: e["ts"]):  # stable: arrival order of ties
         s = state.setdefault(e["customer_id"], {"busy": None, "carts": None, "mb3": None,
-                                                  "mb2": [], "buys": []})  # fmt: skip
+                                                  "mb2": [], "buys": [], "tz": "UTC",
+                                                  "day": None, "days": set()})  # fmt: skip
         t, kind = e["ts"], e["kind"]
+        if kind == "profile_update" and "tz" in e:
+            s["tz"] = e["tz"]
+        # the customer's local day, never going back (a time zone changed westwards)
+        day = local_day(t, s["tz"])
+        s["day"] = day if s["day"] is None else max(s["day"], day)
+        if kind == "usage" and e["mb"] > 100:
+            s["days"].add(s["day"])
         values = {}
         for name, on, gap in (("busy", "usage", HOUR), ("carts", "cart_add", 90 * 60_000)):
             if kind == on:
@@ -64,8 +79,15 @@ def reference(events: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
             s["buys"].append((t // (2 * HOUR), 1.0))
         values["mb_2h"] = sum(v for b, v in s["mb2"] if b > t // (HOUR // 2) - 4)
         values["buys_2h"] = sum(v for b, v in s["buys"] if b > t // (2 * HOUR) - 1)
+        values["heavy_days"] = float(sum(1 for d in s["days"] if d > s["day"] - 3))
         out[e["event_id"]] = values
     return out
+
+
+def local_day(ts: int, tz: str) -> int:
+    moment = datetime.fromtimestamp(ts / 1000, ZoneInfo(tz))
+    offset = moment.utcoffset()
+    return (ts + int(offset.total_seconds() * 1000 if offset else 0)) // (24 * HOUR)
 
 
 def _run(events: list[dict[str, Any]], shards: int, size: int, cut: int | None) -> LocalEngine:

@@ -629,12 +629,14 @@ def test_a_batch_of_inbound_requests_decides_as_the_same_requests_one_by_one(eve
 
 
 def test_a_large_release_applied_in_bounded_parts_gives_the_same_triggers_and_decisions() -> None:
+    from engine.reference import load_reference
     from engine.rules.spec import load_rules
     from engine.synthetic.telco import events, population
 
     stream = events(population(300, seed=3), 12_000, days=20, seed=3)
     rules = load_rules(ROOT / "deploy" / "config" / "rules.yaml")
     catalog_ = load_catalog(ROOT / "deploy" / "config" / "offers.yaml")
+    reference = load_reference(ROOT / "deploy" / "config" / "reference.yaml")
 
     def run(limit: int, step: int = 1_000_000) -> tuple[pa.Table, pa.Table, int]:
         settings = EngineSettings(
@@ -644,7 +646,7 @@ def test_a_large_release_applied_in_bounded_parts_gives_the_same_triggers_and_de
             decision_step_max_events=step,
         )
         scorer = FixedScorer(lambda x, names: (x[:, 1] % 10) / 12)  # varies with pct_of_cap
-        engine = LocalEngine(settings, rules, catalog_, scorer)
+        engine = LocalEngine(settings, rules, catalog_, scorer, reference=reference)
         engine.submit(stream)  # one call: the whole stream is one release
         engine.end_stream()
         triggers = pa.concat_tables(engine.triggers).sort_by(

@@ -205,6 +205,7 @@ def test_a_pattern_is_explained_in_words_with_its_state_size() -> None:
 
 # -- timers in a shard ------------------------------------------------------------------------
 MIN = 60_000
+HOUR = 60 * MIN
 
 
 def _shard() -> ShardLogic:
@@ -305,6 +306,10 @@ def test_a_late_event_is_dead_lettered_naming_the_rules_that_could_not_see_it() 
         ({"on": "usage", "tumbling": "fortnight"}, "is not a duration"),
         ({"on": "usage", "tumbling": "0s"}, "longer than 0"),
         ({"on": "usage", "session": "1h", "sum": "item"}, "field 'sum'"),
+        ({"on": "usage", "sliding": "1h", "every": "day"}, "'sliding' is a number of them"),
+        ({"on": "usage", "sliding": 61, "every": "billing_cycle"}, "1 to 60"),
+        ({"on": "usage", "session": "1h", "distinct": True}, "'distinct' counts the buckets"),
+        ({"on": "usage", "sliding": 3, "every": "day", "sum": "mb", "distinct": True}, "no 'sum'"),
     ],
 )
 def test_a_window_that_cannot_work_is_refused(window: dict[str, Any], words: str) -> None:
@@ -328,3 +333,31 @@ rules:
   - {id: views, type: window, on: page_view, session: 30m}
   - {id: busy_cart, type: condition, on: cart_add, when: viewz >= 3}
 """)
+
+
+def test_a_calendar_bucket_never_goes_back_however_the_stream_is_cut() -> None:
+    """A customer moving from UTC+14 to UTC-11 goes back a local day: the window's bucket stays
+    at the newest day seen (in the same micro-batch or an earlier one), so the second heavy day
+    is the same bucket, counted once, for micro-batches of 1 event as for one of all."""
+    rules = parse_rules_text("""
+rules:
+  - {id: heavy_days, type: window, on: usage, when: mb > 100, sliding: 3, every: day,
+     distinct: true}
+  - {id: read, type: condition, on: usage, when: 1 == 1, emit: {days: heavy_days}}
+""")
+    rows = [
+        {"event_id": 1, "customer_id": "c", "kind": "profile_update", "ts": T0 + 11 * HOUR,
+         "tz": "Pacific/Kiritimati"},
+        {"event_id": 2, "customer_id": "c", "kind": "usage", "ts": T0 + 11 * HOUR, "mb": 500.0},
+        {"event_id": 3, "customer_id": "c", "kind": "profile_update", "ts": T0 + 12 * HOUR,
+         "tz": "Pacific/Pago_Pago"},
+        {"event_id": 4, "customer_id": "c", "kind": "usage", "ts": T0 + 12 * HOUR, "mb": 500.0},
+    ]  # fmt: skip
+    got = []
+    for size in (1, len(rows)):
+        engine = LocalEngine(EngineSettings(shards=1, allowed_lateness_s=60), rules)
+        for start in range(0, len(rows), size):
+            assert engine.submit_rows(rows[start : start + size]) == []
+        engine.end_stream()
+        got.append([dict(t["values"])["days"] for t in engine.trigger_table().to_pylist()])
+    assert got == [[1.0, 1.0], [1.0, 1.0]]

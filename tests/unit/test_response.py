@@ -43,7 +43,8 @@ def test_travellers_away_take_roaming_passes_and_recall_owners_take_swaps(sim) -
     assert away > 5 * truth(sim, others, "roaming_pass", km=300).mean()
     assert away > 5 * truth(sim, travellers, "roaming_pass", km=10).mean()
     owners = np.flatnonzero(sim.pop.device == "Nimbus X2")
-    stock = sim.city_has_stock[sim.pop.city[owners]]
+    stock = sim.swap_store_near[owners]
+    assert 0.2 < stock.mean() < 1.0  # the world has owners on both sides
     p = truth(sim, owners, "device_swap")
     assert p[stock].mean() > 2.5 * p[~stock].mean()
     assert truth(sim, np.flatnonzero(sim.pop.device != "Nimbus X2"), "device_swap").max() == 0

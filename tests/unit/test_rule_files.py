@@ -12,11 +12,17 @@ from engine.rules.spec import load_rules, parse_rules_text
 def test_shipped_rules_load(rules) -> None:
     assert [r.id for r in rules.rules] == [
         "data_cap_nearing",
+        "over_cap_cycles",
+        "over_cap_third_time",
         "away_from_home",
         "recalled_device_in_use",
+        "browsing",
         "cart_left_while_browsing",
     ]
-    assert rules.rules[1].cooldown_ms == 24 * 3_600_000
+    by_id = {r.id: r for r in rules.rules}
+    assert by_id["away_from_home"].cooldown_ms == 24 * 3_600_000
+    assert by_id["cart_left_while_browsing"].pattern is not None
+    assert by_id["over_cap_cycles"].window is not None and by_id["over_cap_cycles"].window.distinct
 
 
 def test_every_problem_is_reported_with_file_rule_and_field(tmp_path) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
+from deploy.paths import DEFAULT_OFFERS
 from engine.decision.catalog import NO_ACTION, load_catalog
 from engine.decision.policy import stable_uniform
 from engine.rules.spec import load_rules
@@ -25,6 +25,7 @@ from engine.synthetic.uplift import (
 )
 from engine.units import DAY_MS
 from models.simulate import Simulation, SimulationConfig, report
+from tests.conftest import BROAD_RULES
 
 OFFERS = tuple(LIST_VALUE)
 
@@ -82,8 +83,9 @@ def test_the_types_arms_sure_things_persuadables_lost_causes_sleeping_dogs(world
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    config = SimulationConfig(customers=1000, days=12, warmup_days=6, seed=5, world="uplift")
-    sim = Simulation(config, load_rules(DEFAULT_RULES), load_catalog(DEFAULT_OFFERS),
+    config = SimulationConfig(customers=1000, days=12, warmup_days=6, seed=5, world="uplift",
+                              visits=False)  # fmt: skip
+    sim = Simulation(config, load_rules(BROAD_RULES), load_catalog(DEFAULT_OFFERS),
                      str(tmp_path_factory.mktemp("models")))  # fmt: skip
     runs = {name: sim.run(name) for name in ("rules", "oracle", "uplift")}
     return sim, runs

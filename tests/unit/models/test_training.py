@@ -26,7 +26,7 @@ from models.training import (
     recency_weights,
     training_set,
 )
-from tests.conftest import ROOT, ms
+from tests.conftest import BROAD_RULES, ROOT, ms
 
 DAY = 86_400_000
 
@@ -154,9 +154,9 @@ def test_recency_weights_halve_every_half_life() -> None:
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory):
-    config = SimulationConfig(customers=4000, days=24, warmup_days=24, seed=11)
+    config = SimulationConfig(customers=4000, days=24, warmup_days=24, seed=11, visits=False)
     catalog = load_catalog(ROOT / "deploy" / "config" / "offers.yaml")
-    rules = load_rules(ROOT / "deploy" / "config" / "rules.yaml")
+    rules = load_rules(BROAD_RULES)
     sim = Simulation(config, rules, catalog, str(tmp_path_factory.mktemp("unused")))
     run = sim.run("kairos")  # the warm-up policy all along: prior scores, 30 % exploration
     return pa.concat_tables(run.decisions), pa.concat_tables(run.responses), catalog, sim

@@ -141,13 +141,15 @@ def warmup_log(tmp_path_factory):
     randomized no-action arm) all along."""
     import pyarrow as pa
 
-    from deploy.paths import DEFAULT_OFFERS, DEFAULT_RULES
+    from deploy.paths import DEFAULT_OFFERS
     from engine.decision.catalog import load_catalog
     from engine.rules.spec import load_rules
     from models.simulate import Simulation, SimulationConfig
+    from tests.conftest import BROAD_RULES
 
-    config = SimulationConfig(customers=3000, days=21, warmup_days=21, seed=13, world="uplift")
-    sim = Simulation(config, load_rules(DEFAULT_RULES), load_catalog(DEFAULT_OFFERS),
+    config = SimulationConfig(customers=3000, days=21, warmup_days=21, seed=13, world="uplift",
+                              visits=False)  # fmt: skip
+    sim = Simulation(config, load_rules(BROAD_RULES), load_catalog(DEFAULT_OFFERS),
                      str(tmp_path_factory.mktemp("unused")))  # fmt: skip
     run = sim.run("kairos-uplift")
     return pa.concat_tables(run.decisions), pa.concat_tables(run.responses), sim
