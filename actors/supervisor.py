@@ -44,6 +44,7 @@ from engine.ingest import Ingestor
 from engine.reference import EMPTY, ReferenceData, ReferenceDataError
 from engine.rules.spec import RuleSet, parse_rules
 from engine.sink import ParquetSink
+from engine.snapshot import ShardSnapshot
 
 log = logging.getLogger(__name__)
 _WORKER_ENV = {"env_vars": ALLOCATOR_ENV}
@@ -338,27 +339,7 @@ class Supervisor:
         if [tuple(s.key_range) for s in snapshots] != ranges:
             snapshots = rescale(snapshots, ranges, self.settings.key_groups)
         epoch = int(document["epoch"])
-        self._restore_config(document)
-        ran_with = {s.reference_version for s in snapshots} - {"", self.reference.version}
-        if ran_with:
-            log.warning("the shards ran with reference data %s; restored with %s (the files "
-                        "were edited since)", sorted(ran_with), self.reference.version)  # fmt: skip
-        rules, offers = dict(self.rules.document), self.catalog
-        document_of_offers = dict(offers.document) if offers else None
-
-        def restore() -> list[Any]:
-            return [
-                call
-                for shard, snapshot in zip(self.shards, snapshots, strict=True)
-                for call in (
-                    shard.set_rules.remote(rules),  # a restarted shard has its first rules
-                    shard.set_catalog.remote(document_of_offers),
-                    shard.set_reference.remote(self.reference),
-                    shard.restore.remote(snapshot),
-                )
-            ]
-
-        self._call_all(restore, timeout_s)
+        self._call_all(lambda: self._restore_calls(document, snapshots), timeout_s)
         if self.catalog is not None:
             self.connect_scorers()
         self._sink_incarnations = self._call_all(
@@ -369,6 +350,29 @@ class Supervisor:
         self.ingestor.resume(document["position"])
         self.router.reset(document.get("router"), self._incarnations(timeout_s))
         return document
+
+    def _restore_calls(
+        self, document: Mapping[str, Any], snapshots: list[ShardSnapshot]
+    ) -> list[Any]:
+        """The configuration the checkpoint ran with (``_restore_config``), then the calls that
+        give every shard those rules, offers and reference tables, and its snapshot."""
+        self._restore_config(document)
+        ran_with = {s.reference_version for s in snapshots} - {"", self.reference.version}
+        if ran_with:
+            log.warning("the shards ran with reference data %s; restored with %s (the files "
+                        "were edited since)", sorted(ran_with), self.reference.version)  # fmt: skip
+        rules, offers = dict(self.rules.document), self.catalog
+        document_of_offers = dict(offers.document) if offers else None
+        return [
+            call
+            for shard, snapshot in zip(self.shards, snapshots, strict=True)
+            for call in (
+                shard.set_rules.remote(rules),  # a restarted shard has its first rules
+                shard.set_catalog.remote(document_of_offers),
+                shard.set_reference.remote(self.reference),
+                shard.restore.remote(snapshot),
+            )
+        ]
 
     def _restore_config(self, document: Mapping[str, Any]) -> None:
         """The rules, offers and reference tables running at the checkpoint (set at run time,
@@ -460,16 +464,15 @@ class Supervisor:
     # -- plain checkpoints (no pipeline) -------------------------------------------------------
     def restore(self, root: str) -> int:
         """Restore the CURRENT checkpoint under ``root``, on as many shards as this engine has
-        (a checkpoint of another shard count is rescaled by key group). Returns the customers."""
+        (a checkpoint of another shard count is rescaled by key group), with the rules, offers
+        and reference tables it ran with (``_restore_config``). Returns the customers."""
         document, snapshots = read_checkpoint(root)
         ranges = [self.ingestor.shard_map.range_of(i) for i in range(len(self.shards))]
         if [tuple(s.key_range) for s in snapshots] != ranges:
             snapshots = rescale(snapshots, ranges, self.settings.key_groups)
         self.ingestor.resume(document["position"])
-        restored = ray.get(
-            [shard.restore.remote(s) for shard, s in zip(self.shards, snapshots, strict=True)]
-        )
-        return sum(restored)
+        answers = ray.get(self._restore_calls(document, snapshots))
+        return sum(answers[3::4])  # each shard's fourth call, restore: its customers
 
     def shutdown(self) -> None:
         sinks = [a for a in (self.sink, self.decision_sink) if a is not None]

@@ -4,6 +4,7 @@ metrics scraped, and the OpenAPI spec fuzzed."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.keys import http, lookup
+from tests.keys import bearer, http, lookup, make_key
 
 pytestmark = pytest.mark.integration
 
@@ -199,6 +202,67 @@ def test_offers_are_replaced_at_run_time_and_an_invalid_catalog_changes_nothing(
     assert r.status_code == 422 and any("telepathy" in e for e in r.json()["errors"])
     assert http.get(f"{url}/v1/offers").json() == running
     assert http.put(f"{url}/v1/offers", json=running).status_code == 200
+
+
+def test_a_reference_table_is_replaced_at_run_time_and_the_recall_moment_follows_it(
+    service, ray_cluster
+) -> None:
+    """PUT /v1/reference/stock: refused whole (422, 400, 404, 415, 403) with nothing changed, or
+    taken and broadcast: a recalled phone next to a store that sold out gets no recall moment,
+    one next to a store with the replacement does."""
+    url, _, _ = service
+    summary = http.get(f"{url}/v1/reference").json()
+    assert summary["tables"]["stores"] > 20 and summary["tables"]["recalls"] == 1
+    stores = {s["store_id"]: s for s in http.get(f"{url}/v1/reference/stores").json()["rows"]}
+    stock = http.get(f"{url}/v1/reference/stock").json()["rows"]
+    held = [s for s in stock if s["product"] == "Nimbus X3" and s["quantity"] > 0]
+    shop = stores[held[0]["store_id"]]
+    csv = "store_id,product,quantity\nNOWHERE,Nimbus X3,3\n"
+    r = http.put(f"{url}/v1/reference/stock", data=csv, headers={"content-type": "text/csv"})
+    assert r.status_code == 422 and "NOWHERE" in r.json()["errors"][0], r.text
+    bad = http.put(f"{url}/v1/reference/stock", data="store_id,quantity\nA,many\n",
+                   headers={"content-type": "text/csv"})  # fmt: skip
+    assert bad.status_code == 400 and "not valid csv" in bad.json()["detail"]
+    assert http.put(f"{url}/v1/reference/shops", json=[]).status_code == 404
+    wrong = http.put(f"{url}/v1/reference/stock", data=b"x", headers={"content-type": "image/png"})
+    assert wrong.status_code == 415
+    plain = bearer(make_key(ray_cluster.keys_file, ["ingest"], name="no-admin"))
+    time.sleep(1.2)  # the replicas see the new key
+    assert http.put(f"{url}/v1/reference/stock", json=stock, headers=plain).status_code == 403
+    assert http.get(f"{url}/v1/reference").json() == summary  # nothing changed
+
+    def recall_moment(customer: str, event_id: int) -> bool:
+        t = now_ms()
+        events = [
+            {**profile(customer, event_id, t), "device_model": "Nimbus X2"},
+            {"event_id": event_id + 1, "customer_id": customer, "kind": "location", "ts": t + 1,
+             "lat": shop["lat"], "lon": shop["lon"]},
+            {"event_id": event_id + 2, "customer_id": customer, "kind": "usage", "ts": t + 2,
+             "mb": 1.0},
+        ]  # fmt: skip
+        assert http.post(f"{url}/v1/events", json=events).status_code == 202
+
+        def applied() -> Any:
+            r = lookup(url, customer)
+            ok = r.status_code == 200 and r.json()["aggregates"]["event_count"] == 3
+            return r.json() if ok else None
+
+        body = wait_for(applied)
+        assert body is not None, customer
+        return "recalled_device_in_use" in [t["rule_id"] for t in body["recent_triggers"]]
+
+    sold_out = [s for s in stock if s["product"] != "Nimbus X3"]
+    r = http.put(f"{url}/v1/reference/stock", json=sold_out)
+    assert r.status_code == 200 and r.json()["rows"] == len(sold_out), r.text
+    assert http.get(f"{url}/v1/reference").json()["version"] != summary["version"]
+    assert not recall_moment("http-recall-1", 9101)
+    parquet = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(stock), parquet)
+    r = http.put(f"{url}/v1/reference/stock", data=parquet.getvalue(),
+                 headers={"content-type": "application/vnd.apache.parquet"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert http.get(f"{url}/v1/reference").json() == summary  # the same tables: the same version
+    assert recall_moment("http-recall-2", 9201)
 
 
 def test_health_and_readiness(service) -> None:

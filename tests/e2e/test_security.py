@@ -26,9 +26,10 @@ KAIROS = Path(sys.executable).with_name("kairos")
 def _requests(url: str) -> list[tuple[str, str, str | None, dict[str, Any]]]:
     """(method, path, scope it needs, requests kwargs): every route, with a body the right key
     gets a 2xx (or a 404 for an unknown customer) for."""
-    got = [http.get(f"{url}/v1/{what}", timeout=30) for what in ("rules", "offers")]
+    got = [http.get(f"{url}/v1/{what}", timeout=30)
+           for what in ("rules", "offers", "reference/recalls")]  # fmt: skip
     assert all(r.status_code == 200 for r in got), [(r.status_code, r.text) for r in got]
-    rules, offers = (r.json() for r in got)
+    rules, offers, recalls = (r.json() for r in got)
     usage = {"event_id": "sec-u1", "customer_id": "sec-a", "kind": "usage", "ts": now_ms(),
              "mb": 1.0}  # fmt: skip
     return [
@@ -40,6 +41,9 @@ def _requests(url: str) -> list[tuple[str, str, str | None, dict[str, Any]]]:
         ("GET", "/v1/offers", "admin", {}),
         ("PUT", "/v1/offers", "admin", {"json": offers}),
         ("GET", "/v1/stats", "admin", {}),
+        ("GET", "/v1/reference", "admin", {}),
+        ("GET", "/v1/reference/stores", "admin", {}),
+        ("PUT", "/v1/reference/recalls", "admin", {"json": recalls["rows"]}),
         ("GET", "/openapi.json", None, {}),
         ("GET", "/docs", None, {}),
         ("GET", "/no/such/path", None, {}),

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 import pytest
 
 from actors.supervisor import Supervisor
 from engine.config import EngineSettings
 from engine.errors import RuleError
+from engine.events.codec import rows_to_batch
 from engine.local import LocalEngine
+from engine.reference import ReferenceDataError, load_reference
 from engine.rules.spec import parse_rules_text
 from engine.synthetic.telco import events, population
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
+SHIPPED = load_reference(ROOT / "deploy" / "config" / "reference.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +41,14 @@ def _replay(supervisor, table, chunk=7_000):
 def test_actors_give_the_same_triggers_as_the_local_engine_with_1_and_4_shards(
     ray_cluster, stream, rules, tmp_path
 ) -> None:
-    local = LocalEngine(EngineSettings(shards=1, allowed_lateness_s=10), rules)
+    local = LocalEngine(EngineSettings(shards=1, allowed_lateness_s=10), rules, reference=SHIPPED)
     for start in range(0, stream.num_rows, 5_000):
         local.submit(stream.slice(start, 5_000))
     local.end_stream()
     want = _keys(local.trigger_table())
     assert len(want) > 100
+    fired = {rule for rule, _ in want}  # the shipped moments, reference data and deadlines too
+    assert {"recalled_device_in_use", "cart_left_while_browsing", "away_from_home"} <= fired
     for shards in (1, 4):
         settings = EngineSettings(
             shards=shards, allowed_lateness_s=10, micro_batch_max_events=2_000
@@ -52,6 +60,7 @@ def test_actors_give_the_same_triggers_as_the_local_engine_with_1_and_4_shards(
             shard_cpus=0.25,
             namespace_prefix=f"it-{shards}",
             dead_letter_uri=str(tmp_path / f"d{shards}"),
+            reference=SHIPPED,
         )
         try:
             written = _replay(sup, stream)
@@ -174,3 +183,52 @@ def test_a_micro_batch_closes_on_its_deadline_and_calls_in_flight_stay_bounded(
         )
     finally:
         sup.shutdown()
+
+
+def test_reference_tables_set_at_run_time_are_checkpointed_and_restored_on_any_shards(
+    ray_cluster, stream, rules, tmp_path
+) -> None:
+    """A stock table swapped at run time (after a refused one changed nothing) goes into the
+    checkpoint; an engine started again from the shipped files restores it with the customers,
+    on 2 shards and rescaled onto 3, and its shards decide with it: a recalled phone next to
+    the stores that sold out gets no recall moment."""
+    settings = EngineSettings(shards=2, allowed_lateness_s=10)
+    stock = SHIPPED.tables["stock"]
+    sold_out = stock.filter(pa.compute.not_equal(stock.column("product"), "Nimbus X3"))
+    sup = Supervisor(settings, rules, shard_cpus=0.25, namespace_prefix="it-ref",
+                     checkpoint_root=str(tmp_path / "chk"), reference=SHIPPED)  # fmt: skip
+    try:
+        _replay(sup, stream.slice(0, 10_000))
+        unknown = pa.table({"store_id": ["NOWHERE"], "product": ["x"], "quantity": [1]})
+        with pytest.raises(ReferenceDataError, match="NOWHERE"):
+            sup.set_reference("stock", unknown)
+        assert sup.reference is SHIPPED
+        swapped = sup.set_reference("stock", sold_out)
+        sup.checkpoint(1, {})
+    finally:
+        sup.shutdown()
+    held = {r["store_id"] for r in stock.to_pylist() if r["product"] == "Nimbus X3"}
+    shop = next(s for s in SHIPPED.tables["stores"].to_pylist() if s["store_id"] in held)
+    assert SHIPPED.nearest_store_km("Nimbus X3", shop["lat"], shop["lon"]) < 1e-6  # it had one
+    t = 1_800_000_000_000
+    recall = [
+        {"event_id": 1, "customer_id": "it-recall", "kind": "profile_update", "ts": t,
+         "device_model": "Nimbus X2"},
+        {"event_id": 2, "customer_id": "it-recall", "kind": "location", "ts": t + 1,
+         "lat": shop["lat"], "lon": shop["lon"]},
+    ]  # fmt: skip
+    for shards in (2, 3):
+        fresh = Supervisor(EngineSettings(shards=shards, allowed_lateness_s=10), rules,
+                           shard_cpus=0.25, namespace_prefix=f"it-ref-{shards}",
+                           reference=SHIPPED)  # fmt: skip
+        try:
+            assert fresh.restore(str(tmp_path / "chk")) > 0
+            assert fresh.reference.version == swapped.version != SHIPPED.version
+            batch, positions, letters = rows_to_batch(recall)
+            assert letters == []
+            fresh.router.submit(batch, positions)
+            fresh.router.end_stream()
+            assert fresh.router.stats.triggers_by_rule.get("recalled_device_in_use", 0) == 0
+            assert fresh.router.stats.applied == 2
+        finally:
+            fresh.shutdown()

@@ -22,6 +22,8 @@ from engine.rules.matcher import ROUNDS, run_pattern
 from engine.rules.pattern import Automaton
 from engine.rules.spec import PatternSpec, parse_rules
 from engine.state.store import NEVER
+from engine.yamlfile import load_yaml
+from tests.conftest import ROOT
 from tests.property.pattern_reference import reference_matches
 from tests.pure import QUICK
 
@@ -161,6 +163,34 @@ def check(rule: dict[str, Any], events: list[tuple[int, int, str]], cuts: list[i
 )
 @given(rule=patterns(), events=streams(), cuts=st.lists(st.integers(0, 60), max_size=6))
 def test_vectorized_patterns_equal_the_per_event_reference(
+    rule: dict[str, Any], events: list[tuple[int, int, str]], cuts: list[int]
+) -> None:
+    check(rule, events, cuts)
+
+
+def shipped_patterns() -> list[dict[str, Any]]:
+    """The pattern rules of deploy/config/rules.yaml, as the matcher sees them: their steps,
+    within and skip (their ``when`` reads windows, checked on completion by the shard: the
+    invariance tests hold it)."""
+    document = load_yaml((ROOT / "deploy" / "config" / "rules.yaml").read_text())
+    kept = ("id", "type", "pattern", "within", "skip")
+    return [{k: v for k, v in r.items() if k in kept} for r in document["rules"]
+            if r["type"] == "pattern"]  # fmt: skip
+
+
+SHIPPED = shipped_patterns()
+
+
+def test_the_shipped_rules_have_patterns_this_suite_checks() -> None:
+    assert [r["id"] for r in SHIPPED] == ["cart_left_while_browsing"]
+    assert all(compiled(r) is not None for r in SHIPPED)
+
+
+@settings(max_examples=200 if QUICK else 1000, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(rule=st.sampled_from(SHIPPED), events=streams(),
+       cuts=st.lists(st.integers(0, 60), max_size=6))  # fmt: skip
+def test_the_shipped_patterns_equal_the_per_event_reference(
     rule: dict[str, Any], events: list[tuple[int, int, str]], cuts: list[int]
 ) -> None:
     check(rule, events, cuts)
