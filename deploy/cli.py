@@ -355,17 +355,24 @@ def rules_check(file: Annotated[Path, typer.Argument(help="Rule file to validate
         if rule.window is not None:
             summed = getattr(spec, "sum", None)
             w, what = rule.window, f"sum of {summed}" if summed else "count"
+            every = getattr(spec, "every", "")
+            sliding = (f"this {every} and the {w.buckets - 1} before" if w.period
+                       else f"last {getattr(spec, 'sliding', '')} in {every} buckets")  # fmt: skip
             shape = {"session": f"session (gap {getattr(spec, 'session', '')})",
                      "tumbling": f"per {getattr(spec, 'tumbling', '')}",
-                     "sliding": f"last {getattr(spec, 'sliding', '')} in "
-                                f"{getattr(spec, 'every', '')} buckets"}[w.shape]  # fmt: skip
-            fires = f"nothing: other rules read '{w.name}', the {what} of its events, {shape}"
+                     "sliding": sliding}[w.shape]  # fmt: skip
+            if w.distinct:
+                what = f"number of {every or 'bucket'}s with any"
+            events = "events" if spec.when is None else f"events where {spec.when}"
+            fires = f"nothing: other rules read '{w.name}', the {what} of its {events}, {shape}"
         elif rule.pattern is not None:
             fires = rule.pattern.words
             if rule.when is not None:
                 fires += f" Reported when {rule.when}."
         elif rule.type == "threshold":
             fires = f"{rule.value} >= {rule.threshold}, once per {getattr(spec, 'once_per', '')}"
+            if spec.when is not None:
+                fires += f", when {spec.when}"
         else:
             cooldown = getattr(spec, "cooldown", 0)
             fires = f"{rule.when}" + (f", cooldown {cooldown}" if rule.cooldown_ms else "")

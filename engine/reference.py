@@ -337,7 +337,6 @@ class ReferenceData:
         self._check_stock()
         self.version = self._digest()
         self._trees: dict[str, tuple[Any, int]] = {}
-        self._maps: dict[tuple[str, str], dict[str, str]] = {}
 
     def _check_stock(self) -> None:
         stores = self.tables["stores"].column("store_id")
@@ -387,32 +386,33 @@ class ReferenceData:
         }
 
     # -- what expressions read ------------------------------------------------------------------
-    def _map(self, table: str, value: str) -> dict[str, str]:
-        key = (table, value)
-        cached = self._maps.get(key)
-        if cached is None:
-            rows = self.tables[table]
-            cached = dict(
-                zip(rows.column("device_model").to_pylist(), rows.column(value).to_pylist(),
-                    strict=True)
-            )  # fmt: skip
-            self._maps[key] = cached
-        return cached
+    def _index(self, table: str, models: Any) -> np.ndarray:
+        """Per row: the row of ``table`` whose device_model it is, -1 if none. The distinct
+        models of the rows (a handful) are looked up, not every row."""
+        flat = np.asarray(models, dtype=object).ravel()
+        encoded = pc.dictionary_encode(pa.array(flat, type=pa.string(), from_pandas=True))
+        found = pc.index_in(encoded.dictionary, value_set=self.tables[table].column("device_model"))
+        per_value = np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), np.int64)
+        codes = np.asarray(encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+        out = np.where(codes >= 0, per_value[np.maximum(codes, 0)], -1)
+        return out.reshape(np.shape(models))
 
-    def recalled(self, models: np.ndarray) -> np.ndarray:
+    def _lookup(self, table: str, column: str, models: Any) -> np.ndarray:
+        index = self._index(table, models)
+        values = np.array([*self.tables[table].column(column).to_pylist(), ""], dtype=object)
+        return values[index]  # -1: the '' after the table's values
+
+    def recalled(self, models: Any) -> np.ndarray:
         """Per row: the model is on the recall list."""
-        listed = self._map("recalls", "replacement")
-        return np.fromiter((m in listed for m in _flat(models)), bool, count=_size(models)).reshape(
-            np.shape(models)
-        )
+        return self._index("recalls", models) >= 0
 
-    def replacement_of(self, models: np.ndarray) -> np.ndarray:
+    def replacement_of(self, models: Any) -> np.ndarray:
         """Per row: the product a recalled model is swapped for ('' if it is not recalled)."""
-        return _lookup(self._map("recalls", "replacement"), models)
+        return self._lookup("recalls", "replacement", models)
 
-    def accessory_of(self, models: np.ndarray) -> np.ndarray:
+    def accessory_of(self, models: Any) -> np.ndarray:
         """Per row: the travel accessory of the model ('' if none is listed)."""
-        return _lookup(self._map("accessories", "product"), models)
+        return self._lookup("accessories", "product", models)
 
     def _tree(self, product: str) -> tuple[Any, int]:
         """(k-d tree of the unit vectors of the stores with ``product`` in stock, their count)."""
@@ -458,20 +458,6 @@ def _unit(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     distance, so the Euclidean nearest neighbour is the nearest on the Earth."""
     phi, lmb = np.radians(lat), np.radians(lon)
     return np.stack([np.cos(phi) * np.cos(lmb), np.cos(phi) * np.sin(lmb), np.sin(phi)], axis=-1)
-
-
-def _flat(values: Any) -> Any:
-    return np.asarray(values, dtype=object).ravel()
-
-
-def _size(values: Any) -> int:
-    return int(np.asarray(values, dtype=object).size)
-
-
-def _lookup(mapping: dict[str, str], models: Any) -> np.ndarray:
-    flat = _flat(models)
-    out = np.array([mapping.get(m, "") for m in flat], dtype=object)
-    return out.reshape(np.shape(models))
 
 
 EMPTY = ReferenceData()

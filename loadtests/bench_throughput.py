@@ -10,8 +10,9 @@ step's triggers to its logged decisions (a shard applies a micro-batch in steps 
 events_per_s and the first one's.
 
 ``--compare-rules FILE`` runs each repeat twice, alternately with the shipped rules and with
-FILE (``loadtests/rules_with_patterns.yaml``: the shipped rules with patterns and windows),
-and prints both medians and their ratio.
+FILE (``loadtests/rules_before_patterns.yaml``: the shipped rules before patterns, windows and
+reference data), and prints both medians and their ratio (FILE's over the shipped rules').
+Every run has the shipped reference tables (``deploy/config/reference.yaml``).
 
 ``--checkpoint-every S`` runs each repeat twice, alternately: without checkpoints and through
 the durable pipeline (``engine.pipeline``: a checkpoint every S seconds and one at the end, the
@@ -42,11 +43,13 @@ from actors.runtime import init_ray, peak_rss_mb
 from actors.scorer import ServeScorer
 from actors.supervisor import Supervisor
 from deploy.paths import DEFAULT_OFFERS as OFFERS
+from deploy.paths import DEFAULT_REFERENCE
 from deploy.paths import DEFAULT_RULES as RULES
 from deploy.ranker import start_ranker as deploy_champion
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog, load_catalog
 from engine.pipeline import Pipeline
+from engine.reference import load_reference
 from engine.rules.spec import load_rules
 from engine.source import TableSource
 from engine.synthetic.telco import events, population
@@ -103,6 +106,7 @@ def run(
         scorer=ServeScorer() if catalog else None,
         decision_uri=f"{out_dir}/decisions-{shards}" if catalog else None,
         checkpoint_root=root,
+        reference=load_reference(DEFAULT_REFERENCE),
     )
     supervisor.ready()  # every actor (shards, sinks) is up before the clock starts
     if catalog is not None:

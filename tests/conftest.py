@@ -21,7 +21,7 @@ from engine.testing import EventFactory, utc_ms
 ROOT = Path(__file__).resolve().parents[1]
 RULES_FILE = ROOT / "deploy" / "config" / "rules.yaml"
 #: the moments before issue 17, for tests that need a log rich in decisions (see the file)
-BROAD_RULES = ROOT / "tests" / "data" / "rules_broad.yaml"
+BROAD_RULES = ROOT / "loadtests" / "rules_before_patterns.yaml"
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from engine.events.schema import EventKind
 from engine.rules.expr import Expression
 from engine.rules.rows import rows_where
 from engine.state.store import NEVER
-from engine.state.view import RowsView, segmented_cumsum
+from engine.state.view import RowsView, segmented_count, segmented_cumsum
 from engine.units import HOUR_MS
 
 if TYPE_CHECKING:
@@ -72,6 +72,14 @@ class Window:
         if self.shape == "sliding":
             return ["bucket", *(f"b{i}" for i in range(self.buckets))]
         return ["key", "total"]
+
+    def _running(self, values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Running sums restarting at ``starts``: a count adds whole numbers, exactly summed
+        by the fast ``segmented_count``; a sum of an expression, by ``segmented_cumsum`` (the
+        same rounding however the stream is cut)."""
+        if self.value is None:
+            return segmented_count(values, starts)
+        return segmented_cumsum(values, starts)
 
     def events(self, view: BatchView) -> tuple[np.ndarray, np.ndarray]:
         """(rows of the window's events, what each adds: 1, or the sum's value, NaN as 0)."""
@@ -125,7 +133,7 @@ class Window:
             prev[r_first] = last[rows[r_first]]
             fresh = (prev == NEVER) | (ts[rows] - prev > self.size_ms)
             carry = np.where(r_first & ~fresh, total[rows], 0.0)
-            sums = segmented_cumsum(adds + carry, r_first | fresh)
+            sums = self._running(adds + carry, r_first | fresh)
             at[rows] = ts[rows]
             agg[rows] = sums
         has = np.zeros(n, dtype=bool)
@@ -154,12 +162,11 @@ class Window:
         starts = view.group_first.copy()
         starts[1:] |= period[1:] != period[:-1]
         carry = np.where(view.group_first & (key == period), total, 0.0)
-        values = segmented_cumsum(self.contributions(view) + carry, starts)
+        values = self._running(self.contributions(view) + carry, starts)
         last = view.group_last
         return values, np.stack([period[last], _bits(values[last])])
 
     def _sliding(self, view: BatchView, state: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        k = self.buckets
         c = self.contributions(view)
         n = view.size
         group = np.cumsum(view.group_first) - 1
@@ -177,16 +184,46 @@ class Window:
             bucket = np.maximum.accumulate(group * span + (bucket - low)) - group * span + low
         if self.distinct:
             c = _once_per_bucket(c, bucket, group, stored_b, ring)
+        state_after = self._sliding_state(view, c, bucket, group, stored_b, ring)
+        # customers with no event of the window here and none stored read 0 on every row: the
+        # values are computed for the others only (most customers, for a rare event)
+        live = (ring != 0).any(axis=0)
+        live[group[c != 0]] = True
+        values = np.zeros(n)
+        if live.all():
+            values = self._sliding_values(c, bucket, view.group_first, stored_b, ring)
+        elif live.any():
+            rows = np.flatnonzero(live[group])
+            mine = np.flatnonzero(live)
+            values[rows] = self._sliding_values(
+                c[rows], bucket[rows], view.group_first[rows], stored_b[mine], ring[:, mine]
+            )
+        return values, state_after
+
+    def _sliding_values(
+        self,
+        c: np.ndarray,
+        bucket: np.ndarray,
+        first: np.ndarray,
+        stored_b: np.ndarray,
+        ring: np.ndarray,
+    ) -> np.ndarray:
+        """The value per row of whole customers' rows (``first``: each customer's first row;
+        ``stored_b`` and ``ring`` are theirs, in the same order)."""
+        k = self.buckets
+        n = c.size
+        group = np.cumsum(first) - 1
+        start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
         # this step's events of the window, per row: a running sum less the part too old
-        running = segmented_cumsum(c, view.group_first)
-        span = int(bucket.max() - bucket.min()) + k + 2 if n else 1
-        keyed = group * span + (bucket - (int(bucket.min()) if n else 0))
+        running = self._running(c, first)
+        span = int(bucket.max() - bucket.min()) + k + 2
+        keyed = group * span + (bucket - int(bucket.min()))
         first_in = np.searchsorted(keyed, keyed - k + 1, side="left")
-        before = np.where(first_in > view.group_start, running[np.maximum(first_in - 1, 0)], 0.0)
+        before = np.where(first_in > start, running[np.maximum(first_in - 1, 0)], 0.0)
         inside = running - before
         # the stored buckets still inside: a circular range of each customer's ring (slot j
         # holds the bucket b with b % k == j), summed from prefix sums over the slots
-        prefix = np.zeros((k + 1, heads.size))
+        prefix = np.zeros((k + 1, stored_b.size))
         np.cumsum(ring, axis=0, out=prefix[1:])
         newest_stored = stored_b[group]
         count = np.clip(newest_stored - bucket + k, 0, k)
@@ -198,8 +235,7 @@ class Window:
         wrapped = whole - prefix[lo, group] + prefix[hi + 1, group]
         old = np.where(count == 0, 0.0, np.where(lo <= hi, straight, wrapped))
         old = np.where(count == k, whole, old)
-        values = inside + old
-        return values, self._sliding_state(view, c, bucket, group, stored_b, ring)
+        return inside + old
 
     def _sliding_state(
         self,

@@ -35,8 +35,8 @@ def test_demo_replays_with_decisions_and_compares_with_a_blanket_campaign(tmp_pa
     assert triggers.num_rows > 0
     assert {"data_cap_nearing", "away_from_home"} <= set(triggers.column("rule_id").to_pylist())
     decisions = pq.read_table(str(tmp_path / "decisions"))
-    answered = {"data_cap_nearing", "away_from_home", "recalled_device_in_use",
-                "cart_left_while_browsing"}  # fmt: skip
+    answered = {"data_cap_nearing", "over_cap_third_time", "away_from_home",
+                "recalled_device_in_use", "cart_left_while_browsing"}  # fmt: skip
     assert decisions.num_rows == sum(
         1 for r in triggers.column("rule_id").to_pylist() if r in answered
     )

@@ -361,3 +361,16 @@ rules:
         engine.end_stream()
         got.append([dict(t["values"])["days"] for t in engine.trigger_table().to_pylist()])
     assert got == [[1.0, 1.0], [1.0, 1.0]]
+
+
+@pytest.mark.parametrize("span", [60_000, 2**62])  # packed keys, and the lexsort beyond them
+def test_deadlines_are_ordered_by_time_then_customer_slot(span: int) -> None:
+    from engine.rules.timers import deadline_order
+
+    rng = np.random.default_rng(3)
+    slots = rng.permutation(5_000)[rng.integers(0, 5_000, 20_000)].astype(np.int64)
+    ts = T0 + rng.integers(0, 50, 20_000) * (span // 50)
+    got_slots, got_ts = deadline_order(slots, ts)
+    order = np.lexsort((slots, ts))
+    np.testing.assert_array_equal(got_slots, slots[order])
+    np.testing.assert_array_equal(got_ts, ts[order])
