@@ -35,6 +35,7 @@ import numpy as np
 import ray
 import yaml
 from fastapi import FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -288,6 +289,10 @@ async def _body(request: Request, limit: int, name: str = "max_body_bytes") -> b
     return body
 
 
+#: a reference table's name: the spec lists the four; another gets 404 naming them
+ReferenceName = Annotated[str, PathParam(json_schema_extra={"enum": list(TABLE_NAMES)})]
+
+
 def _reference_name(name: str) -> None:
     if name not in TABLE_NAMES:
         raise HTTPException(
@@ -330,6 +335,18 @@ DOC_BODY = {
     "content": {
         media: {"schema": {"type": "object", "additionalProperties": True}}
         for media in ("application/json", "application/yaml")
+    },
+}
+#: a reference table as JSON rows (CSV, Parquet and YAML bodies are taken too; see the route)
+REFERENCE_BODY = {
+    "required": True,
+    "description": "The whole table: an array of rows (maps of column to value), or the same "
+    "as YAML (application/yaml), CSV with a header (text/csv) or Parquet "
+    "(application/vnd.apache.parquet).",
+    "content": {
+        "application/json": {
+            "schema": {"type": "array", "items": {"type": "object", "additionalProperties": True}}
+        }
     },
 }
 _SCALAR = {"type": ["string", "number", "integer", "boolean", "null"]}
@@ -903,7 +920,7 @@ class KairosApi:
         responses={404: {"description": "No reference table of that name."}},
         summary="The rows of one reference table",
     )
-    async def get_reference_table(self, name: str) -> JSONResponse:
+    async def get_reference_table(self, name: ReferenceName) -> JSONResponse:
         _reference_name(name)
         rows = await self.gateway.reference_table.remote(name)
         return JSONResponse(jsonable_encoder({"name": name, "rows": rows}))
@@ -917,9 +934,10 @@ class KairosApi:
             415: {"description": "Another content type than JSON, YAML, CSV or Parquet."},
             422: {"model": Problems, "description": "Invalid: the running table stays."},
         },
+        openapi_extra={"requestBody": REFERENCE_BODY},
         summary="Replace one reference table (stores, stock, recalls, accessories)",
     )
-    async def put_reference(self, name: str, request: Request) -> JSONResponse:
+    async def put_reference(self, name: ReferenceName, request: Request) -> JSONResponse:
         """The whole table: rows as JSON or YAML (a list of maps), CSV with a header, or
         Parquet. Validated whole, with the other tables (stock of an unknown store is refused),
         then broadcast to every shard between micro-batches; on any problem nothing changes and

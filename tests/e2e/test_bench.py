@@ -49,4 +49,4 @@ def test_ranker_benchmark_scores_through_serve_with_the_largest_model() -> None:
     assert line["model"] == "full" and line["trees"] == 150
     assert line["leaves_per_tree"] > 24  # grown to depth 5, not the shallow bootstrap
     assert line["rows_per_s"] > 0 and line["requests_per_s"] > 0
-    assert line["features"] == 23 and line["concurrency"] == 2
+    assert line["features"] == 24 and line["concurrency"] == 2

@@ -22,7 +22,7 @@ from models.promotion import train_round
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
 from models.simulate import Simulation, SimulationConfig, with_exploration
-from tests.conftest import ROOT
+from tests.conftest import BROAD_RULES, ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -63,9 +63,10 @@ def world(ray_cluster, tmp_path_factory):
     """A champion trained on a simulated log (real XGBoost), served by the ranker on Serve."""
     from ray import serve
 
-    rules = load_rules(ROOT / "deploy" / "config" / "rules.yaml")
+    # the moments and world of before issue 17: a log rich in decisions (see the rules file)
+    rules = load_rules(BROAD_RULES)
     catalog = load_catalog(ROOT / "deploy" / "config" / "offers.yaml")
-    config = SimulationConfig(customers=3000, days=16, warmup_days=16, seed=5)
+    config = SimulationConfig(customers=3000, days=16, warmup_days=16, seed=5, visits=False)
     sim = Simulation(config, rules, catalog, str(tmp_path_factory.mktemp("sim")))
     run = sim.run("kairos")
     registry = ModelRegistry(str(tmp_path_factory.mktemp("registry")))
@@ -211,9 +212,10 @@ def test_the_running_engine_learns_incremental_value_from_its_own_logs(
     from models.simulate import with_no_action_arm
     from models.training import fit
 
-    rules = load_rules(ROOT / "deploy" / "config" / "rules.yaml")
+    rules = load_rules(BROAD_RULES)  # a log rich in decisions, as in the world fixture
     shipped = load_catalog(ROOT / "deploy" / "config" / "offers.yaml")
-    config = SimulationConfig(customers=8000, days=18, warmup_days=18, seed=21, world="uplift")
+    config = SimulationConfig(customers=8000, days=18, warmup_days=18, seed=21, world="uplift",
+                              visits=False)  # fmt: skip
     sim = Simulation(config, rules, shipped, str(tmp_path / "sim"))
     catalog = with_no_action_arm(with_exploration(shipped, 0.3), 0.2)
     registry = ModelRegistry(str(tmp_path / "registry"))
