@@ -172,13 +172,11 @@ def table_of_rows(name: str, document: Any) -> pa.Table:
             raise ReferenceDataError(
                 f"reference table '{name}': expected a list of rows or a map of columns"
             )
-        rows: list[Any] = []
         lengths = {len(v) for v in document.values()}
         if len(lengths) > 1:
             raise ReferenceDataError(f"reference table '{name}': columns of different lengths")
         size = lengths.pop() if lengths else 0
-        rows = [{k: v[i] for k, v in document.items()} for i in range(size)]
-        document = rows
+        document = [{k: v[i] for k, v in document.items()} for i in range(size)]
     if not isinstance(document, list) or not all(isinstance(r, Mapping) for r in document):
         raise ReferenceDataError(f"reference table '{name}': expected a list of rows (maps)")
     if len(document) > MAX_REFERENCE_ROWS:
