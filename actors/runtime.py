@@ -18,11 +18,11 @@ import ray
 #: blocks up to 32 MB on the heap, trimming only beyond 256 MB free, and purging after 1 s of
 #: idleness takes that to ~14,000 and a shard's CPU from 0.63-0.79 s to 0.61-0.68 s per million
 #: events (docs/benchmarks.md). Memory is still returned when a shard goes idle.
-ALLOCATOR_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
-    "MIMALLOC_PURGE_DELAY": "1000",
-}
+#: glibc's part is set with ``mallopt`` (``tune_allocator``), mimalloc's through the environment
+#: before pyarrow loads (``actors/__init__.py``): no ``runtime_env``, whose setup costs a new
+#: worker 1-1.5 s here.
+MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": "1000"}
+_MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 << 20, 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
 
 
@@ -83,10 +83,11 @@ def protect_token_file() -> None:
 
 
 def tune_allocator() -> bool:
-    """Apply ALLOCATOR_ENV's glibc part to this running process (a driver that routes).
+    """Keep glibc's freed blocks up to 32 MB on the heap and trim beyond 256 MB free, in this
+    running process (a driver that routes, a shard or sink actor when it starts).
 
-    Environment variables only act at process start; ``mallopt`` acts now. Returns False where
-    the C library is not glibc (nothing changes there).
+    ``mallopt`` acts now (the ``MALLOC_*_`` variables only at process start). Returns False
+    where the C library is not glibc (nothing changes there).
     """
     name = ctypes.util.find_library("c")
     if not name:
@@ -95,7 +96,9 @@ def tune_allocator() -> bool:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20) and mallopt(_M_TRIM_THRESHOLD, 256 << 20))
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    )
 
 
 def peak_rss_mb() -> float:

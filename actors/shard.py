@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 import ray
 
 from actors.metrics import metrics
-from actors.runtime import peak_rss_mb
+from actors.runtime import peak_rss_mb, tune_allocator
+from engine import preload
 from engine.checkpoint import write_shard
 from engine.config import EngineSettings
 from engine.decision.catalog import parse_catalog
@@ -55,6 +56,7 @@ class ShardActor:
         scorer: OfferScorer | None = None,
         reference: ReferenceData = EMPTY,
     ) -> None:
+        tune_allocator()  # each micro-batch allocates and frees tens of MB
         rules = parse_rules(rules_document, "rules")
         catalog = parse_catalog(catalog_document, "offers") if catalog_document else None
         self.logic = ShardLogic(shard_id, settings, rules, key_range, catalog, scorer)
@@ -162,6 +164,10 @@ class ShardActor:
 
     def customer(self, customer_key: int) -> dict[str, Any] | None:
         return self.logic.customer(customer_key)
+
+    def loaded(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the code the rules and tables need is loaded (``engine.preload``)."""
+        return preload.loaded(timeout_s)
 
     def stats(self) -> dict[str, Any]:
         store = self.logic.store

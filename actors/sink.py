@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from actors.runtime import tune_allocator
 from engine.sink import DayPartitionedSink, ParquetSink
 
 
@@ -20,6 +21,7 @@ class _SinkActor:
     incarnation: str = ""
 
     def _started(self) -> None:
+        tune_allocator()  # each write allocates and frees a file's worth
         self.incarnation = uuid.uuid4().hex
 
     def write(self, table: pa.Table) -> int:

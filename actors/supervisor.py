@@ -22,7 +22,6 @@ import pyarrow as pa
 import ray
 
 from actors.router import Router
-from actors.runtime import ALLOCATOR_ENV
 from actors.shard import ShardActor
 from actors.sink import DecisionSinkActor, TriggerSinkActor
 from engine.checkpoint import (
@@ -47,7 +46,6 @@ from engine.sink import ParquetSink
 from engine.snapshot import ShardSnapshot
 
 log = logging.getLogger(__name__)
-_WORKER_ENV = {"env_vars": ALLOCATOR_ENV}
 #: sinks come back after a crash (empty: ``recover`` settles them); a call that was in flight
 #: is not retried, the pipeline replays from the checkpoint instead
 _RESTART = {"max_restarts": -1, "max_task_retries": 0}
@@ -123,7 +121,6 @@ class Supervisor:
             self.decision_sink = DecisionSinkActor.options(
                 num_cpus=0.1,
                 name=f"{namespace_prefix}-decisions",
-                runtime_env=_WORKER_ENV,
                 **_RESTART,
             ).remote(decision_uri)
         self.sink = None
@@ -131,7 +128,6 @@ class Supervisor:
             self.sink = TriggerSinkActor.options(
                 num_cpus=0.1,
                 name=f"{namespace_prefix}-sink",
-                runtime_env=_WORKER_ENV,
                 **_RESTART,
             ).remote(trigger_uri)
         dead = ParquetSink(dead_letter_uri, prefix="dead") if dead_letter_uri else None
@@ -161,7 +157,6 @@ class Supervisor:
             num_cpus=0 if spare else self._shard_cpus,
             name=f"{self.namespace_prefix}-shard-{i}-{self._started}",
             get_if_exists=False,
-            runtime_env=_WORKER_ENV,
             max_restarts=0,
             scheduling_strategy="SPREAD",  # over the nodes: a lost node costs fewer shards
         ).remote(
@@ -413,7 +408,8 @@ class Supervisor:
         """Replace dead shards (by a spare, else a new actor) and wait for every actor. At
         the first start a shard still starting is waited for up to ``timeout_s`` (on a busy
         small machine starting seven actors takes more than the 10 s a running one has to
-        answer before it is taken for hung)."""
+        answer before it is taken for hung), and so is the loading of the code their rules
+        need, spares' too (``ShardActor.loaded``), which each does in the background."""
         self._replace_dead_shards(10.0 if self._started_once else timeout_s)
         self._call_all(
             lambda: (
@@ -422,6 +418,9 @@ class Supervisor:
             ),
             timeout_s,
         )
+        if not self._started_once:  # the first step, and a spare taking over, load nothing
+            loading = [s.loaded.remote() for s in [*self.shards, *self.spares]]
+            ray.wait(loading, num_returns=len(loading), timeout=timeout_s)  # a lost one: later
         self._started_once = True
 
     _started_once = False

@@ -39,7 +39,7 @@ from engine.events.deadletter import DEAD_LETTER_SCHEMA
 from engine.events.schema import CHANNELS, ROUTED_SCHEMA, TS_TYPE, EventKind, sparse_routed
 from engine.ingest import NO_WATERMARK
 from engine.limits import TS_RANGE_TEXT, time_in_range
-from engine.reference import EMPTY, ReferenceData
+from engine.reference import EMPTY, ReferenceData, preload_search
 from engine.rules.evaluate import candidates, cooldown, once_per_period, period_of
 from engine.rules.sequential import warm
 from engine.rules.spec import CompiledRule, RuleSet
@@ -221,7 +221,7 @@ class ShardLogic:
         self.reference: ReferenceData = EMPTY
         self.store.ensure_rules(rules.state_keys)
         if any(r.pattern is not None for r in rules.rules):
-            warm()
+            warm(background=True)  # the shard answers at once; a step waits if it must
         self.counters: dict[str, int] = {
             "received": 0,
             "applied": 0,
@@ -243,12 +243,14 @@ class ShardLogic:
     def set_rules(self, rules: RuleSet) -> None:
         """Swap the rule set; state of rules kept (same id and type) carries over."""
         if any(r.pattern is not None for r in rules.rules):
-            warm()
+            warm(background=True)
         self.store.ensure_rules(rules.state_keys)
         self.rules = rules
 
     def set_reference(self, reference: ReferenceData) -> None:
         """Swap the reference tables (between micro-batches: the next step reads the new ones)."""
+        if reference.tables["stores"].num_rows:
+            preload_search()
         self.reference = reference
 
     def set_catalog(self, catalog: Catalog | None, scorer: OfferScorer | None = None) -> None:

@@ -7,11 +7,12 @@ ends it); a completed match fires (and, skipping past it, clears every register)
 the wait of an absence at the end, whose deadline fires before the first later event. Tens of
 nanoseconds an event, however skewed the stream (``engine.rules.matcher`` has the vectorized
 alternative and the numbers). Compiled once per process and cached on disk; ``warm`` compiles
-it before the first step needs it.
+it (or starts to, in the background) before the first step needs it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.preload import preload
 from engine.rules.pattern import Automaton
 from engine.state.store import NEVER
 
@@ -138,13 +140,28 @@ def _loop(
     return fire_group[:fires], fire_ts[:fires], fire_row[:fires], out, out_wait
 
 
+#: one compile per process, though a warming thread and a step may ask at once
+_COMPILE = threading.Lock()
+
+
+def compiled_loop() -> Callable[..., Any]:
+    """``_loop`` compiled and loaded (Numba is imported here, so a process without patterns
+    never pays for it; the machine code is cached on disk beside this file)."""
+    with _COMPILE:
+        return compile_loop()
+
+
 @cache
-def _compiled() -> Callable[..., Any]:
-    """``_loop`` compiled (Numba is imported here, so a process without patterns never pays
-    for it; the machine code is cached on disk beside this file)."""
+def compile_loop() -> Callable[..., Any]:
+    """``_loop`` compiled and called once (unlocked: call ``compiled_loop``)."""
     from numba import njit
 
-    return njit(cache=True, nogil=True)(_loop)
+    loop = njit(cache=True, nogil=True)(_loop)
+    a = np.zeros(1, dtype=np.int64)  # the first call compiles, or loads the cached code
+    loop(a, np.zeros(2, dtype=np.int64), a[:0], np.zeros(2, dtype=np.int64), a[:0],
+         np.zeros(1, dtype=np.int64), a[:0], -1, 0, -1, True, np.zeros((1, 0), dtype=bool),
+         a[:0], np.zeros(1, dtype=np.int64), np.zeros((0, 0), dtype=np.int64), a[:0])  # fmt: skip
+    return loop
 
 
 def sequential(
@@ -162,7 +179,7 @@ def sequential(
     (group, time, row or -1 for a deadline) of each match, and each group's registers and wait
     after its last row."""
     heads = np.append(np.flatnonzero(first), ts.size).astype(np.int64)
-    return _compiled()(
+    return compiled_loop()(
         t.element_cond, t.enter_ptr, t.enter_idx, t.leave_ptr, t.leave_idx, t.kill_ptr,
         t.kill_idx, -1 if a.trailing is None else a.trailing, a.trailing_ms,
         -1 if a.within_ms is None else a.within_ms, a.skip == "past_last_event",
@@ -172,9 +189,10 @@ def sequential(
     )  # fmt: skip
 
 
-def warm() -> None:
-    """Compile (or load from the on-disk cache) the loop now, not in the first step."""
-    a = np.zeros(1, dtype=np.int64)
-    _compiled()(a, np.zeros(2, dtype=np.int64), a[:0], np.zeros(2, dtype=np.int64), a[:0],
-          np.zeros(1, dtype=np.int64), a[:0], -1, 0, -1, True, np.zeros((1, 0), dtype=bool),
-          a[:0], np.zeros(1, dtype=np.int64), np.zeros((0, 0), dtype=np.int64), a[:0])  # fmt: skip
+def warm(background: bool = False) -> None:
+    """Compile (or load from the on-disk cache) the loop now, not in the first step; with
+    ``background``, start that in a thread and return (``engine.preload``)."""
+    if background:
+        preload("pattern-loop", compiled_loop)
+    else:
+        compiled_loop()

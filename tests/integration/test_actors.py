@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from actors.supervisor import Supervisor
 from engine.config import EngineSettings
@@ -232,3 +233,32 @@ def test_reference_tables_set_at_run_time_are_checkpointed_and_restored_on_any_s
             assert fresh.router.stats.applied == 2
         finally:
             fresh.shutdown()
+
+
+def test_shard_actors_start_with_the_allocator_settings_and_spares_load_their_code_first(
+    ray_cluster, rules, tmp_path
+) -> None:
+    """No ``runtime_env`` (its setup costs a new actor 1-1.5 s): a shard's process still runs
+    with Arrow's mimalloc purge delay in its environment before pyarrow loaded, and glibc's
+    thresholds set; at the first start every shard and spare has its pattern loop and store
+    search loaded before the engine answers, so a spare that takes over loads nothing."""
+    sup = Supervisor(EngineSettings(shards=2), rules, shard_cpus=0.25, namespace_prefix="it-env",
+                     checkpoint_root=str(tmp_path / "chk"), reference=SHIPPED)  # fmt: skip
+    try:
+        sup.recover()
+        everyone = [*sup.shards, *sup.spares]
+        assert ray.get([a.loaded.remote(0.0) for a in everyone]) == [True] * 4  # done, not begun
+
+        def probe(actor):
+            import os
+            import sys
+
+            return os.environ.get("MIMALLOC_PURGE_DELAY"), sorted(
+                m for m in ("numba", "scipy.spatial") if m in sys.modules
+            )
+
+        assert any(r.pattern is not None for r in rules.rules)
+        for actor in everyone:
+            assert ray.get(actor.__ray_call__.remote(probe)) == ("1000", ["numba", "scipy.spatial"])
+    finally:
+        sup.shutdown()
