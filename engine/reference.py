@@ -321,6 +321,23 @@ def _listed(problems: list[str]) -> list[str]:
 
 
 # -- the data ----------------------------------------------------------------------------------
+#: distinct device models coded before the codes start again (memory stays bounded)
+_MAX_CODES = 100_000
+
+
+class _Codes(dict[Any, int]):
+    """Value -> code, a new code for a value not seen before (``names[code]`` is the value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[Any] = []
+
+    def __missing__(self, value: Any) -> int:
+        code = self[value] = len(self.names)
+        self.names.append(value)
+        return code
+
+
 class ReferenceData:
     """The four tables, validated together; immutable (``replaced`` makes a new one)."""
 
@@ -335,6 +352,8 @@ class ReferenceData:
         self._check_stock()
         self.version = self._digest()
         self._trees: dict[str, tuple[Any, int]] = {}
+        self._codes = _Codes()  # device model -> a small int, as first seen
+        self._rows_by_code: dict[str, np.ndarray] = {}  # table -> row per code, -1: not listed
 
     def _check_stock(self) -> None:
         stores = self.tables["stores"].column("store_id")
@@ -385,15 +404,24 @@ class ReferenceData:
 
     # -- what expressions read ------------------------------------------------------------------
     def _index(self, table: str, models: Any) -> np.ndarray:
-        """Per row: the row of ``table`` whose device_model it is, -1 if none. The distinct
-        models of the rows (a handful) are looked up, not every row."""
+        """Per row: the row of ``table`` whose device_model it is, -1 if none. Each row's model
+        is coded by one C-level dict lookup (a few distinct models, many rows: cheaper than
+        turning the strings into Arrow to hash them there); each code is looked up in the table
+        once."""
         flat = np.asarray(models, dtype=object).ravel()
-        encoded = pc.dictionary_encode(pa.array(flat, type=pa.string(), from_pandas=True))
-        found = pc.index_in(encoded.dictionary, value_set=self.tables[table].column("device_model"))
-        per_value = np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), np.int64)
-        codes = np.asarray(encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
-        out = np.where(codes >= 0, per_value[np.maximum(codes, 0)], -1)
-        return out.reshape(np.shape(models))
+        if len(self._codes) > _MAX_CODES:  # every model of a hostile stream: start again
+            self._codes, self._rows_by_code = _Codes(), {}
+        codes = np.fromiter(map(self._codes.__getitem__, flat), np.int64, flat.size)
+        rows = self._rows_by_code.get(table, np.zeros(0, dtype=np.int64))
+        if rows.size < len(self._codes):  # codes new since: look them up
+            new = pa.array(
+                [m if isinstance(m, str) else None for m in self._codes.names[rows.size :]],
+                type=pa.string(),
+            )
+            found = pc.index_in(new, value_set=self.tables[table].column("device_model"))
+            more = np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), np.int64)
+            rows = self._rows_by_code[table] = np.concatenate([rows, more])
+        return rows[codes].reshape(np.shape(models))
 
     def _lookup(self, table: str, column: str, models: Any) -> np.ndarray:
         index = self._index(table, models)

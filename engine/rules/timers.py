@@ -59,24 +59,6 @@ def timer_event_ids(keys: np.ndarray, ts: np.ndarray, rule_id: str) -> np.ndarra
     return mix64(np.asarray(keys, dtype=np.uint64) ^ mixed)
 
 
-def deadline_order(slots: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(slots, deadlines) sorted by deadline, then by the shard's customer order (slot): a
-    customer's deadlines in time order, and one order for every replay of the step. When
-    (deadline offset, slot) fit in 63 bits together (they do but for steps spanning years),
-    one value sort of packed keys, read back from the sorted keys (a million deadlines:
-    about 25 ms, where a lexsort by (deadline, pseudonym) took 250)."""
-    if ts.size == 0:
-        return slots, ts
-    lo = int(ts.min())
-    slot_bits = max(1, int(slots.max()).bit_length())
-    if (int(ts.max()) - lo).bit_length() + slot_bits <= 63:
-        packed = ((ts - lo) << slot_bits) | slots.astype(np.int64)
-        packed.sort()
-        return packed & ((1 << slot_bits) - 1), (packed >> slot_bits) + lo
-    order = np.lexsort((slots, ts))
-    return slots[order], ts[order]
-
-
 def _timer_table(schema: pa.Schema, keys: np.ndarray, ts: np.ndarray, ids: np.ndarray) -> pa.Table:
     """Deadline rows in the step's schema (its key group is not read: 0; seq 0)."""
     n = keys.size
@@ -98,33 +80,94 @@ def with_timer_rows(
     view: BatchView, matches: list[tuple[CompiledRule, PatternResult]], store: CustomerStore
 ) -> tuple[BatchView, dict[str, np.ndarray]]:
     """The view with a row for every match at a deadline, and each rule's matched rows in it
-    (deadlines in (time, slot) order after the matches at events: ``deadline_order``)."""
+    (deadlines in (time, slot) order after the matches at events).
+
+    The view is in (slot, time) order already: the deadline rows, put in that order too (the
+    matcher gives them so, but for stored deadlines and later rounds), are merged into it, not
+    sorted with it; each goes after the customer's events of its time."""
     timed = [(rule, m) for rule, m in matches if m.timers.any()]
     if not timed:
         return view, {rule.id: m.rows for rule, m in matches}
     table = view.table
-    slots, ts, ids = [], [], []
-    for rule, m in timed:
-        t = np.flatnonzero(m.timers)
-        t_slot, t_ts = deadline_order(m.slots[t], m.ts[t])
-        slots.append(t_slot)
-        ts.append(t_ts)
-        ids.append(timer_event_ids(store.keys[t_slot], t_ts, rule.id))
-    t_slots, t_ts, t_ids = np.concatenate(slots), np.concatenate(ts), np.concatenate(ids)
+    picked = [np.flatnonzero(m.timers) for _, m in timed]
+    t_slots = np.concatenate([m.slots[t] for (_, m), t in zip(timed, picked, strict=True)])
+    t_ts = np.concatenate([m.ts[t] for (_, m), t in zip(timed, picked, strict=True)])
+    t_ids = np.concatenate([
+        timer_event_ids(store.keys[m.slots[t]], m.ts[t], rule.id)
+        for (rule, m), t in zip(timed, picked, strict=True)
+    ])  # fmt: skip
+    by_key = None if _in_order(t_slots, t_ts) else sort_order(t_slots, t_ts)  # stable
+    if by_key is not None:
+        t_slots, t_ts, t_ids = t_slots[by_key], t_ts[by_key], t_ids[by_key]
+    n, m_count = view.size, t_slots.size
+    at = _merge_positions(view.slot, view.ts, t_slots, t_ts)  # each deadline row's position
+    is_timer = np.zeros(n + m_count, dtype=bool)
+    is_timer[at] = True
+    at_row = np.flatnonzero(~is_timer)  # each event row's position
+    rows = np.empty(n + m_count, dtype=np.int64)
+    rows[at_row] = view.order
+    rows[at] = table.num_rows + np.arange(m_count)
+    slots = np.empty(n + m_count, dtype=view.slot.dtype)
+    slots[at_row] = view.slot
+    slots[at] = t_slots
     extra = _timer_table(table.schema, store.keys[t_slots], t_ts, t_ids)
     combined = pa.concat_tables([table, extra])
-    rows = np.concatenate([view.order, table.num_rows + np.arange(t_slots.size)])
-    all_slots = np.concatenate([view.slot, t_slots])
-    order = sort_order(all_slots, np.concatenate([view.ts, t_ts]))  # stable: after events
-    grown = BatchView(combined, rows[order], all_slots[order], store, view.windows, view.reference)
-    position = np.empty(order.size, dtype=np.int64)
-    position[order] = np.arange(order.size)
+    grown = BatchView(combined, rows, slots, store, view.windows, view.reference)
+    # deadline rows' positions in the order the rules gave them (rule by rule)
+    given = at if by_key is None else np.empty_like(at)
+    if by_key is not None:
+        given[by_key] = at
     fired: dict[str, np.ndarray] = {}
-    next_timer = view.size
+    offset = 0
     for rule, m in matches:
-        at_event = position[m.rows[m.rows >= 0]]
+        at_event = at_row[m.rows[m.rows >= 0]]
         count = int(m.timers.sum())
-        at_deadline = position[next_timer : next_timer + count]
-        next_timer += count
-        fired[rule.id] = np.concatenate([at_event, at_deadline])
+        mine = given[offset : offset + count]
+        offset += count
+        fired[rule.id] = np.concatenate([at_event, _by_deadline(mine, grown.ts[mine])])
     return grown, fired
+
+
+def _in_order(slots: np.ndarray, ts: np.ndarray) -> bool:
+    """Whether rows are in (slot, time) order already."""
+    if slots.size < 2:
+        return True
+    ds = np.diff(slots.astype(np.int64))
+    return bool(((ds > 0) | ((ds == 0) & (np.diff(ts) >= 0))).all())
+
+
+def _merge_positions(
+    v_slots: np.ndarray, v_ts: np.ndarray, t_slots: np.ndarray, t_ts: np.ndarray
+) -> np.ndarray:
+    """Positions of the (slot, time)-ordered rows ``t`` merged into the (slot, time)-ordered
+    rows ``v``, each after the ``v`` rows of its (slot, time): a binary search of each, on
+    (slot, time) packed into one integer where they fit in 63 bits (else a sort of both)."""
+    lo = int(min(v_ts.min(), t_ts.min())) if v_ts.size else int(t_ts.min())
+    hi = int(max(v_ts.max(), t_ts.max())) if v_ts.size else int(t_ts.max())
+    top = int(max(v_slots.max(), t_slots.max())) if v_slots.size else int(t_slots.max())
+    ts_bits = max(1, (hi - lo).bit_length())
+    if ts_bits + max(1, top.bit_length()) <= 63:
+        v_key = (v_slots.astype(np.int64) << ts_bits) | (v_ts - lo)
+        t_key = (t_slots.astype(np.int64) << ts_bits) | (t_ts - lo)
+        before = np.searchsorted(v_key, t_key, side="right")
+    else:  # a stable sort of both (steps spanning centuries): rows of ``v`` first on ties
+        order = np.lexsort((np.concatenate([v_ts, t_ts]), np.concatenate([v_slots, t_slots])))
+        where = np.empty_like(order)
+        where[order] = np.arange(order.size)
+        return where[v_slots.size :]
+    return before + np.arange(t_slots.size)
+
+
+def _by_deadline(positions: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """``positions`` (of one rule's deadline rows in the grown view) in (deadline, slot) order:
+    the view is in slot order, so a deadline's ties go by position. One value sort of packed
+    (deadline, position) keys where they fit in 63 bits, else a lexsort."""
+    if positions.size < 2:
+        return positions
+    lo = int(ts.min())
+    pos_bits = max(1, int(positions.max()).bit_length())
+    if (int(ts.max()) - lo).bit_length() + pos_bits <= 63:
+        packed = ((ts - lo) << pos_bits) | positions
+        packed.sort()
+        return packed & ((1 << pos_bits) - 1)
+    return positions[np.lexsort((positions, ts))]

@@ -109,14 +109,15 @@ class Window:
     def as_of(self, view: BatchView) -> tuple[np.ndarray, np.ndarray]:
         """(value per row, state: registers x customers, as stored after each customer's last
         row of the step)."""
-        state = [view.store.rule_state[k][view.slot] for k in self.keys]
         if view.size == 0:
             return np.zeros(0), np.zeros((len(self.keys), 0), dtype=np.int64)
+        if self.shape == "sliding":  # read at each customer's first row only
+            heads = view.slot[view.group_first]
+            return self._sliding(view, [view.store.rule_state[k][heads] for k in self.keys])
+        state = [view.store.rule_state[k][view.slot] for k in self.keys]
         if self.shape == "session":
             return self._session(view, state[0], _floats(state[1]))
-        if self.shape == "tumbling":
-            return self._tumbling(view, state[0], _floats(state[1]))
-        return self._sliding(view, state)
+        return self._tumbling(view, state[0], _floats(state[1]))
 
     def _session(
         self, view: BatchView, last: np.ndarray, total: np.ndarray
@@ -167,12 +168,12 @@ class Window:
         return values, np.stack([period[last], _bits(values[last])])
 
     def _sliding(self, view: BatchView, state: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``state``: the stored registers per customer of the step, in view order."""
         c = self.contributions(view)
         n = view.size
         group = np.cumsum(view.group_first) - 1
-        heads = np.flatnonzero(view.group_first)
-        stored_b = state[0][heads]
-        ring = np.stack([_floats(s[heads]) for s in state[1:]])  # k x customers
+        stored_b = state[0]
+        ring = np.stack([_floats(s) for s in state[1:]])  # k x customers
         if self.period is None:
             bucket = view.ts // self.every_ms
         else:  # a customer's calendar bucket never goes back (a changed time zone, cycle day)

@@ -363,14 +363,96 @@ rules:
     assert got == [[1.0, 1.0], [1.0, 1.0]]
 
 
-@pytest.mark.parametrize("span", [60_000, 2**62])  # packed keys, and the lexsort beyond them
-def test_deadlines_are_ordered_by_time_then_customer_slot(span: int) -> None:
-    from engine.rules.timers import deadline_order
+def _grown_by_sorting(view, matches, store):
+    """The obvious way (the engine's before the merge): every deadline row in (time, slot)
+    order rule by rule, appended, and the whole sorted again, stably, by (slot, time)."""
+    from engine.rules.timers import timer_event_ids
 
-    rng = np.random.default_rng(3)
-    slots = rng.permutation(5_000)[rng.integers(0, 5_000, 20_000)].astype(np.int64)
-    ts = T0 + rng.integers(0, 50, 20_000) * (span // 50)
-    got_slots, got_ts = deadline_order(slots, ts)
-    order = np.lexsort((slots, ts))
-    np.testing.assert_array_equal(got_slots, slots[order])
-    np.testing.assert_array_equal(got_ts, ts[order])
+    timed = [(rule, m) for rule, m in matches if m.timers.any()]
+    slots, ts = [], []
+    for _, m in timed:
+        t = np.flatnonzero(m.timers)
+        order = np.lexsort((m.slots[t], m.ts[t]))
+        slots.append(m.slots[t][order])
+        ts.append(m.ts[t][order])
+    t_slots, t_ts = np.concatenate(slots), np.concatenate(ts)
+    all_slots = np.concatenate([view.slot, t_slots])
+    all_ts = np.concatenate([view.ts, t_ts])
+    order = np.lexsort((all_ts, all_slots))  # stable: events, then deadlines as appended
+    position = np.empty(order.size, dtype=np.int64)
+    position[order] = np.arange(order.size)
+    fired, next_timer = {}, view.size
+    for rule, m in matches:
+        count = int(m.timers.sum())
+        fired[rule.id] = np.concatenate(
+            [position[m.rows[m.rows >= 0]], position[next_timer : next_timer + count]]
+        )
+        next_timer += count
+    ids = [timer_event_ids(store.keys[s], t, rule.id)
+           for (rule, _), s, t in zip(timed, slots, ts, strict=True)]  # fmt: skip
+    return all_slots[order], all_ts[order], fired, np.concatenate(ids)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("span", [60_000, 2**61])  # packed keys, and the sort beyond them
+def test_deadline_rows_merged_into_the_view_equal_sorting_everything_again(
+    seed: int, span: int
+) -> None:
+    """Deadline rows of several rules, in any order the matcher gives, some at the time of an
+    event of theirs: the merged view and each rule's fired rows (events, then deadlines in
+    (time, slot) order) equal appending and sorting everything."""
+    import pyarrow as pa
+
+    from engine.events.schema import ROUTED_SCHEMA, TIMER_KIND, TS_TYPE
+    from engine.rules.matcher import PatternResult
+    from engine.rules.timers import with_timer_rows
+    from engine.state.store import CustomerStore
+    from engine.state.view import BatchView, sort_order
+
+    rng = np.random.default_rng(seed)
+    customers, n = 50, int(rng.integers(0, 300))
+    store = CustomerStore(capacity=customers)
+    store.slots_for(rng.permutation(np.arange(1, customers + 1, dtype=np.uint64)))
+    step = max(span // 40, 1)
+    ev_slots = rng.integers(0, customers, n)
+    ev_ts = T0 + rng.integers(0, 40, n) * step
+    columns = {f.name: pa.nulls(n, f.type) for f in ROUTED_SCHEMA}
+    columns["ts"] = pa.array(ev_ts, type=pa.int64()).cast(TS_TYPE)
+    columns["kind"] = pa.array(np.zeros(n, dtype=np.int8))
+    columns["customer_key"] = pa.array(store.keys[ev_slots])
+    table = pa.Table.from_pydict(columns, schema=ROUTED_SCHEMA)
+    order = sort_order(ev_slots, ev_ts)
+    view = BatchView(table, order, ev_slots[order], store)
+    matches = []
+    for r in range(int(rng.integers(1, 4))):
+        k = int(rng.integers(0, 200))
+        at_event = (rng.random(k) < 0.3) & (n > 0)
+        rows = np.where(at_event, rng.integers(0, max(n, 1), k), -1)
+        slots = rng.integers(0, customers, k)
+        ts = np.where(rng.random(k) < 0.5, T0 + rng.integers(0, 40, k) * step,
+                      T0 + rng.integers(0, span, k))  # fmt: skip
+        if n:
+            slots = np.where(at_event, view.slot[np.maximum(rows, 0)], slots)
+            ts = np.where(at_event, view.ts[np.maximum(rows, 0)], ts)
+        rule = type("Rule", (), {"id": f"r{r}"})()
+        empty = np.zeros((0, 0), dtype=np.int64)
+        matches.append((rule, PatternResult(slots.astype(np.int64), ts.astype(np.int64), rows,
+                                            np.zeros(0, dtype=np.int64), empty)))  # fmt: skip
+    grown, fired = with_timer_rows(view, matches, store)
+    if not any(m.timers.any() for _, m in matches):
+        assert grown is view
+        return
+    want_slots, want_ts, want_fired, want_ids = _grown_by_sorting(view, matches, store)
+    np.testing.assert_array_equal(grown.slot, want_slots)
+    np.testing.assert_array_equal(grown.ts, want_ts)
+    assert fired.keys() == want_fired.keys()
+    for rule_id, rows in want_fired.items():
+        np.testing.assert_array_equal(fired[rule_id], rows)
+    timer = grown.kind == TIMER_KIND
+    assert int(timer.sum()) == sum(int(m.timers.sum()) for _, m in matches)
+    # each deadline row carries its own id (and key): the same set as the obvious way's
+    ids = grown.arrow("event_id", np.flatnonzero(timer)).to_pylist()
+    assert sorted(ids) == sorted(want_ids.tolist())
+    np.testing.assert_array_equal(
+        grown.gather("customer_key")[timer], store.keys[grown.slot[timer]]
+    )

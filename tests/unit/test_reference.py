@@ -236,6 +236,35 @@ def test_and_or_on_the_undecided_rows_only_equal_evaluating_every_row(
     np.testing.assert_array_equal(compiled.evaluate(Rows()), expected)
 
 
+MODELS = ["Nimbus X2", "Nimbus X3", "Orion 5", "", None, "nimbus x2", "Nimbus X2 "]
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(
+    batches=st.lists(st.lists(st.sampled_from(MODELS), max_size=40), min_size=1, max_size=6),
+    max_codes=st.sampled_from([2, 100_000]),
+)
+def test_model_lookups_equal_a_lookup_of_each_row_whatever_came_before(
+    batches: list[list[str | None]], max_codes: int
+) -> None:
+    """Codes carried from call to call (and dropped past the limit) never change an answer."""
+    recalls = [{"device_model": "Nimbus X2", "replacement": "Nimbus X3"},
+               {"device_model": "Orion 5", "replacement": "Orion 6"}]  # fmt: skip
+    accessories = [{"device_model": "Nimbus X3", "product": "Charger N"}]
+    ref = data(recalls=recalls, accessories=accessories)
+    replacement = {r["device_model"]: r["replacement"] for r in recalls}
+    accessory = {r["device_model"]: r["product"] for r in accessories}
+    for batch in batches:
+        models = np.array(batch, dtype=object)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("engine.reference._MAX_CODES", max_codes)
+            assert ref.recalled(models).tolist() == [m in replacement for m in batch]
+            assert ref.replacement_of(models).tolist() == [replacement.get(m, "") for m in batch]
+            assert ref.accessory_of(models).tolist() == [accessory.get(m, "") for m in batch]
+    grid = np.array([["Orion 5", None], ["", "Nimbus X2"]], dtype=object)
+    assert ref.recalled(grid).tolist() == [[True, False], [False, True]]
+
+
 # -- in the engine ---------------------------------------------------------------------------------
 RECALL = parse_rules_text("""
 rules:
