@@ -409,7 +409,8 @@ class Supervisor:
         the first start a shard still starting is waited for up to ``timeout_s`` (on a busy
         small machine starting seven actors takes more than the 10 s a running one has to
         answer before it is taken for hung), and so is the loading of the code their rules
-        need, spares' too (``ShardActor.loaded``), which each does in the background."""
+        need (``ShardActor.loaded``), which each does in the background; spares load theirs
+        meanwhile, not waited for (a service is ready sooner)."""
         self._replace_dead_shards(10.0 if self._started_once else timeout_s)
         self._call_all(
             lambda: (
@@ -418,9 +419,8 @@ class Supervisor:
             ),
             timeout_s,
         )
-        if not self._started_once:  # the first step, and a spare taking over, load nothing
-            loading = [s.loaded.remote() for s in [*self.shards, *self.spares]]
-            ray.wait(loading, num_returns=len(loading), timeout=timeout_s)  # a lost one: later
+        if not self._started_once:  # the first step loads nothing (spares load meanwhile)
+            self._call_all(lambda: [s.loaded.remote() for s in self.shards], timeout_s)
         self._started_once = True
 
     _started_once = False

@@ -12,7 +12,8 @@ the state machine over the pattern's events:
 
 Then 1,000,000 customers with a pending deadline, all due: the time to fire them
 (``run_pattern`` from the deadline column), and the time to add their rows to a step's view
-(``with_timer_rows``: one sort of the million rows, as the shard does to decide them).
+(``with_timer_rows``, as the shard does to decide them: the rows merged into the view, and
+one sort of the million deadlines into (deadline, customer) order).
 
 Each figure is the median of ``--repeat`` runs, the runs beside it.
 
