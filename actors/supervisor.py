@@ -210,14 +210,18 @@ class Supervisor:
         self.catalog = catalog
         return catalog
 
-    def ready(self) -> list[dict[str, Any]]:
-        """Wait until every actor (shards and sinks) has started; returns the shard stats.
+    def ready(self, spares: bool = False) -> list[dict[str, Any]]:
+        """Wait until every actor (shards and sinks) has started and the shards have loaded
+        the code their rules need (``ShardActor.loaded``); with ``spares``, the spares too.
+        Returns the shard stats.
 
-        Actor start-up (a process, imports) costs about a second of CPU: a caller that
-        measures or streams waits here first, so no start-up competes with the first batches.
+        Actor start-up (a process, imports) costs about a second of CPU, loading the pattern
+        loop another: a caller that measures or streams waits here first, so no start-up
+        competes with the first batches.
         """
         sinks = [a.rows.remote() for a in (self.sink, self.decision_sink) if a is not None]
         stats = self.shard_stats()
+        ray.get([s.loaded.remote() for s in [*self.shards, *(self.spares if spares else [])]])
         ray.get(sinks)
         return stats
 

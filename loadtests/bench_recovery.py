@@ -50,7 +50,7 @@ def main() -> None:
             settings, load_rules(RULES), shard_cpus=min(0.5, 1.8 / args.shards),
             checkpoint_root=f"{folder}/checkpoints", namespace_prefix="bench-recovery",
         )  # fmt: skip
-        supervisor.ready()
+        supervisor.ready(spares=True)
         source = TableSource(table, "bench")
         pipeline = Pipeline(source, supervisor, None, chunk=100_000)
         pipeline.start()

@@ -108,7 +108,7 @@ def run(
         checkpoint_root=root,
         reference=load_reference(DEFAULT_REFERENCE),
     )
-    supervisor.ready()  # every actor (shards, sinks) is up before the clock starts
+    supervisor.ready(spares=True)  # every actor (shards, sinks) is up before the clock starts
     if catalog is not None:
         supervisor.connect_scorers()  # as a service does at start, not on the first decision
     started = time.perf_counter()
