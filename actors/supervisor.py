@@ -179,6 +179,7 @@ class Supervisor:
         ray.get([s.set_rules.remote(dict(rules.document)) for s in self.shards])
         self.rules = rules
         self.ingestor.listen(rules.listening)
+        self._refresh_spares(lambda s: s.set_rules.remote(dict(rules.document)))
         return rules
 
     def set_reference(self, name: str, table: pa.Table) -> ReferenceData:
@@ -190,9 +191,28 @@ class Supervisor:
         """
         reference = self.reference.replaced(name, table)
         self.router.drain()
-        ray.get([s.set_reference.remote(reference) for s in [*self.shards, *self.spares]])
+        ray.get([s.set_reference.remote(reference) for s in self.shards])
         self.reference = reference
+        self._refresh_spares(lambda s: s.set_reference.remote(reference))
         return reference
+
+    def _refresh_spares(self, call: Callable[[Any], Any]) -> None:
+        """Bring the spares up to date with a change the shards took (``call`` on each), so
+        one that takes over has loaded what the new rules need. A spare found dead is
+        replaced by a new one (built with the current rules, catalog and tables), not an
+        error: the change has been made. A restore sets the checkpoint's configuration on
+        a spare that takes over in any case."""
+        calls = [(spare, call(spare)) for spare in self.spares]
+        self.spares = []
+        for spare, ref in calls:
+            try:
+                ray.get(ref, timeout=RECOVERY_TIMEOUT_S)
+                self.spares.append(spare)
+            except (*_LOST, ray.exceptions.GetTimeoutError):
+                ray.kill(spare)
+                log.warning("a spare shard was lost; starting another")
+        while len(self.spares) < self.spares_wanted:
+            self.spares.append(self._new_shard(0, spare=True))
 
     def connect_scorers(self) -> list[str]:
         """Have every shard connect to the ranker (call once it is deployed); the problems."""
@@ -208,6 +228,7 @@ class Supervisor:
         self.router.drain()
         ray.get([s.set_catalog.remote(dict(catalog.document)) for s in self.shards])
         self.catalog = catalog
+        self._refresh_spares(lambda s: s.set_catalog.remote(dict(catalog.document)))
         return catalog
 
     def ready(self, spares: bool = False) -> list[dict[str, Any]]:

@@ -263,3 +263,37 @@ def test_shard_actors_start_with_the_allocator_settings_and_spares_load_their_co
             assert ray.get(actor.__ray_call__.remote(probe)) == ("1000", ["numba", "scipy.spatial"])
     finally:
         sup.shutdown()
+
+
+def test_run_time_changes_reach_the_spares_and_a_dead_spare_is_replaced_not_an_error(
+    ray_cluster, rules, tmp_path
+) -> None:
+    """A spare takes a rule, catalog or table change as the shards do (so one taking over has
+    what the new rules need loaded); a spare that died meanwhile does not fail the change: it
+    is replaced by one built with the current configuration."""
+    sup = Supervisor(EngineSettings(shards=2), rules, shard_cpus=0.25, namespace_prefix="it-spr",
+                     checkpoint_root=str(tmp_path / "chk"), reference=SHIPPED)  # fmt: skip
+    try:
+        sup.recover()
+        ray.kill(sup.spares[0])
+        stock = SHIPPED.tables["stock"]
+        fewer = stock.filter(pa.compute.not_equal(stock.column("product"), "Nimbus X3"))
+        version = sup.set_reference("stock", fewer).version
+        assert len(sup.spares) == 2
+
+        def seen(actor):
+            return actor.logic.reference.version, sorted(r.id for r in actor.logic.rules.rules)
+
+        ids = sorted(r.id for r in rules.rules)
+        assert [ray.get(s.__ray_call__.remote(seen)) for s in sup.spares] == [(version, ids)] * 2
+        ray.kill(sup.spares[1])
+        document = dict(rules.document)
+        document["rules"] = [r for r in document["rules"] if r["id"] != "away_from_home"]
+        sup.set_rules(document)
+        fewer_ids = [i for i in ids if i != "away_from_home"]
+        assert len(sup.spares) == 2
+        assert [ray.get(s.__ray_call__.remote(seen)) for s in sup.spares] == [
+            (version, fewer_ids)
+        ] * 2
+    finally:
+        sup.shutdown()
