@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,6 +339,17 @@ class _Codes(dict[Any, int]):
         return code
 
 
+@dataclass(frozen=True)
+class Pooled:
+    """A string column given as codes into a pool of its distinct values: ``pool.values``, a
+    list that only grows (the golden record's ``StringPool``). The lookups keyed by device
+    model (``recalled``, ``replacement_of``, ``accessory_of``) then look each pool value up
+    once and gather per row by code, instead of one dict lookup per row."""
+
+    codes: np.ndarray
+    pool: Any
+
+
 class ReferenceData:
     """The four tables, validated together; immutable (``replaced`` makes a new one)."""
 
@@ -351,9 +363,25 @@ class ReferenceData:
         }
         self._check_stock()
         self.version = self._digest()
+        self._new_caches()
+
+    def _new_caches(self) -> None:
+        """The lookup caches, built as expressions ask (not pickled: a copy sent to an actor
+        starts them again)."""
         self._trees: dict[str, tuple[Any, int]] = {}
         self._codes = _Codes()  # device model -> a small int, as first seen
         self._rows_by_code: dict[str, np.ndarray] = {}  # table -> row per code, -1: not listed
+        #: string pool -> table -> row per pool value (-1: not listed); pools only grow
+        self._by_pool: weakref.WeakKeyDictionary[Any, dict[str, np.ndarray]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tables": self.tables, "version": self.version}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.tables, self.version = state["tables"], state["version"]
+        self._new_caches()
 
     def _check_stock(self) -> None:
         stores = self.tables["stores"].column("store_id")
@@ -407,7 +435,16 @@ class ReferenceData:
         """Per row: the row of ``table`` whose device_model it is, -1 if none. Each row's model
         is coded by one C-level dict lookup (a few distinct models, many rows: cheaper than
         turning the strings into Arrow to hash them there); each code is looked up in the table
-        once."""
+        once. ``models`` may be ``Pooled``: each value of the pool is looked up once, then the
+        rows are gathered by code."""
+        if isinstance(models, Pooled):
+            per_table = self._by_pool.setdefault(models.pool, {})
+            known = per_table.get(table, np.zeros(0, dtype=np.int64))
+            values = models.pool.values
+            if known.size < len(values):  # values new to the pool since: look them up
+                more = self._index(table, np.array(values[known.size :], dtype=object))
+                known = per_table[table] = np.concatenate([known, more])
+            return known[np.asarray(models.codes, dtype=np.intp)]
         flat = np.asarray(models, dtype=object).ravel()
         if len(self._codes) > _MAX_CODES:  # every model of a hostile stream: start again
             self._codes, self._rows_by_code = _Codes(), {}

@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.errors import RuleError
 from engine.limits import MAX_EXPRESSION_CHARS, MAX_EXPRESSION_DEPTH, MAX_NUMBER
-from engine.reference import EARTH_RADIUS_KM, ReferenceData
+from engine.reference import EARTH_RADIUS_KM, Pooled, ReferenceData
 
 Type = Literal["num", "bool", "str"]
 Array = np.ndarray
@@ -56,6 +56,17 @@ class _Subset:
     def column(self, name: str) -> Array:
         return self.ctx.column(name)[self.rows]
 
+    def pooled(self, name: str) -> Pooled | None:
+        found = pooled(self.ctx, name)
+        return None if found is None else Pooled(found.codes[self.rows], found.pool)
+
+
+def pooled(ctx: Context, name: str) -> Pooled | None:
+    """String column ``name`` of ``ctx`` as codes into its pool, if the context keeps it so
+    (``BatchView.pooled``: the golden record's time zone and device model); else None."""
+    get = getattr(ctx, "pooled", None)
+    return None if get is None else get(name)
+
 
 @dataclass(frozen=True)
 class Function:
@@ -68,6 +79,8 @@ class Function:
     reads: tuple[str, ...] = ()
     #: it reads the reference tables: called with the context's ReferenceData first
     reference: bool = False
+    #: its first argument, when a name, may come as ``Pooled`` codes (``pooled``)
+    takes_pooled: bool = False
 
 
 def haversine_km(lat1: Array, lon1: Array, lat2: Array, lon2: Array) -> Array:
@@ -93,9 +106,15 @@ BUILTINS: dict[str, Function] = {
     "days_left": Function((), "num", _ctx_fn("@days_left"), reads=("@days_left",)),
     "local_hour": Function((), "num", _ctx_fn("@local_hour"), reads=("@local_hour",)),
     # reference tables (engine.reference): the recall list, accessories, stores with stock
-    "recalled": Function(("str",), "bool", ReferenceData.recalled, reference=True),
-    "replacement_of": Function(("str",), "str", ReferenceData.replacement_of, reference=True),
-    "accessory_of": Function(("str",), "str", ReferenceData.accessory_of, reference=True),
+    "recalled": Function(
+        ("str",), "bool", ReferenceData.recalled, reference=True, takes_pooled=True
+    ),
+    "replacement_of": Function(
+        ("str",), "str", ReferenceData.replacement_of, reference=True, takes_pooled=True
+    ),
+    "accessory_of": Function(
+        ("str",), "str", ReferenceData.accessory_of, reference=True, takes_pooled=True
+    ),
     "nearest_store_km": Function(
         ("str", "num", "num"), "num", ReferenceData.nearest_store_km, reference=True
     ),
@@ -316,6 +335,9 @@ class _Compiler:
         if fn.reads:
             return fn.result, fn.impl
         impl = fn.impl
+        first = node.args[0] if node.args else None
+        if fn.takes_pooled and isinstance(first, ast.Name) and first.id not in _CONSTANT_NAMES:
+            compiled[0] = _pooled_or_column(first.id)
         if fn.reference:
             return fn.result, lambda ctx: impl(ctx.reference, *(f(ctx) for f in compiled))
         return fn.result, lambda ctx: impl(*(f(ctx) for f in compiled))
@@ -326,6 +348,16 @@ class _Compiler:
 
 
 _NOUN = {"num": "number", "bool": "condition", "str": "string"}
+
+
+def _pooled_or_column(name: str) -> Compiled:
+    """The column ``name`` as ``Pooled`` codes where the context has them, else its strings."""
+
+    def get(ctx: Context) -> Any:
+        found = pooled(ctx, name)
+        return ctx.column(name) if found is None else found
+
+    return get
 
 
 def _in_range(value: float) -> bool:

@@ -111,40 +111,80 @@ class Window:
         row of the step)."""
         if view.size == 0:
             return np.zeros(0), np.zeros((len(self.keys), 0), dtype=np.int64)
-        if self.shape == "sliding":  # read at each customer's first row only
-            heads = view.slot[view.group_first]
-            return self._sliding(view, [view.store.rule_state[k][heads] for k in self.keys])
-        state = [view.store.rule_state[k][view.slot] for k in self.keys]
-        if self.shape == "session":
-            return self._session(view, state[0], _floats(state[1]))
-        return self._tumbling(view, state[0], _floats(state[1]))
+        if self.shape == "tumbling":
+            state = [view.store.rule_state[k][view.slot] for k in self.keys]
+            return self._tumbling(view, state[0], _floats(state[1]))
+        heads = view.slot[view.group_first]  # stored registers read at each customer's first row
+        state = [view.store.rule_state[k][heads] for k in self.keys]
+        if self.shape == "sliding":
+            return self._sliding(view, state)
+        return self._session(view, state[0], _floats(state[1]))
 
     def _session(
-        self, view: BatchView, last: np.ndarray, total: np.ndarray
+        self, view: BatchView, stored_at: np.ndarray, stored_total: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
+        """``stored_at`` (the last event's time) and ``stored_total``: per customer of the
+        step. Only customers with an event of the window here, or a session still open at
+        their first row, are computed: the others read 0, their registers unchanged."""
         rows, adds = self.events(view)
-        ts = view.ts
-        n = view.size
+        group = np.cumsum(view.group_first) - 1
+        total = np.where(stored_at == NEVER, 0.0, stored_total)
+        values = np.zeros(view.size)
+        state = np.stack([stored_at, _bits(total)])
+        live = (stored_at != NEVER) & (view.ts[view.group_first] - stored_at <= self.size_ms)
+        live[group[rows]] = True
+        if not live.any():
+            return values, state
+        if live.all():
+            values, state = self._session_rows(
+                view.ts, view.group_first, rows, adds, stored_at, total
+            )
+            return values, state
+        sel, mine = np.flatnonzero(live[group]), np.flatnonzero(live)
+        values[sel], state[:, mine] = self._session_rows(
+            view.ts[sel],
+            view.group_first[sel],
+            np.searchsorted(sel, rows),  # the customers of ``rows`` are live: all in ``sel``
+            adds,
+            stored_at[mine],
+            total[mine],
+        )
+        return values, state
+
+    def _session_rows(
+        self,
+        ts: np.ndarray,
+        first: np.ndarray,
+        rows: np.ndarray,
+        adds: np.ndarray,
+        stored_at: np.ndarray,
+        stored_total: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Values and registers after the step of whole customers' rows (``first``: each
+        customer's first row; ``rows``: the window's events, adding ``adds``)."""
+        n = ts.size
+        group = np.cumsum(first) - 1
+        start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
         at = np.full(n, NEVER, dtype=np.int64)  # the customer's last window event so far
         agg = np.zeros(n, dtype=np.float64)
         if rows.size:
-            r_first = view.group_start[rows] != np.append(-1, view.group_start[rows[:-1]])
+            r_first = start[rows] != np.append(-1, start[rows[:-1]])
             prev = np.empty(rows.size, dtype=np.int64)
             prev[1:] = ts[rows[:-1]]
-            prev[r_first] = last[rows[r_first]]
+            prev[r_first] = stored_at[group[rows[r_first]]]
             fresh = (prev == NEVER) | (ts[rows] - prev > self.size_ms)
-            carry = np.where(r_first & ~fresh, total[rows], 0.0)
+            carry = np.where(r_first & ~fresh, stored_total[group[rows]], 0.0)
             sums = self._running(adds + carry, r_first | fresh)
             at[rows] = ts[rows]
             agg[rows] = sums
         has = np.zeros(n, dtype=bool)
         has[rows] = True
         src = np.maximum.accumulate(np.where(has, np.arange(n), -1))
-        mine = src >= view.group_start
-        at = np.where(mine, at[np.maximum(src, 0)], last)
-        agg = np.where(mine, agg[np.maximum(src, 0)], np.where(last == NEVER, 0.0, total))
+        mine = src >= start
+        at = np.where(mine, at[np.maximum(src, 0)], stored_at[group])
+        agg = np.where(mine, agg[np.maximum(src, 0)], stored_total[group])
         open_ = (at != NEVER) & (ts - at <= self.size_ms)
-        last = view.group_last
+        last = np.append(first[1:], True)
         return np.where(open_, agg, 0.0), np.stack([at[last], _bits(agg[last])])
 
     def _period(self, view: BatchView) -> np.ndarray:
@@ -168,16 +208,37 @@ class Window:
         return values, np.stack([period[last], _bits(values[last])])
 
     def _sliding(self, view: BatchView, state: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """``state``: the stored registers per customer of the step, in view order."""
-        c = self.contributions(view)
-        n = view.size
-        group = np.cumsum(view.group_first) - 1
+        """``state``: the stored registers per customer of the step, in view order.
+
+        Only "live" customers (an event of the window in the step, or a stored bucket with a
+        count) get the full computation: the others read 0 on every row, and their registers
+        after the step are the newest bucket and zeros. For a rare event (over the cap) and a
+        stream of many customers, that is nearly all of them."""
+        events, adds = self.events(view)
+        first = view.group_first
+        group = np.cumsum(first) - 1
         stored_b = state[0]
         ring = np.stack([_floats(s) for s in state[1:]])  # k x customers
-        if self.period is None:
-            bucket = view.ts // self.every_ms
-        else:  # a customer's calendar bucket never goes back (a changed time zone, cycle day)
-            bucket = self._period(view)
+        period = view.ts // self.every_ms if self.period is None else self._period(view)
+        # a customer's bucket never goes back (a calendar one could: a changed time zone or
+        # cycle day): the newest is the stored one or the step's greatest
+        top = np.maximum.reduceat(period, np.flatnonzero(first))
+        newest = np.where(stored_b == NEVER, top, np.maximum(stored_b, top))
+        values = np.zeros(view.size)
+        state_after = np.zeros((1 + self.buckets, newest.size), dtype=np.int64)
+        state_after[0] = newest  # zeros are the bits of 0.0
+        # a fresh customer's registers are NEVER (not 0.0 as floats): they hold no count
+        live = (stored_b != NEVER) & (ring != 0).any(axis=0)
+        live[group[events]] = True
+        if not live.any():
+            return values, state_after
+        rows, mine = np.flatnonzero(live[group]), np.flatnonzero(live)
+        first, stored_b, ring = first[rows], stored_b[mine], ring[:, mine]
+        group = np.cumsum(first) - 1
+        c = np.zeros(rows.size)
+        c[np.searchsorted(rows, events)] = adds  # the customers of events are all live
+        bucket = period[rows]
+        if self.period is not None:  # never below the stored bucket, nor an earlier row's
             floor = stored_b[group]
             bucket = np.where(floor == NEVER, bucket, np.maximum(bucket, floor))
             low = int(bucket.min())
@@ -185,20 +246,8 @@ class Window:
             bucket = np.maximum.accumulate(group * span + (bucket - low)) - group * span + low
         if self.distinct:
             c = _once_per_bucket(c, bucket, group, stored_b, ring)
-        state_after = self._sliding_state(view, c, bucket, group, stored_b, ring)
-        # customers with no event of the window here and none stored read 0 on every row: the
-        # values are computed for the others only (most customers, for a rare event)
-        live = (ring != 0).any(axis=0)
-        live[group[c != 0]] = True
-        values = np.zeros(n)
-        if live.all():
-            values = self._sliding_values(c, bucket, view.group_first, stored_b, ring)
-        elif live.any():
-            rows = np.flatnonzero(live[group])
-            mine = np.flatnonzero(live)
-            values[rows] = self._sliding_values(
-                c[rows], bucket[rows], view.group_first[rows], stored_b[mine], ring[:, mine]
-            )
+        state_after[1:, mine] = self._sliding_ring(c, bucket, first, newest[mine], stored_b, ring)
+        values[rows] = self._sliding_values(c, bucket, first, stored_b, ring)
         return values, state_after
 
     def _sliding_values(
@@ -238,21 +287,20 @@ class Window:
         old = np.where(count == k, whole, old)
         return inside + old
 
-    def _sliding_state(
+    def _sliding_ring(
         self,
-        view: BatchView,
         c: np.ndarray,
         bucket: np.ndarray,
-        group: np.ndarray,
+        first: np.ndarray,
+        newest: np.ndarray,
         stored_b: np.ndarray,
         ring: np.ndarray,
     ) -> np.ndarray:
-        """The registers after each customer's last row (a column per customer);
-        ``stored_b`` and ``ring`` are per customer."""
+        """The ring's bits after each customer's last row (k x customers), of whole customers'
+        rows as in ``_sliding_values``; ``newest``: each customer's bucket after the step."""
         k = self.buckets
-        last = np.flatnonzero(view.group_last)
-        customers = last.size
-        newest = np.maximum(np.where(stored_b == NEVER, bucket[last], stored_b), bucket[last])
+        customers = newest.size
+        group = np.cumsum(first) - 1
         # slot j after the step holds the bucket b in (newest - k, newest] with b % k == j;
         # the stored value of that slot is the same bucket's if it is not newer than stored
         slot = np.arange(k)[:, None]
@@ -262,7 +310,7 @@ class Window:
         adds = (c != 0) & (bucket > newest[group] - k)
         flat = (bucket[adds] % k) * customers + group[adds]
         out += np.bincount(flat, weights=c[adds], minlength=k * customers).reshape(k, customers)
-        return np.concatenate([newest[None, :], _bits(out)])
+        return _bits(out)
 
 
 def _once_per_bucket(

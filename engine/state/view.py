@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from engine.calendar import billing_cycle, days_left, local_day, local_hour, local_ms
 from engine.events.schema import ALL_CHANNELS, CHANNEL_BITS, ROUTED_SCHEMA, TIMER_KIND, EventKind
 from engine.fields import expression_names, names
-from engine.reference import EMPTY, ReferenceData
+from engine.reference import EMPTY, Pooled, ReferenceData
 from engine.state.store import NEVER, PROFILE_COLUMNS, STRING_COLUMNS, CustomerStore
 
 #: event-time bits of the packed sort key (70 years of milliseconds)
@@ -137,6 +137,10 @@ class RowsView:
     def column(self, name: str) -> np.ndarray:
         return self.view.column(name)[self.rows]
 
+    def pooled(self, name: str) -> Pooled | None:
+        found = self.view.pooled(name)
+        return None if found is None else Pooled(found.codes[self.rows], found.pool)
+
 
 class BatchView:
     """A sorted batch with per-row slots; implements the expression Context."""
@@ -204,6 +208,13 @@ class BatchView:
             cached = self._compute(name)
             self._cache[name] = cached
         return cached
+
+    def pooled(self, name: str) -> Pooled | None:
+        """A golden-record string column (time zone, device model) as of each row, as codes
+        into the store's string pool (``engine.reference.Pooled``); None for other names."""
+        if name not in STRING_COLUMNS:
+            return None
+        return Pooled(self.profile(name), self.store.strings)
 
     def window_state(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(value per row, state registers per customer after the step) of window ``name``

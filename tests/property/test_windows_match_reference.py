@@ -122,3 +122,28 @@ def test_windows_equal_the_per_event_reference_however_the_stream_is_cut(
         assert set(got) == set(want)
         for event_id, values in want.items():
             assert got[event_id] == values, (event_id, size)
+
+
+def test_a_calendar_bucket_never_goes_back_when_the_time_zone_moves_west() -> None:
+    """Heavy usage on the local 15 November (Lord Howe Island, UTC+11), the time zone changed
+    to New York (UTC-5), heavy usage again three hours later: the 14th there, but the day has
+    already been the 15th, so it counts in the 15th's bucket (one day, not two); on the 16th,
+    two days (the 15th and the 16th). The events
+    are further apart than the allowed lateness, so in micro-batches of one the first is
+    applied in a step of its own and the floor comes from the stored registers."""
+    t0 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
+    hour = 3_600_000
+    events: list[dict[str, Any]] = [
+        {"event_id": 1, "customer_id": "c0", "kind": "profile_update", "ts": t0 - 60_000,
+         "tz": "Australia/Lord_Howe"},
+        {"event_id": 2, "customer_id": "c0", "kind": "usage", "ts": t0, "mb": 200.0},
+        {"event_id": 3, "customer_id": "c0", "kind": "profile_update", "ts": t0 + 5 * hour // 2,
+         "tz": "America/New_York"},
+        {"event_id": 4, "customer_id": "c0", "kind": "usage", "ts": t0 + 3 * hour, "mb": 200.0},
+        {"event_id": 5, "customer_id": "c0", "kind": "usage", "ts": t0 + 51 * hour, "mb": 200.0},
+    ]  # fmt: skip
+    assert 5 * hour // 2 > LATENESS_MS
+    want = reference(events)
+    assert [want[i]["heavy_days"] for i in (2, 4, 5)] == [1.0, 1.0, 2.0]
+    for size, cut in ((1, None), (1, 2), (4, None)):
+        assert emitted(_run(events, 1, size, cut)) == want, (size, cut)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from engine.errors import RuleError
 from engine.local import LocalEngine
 from engine.reference import (
     EMPTY,
+    Pooled,
     ReferenceData,
     ReferenceDataError,
     UnreadableTableError,
@@ -31,6 +33,7 @@ from engine.rules import expr
 from engine.rules.expr import compile_expression, haversine_km
 from engine.rules.spec import parse_rules_text
 from engine.shard import ShardLogic
+from engine.state.store import StringPool
 from engine.synthetic.telco import reference_tables
 from tests.conftest import ROOT
 from tests.pure import examples
@@ -247,22 +250,37 @@ MODELS = ["Nimbus X2", "Nimbus X3", "Orion 5", "", None, "nimbus x2", "Nimbus X2
 def test_model_lookups_equal_a_lookup_of_each_row_whatever_came_before(
     batches: list[list[str | None]], max_codes: int
 ) -> None:
-    """Codes carried from call to call (and dropped past the limit) never change an answer."""
+    """Codes carried from call to call (and dropped past the limit) never change an answer;
+    models given as codes into a growing string pool (``Pooled``, what the engine's view
+    passes) give the same answers as the strings."""
     recalls = [{"device_model": "Nimbus X2", "replacement": "Nimbus X3"},
                {"device_model": "Orion 5", "replacement": "Orion 6"}]  # fmt: skip
     accessories = [{"device_model": "Nimbus X3", "product": "Charger N"}]
     ref = data(recalls=recalls, accessories=accessories)
     replacement = {r["device_model"]: r["replacement"] for r in recalls}
     accessory = {r["device_model"]: r["product"] for r in accessories}
-    for batch in batches:
+    pools = [StringPool(), StringPool()]  # two shards' golden records in one process
+    for i, batch in enumerate(batches):
         models = np.array(batch, dtype=object)
+        pool = pools[i % 2]  # each grows as its batches intern new models
+        as_codes = Pooled(pool.ids_of(batch), pool)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("engine.reference._MAX_CODES", max_codes)
-            assert ref.recalled(models).tolist() == [m in replacement for m in batch]
-            assert ref.replacement_of(models).tolist() == [replacement.get(m, "") for m in batch]
-            assert ref.accessory_of(models).tolist() == [accessory.get(m, "") for m in batch]
+            for given in (models, as_codes):
+                assert ref.recalled(given).tolist() == [m in replacement for m in batch]
+                want = [replacement.get(m, "") for m in batch]
+                assert ref.replacement_of(given).tolist() == want
+                assert ref.accessory_of(given).tolist() == [accessory.get(m, "") for m in batch]
     grid = np.array([["Orion 5", None], ["", "Nimbus X2"]], dtype=object)
     assert ref.recalled(grid).tolist() == [[True, False], [False, True]]
+    # sent to an actor after use (the caches hold weak references): the same tables, fresh caches
+    copy = pickle.loads(pickle.dumps(ref))
+    assert copy.version == ref.version
+    assert copy.recalled(grid).tolist() == [[True, False], [False, True]]
+    assert copy.recalled(Pooled(pools[0].ids_of(["Orion 5", ""]), pools[0])).tolist() == [
+        True,
+        False,
+    ]
 
 
 # -- in the engine ---------------------------------------------------------------------------------
