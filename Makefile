@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for the pure suites: one per core
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: demo test test-faults check lint typecheck unit integration bench loadtest serve install clean
 
@@ -27,13 +29,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The pure suites (no Ray: starting it there raises), in their own process
+# The pure suites (no Ray: starting it there raises), in their own processes, one per core
 unit: $(STAMP)
-	$(BIN)/pytest tests/unit tests/property -q
+	$(BIN)/pytest tests/unit tests/property -q -n $(TEST_WORKERS) --durations=10
 
 # One local Ray cluster (with Serve) shared by the whole process
 integration: $(STAMP)
-	$(BIN)/pytest tests/integration tests/faults tests/e2e -q -m "not faults"
+	$(BIN)/pytest tests/integration tests/faults tests/e2e -q -m "not faults" --durations=15
 
 # The long fault-injection runs (actors killed during 2M-event replays, ...); CI runs them too
 test-faults: $(STAMP)
@@ -41,7 +43,7 @@ test-faults: $(STAMP)
 
 # The fast inner loop: lint, types, unit tests and a fifth of the property examples (< 1 min)
 check: lint typecheck
-	KAIROS_QUICK_TESTS=1 $(BIN)/pytest tests/unit tests/property -q
+	KAIROS_QUICK_TESTS=1 $(BIN)/pytest tests/unit tests/property -q -n $(TEST_WORKERS)
 
 # The whole suite; what CI runs (.ci/run)
 test: lint typecheck unit integration
