@@ -30,6 +30,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PREFIX = "h:"
+#: how long opening a vault keeps asking for WAL while SQLite answers "locked" (``_wal``)
+WAL_WAIT_S = 10.0
 
 
 def handles_path(audit_file: str | os.PathLike[str]) -> Path:
@@ -48,13 +50,27 @@ class HandleVault:
         self._db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False,
                                    isolation_level=None)  # fmt: skip
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._wal()
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA secure_delete=ON")  # a deleted row's bytes are overwritten
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS handles (customer TEXT PRIMARY KEY, handle TEXT NOT NULL"
             " UNIQUE) WITHOUT ROWID"
         )
+
+    def _wal(self) -> None:
+        """Switch the file to WAL. SQLite can refuse the switch with "database is locked"
+        without waiting (its busy timeout does not cover it) while another process opens the
+        same new file: API replicas starting together did. Tried again for ``WAL_WAIT_S``."""
+        deadline = time.monotonic() + WAL_WAIT_S
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01 + secrets.randbelow(40) / 1000)  # 10-50 ms, not in step
 
     @staticmethod
     def _customer(customer_key: int) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import sqlite3
 import time
 from typing import Any
 
@@ -236,15 +237,57 @@ def _make_handles(path: str, out: multiprocessing.Queue) -> None:  # type: ignor
 
 
 def test_processes_meeting_the_same_new_customers_agree_on_their_handles(tmp_path) -> None:
+    """Eight processes open the same new vault at once (API replicas starting together): each
+    opens it, and all agree on every handle."""
     path = str(tmp_path / "handles.sqlite")
     out: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
-    procs = [multiprocessing.Process(target=_make_handles, args=(path, out)) for _ in range(4)]
+    procs = [multiprocessing.Process(target=_make_handles, args=(path, out)) for _ in range(8)]
     for p in procs:
         p.start()
     seen = [out.get(timeout=60) for _ in procs]
     for p in procs:
         p.join()
     assert all(s == seen[0] for s in seen) and len(set(seen[0])) == 100
+
+
+class _RefusesWal:
+    """A connection whose switch to WAL is refused ``times`` times with ``error`` first (what
+    SQLite answers, without waiting, to one of two processes switching a new file at once)."""
+
+    def __init__(self, db: sqlite3.Connection, times: int, error: str) -> None:
+        self.db, self.times, self.error = db, times, error
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "PRAGMA journal_mode=WAL" and self.times > 0:
+            self.times -= 1
+            raise sqlite3.OperationalError(self.error)
+        return self.db.execute(sql, *args)
+
+
+@pytest.mark.parametrize(
+    ("times", "error", "opens"),
+    [(3, "database is locked", True), (10**6, "database is locked", False),
+     (1, "disk I/O error", False)],
+)  # fmt: skip
+def test_a_refused_switch_to_wal_is_tried_again_while_the_file_is_locked(
+    tmp_path, monkeypatch, times: int, error: str, opens: bool
+) -> None:
+    """Locked: tried again (up to the wait, then the error); any other error at once."""
+    connect = sqlite3.connect
+    monkeypatch.setattr(
+        "engine.governance.handles.sqlite3.connect",
+        lambda *a, **k: _RefusesWal(connect(*a, **k), times, error),
+    )
+    monkeypatch.setattr("engine.governance.handles.WAL_WAIT_S", 0.3)
+    started = time.monotonic()
+    if opens:
+        vault = HandleVault(tmp_path / "handles.sqlite")
+        assert vault.handle(7) == vault.handle(7)
+        return
+    with pytest.raises(sqlite3.OperationalError, match=error):
+        HandleVault(tmp_path / "handles.sqlite")
+    waited = time.monotonic() - started
+    assert (0.3 <= waited < 5) if "locked" in error else waited < 0.3
 
 
 # -- rate limits -----------------------------------------------------------------------------
