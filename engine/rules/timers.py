@@ -159,15 +159,28 @@ def _merge_positions(
 
 
 def _by_deadline(positions: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """``positions`` (of one rule's deadline rows in the grown view) in (deadline, slot) order:
-    the view is in slot order, so a deadline's ties go by position. One value sort of packed
-    (deadline, position) keys where they fit in 63 bits, else a lexsort."""
+    """``positions`` (of one rule's deadline rows in the grown view) in (deadline, position)
+    order: the view is in slot order, so a deadline's ties go by position. Stable radix
+    passes of 16 bits (numpy's counting sort of uint16): the positions first where they are
+    not ascending already, then the deadlines less the earliest (one pass when the due
+    deadlines span a minute, two for 49 days). A million: 9-60 ms, where one sort of packed
+    64-bit keys took 67-70 ms on this VM."""
     if positions.size < 2:
         return positions
-    lo = int(ts.min())
-    pos_bits = max(1, int(positions.max()).bit_length())
-    if (int(ts.max()) - lo).bit_length() + pos_bits <= 63:
-        packed = ((ts - lo) << pos_bits) | positions
-        packed.sort()
-        return packed & ((1 << pos_bits) - 1)
-    return positions[np.lexsort((positions, ts))]
+    order = None
+    if not (positions[1:] > positions[:-1]).all():
+        order = _radix(positions - positions.min(), None)
+    return positions[_radix(ts - ts.min(), order)]
+
+
+def _radix(key: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """``order`` (None: the rows as they are) sorted stably by ``key`` (non-negative int64,
+    one per row), 16 bits a pass from the lowest, until no higher bits are left."""
+    order = np.arange(key.size) if order is None else order
+    rest = key[order]
+    while True:
+        step = np.argsort((rest & 0xFFFF).astype(np.uint16), kind="stable")
+        order = order[step]
+        rest = rest[step] >> 16
+        if not rest.any():
+            return order

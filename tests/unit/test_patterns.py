@@ -456,3 +456,20 @@ def test_deadline_rows_merged_into_the_view_equal_sorting_everything_again(
     np.testing.assert_array_equal(
         grown.gather("customer_key")[timer], store.keys[grown.slot[timer]]
     )
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_deadlines_sorted_by_radix_passes_equal_a_lexsort(seed: int) -> None:
+    """Deadline positions in (deadline, position) order, by 16-bit radix passes: equal to a
+    lexsort, for positions ascending or not, ties, and spans of one pass up to four."""
+    from engine.rules.timers import _by_deadline
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 3000))
+    span = int(rng.choice([1, 60_000, 2**20, 2**40, 2**62]))
+    positions = rng.choice(10 * n + 1, size=n, replace=False).astype(np.int64)
+    if seed % 2:
+        positions.sort()  # as the view gives them, mostly
+    ts = T0 + rng.integers(0, span, n) if seed % 3 else np.full(n, T0)
+    want = positions[np.lexsort((positions, ts))]
+    np.testing.assert_array_equal(_by_deadline(positions, ts.astype(np.int64)), want)
