@@ -349,6 +349,10 @@ class Pooled:
     codes: np.ndarray
     pool: Any
 
+    def take(self, rows: np.ndarray) -> Pooled:
+        """The codes of rows ``rows`` only, into the same pool."""
+        return Pooled(self.codes[rows], self.pool)
+
 
 class ReferenceData:
     """The four tables, validated together; immutable (``replaced`` makes a new one)."""

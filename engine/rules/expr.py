@@ -58,7 +58,7 @@ class _Subset:
 
     def pooled(self, name: str) -> Pooled | None:
         found = pooled(self.ctx, name)
-        return None if found is None else Pooled(found.codes[self.rows], found.pool)
+        return None if found is None else found.take(self.rows)
 
 
 def pooled(ctx: Context, name: str) -> Pooled | None:

@@ -135,11 +135,6 @@ class Window:
         live[group[rows]] = True
         if not live.any():
             return values, state
-        if live.all():
-            values, state = self._session_rows(
-                view.ts, view.group_first, rows, adds, stored_at, total
-            )
-            return values, state
         sel, mine = np.flatnonzero(live[group]), np.flatnonzero(live)
         values[sel], state[:, mine] = self._session_rows(
             view.ts[sel],

@@ -139,7 +139,7 @@ class RowsView:
 
     def pooled(self, name: str) -> Pooled | None:
         found = self.view.pooled(name)
-        return None if found is None else Pooled(found.codes[self.rows], found.pool)
+        return None if found is None else found.take(self.rows)
 
 
 class BatchView:
