@@ -14,7 +14,7 @@ import ray
 from actors.metrics import metrics
 from actors.runtime import peak_rss_mb, tune_allocator
 from engine import preload
-from engine.checkpoint import write_shard
+from engine.checkpoint import SnapshotWriter
 from engine.config import EngineSettings
 from engine.decision.catalog import parse_catalog
 from engine.decision.scorer import OfferScorer, RemoteScorer, ScorerUnavailableError
@@ -62,6 +62,7 @@ class ShardActor:
         self.logic = ShardLogic(shard_id, settings, rules, key_range, catalog, scorer)
         self.logic.set_reference(reference)
         self._catalog, self._scorer = catalog, scorer
+        self.writer = SnapshotWriter()
         #: new at every start (Ray restarts a dead shard empty): the router notices a restart
         #: that came between two calls by this changing, and the engine recovers
         self.incarnation = uuid.uuid4().hex
@@ -69,6 +70,7 @@ class ShardActor:
     def reassign(self, shard_id: int, key_range: tuple[int, int]) -> None:
         """Become shard ``shard_id`` over ``key_range``, empty (a spare taking over a dead
         shard; ``restore`` and the current rules and catalog follow)."""
+        self.writer.abandon()
         logic = self.logic
         catalog = self._catalog if logic.decider is not None else None
         self.logic = ShardLogic(
@@ -191,12 +193,19 @@ class ShardActor:
         """Everything this shard holds, as a value (the caller drained its calls first)."""
         return self.logic.snapshot()
 
-    def write_snapshot(self, root: str, epoch: int) -> dict[str, Any]:
-        """Write this shard's snapshot into checkpoint ``epoch`` under ``root`` (here, in
-        parallel with the other shards); returns its entry for the checkpoint's manifest."""
-        return write_shard(self.logic.snapshot(), root, epoch, self.logic.shard_id)
+    def begin_snapshot(self, root: str, epoch: int) -> None:
+        """The checkpoint barrier: take a detached snapshot now (the caller drained its calls)
+        and write it into checkpoint ``epoch`` under ``root`` in the background, while the
+        next micro-batches are applied (``snapshot_written`` tells when it is on storage)."""
+        self.writer.begin(self.logic.snapshot(detached=True), root, epoch, self.logic.shard_id)
+
+    def snapshot_written(self, epoch: int, wait: bool = False) -> dict[str, Any] | None:
+        """Checkpoint ``epoch``'s entry for its manifest once this shard's snapshot is written,
+        None while it is being written; raises what the write raised."""
+        return self.writer.result(epoch, wait)
 
     def restore(self, snapshot: ShardSnapshot) -> int:
         """Take ``snapshot``'s state (for this shard's key groups); returns its customers."""
+        self.writer.abandon()  # a checkpoint being written is not completed after a restore
         self.logic.restore(snapshot)
         return self.logic.customers

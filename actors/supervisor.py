@@ -1,8 +1,9 @@
 """Supervisor: creates the shard actors over key-group ranges, the sinks and the router.
 
 Also the one place that broadcasts rule changes and coordinates checkpoints across shards. With a
-``checkpoint_root`` it is an ``engine.pipeline.Engine``: ``checkpoint`` takes an aligned cut
-(the router drained), snapshots every shard, pre-commits the sinks, writes the manifest and
+``checkpoint_root`` it is an ``engine.pipeline.Engine``: ``begin_checkpoint`` takes an aligned
+cut (the router drained), every shard writes a detached snapshot in the background and the
+sinks pre-commit; ``finish_checkpoint``, once the snapshots are written, writes the manifest and
 CURRENT, then commits the sinks; ``recover`` waits for restarted actors (shards and sinks restart
 by themselves, empty), restores every shard from CURRENT (rescaled when it was taken on another
 shard count), settles the sinks and resets the router. Ray errors of lost actors become
@@ -15,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -61,6 +63,66 @@ def lost_workers(what: str) -> Iterator[None]:
         yield
     except _LOST as exc:
         raise WorkerLostError(f"{what}: {type(exc).__name__}: {exc}"[:500]) from exc
+
+
+#: how often a checkpoint being written asks the shards whether their snapshots are written
+_POLL_S = 0.05
+
+
+@dataclass
+class _InFlight:
+    """A checkpoint begun (``Supervisor.begin_checkpoint``) whose snapshots are being written.
+
+    Its shards are asked (``snapshot_written``, an ordinary call behind the micro-batches sent
+    since) at most every ``_POLL_S``; a shard still writing answers None and is asked again."""
+
+    epoch: int
+    root: str
+    document: dict[str, Any]
+    shards: list[Any]
+    begun: list[Any]
+    precommits: list[Any]
+    started: float
+    aligned_s: float = 0.0
+    written: list[dict[str, Any] | None] = field(default_factory=list)
+    asked: list[Any] = field(default_factory=list)
+    asked_at: float = 0.0
+
+    def poll(self, now: float) -> None:
+        if not self.written:
+            self.written = [None] * len(self.shards)
+            self.asked = [None] * len(self.shards)
+        for i, shard in enumerate(self.shards):
+            if self.written[i] is None and self.asked[i] is None:
+                self.asked[i] = shard.snapshot_written.remote(self.epoch)
+        self.asked_at = now
+
+    def entries(self, wait: bool) -> list[dict[str, Any]] | None:
+        """Every shard's manifest entry; None while one is still being written (``wait``:
+        block until they are)."""
+        if wait:
+            ray.get(self.begun)
+            for i, shard in enumerate(self.shards):
+                if self.written[i] is None:
+                    if self.asked[i] is not None:
+                        self.written[i] = ray.get(self.asked[i])
+                    if self.written[i] is None:
+                        self.written[i] = ray.get(shard.snapshot_written.remote(self.epoch, True))
+            return list(self.written)  # type: ignore[arg-type]
+        pending = [ref for ref in self.asked if ref is not None]
+        ready = ray.wait(pending, num_returns=len(pending), timeout=0)[0] if pending else []
+        ready_ids = {ref.hex() for ref in ready}
+        for i, ref in enumerate(self.asked):
+            if ref is not None and ref.hex() in ready_ids:
+                self.written[i] = ray.get(ref)  # raises what the write raised
+                self.asked[i] = None
+        if all(entry is not None for entry in self.written):
+            ray.get(self.begun)
+            return list(self.written)  # type: ignore[arg-type]
+        now = time.monotonic()
+        if now - self.asked_at >= _POLL_S:
+            self.poll(now)
+        return None
 
 
 class Supervisor:
@@ -143,6 +205,10 @@ class Supervisor:
         )
         self.decision_uri = decision_uri
         self.response_uri = response_uri
+        #: the checkpoint begun and not yet finished (``begin_checkpoint``)
+        self._in_flight: _InFlight | None = None
+        #: the last checkpoints' times: aligning (the router drained) and begin to CURRENT
+        self.checkpoint_times: list[dict[str, Any]] = []
 
     def _new_shard(self, i: int, spare: bool = False) -> Any:
         """A shard actor for key groups of shard ``i`` (a spare is reassigned when used).
@@ -301,19 +367,30 @@ class Supervisor:
         return self.checkpoint_root
 
     def checkpoint(self, epoch: int, extra: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Checkpoint ``epoch`` (see the module's docstring); returns the ``extra`` of the
-        oldest checkpoint kept (the source may drop what is behind it)."""
+        """Checkpoint ``epoch`` now and wait until it is CURRENT (``begin_checkpoint`` and
+        ``finish_checkpoint``); returns the ``extra`` of the oldest checkpoint kept (the source
+        may drop what is behind it)."""
+        self.begin_checkpoint(epoch, extra)
+        done = self.finish_checkpoint(wait=True)
+        assert done is not None
+        return done
+
+    def begin_checkpoint(self, epoch: int, extra: Mapping[str, Any]) -> None:
+        """The barrier of checkpoint ``epoch``: the router drained (an aligned cut), every
+        shard takes a detached snapshot and writes it in the background, the sinks close the
+        epoch (``precommit``); the manifest's contents (source positions, configuration) are
+        taken now. Returns at once: micro-batches go on while the snapshots are written, and
+        ``finish_checkpoint`` completes the checkpoint (as Flink's asynchronous snapshots)."""
+        if self._in_flight is not None:
+            raise StateError(f"checkpoint {self._in_flight.epoch} is still being written")
         root = self._root()
+        started = time.monotonic()
         with lost_workers("checkpoint"):
             self.router.drain()
-            # every shard writes its own snapshot, in parallel; the sinks pre-commit meanwhile
-            written = [s.write_snapshot.remote(root, epoch) for s in self.shards]
-            incarnations = ray.get([a.precommit.remote(epoch) for a in self._sink_actors])
-            entries = ray.get(written)
-        if self._sink_incarnations is None:  # no pipeline started this engine: these count
-            self._sink_incarnations = incarnations
-        if incarnations != self._sink_incarnations:
-            raise WorkerLostError("a sink restarted since the last checkpoint (rows were lost)")
+        aligned = time.monotonic()
+        shards = list(self.shards)
+        begun = [s.begin_snapshot.remote(root, epoch) for s in shards]
+        precommits = [a.precommit.remote(epoch) for a in self._sink_actors]
         for sink in self._local_sinks:
             sink.precommit(epoch)
         document = {
@@ -330,14 +407,57 @@ class Supervisor:
             },
             **extra,
         }
-        commit_checkpoint(root, epoch, entries, document, keep=self.keep_checkpoints)
+        self._in_flight = _InFlight(epoch, root, document, shards, begun, precommits, started)
+        self._in_flight.aligned_s = aligned - started
+        self._in_flight.poll(started)
+
+    def finish_checkpoint(self, wait: bool = False) -> Mapping[str, Any] | None:
+        """Complete the checkpoint begun, once every shard has written its snapshot and the
+        sinks have pre-committed: its manifest, CURRENT replaced, the sinks committed. Returns
+        the ``extra`` of the oldest checkpoint kept; None while snapshots are still being
+        written (unless ``wait``). Raises what a snapshot's write raised (storage failing:
+        the checkpoint is dropped, the previous one stays CURRENT) and WorkerLostError for a
+        shard or sink lost meanwhile (the pipeline recovers)."""
+        flight = self._in_flight
+        if flight is None:
+            raise StateError("no checkpoint was begun")
+        try:
+            with lost_workers("checkpoint"):
+                entries = flight.entries(wait)
+                if entries is None:
+                    return None
+                incarnations = ray.get(flight.precommits)
+        except BaseException:
+            self._in_flight = None
+            raise
+        self._in_flight = None
+        if self._sink_incarnations is None:  # no pipeline started this engine: these count
+            self._sink_incarnations = incarnations
+        if incarnations != self._sink_incarnations:
+            raise WorkerLostError("a sink restarted since the last checkpoint (rows were lost)")
+        epoch = flight.epoch
+        commit_checkpoint(flight.root, epoch, entries, flight.document, keep=self.keep_checkpoints)
         crash_point("checkpoint:before_commit")
         with lost_workers("commit"):
             ray.get([a.commit.remote(epoch) for a in self._sink_actors])
         for sink in self._local_sinks:
             sink.commit(epoch)
-        kept = checkpoints(root)
+        now = time.monotonic()
+        self.checkpoint_times.append(
+            {
+                "epoch": epoch,
+                "aligned_ms": round(flight.aligned_s * 1000, 1),
+                "total_ms": round((now - flight.started) * 1000, 1),
+            }
+        )
+        del self.checkpoint_times[:-20]
+        kept = checkpoints(flight.root)
         return kept[0] if kept else {}
+
+    @property
+    def checkpoint_in_flight(self) -> int | None:
+        """The epoch of the checkpoint begun and not finished (None: there is none)."""
+        return None if self._in_flight is None else self._in_flight.epoch
 
     _sink_incarnations: list[str] | None = None
 
@@ -346,6 +466,7 @@ class Supervisor:
         settle the sinks against its epoch and reset the router. None: no checkpoint yet (the
         engine is new and empty)."""
         root = self._root()
+        self._in_flight = None  # not completed: its shards abandon it when they are restored
         if not checkpoints(root):
             self._wait_for_actors(timeout_s)
             self._sink_incarnations = self._call_all(

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from engine.checkpoint import checkpoints, read_checkpoint, rescale, write_checkpoint
+from engine.checkpoint import (
+    SnapshotWriter,
+    checkpoints,
+    commit_checkpoint,
+    read_checkpoint,
+    rescale,
+)
 from engine.config import EngineSettings
 from engine.decision.catalog import Catalog
 from engine.decision.log import DECISION_SCHEMA
@@ -65,6 +71,9 @@ class LocalEngine:
         process would; outputs, like files, stay. Then ``recover`` restores from CURRENT."""
         self.ingestor = Ingestor(self.settings)
         self.ingestor.listen(self.rules.listening)
+        #: a checkpoint begun and not finished: (epoch, outputs' lengths at it, manifest extra)
+        self._in_flight: tuple[int, tuple[int, int, int, int], dict[str, Any]] | None = None
+        self._writers: dict[int, SnapshotWriter] = {}
         self.shards = [
             ShardLogic(
                 i,
@@ -118,11 +127,33 @@ class LocalEngine:
     def checkpoint(self, epoch: int, extra: Mapping[str, Any]) -> Mapping[str, Any]:
         """Checkpoint ``epoch``: every shard's snapshot and the ingest position, CURRENT
         replaced; the outputs so far are committed. Returns the oldest kept one's ``extra``."""
+        self.begin_checkpoint(epoch, extra)
+        done = self.finish_checkpoint(wait=True)
+        assert done is not None
+        return done
+
+    def begin_checkpoint(self, epoch: int, extra: Mapping[str, Any]) -> None:
+        """The barrier of checkpoint ``epoch``: every shard's snapshot taken now, detached
+        from its state, and the outputs' lengths; written by ``finish_checkpoint``, after
+        whatever is applied meanwhile (the asynchronous checkpoint of ``Supervisor``, written
+        at a deterministic point)."""
         root = self._root()
-        snapshots = [shard.snapshot() for shard in self.shards]
-        write_checkpoint(root, epoch, snapshots, {"position": self.ingestor.position(), **extra})
-        self._marks[epoch] = self._lengths()
-        kept = checkpoints(root)
+        self._in_flight = (epoch, self._lengths(), {"position": self.ingestor.position(), **extra})
+        for shard in self.shards:
+            self._writers.setdefault(shard.shard_id, SnapshotWriter(background=False)).begin(
+                shard.snapshot(detached=True), root, epoch, shard.shard_id
+            )
+
+    def finish_checkpoint(self, wait: bool = False) -> Mapping[str, Any] | None:
+        """Write the snapshots of the checkpoint begun, its manifest and CURRENT; the outputs
+        up to its barrier are committed. Returns the oldest kept checkpoint's ``extra``."""
+        if self._in_flight is None:
+            raise StateError("no checkpoint was begun")
+        (epoch, lengths, document), self._in_flight = self._in_flight, None
+        entries = [self._writers[shard.shard_id].result(epoch, wait) for shard in self.shards]
+        commit_checkpoint(self._root(), epoch, entries, document)  # type: ignore[arg-type]
+        self._marks[epoch] = lengths
+        kept = checkpoints(self._root())
         return kept[0] if kept else {}
 
     def _lengths(self) -> tuple[int, int, int, int]:
@@ -131,6 +162,9 @@ class LocalEngine:
     def recover(self) -> Mapping[str, Any] | None:
         """Restore every shard and the ingest position from CURRENT (rescaled if it was taken
         on another shard count) and drop the outputs made after it. None: no checkpoint."""
+        self._in_flight = None  # a checkpoint begun is not completed
+        for writer in self._writers.values():
+            writer.abandon()
         try:
             document, snapshots = read_checkpoint(self._root())
         except StateError:

@@ -1,10 +1,12 @@
 """Pipeline: a source into an engine, with periodic checkpoints and recovery, without Ray.
 
 The pipeline reads its ``Source`` in order and submits each stretch to the ``Engine``; every
-``interval_s`` (and at the end of a bounded source) it takes a checkpoint: the engine drains its
-calls (an aligned cut), snapshots every shard, pre-commits its sinks, writes the manifest with
-the source position after the last record submitted, makes it CURRENT and commits the sinks.
-The source may then drop what is behind the oldest kept checkpoint.
+``interval_s`` it begins a checkpoint: the engine drains its calls (an aligned cut), every shard
+takes a detached snapshot and writes it while later stretches are applied, and the sinks
+pre-commit. The steps after that complete it once the snapshots are written: the manifest with
+the source position of the cut, CURRENT, the sinks committed (Flink's asynchronous snapshots;
+one checkpoint in flight at a time). A clean stop and the end of a bounded source take one and
+wait for it. The source may then drop what is behind the oldest kept checkpoint.
 
 When a worker dies (``WorkerLostError``), or the engine raises anything else in the middle of a
 stretch (``StretchFailedError``: it may hold part of it, and the source has moved past it), the
@@ -58,9 +60,15 @@ class Engine(Protocol):
 
     def end_stream(self) -> None: ...
 
-    def checkpoint(self, epoch: int, extra: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Take checkpoint ``epoch`` with ``extra`` in its manifest, make it CURRENT, commit
-        the sinks; returns the ``extra`` of the oldest checkpoint kept."""
+    def begin_checkpoint(self, epoch: int, extra: Mapping[str, Any]) -> None:
+        """The barrier of checkpoint ``epoch`` (``extra`` goes into its manifest): an aligned
+        cut of every shard's state is taken now and written while the stream goes on."""
+        ...
+
+    def finish_checkpoint(self, wait: bool = False) -> Mapping[str, Any] | None:
+        """Once the cut is written: the manifest, CURRENT replaced, the sinks committed;
+        returns the ``extra`` of the oldest checkpoint kept, or None while the cut is still
+        being written (unless ``wait``). A failure drops the checkpoint begun."""
         ...
 
     def recover(self) -> Mapping[str, Any] | None:
@@ -101,8 +109,12 @@ class Pipeline:
     #: why recovery gave up (``max_attempts`` in a row), None once one succeeds: until then
     #: the engine may hold part of a stretch, and nothing more is read
     unrecovered: str | None = None
+    #: a checkpoint was begun and is being written (the next steps complete it)
+    checkpoint_in_flight: bool = False
     _last_checkpoint: float = 0.0
     _failures_in_a_row: int = 0
+    #: the epoch of the last checkpoint begun (``epoch``: the last one completed)
+    _attempted: int = 0
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> Mapping[str, Any] | None:
@@ -111,7 +123,8 @@ class Pipeline:
         manifest restored from."""
         document = self.engine.recover()
         if document is None:
-            self.epoch = 0
+            self.epoch = self._attempted = 0
+            self.checkpoint_in_flight = False
             self.source.seek(0)
             self._checkpoint()
             return None
@@ -124,7 +137,8 @@ class Pipeline:
             raise SourceError(
                 f"the checkpoint was taken of {source.get('name')!r}, not of {self.source.name!r}"
             )
-        self.epoch = int(document["epoch"])
+        self.epoch = self._attempted = int(document["epoch"])
+        self.checkpoint_in_flight = False  # a checkpoint begun before is not completed
         self.source.seek(int(source.get("position", 0)))
         self._last_checkpoint = self.clock.monotonic()
 
@@ -167,21 +181,24 @@ class Pipeline:
                 f"the engine failed on the stretch from position {where}: "
                 f"{type(exc).__name__}: {exc}"[:500]
             ) from exc
-        if self.interval_s is not None and self._since_checkpoint() >= self.interval_s:
-            self._periodic_checkpoint()
+        self._advance_checkpoint()
         return 0 if batch is None else batch.events.num_rows
 
-    def _periodic_checkpoint(self) -> None:
-        """A due checkpoint. If its storage fails, the previous one stays CURRENT (nothing
+    def _advance_checkpoint(self) -> None:
+        """Complete the checkpoint being written once it is, or begin one when it is due
+        (never two at once). If its storage fails, the previous one stays CURRENT (nothing
         behind it is released from the source) and the next try is an interval later; the
         failure is kept in ``checkpoint_error`` (a service stops acknowledging meanwhile)."""
         try:
-            self._checkpoint()
+            if self.checkpoint_in_flight:
+                self._finish_checkpoint(wait=False)
+            elif self.interval_s is not None and self._since_checkpoint() >= self.interval_s:
+                self.begin_checkpoint()
         except (OSError, pa.ArrowException) as exc:
             self._last_checkpoint = self.clock.monotonic()
             self.checkpoint_error = f"{type(exc).__name__}: {exc}"[:500]
             log.error("checkpoint %d failed; checkpoint %d stays CURRENT: %s",
-                      self.epoch + 1, self.epoch, self.checkpoint_error)  # fmt: skip
+                      self._attempted, self.epoch, self.checkpoint_error)  # fmt: skip
 
     def _since_checkpoint(self) -> float:
         return self.clock.monotonic() - self._last_checkpoint
@@ -211,18 +228,42 @@ class Pipeline:
                 self.recover(exc)
 
     def _checkpoint(self) -> None:
-        epoch = self.epoch + 1
+        """A checkpoint of everything read so far, CURRENT when this returns (the one being
+        written, if any, is completed first)."""
+        if self.checkpoint_in_flight:
+            self._finish_checkpoint(wait=True)
+        self.begin_checkpoint()
+        self._finish_checkpoint(wait=True)
+
+    def begin_checkpoint(self) -> None:
+        """Begin a checkpoint of everything read so far; later steps complete it (or
+        ``checkpoint``). Its epoch is new even if an earlier attempt failed without a
+        recovery: that attempt's sink files carry its number and are committed with this one."""
+        epoch = max(self._attempted, self.epoch) + 1
         extra = {
             **(self.manifest_extra() if self.manifest_extra is not None else {}),
             "source": {"name": self.source.name, "position": self.source.position},
         }
-        oldest = self.engine.checkpoint(epoch, extra)
-        self.epoch = epoch
-        self.checkpoint_error = None
+        self._attempted = epoch
         self._last_checkpoint = self.clock.monotonic()
+        self.engine.begin_checkpoint(epoch, extra)
+        self.checkpoint_in_flight = True
+
+    def _finish_checkpoint(self, wait: bool) -> bool:
+        try:
+            oldest = self.engine.finish_checkpoint(wait)
+        except BaseException:
+            self.checkpoint_in_flight = False
+            raise
+        if oldest is None:
+            return False
+        self.checkpoint_in_flight = False
+        self.epoch = self._attempted
+        self.checkpoint_error = None
         position = oldest.get("source", {}).get("position")
         if position is not None:
             self.source.release(int(position))
+        return True
 
     # -- recovery ---------------------------------------------------------------------------
     def _give_up(self, error: BaseException) -> None:

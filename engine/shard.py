@@ -640,15 +640,18 @@ class ShardLogic:
         return fired
 
     # -- snapshots ----------------------------------------------------------------------------
-    def snapshot(self) -> ShardSnapshot:
-        """Everything this shard holds, as a value (call between micro-batches)."""
+    def snapshot(self, detached: bool = False) -> ShardSnapshot:
+        """Everything this shard holds, as a value (call between micro-batches). The golden
+        records share the store's memory unless ``detached`` (a copy: the value then stays as
+        it is while later steps run, for an asynchronous checkpoint); the other tables are
+        immutable Arrow data either way."""
         pending, seen = self.buffer.to_arrow()
         return ShardSnapshot(
             shard_id=self.shard_id,
             key_range=self.key_range,
             watermark_ms=self.watermark_ms,
             counters=dict(self.counters),
-            customers=self.store.to_arrow(),
+            customers=self.store.to_arrow(copy=detached),
             pending=pending,
             seen=seen,
             recent_triggers=self.recent_triggers.to_table(),

@@ -135,6 +135,7 @@ def run(
         "events_per_s": round(table.num_rows / elapsed),
         "checkpoint_every_s": checkpoint_every,
         "checkpoints": checkpoints,
+        "checkpoint_times": getattr(supervisor, "checkpoint_times", []),
         "seconds": round(elapsed, 3),
         "p50_ms": round(stats.percentile(50), 2),
         "p99_ms": round(stats.percentile(99), 2),

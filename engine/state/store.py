@@ -178,16 +178,24 @@ class CustomerStore:
         per += sum(a.itemsize for a in self.decision_state.values())
         return float(per)
 
-    def to_arrow(self) -> pa.Table:
-        """All records as one table: key, the columns, rule state; the string pool in metadata."""
+    def to_arrow(self, copy: bool = False) -> pa.Table:
+        """All records as one table: key, the columns, rule state; the string pool in metadata.
+
+        The table shares the store's memory (numeric columns are wrapped, not copied), so it
+        changes with the next step; ``copy`` makes it independent (an asynchronous checkpoint
+        writes it while steps go on)."""
         n = self.size
-        arrays = {"customer_key": pa.array(self.keys[:n])}
+
+        def column(arr: np.ndarray) -> pa.Array:
+            return pa.array(arr[:n].copy() if copy else arr[:n])
+
+        arrays = {"customer_key": column(self.keys)}
         for name, arr in self.cols.items():
-            arrays[name] = pa.array(arr[:n])
+            arrays[name] = column(arr)
         for key, arr in self.rule_state.items():
-            arrays[RULE_PREFIX + key] = pa.array(arr[:n])
+            arrays[RULE_PREFIX + key] = column(arr)
         for key, arr in self.decision_state.items():
-            arrays[DECISION_PREFIX + key] = pa.array(arr[:n])
+            arrays[DECISION_PREFIX + key] = column(arr)
         table = pa.table(arrays)
         meta = {b"kairos.strings": "\x1f".join(self.strings.values).encode()}
         return table.replace_schema_metadata(meta)

@@ -37,7 +37,7 @@ def main() -> None:
         EngineSettings(shards=2, allowed_lateness_s=60, dedupe_window_s=3600),
         load_rules(RULES_FILE),
         args.out,
-        chunk=20_000,
+        chunk=10_000,
         catalog=load_catalog(ROOT / "deploy" / "config" / "offers.yaml"),
         scorer=FixedScorer(keep=False),
         checkpoint_every_s=0.0,  # after every step: many checkpoints to crash in

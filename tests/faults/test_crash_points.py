@@ -20,7 +20,7 @@ pytestmark = pytest.mark.faults
 def _run(out: Path, resume: bool = False, crash: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if crash:
-        env.update(KAIROS_CRASH_AT=crash, KAIROS_CRASH_AFTER="4",
+        env.update(KAIROS_CRASH_AT=crash, KAIROS_CRASH_AFTER="3",
                    KAIROS_CRASH_MARK=str(out / "crashed"))  # fmt: skip
     command = [sys.executable, "-m", "tests.faults.crashpoint", "--out", str(out)]
     return subprocess.run(

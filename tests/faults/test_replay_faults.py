@@ -55,7 +55,7 @@ def _run(stream, shards, out: Path, rules, kills: int, gap: int = 2, seed: int =
 
     catalog = load_catalog(ROOT / "deploy" / "config" / "offers.yaml")
     report = replay(
-        stream, _settings(shards), rules, out, chunk=20_000, catalog=catalog,
+        stream, _settings(shards), rules, out, chunk=10_000, catalog=catalog,
         scorer=FixedScorer(keep=False), checkpoint_every_s=0.2, on_step=on_step,
         shard_cpus=0.25,
     )  # fmt: skip

@@ -10,7 +10,7 @@ import ray
 
 from actors.supervisor import Supervisor
 from engine.config import EngineSettings
-from engine.errors import RuleError
+from engine.errors import RuleError, StateError
 from engine.events.codec import rows_to_batch
 from engine.local import LocalEngine
 from engine.reference import ReferenceDataError, load_reference
@@ -146,6 +146,52 @@ def test_customer_record_is_read_from_its_owning_shard_and_checkpoints_restore_o
             assert fresh.ingestor.position() == position
         finally:
             fresh.shutdown()
+
+
+def test_an_asynchronous_checkpoint_holds_the_cut_while_the_shards_go_on(
+    ray_cluster, stream, rules, tmp_path
+) -> None:
+    """Checkpoint 2 is begun after the first half and completed after the second half has been
+    applied (the shards write their snapshots meanwhile): restored, it holds the first half's
+    golden records and ingest position, not the second's. A checkpoint begun and not completed
+    before a recovery is never used."""
+    root = str(tmp_path / "chk")
+    half = stream.num_rows // 2
+    settings = EngineSettings(shards=2, allowed_lateness_s=10)
+    local = LocalEngine(settings, rules, reference=SHIPPED)
+    local.submit(stream.slice(0, half))
+    sup = Supervisor(
+        settings,
+        rules,
+        trigger_uri=str(tmp_path / "triggers"),
+        shard_cpus=0.25,
+        namespace_prefix="it-async",
+        checkpoint_root=root,
+        reference=SHIPPED,
+    )
+    try:
+        sup.recover()
+        sup.checkpoint(1, {})
+        for start in range(0, half, 7_000):
+            sup.router.submit(stream.slice(start, min(7_000, half - start)))
+        sup.begin_checkpoint(2, {})
+        at_cut = sup.ingestor.position()
+        assert sup.checkpoint_in_flight == 2
+        with pytest.raises(StateError, match="still being written"):
+            sup.begin_checkpoint(3, {})
+        _replay(sup, stream.slice(half))
+        assert sup.finish_checkpoint(wait=True) is not None
+        assert sup.checkpoint_in_flight is None and sup.checkpoint_times[-1]["epoch"] == 2
+        customers = {r for r in stream.column("customer_id").to_pylist()[:2_000]}
+        after = {c: sup.customer(c) for c in customers}
+        sup.begin_checkpoint(3, {})  # never completed: the engine recovers first
+        assert sup.recover()["epoch"] == 2
+        assert sup.ingestor.position() == at_cut
+        restored = {c: sup.customer(c) for c in customers}
+    finally:
+        sup.shutdown()
+    assert restored == {c: local.customer(c) for c in customers}
+    assert restored != after  # the second half changed them, and is not in the checkpoint
 
 
 def test_a_micro_batch_closes_on_its_deadline_and_calls_in_flight_stay_bounded(

@@ -122,13 +122,18 @@ def test_a_checkpoint_whose_storage_fails_keeps_the_previous_one(tmp_path, rules
     )  # fmt: skip
     pipeline.start()  # checkpoint 1 of the empty engine
     clock.advance(11)
-    pipeline.step()  # rows 0..99, checkpoint 2
+    pipeline.step()  # rows 0..99; checkpoint 2 begun (its cut: position 100)
+    assert pipeline.epoch == 1 and pipeline.checkpoint_in_flight
+    pipeline.step()  # rows 100..199; checkpoint 2 completed
     assert pipeline.epoch == 2 and pipeline.checkpoint_error is None
+    assert read_checkpoint(str(root))[0]["source"]["position"] == 100
     root.rename(tmp_path / "away")
     root.write_text("not a folder")  # the storage fails (even for root)
     clock.advance(11)
-    pipeline.step()  # rows 100..199; checkpoint 3 fails
+    pipeline.step()  # rows 200..299; checkpoint 3 begun
+    pipeline.step()  # nothing to read; checkpoint 3 fails
     assert pipeline.epoch == 2 and pipeline.checkpoint_error is not None
+    assert not pipeline.checkpoint_in_flight
     pipeline.step()  # not retried at once
     assert pipeline.source.position == 300 and pipeline.epoch == 2
     root.unlink()
@@ -136,8 +141,9 @@ def test_a_checkpoint_whose_storage_fails_keeps_the_previous_one(tmp_path, rules
     assert read_checkpoint(str(root))[0]["source"]["position"] == 100  # still CURRENT
     clock.advance(11)
     served["model_version"] = "v0002"
-    pipeline.step()  # nothing to read; checkpoint 3
-    assert pipeline.epoch == 3 and pipeline.checkpoint_error is None
+    pipeline.step()  # nothing to read; a checkpoint begun
+    pipeline.step()  # and completed: epoch 4 (3 failed and is not used again)
+    assert pipeline.epoch == 4 and pipeline.checkpoint_error is None
     manifest = read_checkpoint(str(root))[0]
     assert manifest["source"]["position"] == 300 and manifest["model_version"] == "v0002"
 
@@ -186,3 +192,70 @@ def test_a_recovery_that_gives_up_reads_nothing_more_until_one_succeeds(
     engine.end_stream()
     assert sum(s.counters["applied"] for s in engine.shards) == 300
     assert pipeline.unrecovered is None
+
+
+def test_a_snapshot_writer_writes_in_the_background_one_at_a_time(
+    tmp_path, rules, event, monkeypatch
+) -> None:
+    """``result`` is None while the write runs and the entry once it is done; a failed write's
+    error is raised by ``result``; ``begin`` and ``abandon`` wait for a running write, so an
+    abandoned one never lands after a later one; an epoch not begun is refused."""
+    import threading
+
+    from engine import checkpoint
+    from engine.checkpoint import SnapshotWriter
+
+    engine = engine_after(rules, event, 20)
+    snapshot = engine.shards[0].snapshot(detached=True)
+    gate, order = threading.Event(), []
+    write = checkpoint.write_shard
+
+    def slow_write(*args, **kwargs):
+        gate.wait(10)
+        order.append(args[2])
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_shard", slow_write)
+    writer = SnapshotWriter()
+    root = str(tmp_path / "chk")
+    writer.begin(snapshot, root, 1, 0)
+    assert writer.result(1) is None  # still writing
+    with pytest.raises(StateError, match="checkpoint 2"):
+        writer.result(2)
+    threading.Timer(0.2, gate.set).start()
+    writer.begin(snapshot, root, 2, 0)  # waits for epoch 1's write to end first
+    assert order == [1]
+    entry = writer.result(2, wait=True)
+    assert order == [1, 2] and entry is not None and entry["folder"] == "shard-0"
+    written = read_snapshot(f"{root}/chk-{2:012d}/shard-0").customers
+    for column in ("customer_key", "event_count", "cycle_usage_mb"):
+        assert written.column(column).equals(snapshot.customers.column(column))
+    with pytest.raises(StateError):
+        writer.result(1)  # abandoned by the begin of 2
+
+    def failing_write(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_shard", failing_write)
+    writer.begin(snapshot, root, 3, 0)
+    with pytest.raises(OSError, match="No space"):
+        writer.result(3, wait=True)
+    deferred = SnapshotWriter(background=False)  # writes at its first ``result``
+    monkeypatch.setattr(checkpoint, "write_shard", slow_write)
+    order.clear()
+    deferred.begin(snapshot, root, 4, 0)
+    assert order == []
+    assert deferred.result(4) is not None and order == [4]
+
+
+def test_a_detached_snapshot_keeps_the_cut_while_the_shard_goes_on(rules, event) -> None:
+    """The golden records of ``snapshot(detached=True)`` do not change with later steps; those
+    of a plain snapshot share the store's memory (why an asynchronous checkpoint detaches)."""
+    engine = engine_after(rules, event, 5)
+    shard = next(s for s in engine.shards if s.customers)
+    detached, shared = shard.snapshot(detached=True), shard.snapshot()
+    before = detached.customers.column("event_count").to_pylist()
+    assert shared.customers.column("event_count").to_pylist() == before
+    engine.submit_rows([event("usage", f"c{i}", ms(2026, 3, 2, 11), mb=1.0) for i in range(5)])
+    assert detached.customers.column("event_count").to_pylist() == before
+    assert shared.customers.column("event_count").to_pylist() != before
