@@ -231,7 +231,10 @@ class Pipeline:
         """A checkpoint of everything read so far, CURRENT when this returns (the one being
         written, if any, is completed first)."""
         if self.checkpoint_in_flight:
-            self._finish_checkpoint(wait=True)
+            try:
+                self._finish_checkpoint(wait=True)
+            except (OSError, pa.ArrowException) as exc:  # this one tries again, from now
+                self.checkpoint_error = f"{type(exc).__name__}: {exc}"[:500]
         self.begin_checkpoint()
         self._finish_checkpoint(wait=True)
 

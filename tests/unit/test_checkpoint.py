@@ -259,3 +259,37 @@ def test_a_detached_snapshot_keeps_the_cut_while_the_shard_goes_on(rules, event)
     engine.submit_rows([event("usage", f"c{i}", ms(2026, 3, 2, 11), mb=1.0) for i in range(5)])
     assert detached.customers.column("event_count").to_pylist() == before
     assert shared.customers.column("event_count").to_pylist() != before
+
+
+def test_a_stop_s_checkpoint_goes_on_after_the_one_being_written_failed(
+    tmp_path, rules, event, monkeypatch
+) -> None:
+    """A clean stop while a periodic checkpoint is being written completes that one first; if
+    it fails (a transient storage error), the stop's own checkpoint is taken all the same."""
+    import pyarrow as pa
+
+    from engine import checkpoint
+    from engine.clock import ManualClock
+    from engine.pipeline import Pipeline
+    from engine.source import TableSource
+
+    rows = [event("usage", f"c{i % 7}", ms(2026, 3, 2, 10) + i, mb=1.0) for i in range(100)]
+    root = tmp_path / "chk"
+    engine = LocalEngine(EngineSettings(shards=2), rules, checkpoint_root=str(root))
+    pipeline = Pipeline(TableSource(pa.Table.from_pylist(rows), "usage"), engine, None,
+                        ManualClock(), chunk=100)  # fmt: skip
+    pipeline.start()
+    pipeline.step()
+    pipeline.begin_checkpoint()  # epoch 2, its cut at row 100, written at the next step
+    write, failures = checkpoint.write_shard, []
+
+    def once(*args, **kwargs):
+        if not failures:
+            failures.append(args[2])
+            raise OSError("Input/output error")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_shard", once)
+    pipeline.checkpoint()  # a stop now: checkpoint 2 fails, 3 is taken
+    assert failures == [2] and pipeline.epoch == 3 and pipeline.checkpoint_error is None
+    assert read_checkpoint(str(root))[0]["epoch"] == 3
