@@ -83,6 +83,12 @@ def test_no_checkpoint_is_a_state_error_and_old_ones_are_pruned(tmp_path, rules,
     kept = sorted(p.name for p in Path(root).iterdir() if p.name.startswith("chk-"))
     assert kept == [f"chk-{4:012d}", f"chk-{5:012d}"]
     assert read_checkpoint(root)[0]["epoch"] == 5
+    # an attempt that failed (its shard folders, no manifest) is not counted among the kept
+    # ones and goes once a later checkpoint is CURRENT; its number is not used again
+    (Path(root) / f"chk-{6:012d}" / "shard-0").mkdir(parents=True)
+    write_checkpoint(root, 7, [s.snapshot() for s in engine.shards], keep=2)
+    kept = sorted(p.name for p in Path(root).iterdir() if p.name.startswith("chk-"))
+    assert kept == [f"chk-{5:012d}", f"chk-{7:012d}"]
 
 
 def test_a_checkpoint_brings_back_run_time_configuration_unless_the_files_were_edited() -> None:
