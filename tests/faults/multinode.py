@@ -40,7 +40,7 @@ def main() -> None:
     settings = EngineSettings(shards=4, allowed_lateness_s=60, dedupe_window_s=3600)
     stream = events(population(args.events // 20, seed=2), args.events, days=30, seed=2)
     out = Path(tempfile.mkdtemp())
-    clean = replay(stream, settings, rules, out / "clean", chunk=20_000, shard_cpus=0.25)
+    clean = replay(stream, settings, rules, out / "clean", chunk=10_000, shard_cpus=0.25)
     second_id = second.node_id
     seen_nodes: set[str] = set()
     faults: list[str] = []
@@ -65,7 +65,7 @@ def main() -> None:
             faults.append("the second node removed")
 
     faulty = replay(
-        stream, settings, rules, out / "faulty", chunk=20_000, shard_cpus=0.25,
+        stream, settings, rules, out / "faulty", chunk=10_000, shard_cpus=0.25,
         checkpoint_every_s=0.2, on_step=on_step,
     )  # fmt: skip
     print(
