@@ -522,7 +522,13 @@ def test_decisions_and_offer_changes_answered_before_a_crash_survive_it(
         assert http.get(f"{url}/v1/offers", timeout=30).json()["policy"] == offers["policy"]
         for who, offer in delivered.items():
             body = {"customer_id": who, "channel": "web", "context": {"page": "/plans"}}
-            d = http.post(f"{url}/v1/decide", json=body, timeout=30).json()
+            r = http.post(f"{url}/v1/decide", json=body, timeout=30)
+            while r.status_code == 503:  # /readyz may answer before a replica saw the kill
+                assert "Retry-After" in r.headers and time.monotonic() < deadline, r.text
+                time.sleep(0.5)
+                r = http.post(f"{url}/v1/decide", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            d = r.json()
             reasons = {c["offer_id"]: c["excluded"] for c in d["candidates"]}
             assert d["action"] != offer and reasons[offer] in ("cooldown", "frequency_cap"), d
         ray.get(_gateway(config).drain.remote())
