@@ -73,6 +73,18 @@ def x_learner(data: UpliftRows, names: list[str], rounds: int = 150) -> Predict:
     return predict
 
 
+def observable_ceiling(train: UpliftRows, arms: tuple[np.ndarray, ...], names: list[str],
+                       rounds: int = 150) -> Predict:  # fmt: skip
+    """Boosters fitted to the simulator's true probabilities of the training pairs (no
+    outcome noise): the best a model of the engine's features can do, up to its capacity."""
+    boosters = [_booster(train.features, a, names, {}, rounds) for a in arms]
+
+    def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(np.asarray(b.inplace_predict(x), np.float64) for b in boosters)  # type: ignore[return-value]
+
+    return predict
+
+
 def learners(train: UpliftRows, names: tuple[str, ...]) -> dict[str, Predict]:
     shallow = {"max_depth": 3, "min_child_weight": 50}
     return {
@@ -132,7 +144,14 @@ def one_seed(seed: int, customers: int, days: int, out: str) -> dict[str, Any]:
     results: dict[str, Any] = {
         "truth": {"sent": sent, "true_incremental": value(true_policy.action)}
     }
-    for name, predict in learners(train, spec.names).items():
+    f = {n: train.features[:, i].astype(np.float64) for i, n in enumerate(spec.names)}
+    train_arms = truth_sim.arms(
+        truth_sim.index_of(train.customer_key), train.offer, f["days_left"], f["km_from_home"],
+        f["cart_items"], f["contacts_7d"],
+    )  # fmt: skip
+    found = learners(train, spec.names)
+    found["observable ceiling"] = observable_ceiling(train, train_arms, list(spec.names))
+    for name, predict in found.items():
         policy = greedy_policy(log, predict, spec, catalog)
         chosen = log.pair_offer == policy.action[r]
         expected = float((policy.q_pair - policy.q0[r])[chosen].sum())

@@ -25,6 +25,10 @@ the logged probabilities are right, and a better q makes it less noisy.
 candidate's): their difference is 0 on every decision where both choose the same, so the
 interval is that of the gain alone. It also reports each policy's value against never
 contacting anyone (the NO_ACTION policy), per decision: its estimated incremental value.
+
+``screen_offers`` asks the same of each offer alone, on the training period with out-of-fold
+predictions: does sending it where the model would send it earn more than sending nothing?
+An offer that does not, confidently, is not sent by the model.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from engine.decision.catalog import NO_ACTION, Catalog
 from engine.decision.features import FeatureSpec, build_features
 from models.offpolicy import NAN, Estimate
 from models.training import context_of
+from models.uplift import Lines, calibrate
 
 #: feature rows -> (P(convert | offer), P(convert | no action), P(opt-out | contact)); a
 #: response model answers NaN for the last two (then its policy is the response objective's)
@@ -158,15 +163,20 @@ class Policy:
     q_pair: np.ndarray
 
 
+def pair_features(log: IncrementalLog, spec: FeatureSpec) -> np.ndarray:
+    """The feature rows of ``log``'s (decision, answering offer) pairs, in their order."""
+    r = log.pair_row
+    return build_features(
+        {k: v[r] for k, v in log.context.items()}, log.rule_ids[r], log.pair_offer, spec
+    )
+
+
 def greedy_policy(
     log: IncrementalLog, predict: UpliftPredict, spec: FeatureSpec, catalog: Catalog
 ) -> Policy:
     """The engine's choice under ``predict`` on every decision of ``log``; see the module."""
     r = log.pair_row
-    x = build_features(
-        {k: v[r] for k, v in log.context.items()}, log.rule_ids[r], log.pair_offer, spec
-    )
-    p1, p0, p_out = predict(x) if r.size else (np.zeros(0),) * 3
+    p1, p0, p_out = predict(pair_features(log, spec)) if r.size else (np.zeros(0),) * 3
     index = {o: i for i, o in enumerate(catalog.offer_ids)}
     which = np.array([index[o] for o in log.pair_offer.tolist()], dtype=np.int64)
     one_hot = np.eye(len(catalog.offer_ids))[which] if r.size else np.zeros((0, 1))
@@ -269,3 +279,60 @@ def incremental_gain(
     return GateReport(
         log.n, one_sided(terms - none), one_sided(base - none), one_sided(terms - base), changed
     )
+
+
+def screen_offers(
+    log: IncrementalLog,
+    raw: tuple[np.ndarray, np.ndarray, np.ndarray],
+    lines: Lines,
+    spec: FeatureSpec,
+    catalog: Catalog,
+    z: float = 0.0,
+) -> tuple[Lines, dict[str, Estimate], set[str]]:
+    """Which offers the model may send: those whose place in its greedy policy earns more, on
+    the randomized log, than the policy without them.
+
+    ``raw``: out-of-fold, uncalibrated probabilities of ``log``'s pairs (``TLearner.
+    out_of_fold``: no customer is judged by a model that saw it), calibrated here with
+    ``lines``. For each offer the policy sends, the paired DR gain per decision of the policy
+    over the same policy without that offer (which sends the next best offer, or nothing,
+    where it sent this one). The offer whose gain is lowest, if not above ``z`` one-sided
+    standard errors (0: its estimate; 1.645: a one-sided 95 % bound), gets the calibration
+    line (0, 0): no uplift, so the objective never prefers it to NO_ACTION (exploration still
+    draws it, so later rounds can bring it back). Then the others are judged again without
+    it, until none is dropped. Returns the lines, each judged offer's estimate (a dropped
+    offer's from the pass that dropped it) and the dropped offers.
+
+    Why: the calibration lines pull an offer's uplift back to what the log supports on
+    average, but a policy sends where the model's uplift is highest, and an offer with
+    little real effect can still look best at the top of its ranking (the winner's curse at
+    the level of an offer), taking decisions from better offers or from doing nothing. This
+    asks the log whether those sends paid more than the alternative. ``z`` 0 keeps an offer
+    whenever its estimated gain is positive: the choice that maximizes the expected value
+    with a flat prior, where a confident bound would drop offers that earn."""
+    lines = dict(lines)
+    x = pair_features(log, spec)
+    p1_raw, p0, p_out = raw
+
+    def policy(with_lines: Lines) -> Policy:
+        def predict(_: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return calibrate(p1_raw, p0, x, spec.names, with_lines), p0, p_out
+
+        return greedy_policy(log, predict, spec, catalog)
+
+    judged: dict[str, Estimate] = {}
+    dropped: set[str] = set()
+    while True:
+        q = policy(lines)
+        terms = dr_terms(log, q.action, q)
+        scores: dict[str, float] = {}
+        for offer in sorted(set(q.action.tolist()) - {NO_ACTION} - dropped):
+            without = policy({**lines, offer: (0.0, 0.0)}).action
+            estimate = one_sided(terms - dr_terms(log, without, q))
+            judged[offer] = estimate
+            scores[offer] = estimate.value - z * (estimate.value - estimate.low) / _Z_ONE_SIDED
+        worst = min(scores, key=lambda o: (scores[o], o), default=None)
+        if worst is None or scores[worst] > 0:
+            return lines, judged, dropped
+        lines[worst] = (0.0, 0.0)
+        dropped.add(worst)

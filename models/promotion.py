@@ -9,7 +9,9 @@ Two kinds of round:
 * ``uplift_round`` (an uplift model, ``models.uplift.TLearner``): the same, on incremental
   value (``models.incremental``): the DR gain of its policy over the champion's in what the
   customers did beyond what they would have done anyway, with a one-sided 95 % bound, so a
-  model no better than the champion is promoted in at most 5 % of rounds.
+  model no better than the champion is promoted in at most 5 % of rounds. Before the gate,
+  each offer the model would send must show a positive incremental value of its own on the
+  training period (``screen_offers``), or the model does not send it.
 
 Refused candidates stay in the registry with status ``refused`` and the numbers that refused
 them.
@@ -28,7 +30,7 @@ from engine.decision.catalog import Catalog
 from engine.decision.features import FeatureSpec, feature_spec
 from engine.governance.pseudonym import Pseudonymizer
 from models.attribution import attribute
-from models.incremental import incremental_gain, incremental_log
+from models.incremental import incremental_gain, incremental_log, pair_features, screen_offers
 from models.offpolicy import (
     Predict,
     dr_terms,
@@ -182,7 +184,10 @@ def uplift_round(
 
     ``events``: every event that may convert or opt out (the engine's outcome log, or a
     simulator's events), by identifier (pseudonymized with ``pseudonymizer``) or key.
-    ``calibrate``: recalibrate the model's uplift per offer (``models.uplift``)."""
+    ``calibrate``: recalibrate the model's uplift per offer (``models.uplift``), then screen
+    the offers (``models.incremental.screen_offers``): on the training period, out of fold,
+    an offer the model's policy would send without a confidently positive incremental value
+    is scored at no uplift, so the model does not send it."""
     spec: FeatureSpec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
     pairs = attribute(decisions, events, catalog, cutoff_ms, pseudonymizer)
     data = uplift_rows(decisions, pairs, spec)
@@ -194,11 +199,22 @@ def uplift_round(
     arms = {"treated": int(train.treated.sum()), "untreated": int((~train.treated).sum())}
     if min(arms.values()) < min_rows:
         return TrainResult(None, False, f"not enough rows of both arms yet ({arms})", {})
+    rng = np.random.default_rng(seed)
     if shuffle_labels:  # a deliberately useless model, for testing the gate
-        rng = np.random.default_rng(seed)
         train = replace(train, converted=rng.permutation(train.converted),
                         opted_out=rng.permutation(train.opted_out))  # fmt: skip
     model = fit_t_learner(train, spec.names, rounds=rounds, seed=seed, calibrate=calibrate)
+    log = incremental_log(decisions, pairs, catalog)
+    ts = decisions.column("ts").cast(pa.int64()).to_numpy()
+    screened: dict[str, Any] = {}
+    if model.folds:  # which offers the training period shows worth sending (out of fold)
+        seen = log.take(np.flatnonzero(ts[log.decision] < boundary))
+        if shuffle_labels:  # the screen learns from outcomes too: useless ones here
+            seen = replace(seen, reward=rng.permutation(seen.reward))
+        keys = decisions.column("customer_key").to_numpy()[seen.decision[seen.pair_row]]
+        raw = model.out_of_fold(pair_features(seen, spec), keys)
+        model.lines, judged, dropped = screen_offers(seen, raw, model.lines, spec, catalog)
+        screened = {o: {**e.as_dict(), "kept": o not in dropped} for o, e in judged.items()}
     p1, p0, p_out = model.predict(test.features)
     t = test.treated
     experiment = randomized(test)
@@ -206,6 +222,7 @@ def uplift_round(
         "kind": "uplift",
         "train_rows": arms,
         "calibration_lines": {k: list(v) for k, v in model.lines.items()},
+        "screened_offers": screened,
         "cutoff_ms": int(cutoff_ms),
         "shuffled_labels": shuffle_labels,
         "holdout": {
@@ -219,8 +236,6 @@ def uplift_round(
         },
     }
     # the gate: every usable decision of the holdout period
-    log = incremental_log(decisions, pairs, catalog)
-    ts = decisions.column("ts").cast(pa.int64()).to_numpy()
     log = log.take(np.flatnonzero(ts[log.decision] >= boundary))
     champion_version = registry.champion()
     champion = None

@@ -439,6 +439,7 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
 
     reason = np.asarray(table.column("reason").to_numpy(zero_copy_only=False), dtype=object)
     held = (reason == "no_action_arm") & after
+    explored = np.asarray(table.column("explored").to_numpy(zero_copy_only=False), bool)
     rule = np.asarray(table.column("rule_id").to_numpy(zero_copy_only=False), dtype=object)
     by_trigger = {str(t): totals(rule == t) for t in sorted(set(rule[after].tolist()))}
     return {
@@ -463,6 +464,9 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
             "control": nc,
         },
         "by_trigger": by_trigger,
+        # what exploration cost: offers drawn at random, against the policy's own choices
+        "explored": totals(explored & ~held),
+        "chosen": totals(~explored),
         # the randomized no-action arm and what the policy expected to earn on those decisions
         "no_action_arm": {
             "decisions": int(held.sum()),

@@ -118,6 +118,9 @@ class TLearner:
     opt_out: xgb.Booster
     names: tuple[str, ...] = ()
     lines: Lines = field(default_factory=dict)
+    #: with calibration, the fold models: ``folds[k]`` was trained without the customers of
+    #: fold k (``fold_of``), so it predicts them out of fold
+    folds: list[TLearner] = field(default_factory=list)
 
     def raw(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(  # type: ignore[return-value]
@@ -132,6 +135,28 @@ class TLearner:
     def uplift(self, x: np.ndarray) -> np.ndarray:
         p1, p0, _ = self.predict(x)
         return p1 - p0
+
+    def out_of_fold(
+        self, x: np.ndarray, customer_keys: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Uncalibrated probabilities of rows of the training customers, each from the fold
+        model that did not see its customer (requires ``folds``)."""
+        if not self.folds:
+            raise ValueError("no fold models: fit with calibrate=True")
+        fold = fold_of(customer_keys)
+        out = tuple(np.zeros(fold.size) for _ in range(3))
+        for k, part in enumerate(self.folds):
+            inside = fold == k
+            if inside.any():
+                for column, p in zip(out, part.raw(x[inside]), strict=True):
+                    column[inside] = p
+        return out  # type: ignore[return-value]
+
+
+def fold_of(customer_keys: np.ndarray) -> np.ndarray:
+    """Each customer's calibration fold."""
+    keys = np.asarray(customer_keys, dtype=np.uint64)
+    return (keys % np.uint64(CALIBRATION_FOLDS)).astype(np.int64)
 
 
 def _fit_three(
@@ -186,18 +211,20 @@ def fit_t_learner(
     ``calibrate``, ``CALIBRATION_FOLDS`` more T-learners, each trained without one fold of
     customers, predict that fold, and ``calibration_lines`` of those out-of-fold predictions
     recalibrate the model trained on all rows (lines fitted on models trained on less data:
-    if anything, they pull its uplift back further than it needs)."""
+    if anything, they pull its uplift back further than it needs). The fold models stay on
+    the model (``folds``, not registered) for ``models.incremental.screen_offers``."""
     model = _fit_three(data, names, rounds, seed, params)
     if not calibrate:
         return model
-    fold = (data.customer_key % np.uint64(CALIBRATION_FOLDS)).astype(np.int64)
-    p1, p0 = np.zeros(fold.size), np.zeros(fold.size)
-    for k in range(CALIBRATION_FOLDS):
-        inside = fold == k
-        if inside.all() or not inside.any():
-            return model
-        part = _fit_three(data.take(np.flatnonzero(~inside)), names, rounds, seed, params)
-        p1[inside], p0[inside], _ = part.raw(data.features[inside])
+    fold = fold_of(data.customer_key)
+    if np.unique(fold).size < CALIBRATION_FOLDS:
+        return model
+    folds = [
+        _fit_three(data.take(np.flatnonzero(fold != k)), names, rounds, seed, params)
+        for k in range(CALIBRATION_FOLDS)
+    ]
+    model.folds = folds
+    p1, p0, _ = model.out_of_fold(data.features, data.customer_key)
     model.lines = calibration_lines(data, p1 - p0, p1, p0)
     return model
 

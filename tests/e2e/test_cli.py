@@ -126,6 +126,14 @@ def test_simulate_json_reports_every_policy_and_writes_the_chart(tmp_path) -> No
         assert sum(m["net_value"] for m in moments) == pytest.approx(r["net_value"])
         incremental = sum(m["incremental_net_value"] for m in moments)
         assert incremental == pytest.approx(r["incremental_net_value"])
+        # exploration's share and the policy's own choices add up to the whole too
+        parts = (r["explored"], r["chosen"])
+        for measure in ("offers_sent", "accepted", "opt_outs"):
+            assert sum(p[measure] for p in parts) == r[measure], (policy, measure)
+        split = sum(p["incremental_net_value"] for p in parts)
+        assert split == pytest.approx(r["incremental_net_value"])
+        explores = policy in ("kairos", "ceiling", "kairos-uplift")  # the others: none
+        assert (r["explored"]["offers_sent"] > 0) == explores, policy
     assert set(report["blanket"]["offers_by_action"]) <= {"plan_upgrade"}
     assert set(report["blanket"]["by_trigger"]) == {"data_cap_nearing"}
     assert len(report["kairos"]["by_trigger"]) == 4

@@ -18,7 +18,10 @@ from models.incremental import (
     greedy_policy,
     incremental_gain,
     incremental_log,
+    pair_features,
+    screen_offers,
 )
+from models.uplift import calibrate
 from tests.pure import QUICK
 
 CATALOG = parse_catalog_text("""
@@ -243,3 +246,34 @@ def test_incremental_log_rewards_by_hand() -> None:
     assert log.reward.tolist() == [10 + 8 - 0.5, 12 - 100]  # the profile's customer value
     assert log.pair_available.tolist() == [True, True, True, False]
     assert log.propensity.tolist() == [0.8, 0.1]
+
+
+def test_the_screen_drops_an_offer_whose_sends_lose_and_keeps_one_that_earns() -> None:
+    """A model right about a but overstating b's uplift by 0.3 sends b where a would earn more
+    (b's sends alone still earn a little against sending nothing): the screen, judging each
+    offer's place in the policy on the randomized log, scores b at no uplift, which gives back
+    most of the value the overstated b cost; the truth's model keeps both offers."""
+    is_b = SPEC.names.index("offer=b")
+
+    def overstated(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p1, p0, out = truth(x)
+        return np.clip(p1 + 0.3 * (x[:, is_b] == 1), 0, 1), p0, out
+
+    for seed in range(5):
+        log = logged(20_000, blend(0.5), seed)
+        x = pair_features(log, SPEC)
+        lines, judged, dropped = screen_offers(log, overstated(x), {"a": (0.0, 1.0)}, SPEC,
+                                               CATALOG)  # fmt: skip
+        assert lines == {"a": (0.0, 1.0), "b": (0.0, 0.0)} and dropped == {"b"}, (seed, judged)
+        assert judged["a"].low > 0 and judged["b"].low <= 0
+
+        def screened(x: np.ndarray, lines: dict = lines) -> tuple[np.ndarray, ...]:
+            p1, p0, out = overstated(x)
+            return calibrate(p1, p0, x, SPEC.names, lines), p0, out
+
+        before = true_incremental(log, greedy_policy(log, overstated, SPEC, CATALOG).action)
+        after = true_incremental(log, greedy_policy(log, screened, SPEC, CATALOG).action)
+        assert after > 4 * before > 0, (before, after)
+        assert (greedy_policy(log, screened, SPEC, CATALOG).action != "b").all()
+        lines, judged, dropped = screen_offers(log, truth(x), {}, SPEC, CATALOG)
+        assert lines == {} and not dropped and set(judged) == {"a", "b"}, judged

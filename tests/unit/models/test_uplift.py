@@ -194,7 +194,8 @@ def test_an_uplift_round_registers_three_boosters_that_the_ranker_serves(
                          (served.opt_out, result.artifact.opt_out)):  # fmt: skip
         assert got is not None and booster is not None
         np.testing.assert_allclose(got, np.clip(booster.inplace_predict(x), 0, 1), rtol=1e-5)
-    # a candidate trained on shuffled labels is refused against that champion
+    # a candidate trained on shuffled labels is refused against that champion, with its
+    # offers screened (the default) or not (its policy then sends at random)
     bad = uplift_round(decisions, events, sim.catalog, registry, sim.t0 + 21 * 86_400_000, key,
                        shuffle_labels=True, seed=1)  # fmt: skip
     assert bad.artifact is not None and not bad.promoted, bad.reason
@@ -202,3 +203,7 @@ def test_an_uplift_round_registers_three_boosters_that_the_ranker_serves(
     assert registry.load(bad.artifact.version).status == "refused"
     assert f"champion {loaded.version}" in bad.reason
     assert bad.metrics["holdout"]["qini"]["qini"] < result.metrics["holdout"]["qini"]["qini"]
+    unscreened = uplift_round(decisions, events, sim.catalog, registry,
+                              sim.t0 + 21 * 86_400_000, key, shuffle_labels=True, seed=1,
+                              calibrate=False)  # fmt: skip
+    assert not unscreened.promoted and not unscreened.metrics["screened_offers"]
