@@ -26,10 +26,31 @@ def start_ranker(
     """Deploy the ranker application serving ``version`` (default: the registry's champion,
     bootstrapped from ``rules`` and ``catalog`` when there is none); returns the version.
     A running ranker with the same configuration is left alone."""
+    from models.deployment import apply_apps
+
+    version, entry = ranker_entry(
+        registry_uri, rules, catalog, version=version, replicas=replicas, num_cpus=num_cpus
+    )
+    apply_apps([entry])
+    return version
+
+
+def ranker_entry(
+    registry_uri: str,
+    rules: RuleSet | None = None,
+    catalog: Catalog | None = None,
+    *,
+    version: str | None = None,
+    replicas: int = 1,
+    num_cpus: float = 0.25,
+) -> tuple[str, dict[str, Any]]:
+    """The version ``start_ranker`` would serve and the ranker's Serve config entry, without
+    deploying it: ``kairos serve`` applies it together with the API application, so the
+    ranker builds and starts beside the API replicas instead of after the gateway asks."""
     from engine.decision.features import feature_spec
     from engine.errors import ConfigError
     from models.bootstrap import ensure_champion
-    from models.deployment import deploy_ranker
+    from models.deployment import ranker_app_config
     from models.ranker import RankerConfig
     from models.registry import ModelRegistry
 
@@ -42,8 +63,8 @@ def start_ranker(
         names = feature_spec(catalog.trigger_ids, catalog.offer_ids).names
         if registry.load(version).feature_names != tuple(names):
             raise ConfigError(f"model {version} was trained for another catalog's features")
-    deploy_ranker(RankerConfig(registry=registry.uri, champion=version), replicas, num_cpus)
-    return version
+    config = RankerConfig(registry=registry.uri, champion=version)
+    return version, ranker_app_config(config, replicas, num_cpus)
 
 
 def make_retrainer(registry_uri: str, every: int, supervisor: Any, catalog: Catalog) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field
@@ -151,6 +151,20 @@ class ServiceConfig(BaseModel):
         """The gateway's way to start the ranker: the registry under ``data_dir``."""
         return functools.partial(start_ranker, self.registry_uri, num_cpus=self.ranker_cpus)
 
+    def ranker_entries(self) -> list[dict[str, Any]]:
+        """The ranker's Serve config entry serving the registry's champion (none without
+        offers), to deploy with the API: the gateway's ``ranker_starter`` then finds it
+        running (or swaps in the model its checkpoint names, in place)."""
+        if self.offers is None:
+            return []
+        from deploy.ranker import ranker_entry
+        from engine.decision.catalog import load_catalog
+        from engine.rules.spec import load_rules
+
+        rules, catalog = load_rules(self.rules), load_catalog(self.offers)
+        _, entry = ranker_entry(self.registry_uri, rules, catalog, num_cpus=self.ranker_cpus)
+        return [entry]
+
     def retrainer_maker(self) -> MakeRetrainer | None:
         """The gateway's way to make its retrainer (None: retraining is off)."""
         if not self.retrain_every:
@@ -277,7 +291,7 @@ def _serve(
         init_ray(address=address, dashboard=dashboard, metrics_export_port=metrics_port)
         ray_serve.start(http_options={"host": host, "port": port})
     with console.status("deploying Kairos (shards, gateway, ranker, API)..."):
-        apply_apps([api_app_config(config, replicas=replicas)])
+        apply_apps([*config.ranker_entries(), api_app_config(config, replicas=replicas)])
     url = f"http://{host}:{port}"
     console.print(f"[bold green]Kairos is serving[/] at {url}  (API docs: {url}/docs)")
     console.print(

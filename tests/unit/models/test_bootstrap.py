@@ -45,3 +45,25 @@ def test_other_offers_or_settings_do_not_get_the_shipped_model() -> None:
     assert bootstrap_key(rules, fewer, 3_000, 16, 5) != shipped
     assert bootstrap_key(rules, catalog, 3_000, 16, 6) != shipped
     assert not (SHIPPED / f"{bootstrap_key(rules, fewer, 3_000, 16, 5)}.json").exists()
+
+
+def test_serve_applies_the_ranker_entry_the_gateway_asks_for_next(tmp_path) -> None:
+    """`kairos serve` applies the ranker's entry together with the API's, so the ranker builds
+    and starts beside the API replicas; the gateway's starter then computes the same entry
+    (the same champion, replicas and CPUs), which Serve leaves as it is."""
+    from deploy.ranker import ranker_entry
+    from deploy.service import ServiceConfig
+
+    config = ServiceConfig(data_dir=str(tmp_path))
+    [entry] = config.ranker_entries()
+    champion = ModelRegistry(config.registry_uri).champion()
+    assert champion and entry["deployments"][0]["user_config"]["champion"] == champion
+    assert entry["deployments"][0]["ray_actor_options"] == {"num_cpus": config.ranker_cpus}
+    rules, catalog = load_rules(config.rules), load_catalog(str(config.offers))
+    starter = config.ranker_starter()  # what the gateway calls: start_ranker(registry, ...)
+    assert starter.args == (config.registry_uri,) and starter.keywords == {
+        "num_cpus": config.ranker_cpus
+    }
+    version, again = ranker_entry(*starter.args, rules, catalog, **starter.keywords)
+    assert (version, again) == (champion, entry)
+    assert ServiceConfig(data_dir=str(tmp_path), offers=None).ranker_entries() == []
