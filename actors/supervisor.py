@@ -146,12 +146,16 @@ class Supervisor:
         keep_checkpoints: int = 3,
         spares: int = 2,
         reference: ReferenceData = EMPTY,
+        spares_after_start: bool = False,
     ) -> None:
         """``catalog`` and ``scorer`` (e.g. a ServeScorer) switch decisions on; they are
         logged under ``decision_uri`` by day, and offer responses under ``response_uri``.
         ``idle_release_ms``: a live service releases the watermark when input goes quiet.
         ``checkpoint_root``: where checkpoints go (a folder or an object-store URI).
-        ``reference``: the reference tables rules read (``set_reference`` replaces one)."""
+        ``reference``: the reference tables rules read (``set_reference`` replaces one).
+        ``spares_after_start``: start the spare shards once the shards have started and loaded
+        (``recover``'s first wait), not beside them: on a small machine the spares' start-up
+        competes with the shards' for the cores, and a service is ready sooner without it."""
         self.checkpoint_root = checkpoint_root
         self.keep_checkpoints = keep_checkpoints
         self.settings = settings
@@ -175,7 +179,11 @@ class Supervisor:
         #: standby: starting an actor takes 2-4 s here, a swap milliseconds). Two, so a second
         #: loss soon after the first does not wait for the replacement spare to start.
         self.spares_wanted = spares if checkpoint_root is not None else 0
-        self.spares = [self._new_shard(0, spare=True) for _ in range(self.spares_wanted)]
+        self._spares_after_start = spares_after_start
+        self.spares = [
+            self._new_shard(0, spare=True)
+            for _ in range(0 if spares_after_start else self.spares_wanted)
+        ]
         #: bumped whenever a shard actor is replaced (API replicas re-read the routing)
         self.generation = 0
         self.decision_sink = None
@@ -277,8 +285,7 @@ class Supervisor:
             except (*_LOST, ray.exceptions.GetTimeoutError):
                 ray.kill(spare)
                 log.warning("a spare shard was lost; starting another")
-        while len(self.spares) < self.spares_wanted:
-            self.spares.append(self._new_shard(0, spare=True))
+        self._refill_spares()
 
     def connect_scorers(self) -> list[str]:
         """Have every shard connect to the ranker (call once it is deployed); the problems."""
@@ -568,6 +575,7 @@ class Supervisor:
         if not self._started_once:  # the first step loads nothing (spares load meanwhile)
             self._call_all(lambda: [s.loaded.remote() for s in self.shards], timeout_s)
         self._started_once = True
+        self._refill_spares()
 
     _started_once = False
 
@@ -591,8 +599,13 @@ class Supervisor:
             self.shards[i] = spare if spare is not None else self._new_shard(i)
             self.generation += 1
             log.warning("shard %d was lost; %s took over", i, "a spare" if spare else "a new actor")
+        if self._started_once or not self._spares_after_start:
+            self._refill_spares()
+
+    def _refill_spares(self) -> None:
+        """Start spare shards up to ``spares_wanted``; they start in the background."""
         while len(self.spares) < self.spares_wanted:
-            self.spares.append(self._new_shard(0, spare=True))  # starts in the background
+            self.spares.append(self._new_shard(0, spare=True))
 
     @staticmethod
     def _call_all(calls: Callable[[], list[Any]], timeout_s: float) -> list[Any]:

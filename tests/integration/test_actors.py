@@ -281,17 +281,22 @@ def test_reference_tables_set_at_run_time_are_checkpointed_and_restored_on_any_s
             fresh.shutdown()
 
 
+@pytest.mark.parametrize("after_start", [False, True])
 def test_shard_actors_start_with_the_allocator_settings_and_spares_load_their_code_first(
-    ray_cluster, rules, tmp_path
+    ray_cluster, rules, tmp_path, after_start
 ) -> None:
     """No ``runtime_env`` (its setup costs a new actor 1-1.5 s): a shard's process still runs
     with Arrow's mimalloc purge delay in its environment before pyarrow loaded; at the first
     start every shard has its pattern loop and store search loaded before the engine answers,
-    and the spares load theirs in the background."""
+    and the spares load theirs in the background: started with the shards, or (the service's
+    way) once the shards have started and loaded."""
     sup = Supervisor(EngineSettings(shards=2), rules, shard_cpus=0.25, namespace_prefix="it-env",
-                     checkpoint_root=str(tmp_path / "chk"), reference=SHIPPED)  # fmt: skip
+                     checkpoint_root=str(tmp_path / "chk"), reference=SHIPPED,
+                     spares_after_start=after_start)  # fmt: skip
     try:
+        assert len(sup.spares) == (0 if after_start else 2)
         sup.recover()
+        assert len(sup.spares) == 2
         assert ray.get([a.loaded.remote(0.0) for a in sup.shards]) == [True] * 2  # done, not begun
         everyone = [*sup.shards, *sup.spares]
         assert ray.get([a.loaded.remote(10.0) for a in sup.spares]) == [True] * 2
