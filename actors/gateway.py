@@ -433,8 +433,12 @@ class GatewayActor:
 
     def save(self) -> None:
         """Called while Serve stops: take a checkpoint if the engine is free within a second
-        (it commits the logs); without a log, write what the sinks hold."""
-        if not self.lock.acquire(timeout=1.0):
+        (it commits the logs); without a log, write what the sinks hold. Nothing after
+        ``shutdown``: it took the last checkpoint and stopped the engine's actors."""
+        if self._stop.is_set() or not self.lock.acquire(timeout=1.0):
+            return
+        if self._stop.is_set():  # shut down while this waited for the lock
+            self.lock.release()
             return
         try:
             if self.pipeline is not None:

@@ -65,6 +65,12 @@ def _undeploy(config: Any, broker: Any) -> None:
     serve.delete(API_APP)
     gateway = ray.get_actor(config.gateway_name, namespace=config.namespace)
     ray.get(gateway.shutdown.remote())
+    # an API replica Serve stops after the shutdown (`kairos serve`'s Ctrl-C) asks the gateway
+    # to save: the last checkpoint is taken, so it answers at once (it used to wait on the
+    # stopped shards until the replica gave up after 10 s)
+    started = time.monotonic()
+    ray.get(gateway.save.remote(), timeout=10)
+    assert time.monotonic() - started < 2.0
     ray.kill(gateway, no_restart=True)
     broker.stop()
 
