@@ -300,9 +300,10 @@ def screen_offers(
     standard errors (0: its estimate; 1.645: a one-sided 95 % bound), gets the calibration
     line (0, 0): no uplift, so the objective never prefers it to NO_ACTION (exploration still
     draws it, so later rounds can bring it back) unless the offer's value is above its list
-    value (then converting with it still earns the difference, and it may be sent for that). Then the others are judged again without
-    it, until none is dropped. Returns the lines, each judged offer's estimate (a dropped
-    offer's from the pass that dropped it) and the dropped offers.
+    value (then converting with it still earns the difference, and it may be sent for that).
+    Then the others are judged again without it, until none is dropped. Returns the lines,
+    each judged offer's estimate (a dropped offer's from the pass that dropped it) and the
+    dropped offers.
 
     Why: the calibration lines pull an offer's uplift back to what the log supports on
     average, but a policy sends where the model's uplift is highest, and an offer with
