@@ -10,8 +10,8 @@ Two kinds of round:
   value (``models.incremental``): the DR gain of its policy over the champion's in what the
   customers did beyond what they would have done anyway, with a one-sided 95 % bound, so a
   model no better than the champion is promoted in at most 5 % of rounds. Before the gate,
-  each offer the model would send must show a positive incremental value of its own on the
-  training period (``screen_offers``), or the model does not send it.
+  each offer's place in the model's policy must earn more, on the training period, than the
+  same policy without it (``screen_offers``), or the model does not send it.
 
 Refused candidates stay in the registry with status ``refused`` and the numbers that refused
 them.
@@ -186,8 +186,8 @@ def uplift_round(
     simulator's events), by identifier (pseudonymized with ``pseudonymizer``) or key.
     ``calibrate``: recalibrate the model's uplift per offer (``models.uplift``), then screen
     the offers (``models.incremental.screen_offers``): on the training period, out of fold,
-    an offer the model's policy would send without a confidently positive incremental value
-    is scored at no uplift, so the model does not send it."""
+    an offer whose place in the model's policy is not estimated to earn more than the same
+    policy without it is scored at no uplift, so the model does not send it."""
     spec: FeatureSpec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
     pairs = attribute(decisions, events, catalog, cutoff_ms, pseudonymizer)
     data = uplift_rows(decisions, pairs, spec)
