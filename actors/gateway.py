@@ -116,7 +116,7 @@ class GatewayActor:
             idle_release_ms=config.idle_release_ms,
             checkpoint_root=config.checkpoint_uri or str(root / "checkpoints"),
             reference=reference,
-            spares_after_start=True,  # ready sooner: the spares start once the shards have
+            spares_after_start=True,  # ready sooner: spares start once the shards are up
         )
         self.lock = threading.RLock()
         #: whether events made before now may still come from API replicas (Ray restarted

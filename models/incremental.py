@@ -26,9 +26,10 @@ candidate's): their difference is 0 on every decision where both choose the same
 interval is that of the gain alone. It also reports each policy's value against never
 contacting anyone (the NO_ACTION policy), per decision: its estimated incremental value.
 
-``screen_offers`` asks the same of each offer alone, on the training period with out-of-fold
-predictions: does sending it where the model would send it earn more than sending nothing?
-An offer that does not, confidently, is not sent by the model.
+``screen_offers`` asks it of each offer's place in the model's policy, on the training period
+with out-of-fold predictions: does the policy earn more with the offer than the same policy
+without it (which sends the next best offer, or nothing, there)? An offer that is not
+estimated to is not sent by the model.
 """
 
 from __future__ import annotations
@@ -172,11 +173,19 @@ def pair_features(log: IncrementalLog, spec: FeatureSpec) -> np.ndarray:
 
 
 def greedy_policy(
-    log: IncrementalLog, predict: UpliftPredict, spec: FeatureSpec, catalog: Catalog
+    log: IncrementalLog,
+    predict: UpliftPredict,
+    spec: FeatureSpec,
+    catalog: Catalog,
+    features: np.ndarray | None = None,
 ) -> Policy:
-    """The engine's choice under ``predict`` on every decision of ``log``; see the module."""
+    """The engine's choice under ``predict`` on every decision of ``log``; see the module.
+    ``features``: ``pair_features(log, spec)`` when the caller has them already."""
     r = log.pair_row
-    p1, p0, p_out = predict(pair_features(log, spec)) if r.size else (np.zeros(0),) * 3
+    if not r.size:
+        p1, p0, p_out = (np.zeros(0),) * 3
+    else:
+        p1, p0, p_out = predict(pair_features(log, spec) if features is None else features)
     index = {o: i for i, o in enumerate(catalog.offer_ids)}
     which = np.array([index[o] for o in log.pair_offer.tolist()], dtype=np.int64)
     one_hot = np.eye(len(catalog.offer_ids))[which] if r.size else np.zeros((0, 1))
@@ -317,10 +326,10 @@ def screen_offers(
     p1_raw, p0, p_out = raw
 
     def policy(with_lines: Lines) -> Policy:
-        def predict(_: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            return calibrate(p1_raw, p0, x, spec.names, with_lines), p0, p_out
+        def predict(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return calibrate(p1_raw, p0, rows, spec.names, with_lines), p0, p_out
 
-        return greedy_policy(log, predict, spec, catalog)
+        return greedy_policy(log, predict, spec, catalog, features=x)
 
     judged: dict[str, Estimate] = {}
     dropped: set[str] = set()
