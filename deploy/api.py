@@ -709,7 +709,7 @@ class KairosApi:
         if len(batch_id) > MAX_ID_CHARS:
             raise HTTPException(400, f"Idempotency-Key is over {MAX_ID_CHARS} characters")
         checked = validate(conform(batch), positions)
-        valid = checked.batch.filter(checked.keep)
+        valid = checked.valid()
         refused = sorted([*letters, *checked.dead_letters], key=lambda d: d.index)
         # the log holds customer keys, not identifiers (pseudonymized here, in parallel)
         events = keyed(valid, self.ingestor.pseudonymizer)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from itertools import chain, repeat
 from typing import Any
 
 import msgpack
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.errors import EventError, PayloadTooLargeError
 from engine.events.deadletter import DeadLetter, label, show_value
@@ -205,7 +207,99 @@ def rows_to_batch(rows: Sequence[Any]) -> tuple[pa.RecordBatch, list[int], list[
 
     Returns the batch, the input position of each of its rows, and a dead letter for each row
     that could not be coerced. Semantic checks (kinds, ranges) come after, in ``validate``.
+
+    A batch whose every row is already what the schema takes (integer ids and times, known
+    fields, values of the field's exact type within its limits) is converted a column at a
+    time (``_columns_of``); any other batch row by row (``_rows_to_batch``), which names each
+    bad row. Both give the same answer for every batch the first takes (a property test).
     """
+    batch = _columns_of(rows)
+    if batch is not None:
+        return batch, list(range(len(rows))), []
+    return _rows_to_batch(rows)
+
+
+#: the Python types a column takes as they are in the column fast path (``_columns_of``);
+#: anything else (an ISO time, a textual id, an integral float for an integer, a bool where a
+#: number goes) takes the row-by-row path, which coerces it or names it in a dead letter
+def _exact_types(typ: pa.DataType) -> frozenset[type]:
+    if pa.types.is_floating(typ):
+        return frozenset({float, int})  # an int beyond 64 bits: Arrow refuses, rows decide
+    if pa.types.is_integer(typ) or pa.types.is_timestamp(typ):
+        return frozenset({int})  # out of the type's range: Arrow refuses, rows decide
+    if pa.types.is_boolean(typ):
+        return frozenset({bool})
+    if pa.types.is_string(typ):
+        return frozenset({str})
+    return frozenset({list})  # a list of strings (``channels``)
+
+
+_TYPES = {f.name: _exact_types(f.type) for f in RAW_SCHEMA}
+_FIELD_NAMES = frozenset(RAW_SCHEMA.names)
+_HEADER_LIMITS = {"customer_id": MAX_ID_CHARS, "kind": MAX_ID_CHARS}
+_NONE = type(None)
+#: a row of known fields never has more than the schema's columns
+assert len(RAW_SCHEMA) <= MAX_FIELDS_PER_EVENT
+
+
+def _columns_of(rows: Sequence[Any]) -> pa.RecordBatch | None:
+    """The raw batch of ``rows``, built a column at a time, if every row is a plain map whose
+    values are all as the schema takes them; None when any is not (the caller then goes row by
+    row). Checks: only known field names; the header's fields present and of their exact type
+    (``_TYPES``: no bools for numbers, no integral floats for integers); Arrow's conversion
+    refusing out-of-range integers and lone surrogates; ids non-empty; texts and lists within
+    ``MAX_CHARS`` / ``MAX_ITEMS``."""
+    if not rows or set(map(type, rows)) != {dict}:
+        return None
+    names = set().union(*rows)
+    if not names <= _FIELD_NAMES:
+        return None
+    arrays = []
+    try:
+        for field in RAW_SCHEMA:
+            if field.name not in names:
+                if not field.nullable:
+                    return None
+                arrays.append(pa.nulls(len(rows), field.type))
+                continue
+            values = list(map(dict.get, rows, repeat(field.name)))
+            types = set(map(type, values))
+            if not field.nullable and _NONE in types:
+                return None
+            if not types - {_NONE} <= _TYPES[field.name]:
+                return None
+            if list in types:  # Arrow would take bytes, or a null, for a string item
+                items = chain.from_iterable(v for v in values if v is not None)
+                if not set(map(type, items)) <= {str}:
+                    return None
+            array = pa.array(values, type=field.type)
+            if not _within_limits(field.name, array):
+                return None
+            arrays.append(array)
+    except (pa.ArrowException, OverflowError, UnicodeEncodeError, TypeError, ValueError):
+        return None
+    return pa.RecordBatch.from_arrays(arrays, schema=RAW_SCHEMA)
+
+
+def _within_limits(name: str, array: pa.Array) -> bool:
+    """Whether every value of a column is within its field's limits (the ids non-empty)."""
+    if name in _HEADER_LIMITS:
+        lengths = pc.utf8_length(array)
+        return pc.min(lengths).as_py() >= 1 and pc.max(lengths).as_py() <= _HEADER_LIMITS[name]
+    if pa.types.is_list(array.type):
+        items = array.flatten()
+        most = MAX_ITEMS.get(name)
+        if most is not None and (pc.max(pc.list_value_length(array)).as_py() or 0) > most:
+            return False
+        array = items
+    limit = MAX_CHARS.get(name)
+    if limit is None or not pa.types.is_string(array.type) or len(array) == 0:
+        return True
+    return (pc.max(pc.utf8_length(array)).as_py() or 0) <= limit
+
+
+def _rows_to_batch(rows: Sequence[Any]) -> tuple[pa.RecordBatch, list[int], list[DeadLetter]]:
+    """``rows_to_batch`` a row at a time: each row coerced or made a dead letter."""
     good: list[dict[str, Any]] = []
     positions: list[int] = []
     letters: list[DeadLetter] = []
@@ -278,6 +372,8 @@ def _as_rows(obj: Any) -> list[Any]:
             f"{len(rows):,} events in one request: the limit is {MAX_EVENTS_PER_REQUEST:,} "
             "(max_events_per_request); send them in several requests"
         )
+    if _flat_maps(rows):
+        return rows
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise EventError(
@@ -291,6 +387,28 @@ def _as_rows(obj: Any) -> list[Any]:
                     "an event's values are numbers, strings, booleans or lists of them"
                 )
     return rows
+
+
+def _flat_maps(rows: list[Any]) -> bool:
+    """Whether every row is a plain map whose values are scalars or lists of scalars, judged
+    by their types all at once; False when not, or not sure (the caller then looks row by
+    row, and names the row)."""
+    if not set(map(type, rows)) <= {dict}:
+        return False
+    kinds = set(map(type, chain.from_iterable(map(_VALUES, rows))))
+    if not kinds & _CONTAINERS:
+        return True
+    if dict in kinds:
+        return False
+    values = chain.from_iterable(map(_VALUES, rows))
+    items = chain.from_iterable(v for v in values if type(v) in _SEQUENCES)
+    return not set(map(type, items)) & _CONTAINERS
+
+
+_VALUES: Callable[[Any], Iterable[Any]] = dict.values
+#: the types whose values may nest (msgpack and JSON give these; a subclass is checked row by row)
+_CONTAINERS = frozenset({dict, list, tuple})
+_SEQUENCES = (list, tuple)
 
 
 def _nested(value: Any) -> bool:

@@ -48,6 +48,19 @@ def test_json_nested_ten_thousand_deep_is_a_client_error() -> None:
         decode_msgpack(msgpack.packb([{"mb": 1}, [1]]))
 
 
+def test_a_nested_value_among_plain_events_is_found() -> None:
+    """The batch-at-once check of plain maps (``_as_rows``) finds one nested value among many
+    flat events, in a map or in a list, and lets lists of scalars through."""
+    flat = [one(mb=1.0), one(channels=["sms", "push"])] * 500
+    assert len(decode_msgpack(msgpack.packb(flat))) == 1_000
+    for nested in ({"x": 1}, ["sms", ["push"]], ["sms", {"x": 1}]):
+        body = msgpack.packb([*flat, one(channels=nested)])
+        with pytest.raises(EventError, match="event 1000 nests deeper"):
+            decode_msgpack(body)
+        with pytest.raises(EventError, match="event 1000 nests deeper"):
+            decode_json(json.dumps([*flat, one(channels=nested)]).encode())
+
+
 def test_more_events_than_the_limit_is_refused_before_any_is_read() -> None:
     body = msgpack.packb(list(range(1_000_000)))  # the 1 MB array of integers
     started = time.perf_counter()
