@@ -4,6 +4,7 @@ proxy on a local or a joined cluster. The HTTP API itself is ``deploy.api``."""
 from __future__ import annotations
 
 import functools
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -270,6 +271,18 @@ def serve(
             broker.stop()
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM (what systemd, Docker and Kubernetes send) stops the service as Ctrl-C does: a
+    last checkpoint, then Serve and Ray down. SIGINT too, even when the shell that started it
+    in the background left SIGINT ignored (Python keeps an inherited SIG_IGN)."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _serve(
     config: ServiceConfig,
     host: str,
@@ -289,6 +302,8 @@ def _serve(
 
     with console.status("starting Ray..."):
         init_ray(address=address, dashboard=dashboard, metrics_export_port=metrics_port)
+        if not detach:  # after ray.init, which sets a SIGTERM handler of its own
+            _stop_on_signals()
         ray_serve.start(http_options={"host": host, "port": port})
     with console.status("deploying Kairos (shards, gateway, ranker, API)..."):
         apply_apps([*config.ranker_entries(), api_app_config(config, replicas=replicas)])
@@ -303,7 +318,7 @@ def _serve(
         console.print(f"metrics: http://127.0.0.1:{metrics_port}/metrics (ray_kairos_*)")
     if detach:
         return
-    console.print("Ctrl-C stops it.")
+    console.print("Ctrl-C (or SIGTERM) stops it.")
     try:
         while True:
             time.sleep(3600)

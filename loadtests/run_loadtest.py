@@ -4,6 +4,7 @@ that every event the API accepted was applied, exactly once.
     python loadtests/run_loadtest.py                       # starts `kairos serve` itself
     python loadtests/run_loadtest.py --host http://HOST:8000   # an already running service
     python loadtests/run_loadtest.py --users 200 --only WebSession   # decide latency
+    python loadtests/run_loadtest.py --only DeviceUser -- --replicas 1   # `kairos serve` options
 
 Writes Locust's CSV and HTML report under --out and prints one JSON line: requests/s,
 p50/p95/p99 per request type, failures, and events accepted vs applied.
@@ -94,6 +95,9 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--decide-rps", type=float, default=1.0, help="per web session")
     p.add_argument("--out", type=Path, default=ROOT / "kairos-data" / "loadtest")
+    p.add_argument(
+        "serve_args", nargs="*", help="more `kairos serve` options, after -- (no --host)"
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     server = None
@@ -103,7 +107,7 @@ def main() -> int:
         log = open(args.out / "kairos-serve.log", "w")  # noqa: SIM115
         server = subprocess.Popen(
             [str(BIN / "kairos"), "serve", "--dev", "--port", str(args.port), "--no-dashboard",
-             "--data-dir", str(args.out / "service")],
+             "--data-dir", str(args.out / "service"), *args.serve_args],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             env=dict(os.environ),
         )  # fmt: skip

@@ -5,6 +5,7 @@ then the same with every insecure setting at once, which the doctor must name.""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,14 +46,25 @@ class Serve:
         raise AssertionError(f"not ready in 300 s: {self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        import signal
-
-        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        except ProcessLookupError:  # stopped already, and all of its tree
+            return
         try:
             self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+    def terminate(self) -> int | None:
+        """SIGTERM to ``kairos serve`` alone, as a process manager stops a service; its exit
+        code (None if it did not stop in 120 s: then its tree is killed)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return None
 
 
 def _grpc_status(port: int) -> str:
@@ -156,6 +168,9 @@ def test_kairos_doctor_names_each_insecure_setting(tmp_path) -> None:
         assert f"0.0.0.0:{serve.port}" in out, out[-3000:]  # Serve's proxy beyond loopback
         assert "public development key" in out, out[-3000:]
         assert "jobs API answered" in out, out[-3000:]
+        # SIGTERM, as systemd, Docker or Kubernetes stop it: a clean stop, as Ctrl-C
+        assert serve.terminate() == 0, serve.log.read_text()[-3000:]
+        assert "stopping: a last checkpoint" in serve.log.read_text()
     finally:
         serve.stop()
 
