@@ -101,7 +101,8 @@ class Router:
         self, batch: pa.RecordBatch | pa.Table, positions: np.ndarray | list[int] | None = None
     ) -> list[DeadLetter]:
         """Ingest one raw batch; sends every micro-batch that fills up. Returns dead letters."""
-        result = self.ingestor.ingest(batch, positions)
+        before = self.ingestor.watermark_ms  # what a call that leaves this batch's events
+        result = self.ingestor.ingest(batch, positions)  # for later carries (Send.behind)
         self._record_rejects(result.dead_letters)
         self.stats.ingested += result.accepted
         if self.response_sink is not None and result.accepted:
@@ -109,7 +110,7 @@ class Router:
             self.stats.responses += offer_responses(responses)
             if responses.num_rows:
                 self.response_sink.write(responses)
-        self._carry_out(self.batcher.add(result.parts))
+        self._carry_out(self.batcher.add(result.parts), before)
         self._harvest(block=False)
         return result.dead_letters
 
@@ -141,7 +142,9 @@ class Router:
         self._harvest(block=False)
 
     # -- shard calls --------------------------------------------------------------------------
-    def _carry_out(self, sends: list[Send]) -> None:
+    def _carry_out(self, sends: list[Send], before: int | None = None) -> None:
+        """Make the calls of ``sends``; a call ``behind`` the batch just added carries the
+        watermark from before it (``before``), every other the ingestor's current one."""
         for send in sends:
             queue = self._in_flight[send.shard]
             for _ in range(send.wait):  # backpressure: the batcher counted these finished
@@ -150,9 +153,10 @@ class Router:
             if send.final:  # end of stream: release everything still waiting for the watermark
                 triggers_ref, decisions_ref, stats_ref = shard.end_stream.remote()
             else:
-                triggers_ref, decisions_ref, stats_ref = shard.apply.remote(
-                    send.parts, self.ingestor.watermark_ms
-                )
+                watermark = self.ingestor.watermark_ms
+                if send.behind and before is not None:
+                    watermark = before
+                triggers_ref, decisions_ref, stats_ref = shard.apply.remote(send.parts, watermark)
             queue.append(_InFlight(stats_ref, triggers_ref, decisions_ref, send.opened))
 
     def _finish(self, shard: int, call: _InFlight) -> None:

@@ -37,6 +37,10 @@ class Send:
 
     Before the call, the router finishes (waits for) the shard's ``wait`` oldest calls.
     ``opened`` is when the micro-batch opened, on the batcher's clock (for its latency).
+    ``behind``: the call leaves events of the routed batch being added for a later call (it
+    was closed before that batch's part, or holds a piece of it but not the last), so it must
+    carry the watermark from before that batch, not after: with the later one the shard would
+    fire deadlines that events still on their way to it come before.
     """
 
     shard: int
@@ -44,6 +48,7 @@ class Send:
     opened: float
     wait: int = 0
     final: bool = False
+    behind: bool = False
 
     @property
     def rows(self) -> int:
@@ -201,15 +206,16 @@ class MicroBatcher:
             if not part.num_rows:
                 continue
             if self._open[shard].rows and self._open[shard].rows + part.num_rows > self.max_events:
-                sends.append(self._close(shard))  # close before it would overflow
-            for piece in pieces(part, self.max_events):
+                sends.append(self._close(shard, behind=True))  # close before it would overflow
+            cut = pieces(part, self.max_events)
+            for i, piece in enumerate(cut):
                 buf = self._open[shard]
                 if not buf.parts:
                     buf.opened = now
                 buf.parts.append(piece)
                 buf.rows += piece.num_rows
                 if buf.rows >= self.max_events:
-                    sends.append(self._close(shard))
+                    sends.append(self._close(shard, behind=i < len(cut) - 1))
         return sends
 
     def poll(self, source_idle: bool | None = None) -> Poll:
@@ -263,13 +269,13 @@ class MicroBatcher:
         self._idle_released = True
         return [*sends, *(self._close(shard, final=True) for shard in range(self.shards))]
 
-    def _close(self, shard: int, final: bool = False) -> Send:
+    def _close(self, shard: int, final: bool = False, behind: bool = False) -> Send:
         buf = self._open[shard]
         self._open[shard] = _Open()
         wait = max(0, self._in_flight[shard] - self.max_in_flight + 1)
         self._in_flight[shard] += 1 - wait
         opened = buf.opened if buf.parts else self.clock.monotonic()
-        return Send(shard, buf.parts, opened, wait, final)
+        return Send(shard, buf.parts, opened, wait, final, behind)
 
     # -- calls ---------------------------------------------------------------------------------
     def finished(self, shard: int) -> None:

@@ -76,6 +76,30 @@ def test_actors_give_the_same_triggers_as_the_local_engine_with_1_and_4_shards(
             sup.shutdown()
 
 
+def test_micro_batches_cut_from_a_routed_batch_carry_the_watermark_from_before_it(
+    ray_cluster, stream, rules, tmp_path
+) -> None:
+    """A routed batch larger than a micro-batch goes to a shard in several calls: all but the
+    last must carry the watermark from before the batch. With the watermark from after it,
+    the shard fired a cart's 30-minute deadline before the page views and checkouts of the
+    next piece that came before it (found as 9,416 against 9,425 carts in a 2M-event replay)."""
+    local = LocalEngine(EngineSettings(shards=1, allowed_lateness_s=10), rules, reference=SHIPPED)
+    local.submit(stream)
+    local.end_stream()
+    want = _keys(local.trigger_table())
+    assert sum(rule == "cart_left_while_browsing" for rule, _ in want) > 20
+    settings = EngineSettings(shards=1, allowed_lateness_s=10, micro_batch_max_events=100)
+    sup = Supervisor(
+        settings, rules, trigger_uri=str(tmp_path / "t"), shard_cpus=0.25,
+        namespace_prefix="it-pieces", reference=SHIPPED,
+    )  # fmt: skip
+    try:
+        written = _replay(sup, stream)
+        assert _keys(pq.read_table(written["files"]).combine_chunks()) == want
+    finally:
+        sup.shutdown()
+
+
 def test_rules_are_replaced_while_running_and_a_bad_document_changes_nothing(
     ray_cluster, stream, rules
 ) -> None:

@@ -52,6 +52,20 @@ def test_a_part_larger_than_a_micro_batch_is_cut_into_pieces() -> None:
     assert values.tolist() == list(range(200))
 
 
+def test_a_call_that_leaves_events_of_the_batch_added_for_later_is_behind_it() -> None:
+    """Such a call must carry the watermark from before the batch (``Send.behind``): closed
+    before a part would overflow it, or a piece that is not the part's last."""
+    b = batcher(ManualClock(), max_in_flight=10)
+    assert [(s.rows, s.behind) for s in b.add({0: part(60)})] == []
+    sends = b.add({0: part(250)})  # the open 60 first, then pieces of 100, 100 (50 stay open)
+    assert [(s.rows, s.behind) for s in sends] == [(60, True), (100, True), (100, True)]
+    sends = b.add({0: part(50), 1: part(300)})  # shard 0 exactly full: nothing left behind
+    assert [(s.shard, s.rows, s.behind) for s in sends] == [
+        (0, 100, False), (1, 100, True), (1, 100, True), (1, 100, False)
+    ]  # fmt: skip
+    assert all(not s.behind for s in [*b.close_open(), *b.end_stream()])
+
+
 def test_calls_in_flight_never_exceed_the_bound() -> None:
     b = batcher(ManualClock(), max_events=10, max_in_flight=2)
     in_flight = 0
