@@ -395,20 +395,23 @@ def _flat_maps(rows: list[Any]) -> bool:
     row, and names the row)."""
     if not set(map(type, rows)) <= {dict}:
         return False
-    kinds = set(map(type, chain.from_iterable(map(_VALUES, rows))))
-    if not kinds & _CONTAINERS:
+    containers = {k for k in set(map(type, chain.from_iterable(map(_VALUES, rows)))) if _nests(k)}
+    if not containers:
         return True
-    if dict in kinds:
+    if not containers <= {list, tuple}:  # a map, or a subclass of one: row by row
         return False
     values = chain.from_iterable(map(_VALUES, rows))
     items = chain.from_iterable(v for v in values if type(v) in _SEQUENCES)
-    return not set(map(type, items)) & _CONTAINERS
+    return not any(map(_nests, set(map(type, items))))
 
 
 _VALUES: Callable[[Any], Iterable[Any]] = dict.values
-#: the types whose values may nest (msgpack and JSON give these; a subclass is checked row by row)
-_CONTAINERS = frozenset({dict, list, tuple})
 _SEQUENCES = (list, tuple)
+
+
+def _nests(kind: type) -> bool:
+    """Whether values of ``kind`` may hold others (maps, lists, tuples and their subclasses)."""
+    return issubclass(kind, Mapping | list | tuple)
 
 
 def _nested(value: Any) -> bool:

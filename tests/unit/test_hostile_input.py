@@ -16,7 +16,7 @@ import yaml
 from engine.config import EngineSettings
 from engine.decision.catalog import parse_catalog_text
 from engine.errors import CatalogError, EventError, PayloadTooLargeError, RuleError
-from engine.events.codec import decode_json, decode_msgpack, rows_to_batch
+from engine.events.codec import _as_rows, decode_json, decode_msgpack, rows_to_batch
 from engine.events.validation import validate
 from engine.limits import MAX_ERRORS_LISTED, MAX_EVENTS_PER_REQUEST, MAX_ID_CHARS
 from engine.local import LocalEngine
@@ -59,6 +59,12 @@ def test_a_nested_value_among_plain_events_is_found() -> None:
             decode_msgpack(body)
         with pytest.raises(EventError, match="event 1000 nests deeper"):
             decode_json(json.dumps([*flat, one(channels=nested)]).encode())
+
+    class Items(list):  # no decoder makes one; rows given directly are judged the same
+        pass
+
+    with pytest.raises(EventError, match="event 1000 nests deeper"):
+        _as_rows([*flat, one(channels=Items(["sms", {"x": 1}]))])
 
 
 def test_more_events_than_the_limit_is_refused_before_any_is_read() -> None:
