@@ -186,6 +186,7 @@ class ShardActor:
             "watermark_ms": self.logic.watermark_ms,
             "model_unavailable_batches": decider.unavailable if decider else 0,
             "model_unavailable_last": decider.last_unavailable if decider else None,
+            **(decider.scoring if decider else {}),
             **self.logic.counters,
         }
 

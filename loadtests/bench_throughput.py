@@ -152,6 +152,7 @@ def run(
         "decide_p50_ms": round(stats.percentile(50, stats.decide_ms), 2),
         "decide_p99_ms": round(stats.percentile(99, stats.decide_ms), 2),
         "decide_ms_all": [round(x, 1) for x in stats.decide_ms],
+        **_scoring(shard_stats),
         "customers": customers,
         "state_bytes_per_customer": round(
             sum(s["state_bytes"] for s in shard_stats) / customers, 1
@@ -163,6 +164,19 @@ def run(
     }
     supervisor.shutdown()
     return result
+
+
+def _scoring(shard_stats: list[dict]) -> dict[str, object]:
+    """Scoring requests over all shards: how many, their mean rows, and the mean time a shard
+    waited for one (the ranker's share of a decision step, with the hop to it)."""
+    requests = sum(s.get("score_requests", 0) for s in shard_stats)
+    if not requests:
+        return {}
+    return {
+        "score_requests": requests,
+        "scored_rows_mean": round(sum(s["scored_rows"] for s in shard_stats) / requests, 1),
+        "score_ms_mean": round(sum(s["score_ms"] for s in shard_stats) / requests, 2),
+    }
 
 
 def median_run(runs: list[dict[str, object]]) -> dict[str, object]:

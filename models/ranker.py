@@ -21,7 +21,7 @@ from engine.decision.policy import stable_uniform
 from engine.decision.scorer import ScoreRequest, ScoreResponse
 from engine.errors import ConfigError
 from models.registry import ModelArtifact, ModelRegistry
-from models.uplift import calibrate
+from models.uplift import Arms, calibrate
 
 CHALLENGER_SALT = 0x6368616C
 
@@ -60,17 +60,23 @@ def uplift_predictor(
     out as ``names``; NaN for the last two from a response model (``models.incremental``)."""
     artifact.check_compatible()
     columns = column_map(artifact.feature_names, names)
+    arms = arms_of(artifact)
 
     def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         aligned = align(x, columns)
-        p1 = np.asarray(artifact.booster.inplace_predict(aligned), dtype=np.float64)
-        if artifact.baseline is None or artifact.opt_out is None:
+        p1, *rest = (np.asarray(p, dtype=np.float64) for p in arms(aligned))
+        if not rest:
             return p1, np.full(p1.size, np.nan), np.full(p1.size, np.nan)
-        p0 = np.asarray(artifact.baseline.inplace_predict(aligned), dtype=np.float64)
-        out = np.asarray(artifact.opt_out.inplace_predict(aligned), dtype=np.float64)
+        p0, out = rest
         return calibrate(p1, p0, aligned, artifact.feature_names, artifact.lines), p0, out
 
     return predict
+
+
+def arms_of(artifact: ModelArtifact) -> Arms:
+    """The artifact's boosters, scored in one call where they can be (``Arms``)."""
+    boosters = [artifact.booster, artifact.baseline, artifact.opt_out]
+    return Arms([b for b in boosters if b is not None])
 
 
 class RankerConfig(BaseModel):
@@ -89,6 +95,7 @@ class RankerConfig(BaseModel):
 class _Loaded:
     artifact: ModelArtifact
     columns: dict[tuple[str, ...], np.ndarray]
+    arms: Arms
 
 
 class Ranker:
@@ -105,7 +112,7 @@ class Ranker:
     def _load(registry: ModelRegistry, version: str) -> _Loaded:
         artifact = registry.load(version)
         artifact.check_compatible()
-        return _Loaded(artifact, {})
+        return _Loaded(artifact, {}, arms_of(artifact))
 
     @property
     def versions(self) -> tuple[str, ...]:
@@ -127,9 +134,7 @@ class Ranker:
         x = request.features if rows.size == request.rows else request.features[rows]
         aligned = align(x, columns)
         artifact = model.artifact
-        boosters = [artifact.booster, artifact.baseline, artifact.opt_out]
-        out = [np.asarray(b.inplace_predict(aligned), dtype=np.float32)
-               for b in boosters if b is not None]  # fmt: skip
+        out = [np.asarray(p, dtype=np.float32) for p in model.arms(aligned)]
         if artifact.lines and len(out) == 3:
             names = artifact.feature_names
             out[0] = calibrate(out[0], out[1], aligned, names, artifact.lines).astype(np.float32)

@@ -25,6 +25,7 @@ conversion the top of the list gains over random targeting.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,90 @@ def uplift_rows(decisions: pa.Table, pairs: pa.Table, spec: FeatureSpec) -> Upli
         customer_key=np.asarray(pairs.column("customer_key").to_numpy(), dtype=np.uint64),
         probability=np.asarray(pairs.column("probability").to_numpy(), dtype=np.float64),
     )
+
+
+def _base_score(document: dict[str, Any]) -> float:
+    """A one-output booster's intercept (a probability), written "[0.5]" or "0.5"."""
+    text = str(document["learner"]["learner_model_param"]["base_score"]).strip("[]")
+    return float(text)
+
+
+def _mergeable(document: dict[str, Any]) -> bool:
+    learner = document["learner"]
+    param = learner["learner_model_param"]
+    return (
+        learner["objective"]["name"] == "binary:logistic"
+        and learner["gradient_booster"]["name"] == "gbtree"
+        and int(param.get("num_target", 1)) == 1
+        and int(param.get("num_class", 0)) == 0
+        and len(str(param["base_score"]).strip("[]").split(",")) == 1
+    )
+
+
+def merge_boosters(boosters: list[xgb.Booster], probe_seed: int = 0) -> xgb.Booster | None:
+    """One booster whose k-th output is ``boosters[k]``'s probability: XGBoost's multi-target
+    layout (``num_target``, one intercept per target, each tree tagged with its target in
+    ``tree_info``), so an uplift model's three boosters are scored in one ``inplace_predict``
+    (one pass over the rows, one call's overhead) instead of three. None when they cannot be
+    merged (another objective or booster type, other features) or when the merged booster
+    does not answer a probe of random rows as the three do (a model format this code does not
+    know): the caller then scores them one by one."""
+    if len(boosters) < 2:
+        return None
+    documents = [json.loads(b.save_raw("json")) for b in boosters]
+    if not all(_mergeable(d) for d in documents):
+        return None
+    params = [d["learner"]["learner_model_param"] for d in documents]
+    names = [d["learner"].get("feature_names") for d in documents]
+    if any(p["num_feature"] != params[0]["num_feature"] for p in params) or any(
+        n != names[0] for n in names
+    ):
+        return None
+    merged = json.loads(boosters[0].save_raw("json"))
+    model = merged["learner"]["gradient_booster"]["model"]
+    forests = [d["learner"]["gradient_booster"]["model"]["trees"] for d in documents]
+    trees: list[dict[str, Any]] = []
+    info: list[int] = []
+    bounds = [0]
+    for round_ in range(max(len(f) for f in forests)):  # round by round, as XGBoost lays out
+        for target, forest in enumerate(forests):
+            if round_ < len(forest):
+                trees.append({**forest[round_], "id": len(trees)})
+                info.append(target)
+        bounds.append(len(trees))
+    model["trees"], model["tree_info"], model["iteration_indptr"] = trees, info, bounds
+    model["gbtree_model_param"]["num_trees"] = str(len(trees))
+    param = merged["learner"]["learner_model_param"]
+    param["num_target"] = str(len(boosters))
+    param["base_score"] = "[" + ",".join(repr(_base_score(d)) for d in documents) + "]"
+    joint = xgb.Booster()
+    joint.load_model(bytearray(json.dumps(merged).encode()))
+    width = int(params[0]["num_feature"])
+    rng = np.random.default_rng(probe_seed)
+    probe = rng.normal(0.0, 3.0, (64, width)).astype(np.float32)
+    probe[:, : width // 2] = np.round(probe[:, : width // 2])  # one-hot-like columns too
+    probe[rng.random(probe.shape) < 0.1] = np.nan  # and missing values
+    apart = np.stack([np.asarray(b.inplace_predict(probe)) for b in boosters], axis=1)
+    together = np.asarray(joint.inplace_predict(probe)).reshape(apart.shape)
+    if not np.allclose(apart, together, rtol=0, atol=1e-6):
+        return None
+    return joint
+
+
+class Arms:
+    """A model's boosters scored together: [P(convert | offer)] for a response model, and
+    [P(convert | offer), P(convert | no action), P(opt-out | contact)] for an uplift model,
+    whose three boosters are merged into one when they can be (``merge_boosters``)."""
+
+    def __init__(self, boosters: list[xgb.Booster]) -> None:
+        self.boosters = boosters
+        self.joint = merge_boosters(boosters)
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        if self.joint is None:
+            return [np.asarray(b.inplace_predict(x)) for b in self.boosters]
+        both = np.asarray(self.joint.inplace_predict(x)).reshape(x.shape[0], len(self.boosters))
+        return [both[:, k] for k in range(len(self.boosters))]
 
 
 #: a calibration line per offer id: calibrated uplift = intercept + slope x predicted uplift

@@ -22,11 +22,21 @@ are taken after the contacts of the rounds before it. So every decision sees exa
 contact history a decision-by-decision loop would, and a decision does not depend on how the
 stream was cut into micro-batches (a replay after a recovery cuts it elsewhere). The rest of the
 context is as of the trigger event.
+
+A scoring request costs milliseconds however few its rows (a hop to the ranker), so a step of
+several rounds does not ask once per round: before its first round it asks once for every
+candidate pair of every round, with the context as of the step's start (``_Ahead``). A later
+round takes those answers for the decisions whose context is still exactly that (no contact in
+an earlier round changed it: the model answers each row alone, so the answer is the one the
+round would get) and asks again only for the others, in one request. The decisions are those
+of round-by-round scoring, to the bit.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +59,7 @@ from engine.decision.policy import (
 from engine.decision.scorer import (
     OfferScorer,
     ScoreRequest,
+    ScoreResponse,
     ScorerUnavailableError,
     check_response,
 )
@@ -63,8 +74,60 @@ INBOUND = "inbound"
 Exclusion = tuple[Reason, np.ndarray]
 
 
+class _Scores(Protocol):
+    """(decisions x offers) answers of the scorer and each decision's model version: a
+    ``DecisionBatch``, or a step's scores asked for ahead (``_Ahead``)."""
+
+    propensity: np.ndarray
+    baseline: np.ndarray
+    opt_out: np.ndarray
+    versions: np.ndarray
+
+
+def _fill(target: _Scores, ti: np.ndarray, oj: np.ndarray, response: ScoreResponse) -> None:
+    """Put ``response``'s answers for the pairs (ti, oj) into ``target``."""
+    target.propensity[ti, oj] = response.propensity
+    if response.baseline is not None:
+        target.baseline[ti, oj] = response.baseline
+    if response.opt_out is not None:
+        target.opt_out[ti, oj] = response.opt_out
+    target.versions[ti] = response.version_of_rows()
+
+
+class _Ahead:
+    """A step's scores asked for before its first round: every candidate pair of every round,
+    with ``context`` as of the step's start (see the module doc)."""
+
+    def __init__(self, context: dict[str, np.ndarray], shape: tuple[int, int]) -> None:
+        self.context = context
+        self.propensity = np.full(shape, np.nan)
+        self.baseline = np.full(shape, np.nan)
+        self.opt_out = np.full(shape, np.nan)
+        self.versions = np.full(shape[0], None, dtype=object)
+        self.failed = False  # the scorer did not answer: every round is without a model
+
+    def reuse(self, batch: DecisionBatch, sel: np.ndarray) -> np.ndarray:
+        """Give the decisions ``sel`` whose context in ``batch`` is still this one their
+        answers (for the pairs still candidates); returns the others, to be asked again."""
+        same = np.ones(sel.size, dtype=bool)
+        for name, early in self.context.items():
+            now, then = batch.context[name][sel], early[sel]
+            same &= (now == then) | (np.isnan(now) & np.isnan(then))
+        kept = sel[same]
+        ti, oj = np.nonzero(batch.candidates[kept])
+        ti = kept[ti]
+        for name in ("propensity", "baseline", "opt_out"):
+            getattr(batch, name)[ti, oj] = getattr(self, name)[ti, oj]
+        batch.versions[ti] = self.versions[ti]
+        return sel[~same]
+
+
 class Decider:
     """Decisions for one shard's store under one catalog and one scorer."""
+
+    #: ask once per step for the scores of all its rounds (off: once per round, the reference
+    #: the tests compare it with)
+    score_ahead = True
 
     def __init__(
         self,
@@ -85,6 +148,9 @@ class Decider:
         store.ensure_decision_state(self._contact_keys + self._offer_keys)
         self.unavailable = 0  # scoring requests (a round of a step) that got no answer
         self.last_unavailable: str | None = None
+        #: scoring requests answered, their rows, and the time spent waiting for them (ms):
+        #: how much of a decision step is the model's (a benchmark reads them in shard stats)
+        self.scoring = {"score_requests": 0, "scored_rows": 0, "score_ms": 0.0}
 
     def warm_up(self) -> None:
         """Score one all-missing row of this catalog's features: the model's first real answer
@@ -165,7 +231,9 @@ class Decider:
         for reason, mask in self.exclusions(view, batch, inbound):
             batch.exclude(reason, mask)
         rank = batch.rounds
-        for r in range(int(rank.max()) + 1 if rank.size else 0):
+        rounds = int(rank.max()) + 1 if rank.size else 0
+        ahead = self._score_ahead(view, batch) if rounds > 1 and self.score_ahead else None
+        for r in range(rounds):
             sel = np.flatnonzero(rank == r)
             for reason, mask in self._contact_limits(batch.slots[sel], batch.ts[sel]):
                 batch.exclude(reason, mask, where=sel)
@@ -176,7 +244,12 @@ class Decider:
                 batch.context.setdefault(name, np.zeros(batch.size, dtype=values.dtype))[sel] = (
                     values
                 )
-            self._score(batch, sel)
+            if ahead is None:
+                self._score(batch, sel)
+            elif ahead.failed:
+                batch.exclude(Reason.MODEL_UNAVAILABLE, np.ones((1, 1), dtype=bool), where=sel)
+            else:
+                self._score(batch, ahead.reuse(batch, sel))
             self._choose(batch, sel)
         return decision_table(batch, self.catalog)
 
@@ -265,28 +338,55 @@ class Decider:
         if ti.size == 0:
             return
         ti = sel[ti]
+        response = self._request(batch, ti, oj, batch.context)
+        if response is None:
+            batch.exclude(Reason.MODEL_UNAVAILABLE, np.ones((1, 1), dtype=bool), where=sel)
+            return
+        _fill(batch, ti, oj, response)
+
+    def _score_ahead(self, view: BatchView, batch: DecisionBatch) -> _Ahead:
+        """One request for the candidate pairs of every round of a step, with the context as
+        of its start (see the module doc)."""
+        context = context_features(view, batch.rows, batch.ts, self._contacts(batch.slots))
+        ahead = _Ahead(context, batch.answered.shape)
+        ti, oj = np.nonzero(batch.candidates)
+        if ti.size:
+            response = self._request(batch, ti, oj, context)
+            if response is None:
+                ahead.failed = True
+            else:
+                _fill(ahead, ti, oj, response)
+        return ahead
+
+    def _request(
+        self,
+        batch: DecisionBatch,
+        ti: np.ndarray,
+        oj: np.ndarray,
+        context: dict[str, np.ndarray],
+    ) -> ScoreResponse | None:
+        """The scorer's answer for the pairs (decision ``ti``, offer ``oj``) with the context
+        ``context`` (per decision of the batch); None, counted, when it did not answer."""
         offer_ids = np.array(self.catalog.offer_ids, dtype=object)
         features = build_features(
-            {k: v[ti] for k, v in batch.context.items()},
+            {k: v[ti] for k, v in context.items()},
             batch.rule_ids[ti],
             offer_ids[oj],
             self.spec,
         )
         request = ScoreRequest(features, self.spec.names, batch.keys[ti])
+        started = time.perf_counter()
         try:
             response = self.scorer.score(request)
         except ScorerUnavailableError as exc:
             self.unavailable += 1
             self.last_unavailable = str(exc)
-            batch.exclude(Reason.MODEL_UNAVAILABLE, np.ones((1, 1), dtype=bool), where=sel)
-            return
+            return None
         check_response(request, response)
-        batch.propensity[ti, oj] = response.propensity
-        if response.baseline is not None:
-            batch.baseline[ti, oj] = response.baseline
-        if response.opt_out is not None:
-            batch.opt_out[ti, oj] = response.opt_out
-        batch.versions[ti] = response.version_of_rows()
+        self.scoring["score_requests"] += 1
+        self.scoring["scored_rows"] += request.rows
+        self.scoring["score_ms"] += (time.perf_counter() - started) * 1000
+        return response
 
     def _choose(self, batch: DecisionBatch, sel: np.ndarray) -> None:
         """Arbitrate the decisions ``sel`` (one round: a customer at most once) and record

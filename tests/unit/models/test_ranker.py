@@ -126,13 +126,17 @@ def test_an_uplift_model_keeps_its_three_boosters_and_serves_beside_a_response_m
                                       want.inplace_predict(r.features))  # fmt: skip
     config = RankerConfig(registry=registry.uri, champion=response.version,
                           challenger=uplift.version, challenger_share=0.5)  # fmt: skip
-    scored = Ranker(config).score(r)
+    ranker = Ranker(config)
+    assert ranker.models[1].arms.joint is not None  # its three boosters scored in one call
+    scored = ranker.score(r)
     assert scored.baseline is not None and scored.opt_out is not None
     mine = scored.version_index == 1
     assert 0.4 < mine.mean() < 0.6
     assert np.isnan(scored.baseline[~mine]).all() and np.isnan(scored.opt_out[~mine]).all()
     np.testing.assert_allclose(scored.baseline[mine],
                                extra[0].inplace_predict(r.features[mine]), rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(scored.opt_out[mine],
+                               extra[1].inplace_predict(r.features[mine]), rtol=1e-6)  # fmt: skip
     # its P(convert | offer) carries the calibration of its uplift, offer by offer
     x = r.features[mine]
     p1, p0 = response.booster.inplace_predict(x), extra[0].inplace_predict(x)

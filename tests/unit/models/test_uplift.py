@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 
 from engine.decision.catalog import NO_ACTION
+from models.training import fit
 from models.uplift import (
+    Arms,
     UpliftRows,
     calibrate,
     calibration_lines,
     fit_s_learner,
     fit_t_learner,
+    merge_boosters,
     qini,
 )
 
@@ -52,6 +55,38 @@ def _randomized_arms(data: UpliftRows) -> UpliftRows:
     action = np.where(data.treated, "o", NO_ACTION).astype(object)
     arm = np.where(data.treated, "offer", "no_action_arm").astype(object)
     return replace(data, action=action, arm=arm)
+
+
+def test_three_boosters_merged_into_one_answer_as_they_do_one_by_one() -> None:
+    """Boosters of different sizes and intercepts (P(convert | offer) near 0.5, P(convert | no
+    action) and P(opt-out) far lower): the merged booster's k-th output equals booster k's
+    probability, missing values included; one of another objective is not merged, and
+    ``Arms`` then scores the boosters one by one with the same answers."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4_000, 6)).astype(np.float32)
+    x[rng.random(x.shape) < 0.05] = np.nan
+    names = tuple(f"f{i}" for i in range(6))
+    boosters = []
+    for rounds, shift in ((40, 0.0), (25, -2.0), (60, -4.0)):
+        logit = np.nan_to_num(x[:, 0] + 0.5 * x[:, 1] * x[:, 2]) + shift
+        labels = (rng.random(len(x)) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+        boosters.append(fit(x, labels, names, rounds=rounds))
+    joint = merge_boosters(boosters)
+    assert joint is not None
+    test = rng.normal(size=(2_000, 6)).astype(np.float32)
+    test[rng.random(test.shape) < 0.05] = np.nan
+    apart = np.stack([b.inplace_predict(test) for b in boosters], axis=1)
+    assert apart[:, 0].mean() > 5 * apart[:, 2].mean()  # the intercepts differ
+    np.testing.assert_allclose(joint.inplace_predict(test), apart, rtol=0, atol=1e-6)
+    arms = Arms(boosters)
+    for got, want in zip(arms(test), apart.T, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    squared = fit(x, np.nan_to_num(x[:, 0]), names, rounds=5,
+                  params={"objective": "reg:squarederror"})  # fmt: skip
+    assert merge_boosters([boosters[0], squared]) is None
+    mixed = Arms([boosters[0], squared])
+    assert mixed.joint is None
+    np.testing.assert_allclose(mixed(test)[1], squared.inplace_predict(test), rtol=1e-6)
 
 
 def test_calibration_lines_say_how_much_of_a_predicted_uplift_is_real() -> None:
