@@ -43,14 +43,18 @@ def _run(stream, shards, out: Path, rules, kills: int, gap: int = 2, seed: int =
     epoch = 0
 
     def on_step(supervisor, pipeline) -> None:
-        """Kill when the last kill was recovered from, ``gap`` steps went by and a checkpoint
-        came since. Checkpoints are due every 0.2 s; a machine fast enough to read the whole
-        stream between two would see too few kills, so one is begun here when none came."""
+        """Kill when the last kill was recovered from (its spare replaced too), ``gap`` steps
+        went by and a checkpoint came since. Checkpoints are due every 0.2 s; a machine fast
+        enough to read the whole stream between two would see too few kills, so one is begun
+        here when none came. The kill waits for the spares the supervisor keeps to have
+        started: a kill while both are still starting is a second fault before the first
+        healed, whose recovery includes starting an actor (1.5-3 s here)."""
         nonlocal done, since, epoch
         since += 1
         if done == kills or len(pipeline.recoveries) != done or since < gap:
             return
         if pipeline.epoch > epoch:
+            ray.get([spare.loaded.remote() for spare in supervisor.spares], timeout=120)
             ray.kill(chooser.choice(supervisor.shards))
             done += 1
             since = 0
