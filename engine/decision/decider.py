@@ -146,7 +146,7 @@ class Decider:
         self._offer_keys = [f"offer:{o.id}" for o in catalog.offers]
         self._cooldowns = np.array([o.cooldown_ms for o in catalog.offers], dtype=np.int64)
         store.ensure_decision_state(self._contact_keys + self._offer_keys)
-        self.unavailable = 0  # scoring requests (a round of a step) that got no answer
+        self.unavailable = 0  # scoring requests (a step's ahead, or a round's) not answered
         self.last_unavailable: str | None = None
         #: scoring requests answered, their rows, and the time spent waiting for them (ms):
         #: how much of a decision step is the model's (a benchmark reads them in shard stats)
