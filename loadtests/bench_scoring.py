@@ -36,7 +36,6 @@ from loadtests.bench_ranker import matrix, uplift_model
 from models.bootstrap import ensure_champion
 from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
-from models.uplift import Arms
 
 
 def per_call_ms(
@@ -69,9 +68,8 @@ def main() -> None:
                 RankerConfig(registry=uplift_registry.uri, champion=uplift)
             ),
         }
-        apart = rankers["uplift_three_calls"].models[0]
-        apart.arms = Arms(apart.arms.boosters)
-        apart.arms.joint = None  # the boosters one by one, as before the merge
+        # this ranker's own Arms, told to score the boosters one by one, as before the merge
+        rankers["uplift_three_calls"].models[0].arms.joint = None
         assert rankers["uplift_merged"].models[0].arms.joint is not None
         for rows in args.rows:
             request = matrix(rows, seed=2)
