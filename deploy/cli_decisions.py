@@ -116,8 +116,10 @@ def simulate(
         typer.Option(
             help="Comma-separated: blanket, rules, kairos (the response ranker), kairos-uplift "
             "(Kairos deciding on incremental value), oracle (true response), uplift (true "
-            "incremental value, uplift world only), and ceiling (Kairos's features fitted to "
-            "the true propensities). Default: all but ceiling (classic: not the uplift ones)."
+            "incremental value, uplift world only), ceiling (Kairos's features fitted to "
+            "the true propensities) and uplift-ceiling (the same for all three probabilities, "
+            "served with kairos-uplift's exploration; uplift world only). Default: all but the "
+            "ceilings (classic: not the uplift ones)."
         ),
     ] = None,
     seed: int = 7,

@@ -290,6 +290,71 @@ def incremental_gain(
     )
 
 
+def silenced_lines(catalog: Catalog) -> Lines:
+    """Calibration lines that give every offer of ``catalog`` no uplift: the model's policy
+    then sends nothing (an offer whose value is below its list value plus its cost never earns
+    without uplift) but what exploration draws."""
+    return {o: (0.0, 0.0) for o in catalog.offer_ids}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The promotion gate's answer for a candidate (``judge``)."""
+
+    promoted: bool
+    #: the candidate is promoted silenced (``silenced_lines``): it sends nothing of its own
+    silenced: bool
+    reason: str
+    metrics: dict[str, object]
+
+
+def judge(
+    log: IncrementalLog,
+    candidate: UpliftPredict,
+    silenced: UpliftPredict,
+    champion: UpliftPredict | None,
+    spec: FeatureSpec,
+    catalog: Catalog,
+    against: str = "the champion",
+) -> Verdict:
+    """The promotion gate of an uplift model, on the held-out ``log``.
+
+    The candidate is promoted when its DR gain over ``champion`` (None: the policy that
+    logged the decisions) is confidently positive (``incremental_gain``) and its own
+    incremental value is not confidently negative: a policy that the log says loses money
+    against contacting no one is not served, however much better than the champion it is.
+    Otherwise ``silenced`` (the candidate with no uplift for any offer: nothing sent but
+    what exploration draws) goes through the same gate, and is promoted when sending nothing
+    is confidently better than the champion: a champion that loses money is retired even
+    when no model earns yet. ``against`` names the champion in the reason."""
+    gate = incremental_gain(log, candidate, champion, spec, catalog)
+    harmful = gate.candidate.high < 0
+    promoted = gate.promoted and not harmful
+    reason = (
+        f"DR incremental gain over {against} {gate.gain.value:+.4f} per decision, one-sided "
+        f"95 % lower bound {gate.gain.low:+.4f} {'>' if gate.promoted else '<='} 0 "
+        f"({gate.decisions} decisions)"
+    )
+    if harmful:
+        reason += (
+            f"; its own incremental value {gate.candidate.value:+.4f} per decision is below "
+            f"contacting no one (one-sided 95 % upper bound {gate.candidate.high:+.4f} < 0)"
+        )
+    metrics: dict[str, object] = {"against": against, **gate.as_dict(), "silenced": False}
+    if not promoted:
+        quiet = incremental_gain(log, silenced, champion, spec, catalog)
+        if quiet.promoted:
+            reason += (
+                f"; promoted silenced (nothing sent but exploration): its gain over {against} "
+                f"{quiet.gain.value:+.4f} per decision, one-sided 95 % lower bound "
+                f"{quiet.gain.low:+.4f} > 0"
+            )
+            metrics = {"against": against, **quiet.as_dict(), "silenced": True,
+                       "candidate": gate.as_dict()}  # fmt: skip
+            return Verdict(True, True, reason, {**metrics, "reason": reason})
+    return Verdict(promoted, False, reason, {**metrics, "promoted": promoted, "reason": reason})
+
+
 def screen_offers(
     log: IncrementalLog,
     raw: tuple[np.ndarray, np.ndarray, np.ndarray],

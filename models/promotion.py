@@ -9,7 +9,10 @@ Two kinds of round:
 * ``uplift_round`` (an uplift model, ``models.uplift.TLearner``): the same, on incremental
   value (``models.incremental``): the DR gain of its policy over the champion's in what the
   customers did beyond what they would have done anyway, with a one-sided 95 % bound, so a
-  model no better than the champion is promoted in at most 5 % of rounds. Before the gate,
+  model no better than the champion is promoted in at most 5 % of rounds; nor is a model
+  whose own incremental value the holdout puts confidently below contacting no one (then the
+  model silenced, sending nothing but exploration, replaces a champion that loses money:
+  ``models.incremental.judge``). Before the gate,
   each offer's place in the model's policy must earn more, on the training period, than the
   same policy without it (``screen_offers``), or the model does not send it.
 
@@ -30,7 +33,13 @@ from engine.decision.catalog import Catalog
 from engine.decision.features import FeatureSpec, feature_spec
 from engine.governance.pseudonym import Pseudonymizer
 from models.attribution import attribute
-from models.incremental import incremental_gain, incremental_log, pair_features, screen_offers
+from models.incremental import (
+    incremental_log,
+    judge,
+    pair_features,
+    screen_offers,
+    silenced_lines,
+)
 from models.offpolicy import (
     Predict,
     dr_terms,
@@ -241,19 +250,14 @@ def uplift_round(
     champion = None
     if champion_version:
         champion = uplift_predictor(registry.load(champion_version), spec.names)
-
-    def candidate(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return model.predict(x)
-
-    gate = incremental_gain(log, candidate, champion, spec, catalog)
+    quiet = replace(model, lines=silenced_lines(catalog))
     against = f"champion {champion_version}" if champion_version else "the logging policy"
-    promoted = gate.promoted
-    reason = (
-        f"DR incremental gain over {against} {gate.gain.value:+.4f} per decision, one-sided "
-        f"95 % lower bound {gate.gain.low:+.4f} {'>' if promoted else '<='} 0 "
-        f"({gate.decisions} decisions)"
-    )
-    metrics["gate"] = {"against": against, "reason": reason, **gate.as_dict()}
+    verdict = judge(log, model.predict, quiet.predict, champion, spec, catalog, against)
+    if verdict.silenced:
+        model = quiet
+        metrics["calibration_lines"] = {k: list(v) for k, v in model.lines.items()}
+    metrics["gate"] = verdict.metrics
+    promoted, reason = verdict.promoted, verdict.reason
     artifact = registry.register(
         model.treated, spec.names, metrics, parent=champion_version,
         uplift=(model.baseline, model.opt_out), lines=model.lines,

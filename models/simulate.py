@@ -18,7 +18,13 @@
   run: a model fitted to the simulator's true propensity of every candidate in the warm-up
   log, from the features Kairos has, with no label noise. How far a model with these features
   can go; the gap between it and ``kairos`` is what learning from outcomes loses, the gap
-  between it and ``oracle`` what the features cannot know.
+  between it and ``oracle`` what the features cannot know;
+* ``uplift-ceiling`` (on request, uplift world): ``kairos-uplift``'s warm-up, then the same
+  kind of perfect learner of all three probabilities, refitted weekly on every decision so
+  far and served as ``kairos-uplift`` serves its champion (the shipped exploration and the
+  randomized no-action arm): what a model of Kairos's features earns under Kairos's own
+  exploration when its labels have no noise (not a strict bound: a fit of the past's
+  contexts, greedy on them).
 
 Every policy sees the same events and the same per-customer random draws; responses and
 opt-outs flow back into the engine as events. Metrics count decisions after the warm-up.
@@ -54,7 +60,9 @@ from models.ranker import Ranker, RankerConfig
 from models.registry import ModelRegistry
 from models.training import context_of, features_of
 
-POLICIES = ("blanket", "rules", "kairos", "oracle", "ceiling", "uplift", "kairos-uplift")
+POLICIES = (
+    "blanket", "rules", "kairos", "oracle", "ceiling", "uplift", "kairos-uplift", "uplift-ceiling",
+)  # fmt: skip
 WORLDS = ("classic", "uplift")
 
 
@@ -79,17 +87,26 @@ class SimulationConfig:
 
 
 class TruthFitScorer:
-    """An OfferScorer answering with a booster fitted to the true propensities (``ceiling``)."""
+    """An OfferScorer answering with boosters fitted to the true probabilities (``ceiling``,
+    ``uplift-ceiling``): P(convert | offer), and in the uplift world P(convert | no action)
+    and P(opt-out | contact) too."""
 
-    def __init__(self, booster: xgb.Booster, spec: FeatureSpec) -> None:
-        self.booster, self.spec = booster, spec
+    def __init__(self, booster: xgb.Booster, spec: FeatureSpec,
+                 uplift: tuple[xgb.Booster, xgb.Booster] | None = None) -> None:  # fmt: skip
+        self.booster, self.spec, self.uplift = booster, spec, uplift
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
         if tuple(request.feature_names) != self.spec.names:
             raise ValueError("the ceiling model was fitted on other features")
-        p = np.clip(self.booster.inplace_predict(request.features), 0.0, 1.0)
+
+        def p(b: xgb.Booster) -> np.ndarray:
+            return np.clip(b.inplace_predict(request.features), 0.0, 1.0).astype(np.float32)
+
         n = request.rows
-        return ScoreResponse(p.astype(np.float32), ("ceiling",), np.zeros(n, np.int8))
+        if self.uplift is None:
+            return ScoreResponse(p(self.booster), ("ceiling",), np.zeros(n, np.int8))
+        return ScoreResponse(p(self.booster), ("uplift-ceiling",), np.zeros(n, np.int8),
+                             baseline=p(self.uplift[0]), opt_out=p(self.uplift[1]))  # fmt: skip
 
 
 def fit_truth(
@@ -97,7 +114,9 @@ def fit_truth(
 ) -> TruthFitScorer | None:
     """The ``ceiling`` model: every candidate offer of every logged decision, labelled with the
     simulator's true propensity in that decision's logged context (no noise), fitted by
-    XGBoost from the features the ranker gets. None when the log has no candidate."""
+    XGBoost from the features the ranker gets; in the uplift world (``uplift-ceiling``), also
+    P(convert | no action) and P(opt-out | contact), each a booster of its own. None when the
+    log has no candidate."""
     spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
     candidates = decisions.column("candidates").combine_chunks()
     counts = np.diff(candidates.offsets.to_numpy())
@@ -108,17 +127,19 @@ def fit_truth(
     )
     rows = decisions.take(pa.array(np.repeat(np.arange(decisions.num_rows), counts)))
     ctx = {k: v.astype(np.float64) for k, v in context_of(rows).items()}
-    truth = sim.propensity(
-        sim.index_of(rows.column("customer_key").to_numpy()),
-        offers,
-        ctx["days_left"],
-        ctx["km_from_home"],
-        ctx["cart_items"],
-        ctx["contacts_7d"],
-    )
-    data = xgb.DMatrix(features_of(rows, spec, offers), label=truth, feature_names=list(spec.names))
+    args = (sim.index_of(rows.column("customer_key").to_numpy()), offers, ctx["days_left"],
+            ctx["km_from_home"], ctx["cart_items"], ctx["contacts_7d"])  # fmt: skip
+    x = features_of(rows, spec, offers)
     params = {"objective": "reg:logistic", "max_depth": 6, "eta": 0.1, "nthread": 1, "seed": 0}
-    return TruthFitScorer(xgb.train(params, data, 300), spec)
+
+    def fitted(truth: np.ndarray) -> xgb.Booster:
+        data = xgb.DMatrix(x, label=truth, feature_names=list(spec.names))
+        return xgb.train(params, data, 300)
+
+    if isinstance(sim, UpliftSimulator):
+        p1, p0, out = sim.arms(*args)
+        return TruthFitScorer(fitted(p1), spec, (fitted(p0), fitted(out)))
+    return TruthFitScorer(fitted(sim.propensity(*args)), spec)
 
 
 class ConstantScorer:
@@ -238,6 +259,17 @@ class Simulation:
                 if ceiling is not None:  # else the warm-up policy carries on
                     engine.set_catalog(self.catalog, ceiling)
                 run.models.append({"version": "ceiling", "promoted": ceiling is not None})
+            if name == "uplift-ceiling" and steps[i + 1] >= self.warmup_end:
+                # refitted weekly on every decision so far, as kairos-uplift retrains, and
+                # served as kairos-uplift serves its models
+                due_at = run.models[-1]["cutoff_ms"] + 7 * DAY_MS if run.models else 0
+                if steps[i + 1] >= due_at:
+                    ceiling = fit_truth(_all(run), sim, self.catalog)
+                    if ceiling is not None:  # else the warm-up policy carries on
+                        served = with_no_action_arm(self.catalog, UPLIFT_NO_ACTION_SHARE)
+                        engine.set_catalog(served, ceiling)
+                    run.models.append({"version": name, "promoted": ceiling is not None,
+                                       "cutoff_ms": int(steps[i + 1])})  # fmt: skip
             if name == "kairos-uplift" and steps[i + 1] >= self.warmup_end:
                 assert registry is not None
                 # weekly; daily until a first model is promoted
@@ -291,6 +323,7 @@ class Simulation:
         run.models.append({"cutoff_day": (cutoff_ms - self.t0) / DAY_MS, "cutoff_ms": cutoff_ms,
                            "version": result.artifact.version if result.artifact else None,
                            "promoted": result.promoted, "reason": result.reason,
+                           "silenced": bool(gate.get("silenced")),
                            "gain": gate.get("gain"), "changed": gate.get("changed"),
                            "qini": result.metrics.get("holdout", {}).get("qini")})  # fmt: skip
 
@@ -308,7 +341,9 @@ class Simulation:
         if name in ("kairos", "ceiling"):
             warm = with_exploration(self.catalog, self.config.warmup_exploration)
             return warm, ConstantScorer(self.config.prior_propensity, "prior")
-        if name == "kairos-uplift":
+        if name in ("kairos-uplift", "uplift-ceiling"):
+            if name == "uplift-ceiling" and not isinstance(sim, UpliftSimulator):
+                raise ValueError("uplift-ceiling needs the uplift world (--world uplift)")
             warm = with_exploration(self.catalog, self.config.warmup_exploration)
             warm = with_no_action_arm(warm, WARMUP_NO_ACTION_SHARE)
             return warm, ConstantScorer(self.config.prior_propensity, "prior")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -109,12 +110,14 @@ def test_rules_check_reports_problems_in_one_line_each_and_fails(tmp_path) -> No
 def test_simulate_json_reports_every_policy_and_writes_the_chart(tmp_path) -> None:
     done = kairos(
         "simulate", "--customers", "2000", "--days", "12", "--warmup-days", "6",
-        "--policies", "blanket,rules,kairos,oracle,ceiling,uplift,kairos-uplift",
+        "--policies", "blanket,rules,kairos,oracle,ceiling,uplift,kairos-uplift,uplift-ceiling",
         "--out", str(tmp_path), "--json", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    for policy in ("blanket", "rules", "kairos", "oracle", "ceiling", "uplift", "kairos-uplift"):
+    everyone = ("blanket", "rules", "kairos", "oracle", "ceiling", "uplift", "kairos-uplift",
+                "uplift-ceiling")  # fmt: skip
+    for policy in everyone:
         r = report[policy]
         assert {"offers_sent", "accepted", "acceptance_rate", "net_value", "opt_outs"} <= set(r)
         assert r["accepted"] <= r["offers_sent"]
@@ -132,13 +135,18 @@ def test_simulate_json_reports_every_policy_and_writes_the_chart(tmp_path) -> No
             assert sum(p[measure] for p in parts) == r[measure], (policy, measure)
         split = sum(p["incremental_net_value"] for p in parts)
         assert split == pytest.approx(r["incremental_net_value"])
-        explores = policy in ("kairos", "ceiling", "kairos-uplift")  # the others: none
+        explores = policy in ("kairos", "ceiling", "kairos-uplift", "uplift-ceiling")
         assert (r["explored"]["offers_sent"] > 0) == explores, policy
     assert set(report["blanket"]["offers_by_action"]) <= {"plan_upgrade"}
     assert set(report["blanket"]["by_trigger"]) == {"data_cap_nearing"}
     assert len(report["kairos"]["by_trigger"]) == 4
     assert report["kairos"]["models"], "kairos trained no model after its warm-up"
     assert [m["version"] for m in report["ceiling"]["models"]] == ["ceiling"]
+    fits = report["uplift-ceiling"]["models"]  # at the warm-up's end (day 6), then weekly
+    assert all(m["version"] == "uplift-ceiling" and m["promoted"] for m in fits), fits
+    assert np.diff([m["cutoff_ms"] for m in fits]).tolist() == [7 * 86_400_000], fits
+    # served with the no-action arm, as kairos-uplift serves its models
+    assert report["uplift-ceiling"]["no_action_arm"]["decisions"] > 0
     trained = [m for m in report["kairos-uplift"]["models"] if m["version"]]
     assert trained, report["kairos-uplift"]["models"]  # uplift rounds, each judged by the gate
     assert all("DR incremental gain over" in m["reason"] for m in trained), trained

@@ -18,8 +18,10 @@ from models.incremental import (
     greedy_policy,
     incremental_gain,
     incremental_log,
+    judge,
     pair_features,
     screen_offers,
+    silenced_lines,
 )
 from models.uplift import calibrate
 from tests.pure import QUICK
@@ -277,3 +279,37 @@ def test_the_screen_drops_an_offer_whose_sends_lose_and_keeps_one_that_earns() -
         assert (greedy_policy(log, screened, SPEC, CATALOG).action != "b").all()
         lines, judged, dropped = screen_offers(log, truth(x), {}, SPEC, CATALOG)
         assert lines == {} and not dropped and set(judged) == {"a", "b"}, judged
+
+
+def _silenced(model: UpliftPredict) -> UpliftPredict:
+    """``model`` with no uplift for any offer (what ``silenced_lines`` make of a T-learner)."""
+
+    def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        _, p0, out = model(x)
+        return calibrate(p0, p0, x, SPEC.names, silenced_lines(CATALOG)), p0, out
+
+    return predict
+
+
+def test_the_gate_serves_no_policy_that_loses_against_contacting_no_one() -> None:
+    """True values per decision: the wrong model -0.76, blend(0.3) -0.47, blend(0.5) +0.36,
+    sending nothing 0. A candidate better than a losing champion but losing itself is not
+    promoted; the candidate silenced is, as sending nothing beats that champion. A candidate
+    that earns is promoted over the same champion; against a champion that sends nothing,
+    a losing candidate is refused and silencing it gains nothing."""
+    wrong, losing, earning = blend(0.0), blend(0.3), blend(0.5)
+    for seed in range(3):
+        log = logged(20_000, wrong, 7_000 + seed)
+        verdict = judge(log, losing, _silenced(losing), wrong, SPEC, CATALOG)
+        assert verdict.promoted and verdict.silenced, verdict.reason
+        candidate = verdict.metrics["candidate"]
+        assert isinstance(candidate, dict) and candidate["gain"]["low"] > 0, candidate
+        assert candidate["incremental_value"]["high"] < 0, candidate
+        assert "below contacting no one" in verdict.reason
+        assert (greedy_policy(log, _silenced(losing), SPEC, CATALOG).action == NO_ACTION).all()
+        verdict = judge(log, earning, _silenced(earning), wrong, SPEC, CATALOG)
+        assert verdict.promoted and not verdict.silenced, verdict.reason
+        log = logged(20_000, _silenced(losing), 7_100 + seed)
+        verdict = judge(log, losing, _silenced(losing), _silenced(losing), SPEC, CATALOG)
+        assert not verdict.promoted and not verdict.silenced, verdict.reason
+        assert verdict.metrics["promoted"] is False
