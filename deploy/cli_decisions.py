@@ -301,6 +301,10 @@ def train(
     console.print(f"trained {kind} model {result.artifact.version} on "
                   f"{json.dumps(m['train_rows'])} rows")  # fmt: skip
     console.print(f"holdout: {json.dumps(m['holdout'], default=float)}")
+    if "randomization" in m:
+        console.print("randomization in the holdout period (by the serving model's expected "
+                      f"values): {json.dumps(m['randomization'], default=float)}",
+                      soft_wrap=True)  # fmt: skip
     gate = m["gate"] if kind == "uplift" else m["offpolicy"]
     console.print(f"gate: {json.dumps(gate, default=float)}")
     verdict = "[green]promoted[/]" if result.promoted else "[red]refused[/]"

@@ -31,6 +31,7 @@ import xgboost as xgb
 
 from engine.decision.catalog import Catalog
 from engine.decision.features import FeatureSpec, feature_spec
+from engine.decision.log import randomization_cost
 from engine.governance.pseudonym import Pseudonymizer
 from models.attribution import attribute
 from models.incremental import (
@@ -244,6 +245,8 @@ def uplift_round(
             },
         },
     }
+    # what learning cost in the holdout period, by the serving model's expected values
+    metrics["randomization"] = randomization_cost(decisions.filter(pa.array(ts >= boundary)))
     # the gate: every usable decision of the holdout period
     log = log.take(np.flatnonzero(ts[log.decision] >= boundary))
     champion_version = registry.champion()

@@ -45,7 +45,7 @@ import xgboost as xgb
 from engine.config import EngineSettings
 from engine.decision.catalog import NO_ACTION, Catalog, parse_catalog
 from engine.decision.features import FeatureSpec, feature_spec
-from engine.decision.log import DECISION_SCHEMA
+from engine.decision.log import DECISION_SCHEMA, randomization_cost
 from engine.decision.scorer import OfferScorer, ScoreRequest, ScoreResponse
 from engine.events.schema import RAW_SCHEMA
 from engine.governance.pseudonym import Pseudonymizer
@@ -397,19 +397,6 @@ def _split_due(pending: pa.Table, until_ms: int, floor_ms: int) -> tuple[pa.Tabl
     return now, later
 
 
-def _best_expected(decisions: pa.Table) -> float:
-    """The sum over ``decisions`` of their best candidate's expected value, if positive."""
-    if decisions.num_rows == 0:
-        return 0.0
-    candidates = decisions.column("candidates").combine_chunks()
-    counts = np.diff(candidates.offsets.to_numpy())
-    ev = candidates.flatten().field("expected_value").fill_null(-np.inf).to_numpy()
-    row = np.repeat(np.arange(decisions.num_rows), counts)
-    best = np.zeros(decisions.num_rows)
-    np.maximum.at(best, row, ev)
-    return float(best.sum())
-
-
 def _flatten(run: PolicyRun) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """All decisions of a run with the simulator's outcome per decision."""
     flags = ("accepted", "opted_out", "organic", "converted")
@@ -503,10 +490,7 @@ def report(run: PolicyRun, customers: int, warmup_end_ms: int, t0_ms: int) -> di
         "explored": totals(explored & ~held),
         "chosen": totals(~explored),
         # the randomized no-action arm and what the policy expected to earn on those decisions
-        "no_action_arm": {
-            "decisions": int(held.sum()),
-            "forgone_expected_value": _best_expected(table.filter(pa.array(held))),
-        },
+        "no_action_arm": randomization_cost(table.filter(pa.array(held)))["no_action_arm"],
         "daily_acceptance_rate": daily,
         "models": run.models,
         "seconds": round(run.seconds, 1),

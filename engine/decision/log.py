@@ -178,3 +178,42 @@ def decision_table(batch: DecisionBatch, catalog: Catalog) -> pa.Table:
     value = batch.customer_value
     columns["customer_value"] = pa.array(value, mask=np.isnan(value), type=pa.float64())
     return pa.Table.from_pydict(columns, schema=DECISION_SCHEMA)
+
+
+def randomization_cost(decisions: pa.Table) -> dict[str, dict[str, float | int]]:
+    """What the policy's randomization gave up on ``decisions`` (decision-log rows), by the
+    serving model's own expected values (``candidates.expected_value``, against NO_ACTION at
+    0): the randomized no-action arm (reason ``no_action_arm``: the best candidate's value,
+    where positive) and exploration (the other explored decisions: the best candidate's value,
+    where positive, minus the value of the action drawn). The control group is left out: it is
+    the measurement of the whole policy, not a cost of learning."""
+    n = decisions.num_rows
+    best, taken = np.zeros(n), np.zeros(n)
+    if n:
+        candidates = decisions.column("candidates").combine_chunks()
+        counts = np.diff(candidates.offsets.to_numpy())
+        flat = candidates.flatten()
+        ev = flat.field("expected_value").fill_null(-np.inf).to_numpy(zero_copy_only=False)
+        offer = np.asarray(flat.field("offer_id").to_numpy(zero_copy_only=False), dtype=object)
+        row = np.repeat(np.arange(n), counts)
+        np.maximum.at(best, row, ev)
+        action = np.asarray(decisions.column("action").to_numpy(zero_copy_only=False), object)
+        drawn = offer == action[row]
+        taken[row[drawn]] = ev[drawn]
+    reason = np.asarray(decisions.column("reason").to_numpy(zero_copy_only=False), dtype=object)
+    explored = np.asarray(decisions.column("explored").to_numpy(zero_copy_only=False), bool)
+    control = np.asarray(decisions.column("control").to_numpy(zero_copy_only=False), bool)
+    action = np.asarray(decisions.column("action").to_numpy(zero_copy_only=False), dtype=object)
+    held = (reason == "no_action_arm") & ~control
+    drew = explored & ~held & ~control
+    return {
+        "no_action_arm": {
+            "decisions": int(held.sum()),
+            "forgone_expected_value": float(best[held].sum()),
+        },
+        "exploration": {
+            "decisions": int(drew.sum()),
+            "offers": int((drew & (action != NO_ACTION)).sum()),
+            "forgone_expected_value": float((best - taken)[drew].sum()),
+        },
+    }

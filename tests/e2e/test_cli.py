@@ -201,6 +201,10 @@ def test_train_an_uplift_model_from_a_decision_log_and_its_outcome_events(tmp_pa
     assert "trained uplift model v0001" in done.stdout
     assert '"qini"' in done.stdout and '"incremental_value"' in done.stdout
     assert ("promoted" in done.stdout) or ("refused" in done.stdout)
+    # what the warm-up's randomization gave up, by its own expected values (the prior's)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("randomization"))
+    cost = json.loads(line.split(": ", 1)[1])
+    assert cost["no_action_arm"]["decisions"] > 0 and cost["exploration"]["offers"] > 0, cost
     artifact = ModelRegistry(str(tmp_path / "models")).load("v0001")
     assert artifact.kind == "uplift" and artifact.metrics["train_rows"]["untreated"] > 100
     bad = kairos("train", str(tmp_path / "decisions"), str(tmp_path / "outcomes.parquet"),

@@ -15,7 +15,7 @@ from engine.config import EngineSettings
 from engine.decision.arbitration import arbitrate, reproduce_choices
 from engine.decision.catalog import NO_ACTION, load_catalog, parse_catalog_text
 from engine.decision.features import CONTEXT_FIELDS, CONTEXT_PREFIX, build_features
-from engine.decision.log import DECISION_SCHEMA
+from engine.decision.log import DECISION_SCHEMA, randomization_cost
 from engine.decision.policy import deliver_after, in_control_group, stable_uniform
 from engine.decision.scorer import ScorerUnavailableError
 from engine.errors import CatalogError
@@ -259,10 +259,21 @@ def test_no_action_arm_decisions_are_logged_with_their_reason_and_replay(event) 
     log = engine.decision_table()
     assert reproduce_choices(log, 0.1, 0, 0.3).tolist() == log.column("action").to_pylist()
     assert reproduce_choices(log, 0.1, 0).tolist() != log.column("action").to_pylist()
-    from models.simulate import _best_expected  # what the arm cost, by the policy's own values
-
-    arm = log.filter(pa.compute.equal(log.column("reason"), "no_action_arm"))
-    assert _best_expected(arm) == pytest.approx(held * (0.9 * 24 - 0.5))  # the upgrade each time
+    # what the randomization cost, by the policy's own values: the arm forgoes the upgrade
+    # each time; an exploration draw forgoes the upgrade minus what it drew (row by row here)
+    cost = randomization_cost(log)
+    arm = {"decisions": held, "forgone_expected_value": pytest.approx(held * 21.1)}
+    assert cost["no_action_arm"] == arm
+    drawn = [d for d in decisions if d["explored"] and d["reason"] != "no_action_arm"]
+    values = {c["offer_id"]: c["expected_value"] for c in decisions[0]["candidates"]}
+    assert values["upgrade"] == pytest.approx(0.9 * 24 - 0.5) == max(values.values())
+    forgone = sum(values["upgrade"] - values.get(d["action"], 0.0) for d in drawn)
+    assert len(drawn) > 10 and any(d["action"] == NO_ACTION for d in drawn)
+    assert cost["exploration"] == {
+        "decisions": len(drawn),
+        "offers": sum(d["action"] != NO_ACTION for d in drawn),
+        "forgone_expected_value": pytest.approx(forgone),
+    }
 
 
 # -- contact policy ----------------------------------------------------------------------------
