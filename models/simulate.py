@@ -110,13 +110,13 @@ class TruthFitScorer:
 
 
 def fit_truth(
-    decisions: pa.Table, sim: ResponseSimulator, catalog: Catalog
+    decisions: pa.Table, sim: ResponseSimulator, catalog: Catalog, uplift: bool = False
 ) -> TruthFitScorer | None:
     """The ``ceiling`` model: every candidate offer of every logged decision, labelled with the
     simulator's true propensity in that decision's logged context (no noise), fitted by
-    XGBoost from the features the ranker gets; in the uplift world (``uplift-ceiling``), also
-    P(convert | no action) and P(opt-out | contact), each a booster of its own. None when the
-    log has no candidate."""
+    XGBoost from the features the ranker gets; with ``uplift`` (``uplift-ceiling``, the uplift
+    world only), also P(convert | no action) and P(opt-out | contact), each a booster of its
+    own. None when the log has no candidate."""
     spec = feature_spec(catalog.trigger_ids, catalog.offer_ids)
     candidates = decisions.column("candidates").combine_chunks()
     counts = np.diff(candidates.offsets.to_numpy())
@@ -136,7 +136,9 @@ def fit_truth(
         data = xgb.DMatrix(x, label=truth, feature_names=list(spec.names))
         return xgb.train(params, data, 300)
 
-    if isinstance(sim, UpliftSimulator):
+    if uplift:
+        if not isinstance(sim, UpliftSimulator):
+            raise ValueError("the three probabilities need the uplift world")
         p1, p0, out = sim.arms(*args)
         return TruthFitScorer(fitted(p1), spec, (fitted(p0), fitted(out)))
     return TruthFitScorer(fitted(sim.propensity(*args)), spec)
@@ -264,7 +266,7 @@ class Simulation:
                 # served as kairos-uplift serves its models
                 due_at = run.models[-1]["cutoff_ms"] + 7 * DAY_MS if run.models else 0
                 if steps[i + 1] >= due_at:
-                    ceiling = fit_truth(_all(run), sim, self.catalog)
+                    ceiling = fit_truth(_all(run), sim, self.catalog, uplift=True)
                     if ceiling is not None:  # else the warm-up policy carries on
                         served = with_no_action_arm(self.catalog, UPLIFT_NO_ACTION_SHARE)
                         engine.set_catalog(served, ceiling)

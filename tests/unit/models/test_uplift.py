@@ -242,3 +242,50 @@ def test_an_uplift_round_registers_three_boosters_that_the_ranker_serves(
                               sim.t0 + 21 * 86_400_000, key, shuffle_labels=True, seed=1,
                               calibrate=False)  # fmt: skip
     assert not unscreened.promoted and not unscreened.metrics["screened_offers"]
+
+
+def test_the_uplift_ceiling_fits_the_three_true_probabilities_of_later_decisions(
+    warmup_log,
+) -> None:
+    """``fit_truth(uplift=True)`` (the ``uplift-ceiling`` policy) answers P(convert | offer),
+    P(convert | no action) and P(opt-out | contact) as the simulator's truth has them, as far
+    as the features tell, on decisions after the ones it was fitted on; without ``uplift`` it
+    stays a response model."""
+    import pyarrow as pa
+
+    from engine.decision.features import feature_spec
+    from engine.decision.scorer import ScoreRequest
+    from models.simulate import fit_truth
+    from models.training import context_of, features_of
+
+    decisions, _, sim = warmup_log
+    truth = sim.simulator()
+    ts = decisions.column("ts").cast(pa.int64()).to_numpy()
+    cutoff = sim.t0 + 14 * 86_400_000
+    ceiling = fit_truth(decisions.filter(pa.array(ts < cutoff)), truth, sim.catalog, uplift=True)
+    response = fit_truth(decisions.filter(pa.array(ts < cutoff)), truth, sim.catalog)
+    assert ceiling is not None and response is not None
+    later = decisions.filter(pa.array(ts >= cutoff))
+    candidates = later.column("candidates").combine_chunks()
+    counts = np.diff(candidates.offsets.to_numpy())
+    later = later.filter(pa.array(counts > 0))  # each decision's first candidate offer
+    offers = candidates.flatten().field("offer_id").to_numpy(zero_copy_only=False)
+    starts = candidates.offsets.to_numpy()[:-1] - candidates.offsets.to_numpy()[0]
+    offer = offers[starts[counts > 0]]
+    spec = feature_spec(sim.catalog.trigger_ids, sim.catalog.offer_ids)
+    x = features_of(later, spec, np.asarray(offer, dtype=object))
+    keys = later.column("customer_key").to_numpy()
+    ctx = {k: v.astype(np.float64) for k, v in context_of(later).items()}
+    want = truth.arms(truth.index_of(keys), np.asarray(offer, dtype=object), ctx["days_left"],
+                      ctx["km_from_home"], ctx["cart_items"], ctx["contacts_7d"])  # fmt: skip
+    got = ceiling.score(ScoreRequest(x, spec.names, keys))
+    assert later.num_rows > 1000
+    p1, p0, out = got.propensity, got.baseline, got.opt_out
+    assert p0 is not None and out is not None
+    for p, true in zip((p1, p0, out), want, strict=True):  # each arm's level
+        assert abs(p.mean() - true.mean()) < 0.01, (p.mean(), true.mean())
+    # the hidden response types tie uplift to the features only loosely (0.20 here; none
+    # with the no-action booster fitted to P(convert | offer) instead)
+    assert np.corrcoef(p1 - p0, want[0] - want[1])[0, 1] > 0.1
+    assert np.corrcoef(out, want[2])[0, 1] > 0.4  # 0.60 here; against P(convert | offer) < 0
+    assert response.score(ScoreRequest(x, spec.names, keys)).baseline is None
