@@ -84,10 +84,10 @@ def uplift_rows(decisions: pa.Table, pairs: pa.Table, spec: FeatureSpec) -> Upli
     )
 
 
-def _base_score(document: dict[str, Any]) -> float:
-    """A one-output booster's intercept (a probability), written "[0.5]" or "0.5"."""
+def _intercepts(document: dict[str, Any]) -> list[float]:
+    """A booster's intercepts (probabilities), written "[0.5]", "0.5" or "[0.5,0.2]"."""
     text = str(document["learner"]["learner_model_param"]["base_score"]).strip("[]")
-    return float(text)
+    return [float(t) for t in text.split(",")]
 
 
 def _mergeable(document: dict[str, Any]) -> bool:
@@ -98,7 +98,7 @@ def _mergeable(document: dict[str, Any]) -> bool:
         and learner["gradient_booster"]["name"] == "gbtree"
         and int(param.get("num_target", 1)) == 1
         and int(param.get("num_class", 0)) == 0
-        and len(str(param["base_score"]).strip("[]").split(",")) == 1
+        and len(_intercepts(document)) == 1
     )
 
 
@@ -121,9 +121,11 @@ def merge_boosters(boosters: list[xgb.Booster], probe_seed: int = 0) -> xgb.Boos
         n != names[0] for n in names
     ):
         return None
-    merged = json.loads(boosters[0].save_raw("json"))
-    model = merged["learner"]["gradient_booster"]["model"]
+    base = [_intercepts(d)[0] for d in documents]
+    width = int(params[0]["num_feature"])
     forests = [d["learner"]["gradient_booster"]["model"]["trees"] for d in documents]
+    merged = documents[0]  # the first booster's document becomes the joint one's
+    model = merged["learner"]["gradient_booster"]["model"]
     trees: list[dict[str, Any]] = []
     info: list[int] = []
     bounds = [0]
@@ -137,10 +139,9 @@ def merge_boosters(boosters: list[xgb.Booster], probe_seed: int = 0) -> xgb.Boos
     model["gbtree_model_param"]["num_trees"] = str(len(trees))
     param = merged["learner"]["learner_model_param"]
     param["num_target"] = str(len(boosters))
-    param["base_score"] = "[" + ",".join(repr(_base_score(d)) for d in documents) + "]"
+    param["base_score"] = "[" + ",".join(repr(b) for b in base) + "]"
     joint = xgb.Booster()
     joint.load_model(bytearray(json.dumps(merged).encode()))
-    width = int(params[0]["num_feature"])
     rng = np.random.default_rng(probe_seed)
     probe = rng.normal(0.0, 3.0, (64, width)).astype(np.float32)
     probe[:, : width // 2] = np.round(probe[:, : width // 2])  # one-hot-like columns too

@@ -188,6 +188,7 @@ def randomization_cost(decisions: pa.Table) -> dict[str, dict[str, float | int]]
     where positive, minus the value of the action drawn). The control group is left out: it is
     the measurement of the whole policy, not a cost of learning."""
     n = decisions.num_rows
+    action = np.asarray(decisions.column("action").to_numpy(zero_copy_only=False), dtype=object)
     best, taken = np.zeros(n), np.zeros(n)
     if n:
         candidates = decisions.column("candidates").combine_chunks()
@@ -197,13 +198,11 @@ def randomization_cost(decisions: pa.Table) -> dict[str, dict[str, float | int]]
         offer = np.asarray(flat.field("offer_id").to_numpy(zero_copy_only=False), dtype=object)
         row = np.repeat(np.arange(n), counts)
         np.maximum.at(best, row, ev)
-        action = np.asarray(decisions.column("action").to_numpy(zero_copy_only=False), object)
         drawn = offer == action[row]
         taken[row[drawn]] = ev[drawn]
     reason = np.asarray(decisions.column("reason").to_numpy(zero_copy_only=False), dtype=object)
     explored = np.asarray(decisions.column("explored").to_numpy(zero_copy_only=False), bool)
     control = np.asarray(decisions.column("control").to_numpy(zero_copy_only=False), bool)
-    action = np.asarray(decisions.column("action").to_numpy(zero_copy_only=False), dtype=object)
     held = (reason == "no_action_arm") & ~control
     drew = explored & ~held & ~control
     return {
